@@ -1,0 +1,122 @@
+"""Sigma schedules an EPD table can be trained for (EPD_SPEC.md §4).
+
+Each function returns `num_points` positive, strictly descending sigmas (float64); samplers in ComfyUI
+usually append a final 0, which `with_final_zero` does. `schedule_sigmas(spec, n)` rebuilds a schedule
+from the dict stored in a table's metadata.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def polynomial(num_points: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM / Karras: uniform in sigma^(1/rho)."""
+    _check(num_points, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def logsnr(num_points: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in log sigma (= uniform in log-SNR)."""
+    _check(num_points, sigma_min, sigma_max)
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_points, dtype=torch.float64).exp()
+
+
+def time_uniform(num_points: int, sigma_min: float, sigma_max: float, beta_d: float = 19.9,
+                 beta_min: float = 0.1) -> torch.Tensor:
+    """Uniform in the time t of the VP-SDE, sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    _check(num_points, sigma_min, sigma_max)
+
+    def t_of(sigma):  # inverse of sigma(t): solve beta_d/2 t^2 + beta_min t - log(1 + sigma^2) = 0
+        c = math.log1p(sigma ** 2)
+        return (math.sqrt(beta_min ** 2 + 2 * beta_d * c) - beta_min) / beta_d
+
+    t = torch.linspace(t_of(sigma_max), t_of(sigma_min), num_points, dtype=torch.float64)
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+
+
+def discrete(num_points: int, model_sigmas, rho: float = 1.0, sigma_min: float | None = None,
+             sigma_max: float | None = None) -> torch.Tensor:
+    """Uniform (with rho) in the discrete timestep index of a model's own sigma table (ascending, e.g. the
+    1000 sigmas of SD1.5). Indices are rounded, so every sigma is one the model was trained at."""
+    table = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten()
+    if table.numel() < 2 or not (table[1:] > table[:-1]).all():
+        raise ValueError("model_sigmas must be the model's ascending sigma table")
+    lo = 0 if sigma_min is None else int(torch.argmin((table - sigma_min).abs()))
+    hi = table.numel() - 1 if sigma_max is None else int(torch.argmin((table - sigma_max).abs()))
+    if num_points > hi - lo + 1:
+        raise ValueError(f"{num_points} points do not fit in {hi - lo + 1} discrete timesteps")
+    ramp = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    idx = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    idx = idx.round().long()
+    for i in range(1, num_points):  # rounding may merge neighbours; keep strictly descending
+        idx[i] = min(int(idx[i]), int(idx[i - 1]) - 1)
+    if idx[-1] < 0:
+        raise ValueError(f"{num_points} points do not fit in the discrete table")
+    return table[idx]
+
+
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3-style time shift: sigma = shift t / (1 + (shift - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """Flux-style exponential shift: sigma = e^mu / (e^mu + 1/t - 1)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def flowmatch(num_points: int, shift: float = 3.0, mu: float | None = None, t_min: float = 1e-3,
+              multiplier: float = 1000.0) -> torch.Tensor:
+    """A flow model's own shifted schedule: t uniform in [t_min, 1], sigma = shift(t). With `mu` the Flux
+    exponential shift is used, else the SD3 rational shift. `t_min` is 1/multiplier as in ComfyUI."""
+    if num_points < 2:
+        raise ValueError("a schedule needs at least 2 points")
+    t = torch.linspace(1.0, t_min, num_points, dtype=torch.float64)
+    return flux_shift(t, mu) if mu is not None else flow_shift(t, shift)
+
+
+def explicit(sigmas) -> torch.Tensor:
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if s.numel() < 2 or not torch.isfinite(s).all() or not (s > 0).all() or not (s[1:] < s[:-1]).all():
+        raise ValueError("an explicit schedule must be at least 2 positive, strictly descending sigmas")
+    return s
+
+
+def schedule_sigmas(spec: dict, num_points: int, model_sigmas=None) -> torch.Tensor:
+    """Rebuild the positive sigmas described by a table's schedule metadata."""
+    kind = spec.get("type")
+    if spec.get("sigmas") is not None and len(spec["sigmas"]) == num_points and kind != "discrete":
+        return explicit(spec["sigmas"])
+    smin, smax, rho = spec.get("sigma_min"), spec.get("sigma_max"), spec.get("rho")
+    if kind == "polynomial":
+        return polynomial(num_points, smin, smax, rho or 7.0)
+    if kind == "logsnr":
+        return logsnr(num_points, smin, smax)
+    if kind == "time_uniform":
+        return time_uniform(num_points, smin, smax)
+    if kind == "discrete":
+        if model_sigmas is None:
+            if spec.get("sigmas") is not None and len(spec["sigmas"]) == num_points:
+                return explicit(spec["sigmas"])
+            raise ValueError("a 'discrete' schedule needs the model's sigma table (connect the MODEL)")
+        return discrete(num_points, model_sigmas, rho or 1.0, smin, smax)
+    if kind == "flowmatch":
+        return flowmatch(num_points, spec.get("shift", 3.0), spec.get("mu"), spec.get("t_min", 1e-3))
+    if kind == "explicit":
+        return explicit(spec["sigmas"])
+    raise ValueError(f"unknown or missing schedule type {kind!r}")
+
+
+def with_final_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _check(num_points, sigma_min, sigma_max):
+    if num_points < 2:
+        raise ValueError("a schedule needs at least 2 points")
+    if not (sigma_min is not None and sigma_max is not None and 0 < sigma_min < sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

