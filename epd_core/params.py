@@ -111,11 +111,9 @@ class EPDParams:
         return None if sig is None else torch.tensor(sig, dtype=torch.float64)
 
     def activated(self) -> dict[str, torch.Tensor]:
-        """r, w, c, a as float32 tensors of shape (N, K); c is 1 on the last step if the table says so."""
-        c = self.dir_scales.clone()
-        if self.metadata.get("fix_last_dir_scale"):
-            c[-1] = 1.0
-        return {"r": self.positions, "w": self.weights, "c": c, "a": self.time_scales}
+        """r, w, c, a as tensors of shape (N, K); c is 1 on the last step if the table says so."""
+        return activate(*self.tensors(), self.scale_dir, self.scale_time,
+                        bool(self.metadata.get("fix_last_dir_scale")))
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -135,7 +133,7 @@ class EPDParams:
         theta_c, scale_dir = _scales_to_logits(dir_scales, r.shape, scale_dir, "dir_scales")
         theta_a, scale_time = _scales_to_logits(time_scales, r.shape, scale_time, "time_scales")
         theta_r = torch.logit(r)
-        theta_w = torch.log(w).clamp_min(_WEIGHT_LOGIT_FLOOR)
+        theta_w = torch.log(w).clamp_min(_WEIGHT_LOGIT_FLOOR).float()
         return cls(theta_r, theta_w, theta_c, theta_a, scale_dir, scale_time, metadata)
 
     @classmethod
@@ -309,6 +307,16 @@ def _read_safetensors_header(data: bytes, fail) -> dict:
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         fail("safetensors metadata must map strings to strings (file corrupt)")
     return header
+
+
+def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: float,
+             fix_last_dir_scale: bool = False) -> dict[str, torch.Tensor]:
+    """Logits -> rows {'r','w','c','a'} (EPD_SPEC.md §4). Differentiable: trainers optimise the logits."""
+    c = bounded_scale(theta_c, scale_dir)
+    if fix_last_dir_scale:
+        c = torch.cat([c[:-1], torch.ones_like(c[-1:])])
+    return {"r": torch.sigmoid(theta_r), "w": torch.softmax(theta_w, dim=-1), "c": c,
+            "a": bounded_scale(theta_a, scale_time)}
 
 
 def bounded_scale(theta: torch.Tensor, bound: float) -> torch.Tensor:
