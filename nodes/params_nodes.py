@@ -70,10 +70,10 @@ def table_sigmas(params: EPDParams, model_sampling) -> torch.Tensor:
         return schedules.discrete(n, model_sampling.sigmas, spec.get("rho") or 1.0)
     if kind == "flowmatch":
         shift = float(getattr(model_sampling, "shift", spec.get("shift", 3.0)))
-        multiplier = float(getattr(model_sampling, "multiplier", 1000.0))
+        t_min = 1.0 / model_sampling.sigmas.numel()  # the model's first training timestep (1/1000 SD3, 1/10000 Flux)
         if "flux" in type(model_sampling).__name__.lower():
-            return schedules.flowmatch(n, mu=shift, t_min=1.0 / multiplier)
-        return schedules.flowmatch(n, shift=shift, t_min=1.0 / multiplier)
+            return schedules.flowmatch(n, mu=shift, t_min=t_min)
+        return schedules.flowmatch(n, shift=shift, t_min=t_min)
     if kind is None and params.schedule_sigmas is None:
         raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
                              "of EPD Sigmas, or re-train the table")
