@@ -1,0 +1,107 @@
+"""Small plots as ComfyUI IMAGE tensors, drawn with Pillow (ComfyUI ships Pillow, not matplotlib):
+a line chart (loss / reward curves) and the picture of a parameter table."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from epd_core.params import EPDParams
+
+BG, FG, GRID, ACCENT = (255, 255, 255), (30, 30, 30), (225, 225, 225), (31, 119, 180)
+
+
+def _font(size=14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def to_image_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> ComfyUI IMAGE (1, H, W, 3) float in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def line_chart(series: dict[str, list[float]], title: str, xlabel: str = "iteration", log_y: bool = False,
+               size=(720, 420)) -> Image.Image:
+    """One or more curves on shared axes; log_y for losses spanning decades."""
+    w, h = size
+    img = Image.new("RGB", size, BG)
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, w - 20, 40, h - 45
+    d.text((left, 10), title, fill=FG, font=_font(16))
+    vals = [v for s in series.values() for v in s if math.isfinite(v) and (v > 0 or not log_y)]
+    if not vals:
+        d.text((left, h // 2), "no data yet", fill=FG, font=_font())
+        return img
+    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    lo, hi = f(min(vals)), f(max(vals))
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(s) for s in series.values())
+    for i in range(5):  # horizontal grid with labels
+        yv = lo + (hi - lo) * i / 4
+        y = bottom - (bottom - top) * i / 4
+        d.line([(left, y), (right, y)], fill=GRID)
+        d.text((5, y - 7), f"{10 ** yv:.3g}" if log_y else f"{yv:.3g}", fill=FG, font=_font(12))
+    d.rectangle([left, top, right, bottom], outline=FG)
+    d.text(((left + right) // 2 - 30, h - 25), xlabel, fill=FG, font=_font(12))
+    d.text((left, bottom + 5), "0", fill=FG, font=_font(12))
+    d.text((right - 30, bottom + 5), str(max(n - 1, 0)), fill=FG, font=_font(12))
+    colors = [ACCENT, (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for j, (name, s) in enumerate(series.items()):
+        pts = [(left + (right - left) * i / max(n - 1, 1), bottom - (bottom - top) * (f(v) - lo) / (hi - lo))
+               for i, v in enumerate(s) if math.isfinite(v) and (v > 0 or not log_y)]
+        col = colors[j % len(colors)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        elif pts:
+            d.ellipse([pts[0][0] - 3, pts[0][1] - 3, pts[0][0] + 3, pts[0][1] + 3], fill=col)
+        d.text((right - 160, top + 8 + 16 * j), f"- {name}", fill=col, font=_font(12))
+    return img
+
+
+def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: int = 900) -> Image.Image:
+    """Per step i, the K points between sigma_i and sigma_{i+1} on a log-sigma axis: a dot at t_k whose area
+    is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a."""
+    act = {k: v.detach().double() for k, v in params.activated().items()}
+    n, k = params.num_steps, params.num_points
+    if sigmas is None:
+        sigmas = params.schedule_sigmas
+    row_h, top, left, right = 46, 60, 90, width - 290
+    img = Image.new("RGB", (width, top + row_h * n + 30), BG)
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
+    d.text((10, 30), "dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; "
+                     "colour = direction scale c (blue < 1 < red)", fill=(90, 90, 90), font=_font(12))
+    if sigmas is not None:
+        logs = torch.as_tensor(sigmas, dtype=torch.float64).log()
+        lo, hi = float(logs.min()), float(logs.max())
+        xpos = lambda ls: left + (right - left) * (hi - ls) / max(hi - lo, 1e-12)  # noqa: E731
+    for i in range(n):
+        y = top + row_h * i + row_h // 2
+        if sigmas is not None:
+            x0, x1 = xpos(float(logs[i])), xpos(float(logs[i + 1]))
+            d.text((5, y - 7), f"s={float(sigmas[i]):.3g}", fill=FG, font=_font(12))
+        else:  # schedule not recorded: each step drawn on its own unit interval
+            x0, x1 = left, right
+            d.text((5, y - 7), f"step {i}", fill=FG, font=_font(12))
+        d.line([(x0, y), (x1, y)], fill=(150, 150, 150), width=2)
+        for xe in (x0, x1):
+            d.line([(xe, y - 6), (xe, y + 6)], fill=FG, width=1)
+        labels = []
+        for j in range(k):
+            r, w, c, a = (float(act[name][i, j]) for name in "rwca")
+            x = x0 + (x1 - x0) * r  # log t_k is r of the way from log t_cur to log t_next
+            rad = 3 + 9 * math.sqrt(max(w, 0.0))
+            t = max(-1.0, min(1.0, (c - 1) / max(params.scale_dir, 1e-9))) if params.scale_dir else 0.0
+            end = (220, 60, 50) if t > 0 else (50, 90, 220)  # diverging: grey at c = 1
+            col = tuple(int(160 + (e - 160) * abs(t)) for e in end)
+            d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=col, outline=FG)
+            labels.append(f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}")
+        d.text((right + 15, y - 7 * min(k, 3)), "\n".join(labels[:3]) + ("\n..." if k > 3 else ""),
+               fill=FG, font=_font(11))
+    return img
