@@ -1,0 +1,473 @@
+"""Convert the EPD authors' official predictor files (.pkl) into this pack's safetensors tables, safely.
+
+An official file is a plain pickle of {'model': <EPD_predictor>, ...} written with EDM's
+`torch_utils.persistence`: the predictor is stored as the call `_reconstruct_persistent_obj(meta)`, where
+meta carries the class's Python source (`module_src`) and the module's __dict__ (`state`). `pickle.load`
+would execute that source and anything else the file names, so this module never unpickles normally:
+
+1. `_prescan` walks the opcode stream with pickletools, building nothing: the file must be one complete
+   pickle with no persistent ids and sane memo indices (CPython's C unpickler pre-allocates its memo up to
+   the largest index it sees, a cheap memory bomb).
+2. `_RestrictedUnpickler.find_class` resolves only the few names such a file uses, each to an inert
+   stand-in defined here: the persistence hook just returns its meta, storages are read with
+   `torch.load(weights_only=True)`, torch.nn activation modules become empty placeholders. Any other name is
+   refused with an EPDImportError naming the file and the forbidden global.
+3. `_extract` reads the four logit tables and the hyperparameters out of the meta.
+
+The official activations are those of EPD_SPEC.md §4, so r_params / weight_s / scale_dir_params /
+scale_time_params are exactly theta_r / theta_w / theta_c / theta_a. CLI:
+    python -m epd_core.import_official IN.pkl OUT.safetensors [--print]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import math
+import pickle
+import pickletools
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
+
+IMPORTER_VERSION = 1
+# An official predictor is a few tens of kB (mostly the embedded class source). The bound keeps the
+# pure-Python pre-scan fast and refuses anything absurd before it is read.
+MAX_PKL_BYTES = 16 * 1024 * 1024
+_MAX_TENSOR_ELEMENTS = MAX_STEPS * MAX_POINTS
+# official parameter name -> ours (same activations, EPD_SPEC.md §4)
+_TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_params",
+           "theta_a": "scale_time_params"}
+_SOLVERS = {"epd": "epd", "ipndm": "epd_plugin"}  # official sampler_stu -> our solver
+_OFFICIAL_SCHEDULES = ("discrete", "polynomial", "logsnr", "time_uniform", "flowmatch")
+_SCHEDULE_NUMBERS = ("sigma_min", "sigma_max", "shift", "mu")  # copied when the file records them
+_FIX_REFUSED = ("The file is not an official EPD predictor or has been tampered with; nothing in it was run. "
+                "Use the .pkl from the EPD authors' release.")
+
+
+class EPDImportError(EPDParamsError):
+    """An official predictor file cannot be converted; the message names the file, the problem and the fix."""
+
+
+class _Bad(Exception):
+    """Raised by the stand-ins, which do not know the file name; turned into EPDImportError by the caller."""
+
+
+class _Refused(_Bad):
+    """A forbidden global or persistent id."""
+
+
+# ---- inert stand-ins for the names an official file uses ------------------------------------------------
+class _Inert:
+    """Base of the objects the stand-ins create. They support no container protocol and refuse pickle BUILD
+    state, so crafted opcodes (SETITEM, APPEND, BUILD ...) cannot drive them, nor reach torch through them."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _Refused(f"refused: the pickle tries to set attributes of a {type(self).__name__.strip('_')} object, "
+                       "which an official EPD predictor never does")
+
+
+class _Record(_Inert):
+    """What the persistence hook returns: the meta dict, never the class it describes."""
+    __slots__ = ("meta",)
+
+    def __init__(self, meta):
+        self.meta = meta
+
+
+class _Array(_Inert):
+    """A tensor rebuilt from a storage (wrapped, see _Inert)."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _Storage(_Inert):
+    __slots__ = ("flat",)
+
+    def __init__(self, flat):
+        self.flat = flat
+
+
+class _Module(_Inert):
+    """Placeholder for a torch.nn activation module: keeps its pickled __dict__ as data, runs nothing."""
+    __slots__ = ("state",)
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise _Bad("a torch.nn module placeholder got a non-dict state")
+        self.state = state
+
+
+class _Sigmoid(_Module):
+    __slots__ = ()
+
+
+class _Softmax(_Module):
+    __slots__ = ()
+
+
+def _reconstruct_persistent_obj(meta):
+    return _Record(meta)
+
+
+def _load_from_bytes(data):
+    """A storage saved by torch (legacy or zip format), read with torch's weights-only unpickler."""
+    if not isinstance(data, bytes):
+        raise _Bad("a tensor storage is not stored as bytes")
+    if data[:4] == b"PK\x03\x04":  # zip entries may be compressed: bound what they expand to
+        try:
+            total = sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist())
+        except (zipfile.BadZipFile, ValueError, OSError) as e:
+            raise _Bad(f"a tensor storage is a corrupt zip archive ({e})") from None
+        if total > MAX_PKL_BYTES:
+            raise _Bad(f"a tensor storage expands to {total} bytes, far more than an EPD table")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation notices
+        try:
+            # map_location: predictors trained on a GPU record 'cuda:0' storages
+            storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad data; all mean "refused"
+            raise _Bad(f"a tensor storage was refused by torch.load(weights_only=True): "
+                       f"{type(e).__name__}: {_first_line(e)}") from None
+        if isinstance(storage, torch.TypedStorage):
+            dtype, untyped = storage.dtype, storage._untyped_storage
+        elif isinstance(storage, torch.UntypedStorage):
+            dtype, untyped = torch.uint8, storage
+        else:
+            raise _Bad(f"a tensor storage holds a {type(storage).__name__}, not a storage")
+    return _Storage(torch.empty(0, dtype=dtype).set_(untyped))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    if not isinstance(storage, _Storage):
+        raise _Bad("a tensor is not built from a storage")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= 8
+            and all(type(v) is int and v >= 0 for v in (storage_offset, *size, *stride))):
+        raise _Bad("a tensor has an invalid shape, stride or offset")
+    if math.prod(size) > _MAX_TENSOR_ELEMENTS:  # checked before as_strided/clone allocate anything
+        raise _Bad(f"a tensor of shape {size} is far larger than an EPD table")
+    try:
+        return _Array(storage.flat.as_strided(size, stride, storage_offset).clone())
+    except RuntimeError:
+        raise _Bad(f"a tensor of shape {size} does not fit in its storage (file corrupt)") from None
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    if not isinstance(data, _Array):
+        raise _Bad("a parameter does not wrap a tensor")
+    return data
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """Protocol 2 spells bytes as _codecs.encode(str, 'latin1'); nothing else is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Bad("unexpected _codecs.encode call")
+    return text.encode("latin1")
+
+
+class _StandIn(_Inert):
+    """What find_class hands out for a function: an object, not the bare function, because pickle's BUILD
+    opcode can set attributes (e.g. __defaults__) on a function and so corrupt it for the whole process."""
+    __slots__ = ("func",)
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, *args):
+        return self.func(*args)
+
+
+_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _StandIn(_reconstruct_persistent_obj),
+    ("torch._utils", "_rebuild_parameter"): _StandIn(_rebuild_parameter),
+    ("torch._utils", "_rebuild_tensor_v2"): _StandIn(_rebuild_tensor_v2),
+    ("torch.storage", "_load_from_bytes"): _StandIn(_load_from_bytes),
+    ("collections", "OrderedDict"): collections.OrderedDict,  # torch modules' _parameters, hook dicts
+    ("torch.nn.modules.activation", "Sigmoid"): _Sigmoid,
+    ("torch.nn.modules.activation", "Softmax"): _Softmax,
+    # Protocols 2-3 spell sets (nn.Module._non_persistent_buffers_set) and protocol 2 bytes as calls;
+    # the official files use protocol 4, which needs neither.
+    ("builtins", "set"): set, ("__builtin__", "set"): set,
+    ("_codecs", "encode"): _StandIn(_latin1_encode),
+}
+# Classes handed out (the placeholders above, set, OrderedDict) are safe from BUILD: ours define
+# __setstate__, which pickle then calls unbound and which fails; built-in types refuse new attributes.
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which an "
+                           f"official EPD predictor never contains") from None
+
+    def persistent_load(self, pid):
+        # plain pickle.dump writes no persistent ids (torch's own ids live inside the storage bytes)
+        raise _Refused("refused: the pickle uses a persistent id, which an official EPD predictor never contains")
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+def import_official(path) -> EPDParams:
+    """Read an official EPD predictor .pkl and return it as an EPDParams table (not saved)."""
+    path = Path(path)
+    fail = _failer(str(path))
+    try:
+        size = path.stat().st_size
+        if size > MAX_PKL_BYTES:
+            fail(f"{size} bytes is far too large for an EPD predictor (limit {MAX_PKL_BYTES})",
+                 "Official predictor files are a few tens of kB; check that this is the right file.")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PKL_BYTES + 1)  # bounded even for a device or FIFO, whose size reads as 0
+    except OSError as e:
+        fail(f"cannot read the file ({e.strerror})", "Check the path and the file permissions.")
+    return import_official_bytes(data, source=str(path), name=path.name)
+
+
+def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None = None) -> EPDParams:
+    """Like import_official, for file contents already in memory; `source` names them in errors."""
+    fail = _failer(source)
+    if len(data) > MAX_PKL_BYTES:
+        fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
+    _check_magic(data, fail)
+    _prescan(data, fail)
+    try:
+        top = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except _Refused as e:
+        fail(str(e), _FIX_REFUSED)
+    except _Bad as e:
+        fail(str(e), "The file is damaged or not an official EPD predictor; download it again.")
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle can raise almost anything; never crash the caller
+        fail(f"the pickle is corrupt ({type(e).__name__}: {_first_line(e)})",
+             "The file is damaged or not an official EPD predictor; download it again.")
+    return _extract(top, data, name or source, fail)
+
+
+def _failer(source: str):
+    def fail(problem: str, fix: str = "Use the .pkl predictor file published by the EPD authors."):
+        raise EPDImportError(f"{source}: {problem}. {fix}")
+    return fail
+
+
+def _check_magic(data: bytes, fail) -> None:
+    """Recognise common wrong files early, with a message that says what they are."""
+    if not data:
+        fail("the file is empty", "Download the predictor again.")
+    if data[:4] == b"PK\x03\x04":
+        fail("this is a zip archive (e.g. a torch.save checkpoint), not an official EPD predictor pickle")
+    if len(data) > 9 and data[8:10] == b'{"':
+        fail("this looks like a safetensors file, not an official .pkl",
+             "If it is an EPD table, load it directly with the EPD parameter loader; no conversion is needed.")
+    if data[0] != pickle.PROTO[0] or len(data) < 2 or not 2 <= data[1] <= pickle.HIGHEST_PROTOCOL:
+        fail("this is not a pickle of protocol 2 or newer, so not an official EPD predictor file")
+
+
+def _prescan(data: bytes, fail) -> None:
+    """Check the opcode stream without building any object: one complete pickle, no persistent ids, memo
+    indices no larger than the number of opcodes so far (each PUT stores one object)."""
+    count, end = 0, 0
+    try:
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            count += 1
+            if op.name in ("PERSID", "BINPERSID"):
+                fail("refused: the pickle uses a persistent id, which an official EPD predictor never contains",
+                     _FIX_REFUSED)
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= count):
+                fail(f"the pickle uses memo index {arg} at byte {pos}, impossible in a real file (corrupt or "
+                     "crafted)", "Download the predictor again.")
+            end = pos + 1  # the last opcode genops yields is STOP, one byte long
+    except EPDImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - genops raises ValueError mostly, but corrupt input may do more
+        fail(f"the file is truncated or corrupt ({_first_line(e)})", "Download the predictor again.")
+    if end != len(data):
+        fail(f"{len(data) - end} unexpected bytes follow the end of the pickle", "Download the predictor again.")
+
+
+def _extract(top, data: bytes, name: str, fail) -> EPDParams:
+    record = top.get("model") if isinstance(top, dict) else None
+    if not isinstance(record, _Record):
+        fail("not an official EPD predictor: expected a pickled dict whose 'model' entry was saved with "
+             "torch_utils.persistence")
+    meta = record.meta
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("state"), dict)):
+        fail("the 'model' entry is not a persistent class record (no meta type='class' with a state dict)")
+    if meta.get("class_name") != "EPD_predictor":
+        fail(f"the 'model' entry is a {_plain(meta.get('class_name'))!r}, not an EPD_predictor",
+             "Pass the predictor file (the one holding the learned r/w/c/a tables), not another snapshot.")
+    state = meta["state"]
+    weights = state.get("_parameters")
+    if not isinstance(weights, dict):
+        fail("the predictor has no '_parameters' dict")
+
+    num_steps, num_points = _int(state, "num_steps", fail), _int(state, "num_points", fail)
+    shape = (num_steps - 1, num_points)  # the official num_steps counts time points: one row fewer
+    tables = []
+    for theirs in _TABLES.values():
+        arr = weights.get(theirs)
+        if not isinstance(arr, _Array):
+            fail(f"parameter '{theirs}' is missing")
+        t = arr.tensor
+        if not t.is_floating_point() or tuple(t.shape) != shape:
+            fail(f"parameter '{theirs}' is a {t.dtype} tensor of shape {tuple(t.shape)}, but num_steps="
+                 f"{num_steps} and num_points={num_points} require floats of shape {shape}",
+                 "The file is inconsistent; download it again.")
+        if not torch.isfinite(t).all():
+            fail(f"parameter '{theirs}' contains NaN or inf", "The training run diverged; use another file.")
+        tables.append(t.float())
+
+    sampler = state.get("sampler_stu")
+    solver = _SOLVERS.get(sampler) if isinstance(sampler, str) else None
+    if solver is None:
+        fail(f"student sampler {_plain(sampler)!r} is not supported",
+             "Only 'epd' (EPD-Solver) and 'ipndm' (EPD-Plugin) predictors can be imported.")
+    max_order = 1
+    if solver == "epd_plugin":
+        max_order = state.get("max_order")
+        if not (type(max_order) is int and 1 <= max_order <= 4):
+            fail(f"max_order={_plain(max_order)!r} for an iPNDM predictor", "EPD-Plugin supports orders 1..4.")
+    schedule_type = state.get("schedule_type")
+    if schedule_type not in _OFFICIAL_SCHEDULES or schedule_type not in SCHEDULE_TYPES:
+        fail(f"schedule_type {_plain(schedule_type)!r} is unknown", f"Expected one of {_OFFICIAL_SCHEDULES}.")
+    schedule = {"type": schedule_type}
+    backend_config = state.get("backend_config") if isinstance(state.get("backend_config"), dict) else {}
+    for key, value in [("rho", state.get("schedule_rho"))] + [(k, backend_config.get(k, state.get(k)))
+                                                              for k in _SCHEDULE_NUMBERS]:
+        if _number(value):
+            schedule[key] = float(value)
+    guidance = state.get("guidance_rate")
+
+    metadata = {
+        "solver": solver,
+        "max_order": max_order,
+        "afs": _flag(state, "afs", fail),
+        "fix_last_dir_scale": _flag(state, "fcn", fail),
+        "schedule": schedule,
+        "guidance_scale": float(guidance) if _number(guidance) else None,
+        "model_family": _model_family(state.get("backend"), state.get("dataset_name")),
+        "num_points": num_points,
+        "provenance": {
+            "format": "official EPD predictor (.pkl)",
+            "source": Path(name).name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "importer_version": IMPORTER_VERSION,
+            "official_num_steps": num_steps,  # time points, i.e. one more than the table's steps
+            "persistence_version": _plain(meta.get("version")),
+            **{key: _plain(state.get(attr)) for key, attr in (
+                ("teacher", "sampler_tea"), ("M", "M"), ("dataset_name", "dataset_name"),
+                ("img_resolution", "img_resolution"), ("backend", "backend"), ("backend_config", "backend_config"),
+                ("guidance_type", "guidance_type"), ("predict_x0", "predict_x0"),
+                ("lower_order_final", "lower_order_final"), ("alpha", "alpha"))},
+        },
+    }
+    scales = [_scale(state, key, fail) for key in ("scale_dir", "scale_time")]
+    try:
+        return EPDParams(*tables, *scales, metadata)
+    except EPDParamsError as e:
+        fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
+
+
+def _int(state: dict, key: str, fail) -> int:
+    v = state.get(key)
+    limit = MAX_STEPS + 1 if key == "num_steps" else MAX_POINTS
+    if not (type(v) is int and (2 if key == "num_steps" else 1) <= v <= limit):
+        fail(f"attribute '{key}' is {_plain(v)!r}, not a valid count", "The file is incomplete; download it again.")
+    return v
+
+
+def _flag(state: dict, key: str, fail) -> bool:
+    v = state.get(key)
+    if v is not None and type(v) not in (bool, int):
+        fail(f"attribute '{key}' is {_plain(v)!r}, expected a boolean", "The file is inconsistent.")
+    return bool(v)
+
+
+def _scale(state: dict, key: str, fail) -> float:
+    v = state.get(key)
+    if v is None or v is False:
+        return 0.0  # the official code uses None/0 for "disabled"
+    if not (_number(v) and 0.0 <= v < 1.0):
+        fail(f"attribute '{key}' is {_plain(v)!r}, expected a bound in [0, 1) or None",
+             "The file is inconsistent; download it again.")
+    return float(v)
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _model_family(backend, dataset) -> str | None:
+    backend = backend.lower() if isinstance(backend, str) else ""
+    dataset = dataset.lower() if isinstance(dataset, str) else ""
+    if backend in ("sd3", "flux"):
+        return backend
+    if backend == "ldm" and ("ms_coco" in dataset or "sd1" in dataset):
+        return "sd15"  # the published text-to-image LDM predictor: Stable Diffusion 1.5 on MS-COCO prompts
+    return dataset or backend or None
+
+
+def _plain(v, depth: int = 0):
+    """JSON-safe copy of an untrusted value for metadata and messages (bounded depth and length)."""
+    if v is None or type(v) in (bool, int) or (type(v) is float and math.isfinite(v)):
+        return v
+    if type(v) is float:
+        return str(v)
+    if type(v) is str:
+        return v[:500]
+    if depth < 6 and type(v) in (list, tuple):
+        return [_plain(x, depth + 1) for x in v[:64]]
+    if depth < 6 and isinstance(v, dict) and all(type(k) is str for k in v):
+        return {k[:100]: _plain(x, depth + 1) for k, x in list(v.items())[:64]}
+    return f"<{type(v).__name__.strip('_')}>"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+def format_table(params: EPDParams) -> str:
+    """The activated table, one line per step: r, w, c, a for each point."""
+    act = params.activated()
+    points = range(params.num_points)
+    lines = ["step" + "  ".join("".join(f"{n + str(j):>8}" for n in "rwca") for j in points)]
+    for i in range(params.num_steps):
+        lines.append(f"{i:4d}" + "  ".join("".join(f"{float(act[n][i, j]):8.4f}" for n in "rwca") for j in points))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m epd_core.import_official",
+                                 description="Convert an official EPD predictor (.pkl) into an EPD safetensors "
+                                             "table, without executing anything from the pickle.")
+    ap.add_argument("input", help="official predictor file (.pkl)")
+    ap.add_argument("output", help="table to write (.safetensors)")
+    ap.add_argument("--print", dest="show", action="store_true", help="print the converted table")
+    args = ap.parse_args(argv)
+    try:
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise EPDImportError(f"{args.output}: the output would overwrite the input. Choose another output path.")
+        params = import_official(args.input)
+        params.save(args.output)
+    except EPDParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {params.describe()}")
+    if args.show:
+        print(format_table(params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
