@@ -7,8 +7,8 @@ import os
 import sys
 
 _PACK = os.path.dirname(os.path.abspath(__file__))
-if _PACK not in sys.path:
-    sys.path.insert(0, _PACK)
+if _PACK not in sys.path:  # appended: never shadow ComfyUI's own top-level modules (e.g. its nodes.py)
+    sys.path.append(_PACK)
 
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: E402

@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 
 def import_comfy_sampling():
@@ -24,3 +25,12 @@ def import_comfy_sampling():
 @pytest.fixture(scope="session")
 def comfy_sampling():
     return import_comfy_sampling()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """One real ComfyUI server (main.py --cpu) with this pack and the test-only nodes, shared by the session."""
+    from comfyui_server import ComfyServer
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_base")).start()
+    yield server
+    server.stop()
