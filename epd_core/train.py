@@ -1,0 +1,358 @@
+"""Command-line trainers for EPD tables.
+
+    python -m epd_core.train distill --model gmm --steps 4 --out gmm_4.safetensors
+    python -m epd_core.train distill --model demo --steps 10 --out demo_10.safetensors --checkpoint-dir ckpt/
+    python -m epd_core.train distill --checkpoint sd15.safetensors --comfyui /path/to/ComfyUI --prompt "a cat" ...
+    torchrun --standalone --nproc_per_node 2 -m epd_core.train distill ...   (gloo on CPU, nccl on CUDA)
+
+Every DistillConfig field has an option (see --help). The analytic mixture ('gmm') and the demo digits model
+('demo') need nothing but torch; a ComfyUI checkpoint needs a ComfyUI install (--comfyui or COMFYUI_PATH).
+Under torchrun each rank trains on its slice of every batch and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import schedules
+from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
+from .params import EPDParams, EPDParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
+
+# DistillConfig fields with their own handling below (schedule/sigmas from the model, paths from --out...).
+_SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family"}
+_HELP = {
+    "num_points": "K, parallel points per step (1-3 in the paper)",
+    "solver": "epd or epd_plugin (Adams-Bashforth predictor)",
+    "max_order": "EPD-Plugin predictor order 1..4",
+    "afs": "analytic first step (saves one model call)",
+    "teacher": f"teacher solver: {', '.join(TEACHERS)}",
+    "inserted_steps": "M, teacher steps inserted between student sigmas",
+    "objective": f"training loss: {', '.join(OBJECTIVES)}",
+    "per_step_fraction": "share of iterations for the per-step stage of per_step+end_to_end",
+    "iterations": "Adam steps",
+    "lr": "Adam learning rate on the logits",
+    "lr_schedule": "cosine or constant",
+    "batch": "noise samples per iteration, over all ranks",
+    "num_batches": "distinct noise batches (teacher trajectories cached per batch)",
+    "seed": "seed of the noise batches",
+    "spread": "initial position logits in [-spread, spread]",
+    "scale_dir": "bound of the direction scale c (0 disables)",
+    "scale_time": "bound of the time scale a (0 disables)",
+    "grad_checkpointing": "recompute each student step in backward (end-to-end on big models)",
+    "sequential_points": "one model call per point instead of one batched call",
+    "checkpoint_interval": "iterations between checkpoints",
+}
+_CHOICES = {"solver": ("epd", "epd_plugin"), "teacher": TEACHERS, "objective": OBJECTIVES,
+            "lr_schedule": ("cosine", "constant")}
+
+
+class TrainCLIError(RuntimeError):
+    pass
+
+
+# ===================================================================================================== models
+
+@dataclasses.dataclass
+class Problem:
+    """A model in k-diffusion convention plus how to draw its starting states and conditioning."""
+    model: object
+    unit_noise: object                         # (generator, n) -> n standard-normal latents
+    extra_args_fn: object
+    sigma_min: float
+    sigma_max: float
+    family: str
+    model_sigmas: torch.Tensor | None = None  # the discrete sigma table of discrete models
+    default_schedule: str = "polynomial"
+    start_scale: object = None                 # sigma_0 -> factor from unit noise to the starting state
+    run: object = None                         # runs distill itself (ComfyUI models train inside a sampler)
+    sigmas_fn: object = None                   # (args) -> (sigmas, spec): a ComfyUI model's own schedules
+
+    def noise_fn(self, sigma0: float):
+        scale = self.start_scale(sigma0) if self.start_scale else sigma0
+        return lambda g, n: self.unit_noise(g, n) * scale
+
+
+def gmm_problem(args) -> Problem:
+    from .gmm import GaussianMixtureDenoiser, cfg_model
+    gmm = GaussianMixtureDenoiser(dim=args.gmm_dim, num_components=args.gmm_components, seed=args.gmm_seed)
+    model, extra_fn = gmm, None
+    if args.guidance_scale is not None:  # class-conditional with CFG: labels drawn with the noise
+        model = cfg_model(gmm, args.guidance_scale)
+        extra_fn = lambda g, n: {"cond": torch.randint(0, args.gmm_components, (n,), generator=g).to(  # noqa: E731
+            args.device or "cpu")}
+    device = args.device or "cpu"
+    unit_noise = lambda g, n: torch.randn(n, args.gmm_dim, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    return Problem(model, unit_noise, extra_fn, gmm.sigma_min, gmm.sigma_max, "gmm")
+
+
+def demo_problem(args) -> Problem:
+    try:
+        from . import demo_model
+    except ImportError as e:
+        raise TrainCLIError(f"--model demo needs epd_core/demo_model.py ({e})") from None
+    net = demo_model.load_demo_model(args.demo_weights, device=args.device or "cpu")
+
+    class GradDemoDenoiser(demo_model.DemoDenoiser):
+        # eps_denoise may be wrapped in torch.no_grad for sampling; distillation needs its gradients
+        eps_denoise = getattr(demo_model.DemoDenoiser.eps_denoise, "__wrapped__", demo_model.DemoDenoiser.eps_denoise)
+
+    scale = 1.0 if args.guidance_scale is None else args.guidance_scale
+    den = GradDemoDenoiser(net, cfg=scale)
+    device = args.device or "cpu"
+
+    def extra_fn(g, n):
+        return {"cond": torch.randint(0, demo_model.NUM_CLASSES, (n,), generator=g).to(device)}
+    return Problem(den, lambda g, n: torch.randn(n, 1, 8, 8, generator=g).to(device), extra_fn, den.sigma_min,
+                   den.sigma_max, "epd_demo_digits", den.sigmas.double(), "discrete",
+                   start_scale=lambda s0: vp_start_scale(s0, den.sigma_max))
+
+
+def vp_start_scale(sigma0: float, sigma_max: float) -> float:
+    """ComfyUI's EPS noise_scaling: noise * sqrt(1 + sigma^2) when starting at the model's sigma_max."""
+    return (1 + sigma0 ** 2) ** 0.5 if sigma0 >= sigma_max * (1 - 1e-5) else sigma0
+
+
+def comfy_checkpoint_problem(args) -> Problem:
+    """A ComfyUI checkpoint: loaded with comfy.sd and trained inside ComfyUI's CFGGuider (the same code path as
+    the EPD Trainer node), conditioned on --prompt / --negative-prompt."""
+    comfy_path = args.comfyui or os.environ.get("COMFYUI_PATH")
+    if not comfy_path or not (Path(comfy_path) / "comfy" / "sd.py").is_file():
+        raise TrainCLIError("--checkpoint needs a ComfyUI install: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
+                            f"(got {comfy_path!r}). Supported without ComfyUI: --model gmm, --model demo.")
+    if str(comfy_path) not in sys.path:
+        sys.path.insert(0, str(comfy_path))
+    import comfy.cli_args
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # must happen before comfy.model_management is imported
+    import comfy.model_sampling
+    import comfy.sd
+    trainer = _import_pack_module("nodes.trainer_nodes")
+    if not Path(args.checkpoint).is_file():
+        raise TrainCLIError(f"checkpoint {args.checkpoint} not found")
+    with torch.inference_mode():  # as ComfyUI's executor loads it (the trainer handles inference tensors)
+        patcher, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
+        if clip is None:
+            raise TrainCLIError(f"{args.checkpoint} has no text encoder; the CLI needs a full checkpoint")
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(args.prompt))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(args.negative_prompt))
+    ms = patcher.get_model_object("model_sampling")
+    latent_format = patcher.get_model_object("latent_format")
+    ratio = getattr(latent_format, "spacial_downscale_ratio", 8)
+    shape = (1, latent_format.latent_channels, args.height // ratio, args.width // ratio)
+    scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+    args.guidance_scale = scale
+
+    def run(cfg, **kw):
+        return trainer.distill_with_comfy_model(patcher, positive, negative, scale, shape, cfg, **kw)
+
+    def sigmas_fn(a):  # the node's schedules: what EPD Sigmas rebuilds, or a KSampler scheduler's list
+        flow = isinstance(ms, comfy.model_sampling.CONST)
+        name = a.comfy_scheduler or {"discrete": "epd_discrete", "flowmatch": "epd_flowmatch",
+                                     "polynomial": "epd_polynomial"}.get(a.schedule or "", None)
+        if name is None and a.schedule:
+            raise TrainCLIError(f"--schedule {a.schedule} is not available for a ComfyUI checkpoint; use discrete, "
+                                "flowmatch, polynomial or --comfy-scheduler NAME")
+        sig, spec = trainer.student_sigmas(patcher, name or ("epd_flowmatch" if flow else "epd_discrete"), a.steps)
+        return (sig if a.final_zero else sig[:-1]), spec
+    return Problem(None, None, None, float(ms.sigma_min), float(ms.sigma_max), trainer.model_family(patcher),
+                   run=run, sigmas_fn=sigmas_fn)
+
+
+def _import_pack_module(name: str):
+    """Import a module of the pack the way ComfyUI does (the repo as a package), so relative imports work
+    and ComfyUI's own top-level `nodes` module is not shadowed."""
+    pkg = "comfyui_epd_pack"
+    if pkg not in sys.modules:
+        spec = importlib.util.spec_from_file_location(pkg, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[pkg] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{pkg}.{name}")
+
+
+# ===================================================================================================== sigmas
+
+def student_sigmas(args, problem: Problem) -> tuple[list[float], dict]:
+    """N+1 positive sigmas for N = --steps table rows (+ a final 0 unless --no-final-zero) and the schedule
+    description stored in the table."""
+    if problem.sigmas_fn is not None and not args.sigmas:
+        return problem.sigmas_fn(args)
+    if args.sigmas:
+        pos = schedules.explicit([float(s) for s in args.sigmas.split(",") if float(s) > 0])
+        spec = {"type": "explicit"}
+    else:
+        kind = args.schedule or problem.default_schedule
+        lo = args.sigma_min or problem.sigma_min
+        hi = args.sigma_max or problem.sigma_max
+        n = args.steps + 1
+        if kind == "polynomial":
+            rho = 7.0 if args.rho is None else args.rho
+            pos, spec = schedules.polynomial(n, lo, hi, rho), {"rho": rho, "sigma_min": lo, "sigma_max": hi}
+        elif kind == "logsnr":
+            pos, spec = schedules.logsnr(n, lo, hi), {"sigma_min": lo, "sigma_max": hi}
+        elif kind == "time_uniform":
+            pos, spec = schedules.time_uniform(n, lo, hi), {"sigma_min": lo, "sigma_max": hi}
+        elif kind == "discrete":
+            if problem.model_sigmas is None:
+                raise TrainCLIError("--schedule discrete needs a discrete model (demo or an SD-style checkpoint)")
+            rho = 1.0 if args.rho is None else args.rho
+            pos, spec = schedules.discrete(n, problem.model_sigmas, rho), {"rho": rho}
+        elif kind == "flowmatch":
+            pos, spec = schedules.flowmatch(n, shift=args.shift), {"shift": args.shift}
+        else:
+            raise TrainCLIError(f"unknown schedule {kind!r}")
+        spec = {"type": kind, **spec}
+    sig = [float(s) for s in pos]
+    return (sig + [0.0] if args.final_zero else sig), spec
+
+
+# ======================================================================================================= CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m epd_core.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("distill", help="distill a table from a teacher solver (EPD_SPEC.md §5)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--model", choices=("gmm", "demo"), default=None, help="built-in model (default gmm)")
+    src.add_argument("--checkpoint", help="a ComfyUI checkpoint (.safetensors) to train for")
+    d.add_argument("--comfyui", help="ComfyUI folder for --checkpoint (default $COMFYUI_PATH)")
+    d.add_argument("--prompt", default="", help="positive prompt (--checkpoint)")
+    d.add_argument("--negative-prompt", default="", help="negative prompt (--checkpoint)")
+    d.add_argument("--width", type=int, default=512, help="image width (--checkpoint)")
+    d.add_argument("--height", type=int, default=512, help="image height (--checkpoint)")
+    d.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale (gmm: class-conditional with CFG; demo default 1; checkpoint default 7.5)")
+    d.add_argument("--gmm-dim", type=int, default=64)
+    d.add_argument("--gmm-components", type=int, default=8)
+    d.add_argument("--gmm-seed", type=int, default=0)
+    d.add_argument("--demo-weights", default=None, help="demo weights (default: the shipped file)")
+    d.add_argument("--device", default=None, help="cpu / cuda (gmm and demo)")
+    # the student's sigmas
+    d.add_argument("--steps", type=int, default=10, help="table rows = student steps to a positive sigma")
+    d.add_argument("--schedule", choices=("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"),
+                   default=None, help="default: discrete for discrete models, else polynomial")
+    d.add_argument("--comfy-scheduler", default=None, help="--checkpoint: train for this KSampler scheduler's list "
+                   "(e.g. karras; use the table in KSampler with steps + 1 steps)")
+    d.add_argument("--sigmas", default=None, help="explicit comma-separated positive sigmas (overrides --steps)")
+    d.add_argument("--sigma-min", type=float, default=None)
+    d.add_argument("--sigma-max", type=float, default=None)
+    d.add_argument("--rho", type=float, default=None, help="polynomial rho (default 7; discrete default 1)")
+    d.add_argument("--shift", type=float, default=3.0, help="flowmatch shift")
+    d.add_argument("--final-zero", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with sigma 0 (a final Euler step), as ComfyUI's schedulers do")
+    # every DistillConfig field
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in _SPECIAL:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            d.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+        else:
+            d.add_argument(flag, type=type(f.default), default=f.default, choices=_CHOICES.get(f.name),
+                           help=_HELP.get(f.name))
+    d.add_argument("-K", dest="num_points", type=int, help="same as --num-points")
+    d.add_argument("-M", dest="inserted_steps", type=int, help="same as --inserted-steps")
+    d.add_argument("--init", default=None, help="start from this table instead of the neutral spread")
+    d.add_argument("--out", required=True, help="output table (.safetensors)")
+    d.add_argument("--checkpoint-dir", default=None, help="folder for the periodic (atomic) training checkpoint")
+    d.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    d.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning (not yet available)")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def config_from_args(args, sigmas, spec, family) -> DistillConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if f.name not in _SPECIAL}
+    ckpt = None
+    if args.checkpoint_dir:
+        ckpt = str(Path(args.checkpoint_dir) / (Path(args.out).name.removesuffix(".safetensors") + CHECKPOINT_SUFFIX))
+    return DistillConfig(sigmas=sigmas, schedule=spec, checkpoint_path=ckpt, resume=bool(args.resume),
+                         guidance_scale=args.guidance_scale, model_family=family, **values)
+
+
+def init_distributed() -> tuple[int, int]:
+    """torchrun sets WORLD_SIZE/RANK: gloo on CPU, nccl on CUDA. Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world
+
+
+def run_distill(args) -> EPDParams:
+    rank, world = init_distributed()
+    if args.checkpoint:
+        problem = comfy_checkpoint_problem(args)
+    elif (args.model or "gmm") == "demo":
+        problem = demo_problem(args)
+    else:
+        problem = gmm_problem(args)
+    sigmas, spec = student_sigmas(args, problem)
+    cfg = config_from_args(args, sigmas, spec, problem.family)
+    out = Path(args.out)
+    if rank == 0 and not out.parent.is_dir():
+        raise TrainCLIError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if cfg.checkpoint_path and rank == 0:
+        try:
+            Path(cfg.checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainCLIError(f"cannot create --checkpoint-dir {args.checkpoint_dir} ({e.strerror}); choose a "
+                                "writable folder") from None
+    init = EPDParams.load(args.init) if args.init else None
+    t0 = time.time()
+    report_every = max(1, cfg.iterations // 20)
+
+    def progress(it, loss):
+        if rank == 0 and not args.quiet and (it % report_every == 0 or it == cfg.iterations):
+            print(f"iteration {it}/{cfg.iterations}  loss {loss:.6g}  ({time.time() - t0:.1f}s)", flush=True)
+
+    if problem.run is not None:
+        params = problem.run(cfg, progress=progress, init=init)
+    else:
+        params = distill(problem.model, None, problem.noise_fn(sigmas[0]), cfg, problem.extra_args_fn,
+                         progress=progress, init=init)
+    if rank == 0:
+        params.save(out)
+        if not args.quiet:
+            print(f"wrote {out}: {params.describe()} in {time.time() - t0:.1f}s (world size {world})", flush=True)
+    return params
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "rl":
+        print("epd_core.train rl: RDPO fine-tuning is not yet available in this version; use 'distill'.",
+              file=sys.stderr)
+        return 2
+    try:
+        run_distill(args)
+    except (DistillError, TrainCLIError, EPDParamsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
