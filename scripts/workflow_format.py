@@ -40,7 +40,8 @@ def widget_values(info: dict, inputs: dict) -> list:
 
 def api_to_ui(api: dict, object_info: dict) -> dict:
     """A UI-format workflow laid out left to right by graph depth."""
-    ids = {key: i + 1 for i, key in enumerate(api)}
+    numeric = all(key.isdigit() for key in api)  # keep numeric API ids, so both files name nodes alike
+    ids = {key: int(key) if numeric else i + 1 for i, key in enumerate(api)}
     depth = {}
 
     def d(key):
@@ -82,7 +83,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         by_id[link[1]]["outputs"][link[2]]["links"].append(link[0])
     for i, key in enumerate(sorted(api, key=d)):
         by_id[ids[key]]["order"] = i
-    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+    return {"last_node_id": max(ids.values()), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 

@@ -1,0 +1,161 @@
+"""Generate workflows/: API-format graphs (workflows/api/, for POST /prompt, the demo and the tests) and their
+UI-format twins (workflows/, what ComfyUI's template browser and the web UI load). The UI files are derived
+from the node definitions of a real server (/object_info), so widget order always matches.
+
+    .venv/bin/python scripts/make_workflows.py        # starts a headless ComfyUI to read /object_info
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]
+from workflow_format import api_to_ui, validate_api  # noqa: E402
+
+# The demo compares samplers at equal latency NFE (sequential model calls per image).
+DEMO_EPD_STEPS = 5          # KSampler steps for epd: 4 EPD steps + the final Euler step
+DEMO_EQUAL_NFE = 8          # = 2 x 4 with the analytic first step of the shipped table (9 without AFS)
+DEMO_DIGIT, DEMO_BATCH, DEMO_CFG = 7, 8, 2.0
+
+
+def node(class_type, title=None, **inputs):
+    n = {"class_type": class_type, "inputs": inputs}
+    if title:
+        n["_meta"] = {"title": title}
+    return n
+
+
+def demo_head(batch=DEMO_BATCH):
+    return {"1": node("EPDDemoModelLoader", "Demo digits model"),
+            "2": node("EPDDemoConditioning", "Which digit", digit=DEMO_DIGIT),
+            "3": node("EmptyLatentImage", width=64, height=64, batch_size=batch)}
+
+
+def demo_sampler(sampler, steps, seed=2026, title=None):
+    return node("KSampler", title, model=["1", 0], seed=seed, steps=steps, cfg=DEMO_CFG, sampler_name=sampler,
+                scheduler="karras", positive=["2", 0], negative=["2", 1], latent_image=["3", 0], denoise=1.0)
+
+
+def demo_txt2img():
+    g = demo_head()
+    g["4"] = demo_sampler("epd", DEMO_EPD_STEPS, title=f"KSampler (epd, {DEMO_EPD_STEPS} steps)")
+    g["5"] = node("EPDDemoDecode", samples=["4", 0], scale=8)
+    g["6"] = node("SaveImage", images=["5", 0], filename_prefix="epd_demo/epd")
+    return g
+
+
+def demo_side_by_side():
+    g = demo_head()
+    runs = [("epd", DEMO_EPD_STEPS), ("euler", DEMO_EQUAL_NFE), ("dpmpp_2m", DEMO_EQUAL_NFE)]
+    for i, (sampler, steps) in enumerate(runs):
+        s, d, v = str(4 + 3 * i), str(5 + 3 * i), str(6 + 3 * i)
+        g[s] = demo_sampler(sampler, steps, title=f"{sampler}: {DEMO_EQUAL_NFE} sequential model calls")
+        g[d] = node("EPDDemoDecode", samples=[s, 0], scale=8)
+        g[v] = node("SaveImage", images=[d, 0], filename_prefix=f"epd_demo/side_by_side_{sampler}")
+    return g
+
+
+def sd15_ksampler_epd():
+    """SD1.5 with the plain KSampler: import the authors' SD1.5 table once (Import EPD Predictor or
+    python -m epd_core.import_official) and `epd` picks it for 11 steps (10 EPD steps + final step)."""
+    return {
+        "1": node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors"),
+        "2": node("CLIPTextEncode", "Positive", clip=["1", 1], text="a photo of a red fox in the snow, detailed"),
+        "3": node("CLIPTextEncode", "Negative", clip=["1", 1], text=""),
+        "4": node("EmptyLatentImage", width=512, height=512, batch_size=1),
+        "5": node("KSampler", "KSampler (epd, 11 steps = 21 model calls)", model=["1", 0], seed=0, steps=11, cfg=7.5,
+                  sampler_name="epd", scheduler="normal", positive=["2", 0], negative=["3", 0],
+                  latent_image=["4", 0], denoise=1.0),
+        "6": node("VAEDecode", samples=["5", 0], vae=["1", 2]),
+        "7": node("SaveImage", images=["6", 0], filename_prefix="epd_sd15"),
+    }
+
+
+def custom_advanced(model, latent, table, guider_nodes, vae, prefix):
+    g = dict(guider_nodes)
+    g.update({
+        "20": node("LoadEPDParams", "EPD table (train one with EPD Trainer)", name=table),
+        "21": node("EPDSampler", params=["20", 0], solver="auto", max_order=0, afs="auto", execution="auto",
+                   max_batch=0),
+        "22": node("EPDSigmas", model=model, params=["20", 0], append_zero=True),
+        "23": node("RandomNoise", noise_seed=0),
+        "24": node("SamplerCustomAdvanced", noise=["23", 0], guider=["30", 0], sampler=["21", 0], sigmas=["22", 0],
+                   latent_image=latent),
+        "25": node("VAEDecode", samples=["24", 0], vae=vae),
+        "26": node("SaveImage", images=["25", 0], filename_prefix=prefix),
+    })
+    return g
+
+
+def sdxl_custom():
+    g = {"1": node("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors"),
+         "2": node("CLIPTextEncode", "Positive", clip=["1", 1], text="a lighthouse on a cliff at sunset, oil painting"),
+         "3": node("CLIPTextEncode", "Negative", clip=["1", 1], text="blurry"),
+         "4": node("EmptyLatentImage", width=1024, height=1024, batch_size=1),
+         "30": node("CFGGuider", model=["1", 0], positive=["2", 0], negative=["3", 0], cfg=6.0)}
+    return custom_advanced(["1", 0], ["4", 0], "sdxl_epd.safetensors", g, ["1", 2], "epd_sdxl")
+
+
+def flux_custom():
+    g = {"1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
+         "2": node("DualCLIPLoader", clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", type="flux",
+                   device="default"),
+         "3": node("VAELoader", vae_name="ae.safetensors"),
+         "5": node("CLIPTextEncode", "Prompt", clip=["2", 0], text="a cozy reading nook with plants, soft light"),
+         "6": node("FluxGuidance", conditioning=["5", 0], guidance=3.5),
+         "4": node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1),
+         "30": node("BasicGuider", model=["1", 0], conditioning=["6", 0])}
+    return custom_advanced(["1", 0], ["4", 0], "flux_epd.safetensors", g, ["3", 0], "epd_flux")
+
+
+def demo_trainer():
+    """Train a table for the demo model inside the graph, look at it, and sample with it at once."""
+    g = demo_head(batch=8)
+    g["4"] = node("EPDTrainer", "EPD Trainer (distill)", mode="distill", model=["1", 0], positive=["2", 0],
+                  negative=["2", 1], latent=["3", 0], steps=4, num_points=2, solver="epd", schedule="karras",
+                  teacher="heun", inserted_steps=3, iterations=100, learning_rate=0.1, batch=8, seed=0, cfg=DEMO_CFG,
+                  objective="per_step+end_to_end", name="my_demo_table")
+    g["5"] = node("PreviewImage", "Loss curve", images=["4", 1])
+    g["6"] = node("PreviewEPDParams", params=["4", 0])
+    g["7"] = node("EPDSampler", params=["4", 0], solver="auto", max_order=0, afs="auto", execution="auto", max_batch=0)
+    g["8"] = node("EPDSigmas", model=["1", 0], params=["4", 0], append_zero=True)
+    g["9"] = node("RandomNoise", noise_seed=1)
+    g["10"] = node("CFGGuider", model=["1", 0], positive=["2", 0], negative=["2", 1], cfg=DEMO_CFG)
+    g["11"] = node("SamplerCustomAdvanced", noise=["9", 0], guider=["10", 0], sampler=["7", 0], sigmas=["8", 0],
+                   latent_image=["3", 0])
+    g["12"] = node("EPDDemoDecode", samples=["11", 0], scale=8)
+    g["13"] = node("SaveImage", images=["12", 0], filename_prefix="epd_demo/trained")
+    return g
+
+
+WORKFLOWS = {
+    "epd_demo_txt2img": demo_txt2img,
+    "epd_demo_side_by_side": demo_side_by_side,
+    "epd_sd15_ksampler": sd15_ksampler_epd,
+    "epd_sdxl_custom_sampler": sdxl_custom,
+    "epd_flux_custom_sampler": flux_custom,
+    "epd_demo_trainer": demo_trainer,
+}
+
+
+def main():
+    from comfyui_server import ComfyServer
+    out_api, out_ui = REPO / "workflows" / "api", REPO / "workflows"
+    out_api.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(Path(tempfile.mkdtemp()), with_test_nodes=False) as server:
+        info = server.object_info()
+    for name, build in WORKFLOWS.items():
+        api = build()
+        problems = validate_api(api, info)
+        if problems:
+            raise SystemExit(f"{name}: {problems}")
+        (out_api / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
+        (out_ui / f"{name}.json").write_text(json.dumps(api_to_ui(api, info), indent=2) + "\n")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
