@@ -1,0 +1,116 @@
+"""The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD vs euler
+vs dpmpp_2m at equal NFE on the pack's digits model); then a quick quality-vs-NFE benchmark of the same model
+is plotted. Everything lands in out/demo/ (override with --out)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench"), str(REPO)]
+from comfyui_server import ComfyServer, error_message  # noqa: E402
+
+WORKFLOW = REPO / "workflows" / "api" / "epd_demo_side_by_side.json"
+
+
+def run_workflow(out: Path) -> list[Path]:
+    import websocket
+    base = out / "comfyui_base"
+    shutil.rmtree(base, ignore_errors=True)
+    graph = json.loads(WORKFLOW.read_text())
+    with ComfyServer(base, with_test_nodes=False) as server:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=300)
+        pid = server.queue(graph)
+        bar = tqdm(total=len(graph), desc="ComfyUI workflow", unit="node")
+        done = set()
+        while True:
+            raw = ws.recv()
+            if isinstance(raw, bytes):
+                continue  # live previews
+            msg = json.loads(raw)
+            data = msg.get("data", {})
+            if data.get("prompt_id") != pid:
+                continue
+            if msg["type"] == "progress":
+                title = graph.get(str(data.get("node")), {}).get("_meta", {}).get("title", data.get("node"))
+                bar.set_postfix_str(f"{title}: step {data['value']}/{data['max']}")
+            elif msg["type"] in ("executed", "execution_cached"):
+                nodes = data.get("nodes", [data.get("node")])
+                for n in nodes:
+                    if n not in done:
+                        done.add(n)
+                        bar.update(1)
+            elif msg["type"] == "executing" and data.get("node"):
+                pass
+            if msg["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
+                    msg["type"] == "executing" and data.get("node") is None):
+                break
+        bar.n = len(graph)
+        bar.close()
+        ws.close()
+        entry = server.wait(pid)
+        if entry["status"]["status_str"] != "success":
+            raise SystemExit(f"workflow failed: {error_message(entry)}\n{server.log_tail()}")
+        images = []
+        for node_id, output in entry["outputs"].items():
+            for img in output.get("images", []):
+                target = out / Path(img["filename"]).name
+                shutil.copy(server.output_path(img), target)
+                images.append(target)
+        log_lines = [line for line in server.log_path.read_text().splitlines() if "EPD:" in line]
+    (out / "comfyui_epd_log.txt").write_text("\n".join(log_lines) + "\n")
+    return images
+
+
+def side_by_side(out: Path, images: list[Path]) -> Path:
+    """One labelled picture: a row of samples per sampler (the workflow saves one file per sample)."""
+    from PIL import Image, ImageDraw
+    rows = {}
+    for p in sorted(images):
+        rows.setdefault(p.name.split("side_by_side_")[-1].rsplit("_", 2)[0], []).append(Image.open(p))
+    w, h = next(iter(rows.values()))[0].size
+    grid = Image.new("RGB", (150 + w * max(len(r) for r in rows.values()), h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, (name, ims) in enumerate(rows.items()):
+        draw.text((8, y * h + h // 2 - 6), name, fill="black")
+        for x, im in enumerate(ims):
+            grid.paste(im, (150 + x * w, y * h))
+    path = out / "side_by_side.png"
+    grid.save(path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "demo")
+    ap.add_argument("--samples", type=int, default=32, help="held-out samples in the quick benchmark")
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    images = run_workflow(args.out)
+    print(f"workflow done in {time.time() - t0:.0f}s: {len(images)} images")
+    grid = side_by_side(args.out, images)
+    if not args.skip_bench:
+        import quality_vs_nfe
+        print("quick quality-vs-NFE benchmark (full one: bench/quality_vs_nfe.py)...")
+        quality_vs_nfe.main(["--model", "demo", "--samples", str(args.samples), "--schedulers",
+                             "karras,normal,exponential,sgm_uniform", "--out", str(args.out)])
+        shutil.copy(args.out / "quality_vs_nfe_demo.png", args.out / "quality_vs_nfe.png")
+        shutil.copy(args.out / "quality_vs_nfe_demo.md", args.out / "quality_vs_nfe.md")
+    print(f"\nDone in {time.time() - t0:.0f}s. Results in {args.out}:")
+    print(f"  images: {len(images)} files in {args.out}, side by side: {grid}")
+    print("  what ran:", args.out / "comfyui_epd_log.txt")
+    if not args.skip_bench:
+        print("  plot: ", args.out / "quality_vs_nfe.png")
+        print("  table:", args.out / "quality_vs_nfe.md")
+
+
+if __name__ == "__main__":
+    main()
