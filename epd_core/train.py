@@ -270,9 +270,90 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-dir", default=None, help="folder for the periodic (atomic) training checkpoint")
     d.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     d.add_argument("--quiet", action="store_true")
-    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning (not yet available)")
-    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (EPD_SPEC.md §6)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--model", choices=("demo",), default="demo", help="built-in model to sample with")
+    r.add_argument("--demo-weights", default=None, help="demo weights (default: the shipped file)")
+    r.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale of the demo model")
+    r.add_argument("--device", default=None, help="cpu / cuda")
+    r.add_argument("--init", default=None, help="starting table; without it one is distilled first (--steps, -K)")
+    r.add_argument("--steps", type=int, default=4, help="table rows when distilling the starting table")
+    r.add_argument("-K", "--num-points", dest="num_points", type=int, default=2)
+    r.add_argument("--distill-iterations", type=int, default=100)
+    r.add_argument("--reward", default="demo_classifier",
+                   help="demo_classifier, or hpsv2/pickscore/imagereward/clip/aesthetic with --reward-path")
+    r.add_argument("--reward-path", default=None, help="local reward weights (ComfyUI models/epd_rewards/...)")
+    r.add_argument("--prompts", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated labels, one group each")
+    r.add_argument("--iterations", type=int, default=100)
+    r.add_argument("--group-size", type=int, default=4)
+    r.add_argument("--epochs", type=int, default=2)
+    r.add_argument("--lr", type=float, default=7e-5)
+    r.add_argument("--kappa", type=float, default=15.0)
+    r.add_argument("--kl-coef", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True, help="output table (.safetensors)")
+    r.add_argument("--checkpoint-dir", default=None, help="folder for the periodic (atomic) RL checkpoint")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    r.add_argument("--quiet", action="store_true")
     return parser
+
+
+def run_rl(args) -> EPDParams:
+    """RDPO on the demo digits model: start from --init (or distil one), fine-tune on the reward, save the mean."""
+    from .rl import DemoClassifierReward, LocalModelReward, RLConfig, rdpo
+    rank, world = init_distributed()
+    out = Path(args.out)
+    if rank == 0 and not out.parent.is_dir():
+        raise TrainCLIError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if args.reward == "demo_classifier":
+        reward = DemoClassifierReward()
+    else:
+        reward = LocalModelReward(args.reward, args.reward_path, device=args.device or "cpu")
+    dargs = argparse.Namespace(demo_weights=args.demo_weights, device=args.device, guidance_scale=args.guidance_scale)
+    problem = demo_problem(dargs)
+    if args.init:
+        table = EPDParams.load(args.init)
+        sig = table.schedule_sigmas
+        if sig is None:
+            raise TrainCLIError(f"{args.init} records no schedule sigmas; RL needs the table's own schedule")
+        sigmas = [float(s) for s in sig] + ([0.0] if table.schedule.get("final_zero", True) else [])
+    else:
+        from . import schedules as _sch
+        pos = _sch.discrete(args.steps + 1, problem.model_sigmas, 1.0)
+        sigmas = [float(s) for s in pos] + [0.0]
+        cfg_d = DistillConfig(sigmas=sigmas, schedule={"type": "discrete", "rho": 1.0}, num_points=args.num_points,
+                              iterations=args.distill_iterations, seed=args.seed, guidance_scale=args.guidance_scale,
+                              model_family=problem.family)
+        if not args.quiet and rank == 0:
+            print(f"distilling a starting table ({args.steps} steps, K={args.num_points})", flush=True)
+        table = distill(problem.model, None, problem.noise_fn(sigmas[0]), cfg_d, problem.extra_args_fn)
+    try:
+        prompts = [int(p) for p in args.prompts.split(",") if p.strip()]
+    except ValueError:
+        raise TrainCLIError(f"--prompts must be comma-separated digit labels 0..9, got {args.prompts!r}") from None
+    ckpt = None
+    if args.checkpoint_dir:
+        Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt = str(Path(args.checkpoint_dir) / (out.name.removesuffix(".safetensors") + ".rl-checkpoint"))
+    cfg = RLConfig(iterations=args.iterations, group_size=args.group_size, epochs=args.epochs, lr=args.lr,
+                   kappa=args.kappa, kl_coef=args.kl_coef, seed=args.seed, checkpoint_path=ckpt,
+                   resume=bool(args.resume))
+    from .demo_model import DemoDenoiser, load_demo_model
+    model = DemoDenoiser(load_demo_model(args.demo_weights, device=args.device or "cpu"), cfg=args.guidance_scale)
+    t0 = time.time()
+    every = max(1, cfg.iterations // 20)
+
+    def progress(it, st):
+        if rank == 0 and not args.quiet and (it % every == 0 or it == cfg.iterations):
+            print(f"iteration {it}/{cfg.iterations}  reward {st['reward']:.4f}  entropy {st['entropy']:.2f}  "
+                  f"grad_norm {st['grad_norm']:.3g}  kl {st['kl']:.3g}  ({time.time() - t0:.1f}s)", flush=True)
+    params = rdpo(model, torch.tensor(sigmas), table, reward, prompts, problem.noise_fn(sigmas[0]), cfg,
+                  progress=progress)
+    if rank == 0:
+        params.save(out)
+        if not args.quiet:
+            print(f"wrote {out}: {params.describe()} in {time.time() - t0:.1f}s", flush=True)
+    return params
 
 
 def config_from_args(args, sigmas, spec, family) -> DistillConfig:
@@ -339,13 +420,10 @@ def run_distill(args) -> EPDParams:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "rl":
-        print("epd_core.train rl: RDPO fine-tuning is not yet available in this version; use 'distill'.",
-              file=sys.stderr)
-        return 2
+    from .rl import RLError, RewardUnavailableError
     try:
-        run_distill(args)
-    except (DistillError, TrainCLIError, EPDParamsError, ValueError) as e:
+        run_rl(args) if args.command == "rl" else run_distill(args)
+    except (DistillError, TrainCLIError, EPDParamsError, ValueError, RLError, RewardUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -1,0 +1,10 @@
+"""RDPO: Residual Dirichlet Policy Optimization, RL fine-tuning of an EPD table on a reward (EPD_SPEC.md §6).
+Pure torch; never imports ComfyUI."""
+from .policy import ResidualDirichletPolicy
+from .rdpo import RLCancelled, RLConfig, RLError, integrate_batched, rdpo, rloo_advantages
+from .rewards import (DemoClassifierReward, LocalModelReward, Reward, RewardUnavailableError,
+                      TableDistanceReward)
+
+__all__ = ["ResidualDirichletPolicy", "RLConfig", "RLError", "RLCancelled", "rdpo", "rloo_advantages",
+           "integrate_batched", "Reward", "DemoClassifierReward", "LocalModelReward", "TableDistanceReward",
+           "RewardUnavailableError"]

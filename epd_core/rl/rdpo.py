@@ -1,0 +1,369 @@
+"""RDPO training loop (EPD_SPEC.md §6): grouped rollouts, RLOO advantages, PPO-clipped updates of the
+residual Dirichlet policy, export of the policy mean as a table.
+
+Per iteration: for every prompt one noise x_p (drawn from a per-iteration seed) is shared by a group of G
+trajectories, each sampling its OWN table from the policy; the diffusion model only runs forward
+(torch.no_grad). Rewards -> leave-one-out baseline within each group -> advantages normalised over all
+rollouts -> `epochs` Adam steps on the PPO clipped objective of the summed per-step log-probs (+ optional KL
+to the cold-start policy). Atomic safetensors checkpoints (policy, Adam, iteration, history, config) resume
+exactly; `should_stop()` cancels; under torch.distributed the groups are sharded over the ranks and
+gradients / statistics averaged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+from ..distill import _all_mean, _any_rank, _check_checkpoint_folder, _dist, batch_seed
+from ..params import EPDParams, EPDParamsError, atomic_write_bytes
+from ..solver import EPDSamplingError, adams_bashforth, check_sigmas
+from .policy import ResidualDirichletPolicy
+
+log = logging.getLogger("epd")
+CHECKPOINT_FORMAT = "epd-rdpo-checkpoint-v1"
+_RESULT_FIELDS = ("iterations", "group_size", "epochs", "lr", "clip_eps", "kl_coef", "kappa", "hidden", "blocks",
+                  "scale_sigma", "max_grad_norm", "seed")
+
+
+class RLError(RuntimeError):
+    """RDPO cannot run or continue; the message names the problem and the fix."""
+
+
+class RLCancelled(RLError):
+    """`should_stop()` asked to stop; the last checkpoint is intact."""
+
+
+@dataclass
+class RLConfig:
+    iterations: int = 100
+    group_size: int = 4              # G trajectories (tables) per prompt, sharing one noise
+    epochs: int = 2                  # PPO epochs per batch of rollouts
+    lr: float = 7e-5                 # Adam (the paper's small rate; toy problems use more)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0             # KL(policy || cold start); 0 in published configs
+    kappa: float = 15.0              # cold-start Dirichlet concentration: alpha = kappa * target mean
+    hidden: int = 32
+    blocks: int = 2
+    scale_sigma: float = 0.3         # log-normal std of c / a as a fraction of the table's scale bound
+    max_grad_norm: float = 1.0       # gradient clipping (0 disables)
+    seed: int = 0
+    checkpoint_path: str | None = None
+    checkpoint_interval: int = 10
+    resume: bool | str = False       # True: continue the checkpoint (must exist); 'auto': if present
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise RLError(msg)
+        need(isinstance(self.iterations, int) and self.iterations >= 1, f"iterations={self.iterations!r}: use >= 1")
+        need(isinstance(self.group_size, int) and self.group_size >= 2,
+             f"group_size={self.group_size!r}: RLOO needs at least 2 trajectories per group (4 in the paper)")
+        need(self.epochs >= 1, f"epochs={self.epochs}: use >= 1")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: use a small positive rate like 7e-5")
+        need(0 < self.clip_eps < 1, f"clip_eps={self.clip_eps}: use 0.2")
+        need(self.kl_coef >= 0, f"kl_coef={self.kl_coef}: use >= 0")
+        need(self.kappa > 0, f"kappa={self.kappa}: use 10..20")
+        need(self.checkpoint_interval >= 1, f"checkpoint_interval={self.checkpoint_interval}: use >= 1")
+        need(self.resume in (False, True, "auto"), f"resume={self.resume!r}: use False, True or 'auto'")
+
+
+# ============================================================================================== sampling
+
+def integrate_batched(model, x, sigmas, rows, extra_args=None, max_order: int = 1, afs: bool = False):
+    """EPD / EPD-Plugin like solver.integrate, but every sample b has its own table: rows {'r','w','c','a'} of
+    shape (B, steps, K). The K points of all samples go through ONE model call of batch K*B (point-major, as
+    PointEvaluator) with a per-sample sigma vector. A final sigma 0 is the usual Euler step x = D(x, sigma)."""
+    extra_args = extra_args or {}
+    sig = check_sigmas(sigmas)
+    n_pos = sum(1 for s in sig[1:] if s > 0)
+    if rows["r"].shape[1] != n_pos:
+        raise EPDSamplingError(f"tables have {rows['r'].shape[1]} rows for {n_pos} steps")
+    b = x.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = {k: v.to(device=x.device, dtype=acc) for k, v in rows.items()}
+    sigmas = sigmas.to(device=x.device, dtype=acc)
+    s_in = x.new_ones([b])
+    shape = (rows["r"].shape[2], b) + (1,) * (x.dim() - 1)
+    history: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        if afs and i == 0 and sig[1] > 0:
+            d_cur = x / torch.sqrt(1 + t_cur ** 2)
+            denoised = x - t_cur * d_cur
+        else:
+            denoised = model(x, t_cur * s_in, **extra_args)
+            d_cur = (x - denoised) / t_cur
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        d_pred = adams_bashforth(d_cur, history, max_order) if max_order > 1 else d_cur
+        r, w, c, a = (rows[n][:, i].T for n in "rwca")          # (K, B)
+        t_k = t_next ** r * t_cur ** (1 - r)
+        x_k = x.unsqueeze(0) + (t_k - t_cur).view(shape).to(x.dtype) * d_pred.unsqueeze(0)
+        k = x_k.shape[0]
+        den_k = model(x_k.reshape(k * b, *x.shape[1:]), (a * t_k).reshape(-1).to(x.dtype), **extra_args).reshape(x_k.shape)
+        d_k = (x_k.to(acc) - den_k.to(acc)) / t_k.view(shape)
+        x = (x.to(acc) + (t_next - t_cur) * ((w * c).view(shape) * d_k).sum(0)).to(x.dtype)
+        if max_order > 1:
+            history = (history + [d_cur])[-(max_order - 1):]
+    if not torch.isfinite(x).all():
+        raise EPDSamplingError("the model produced NaN/inf during an RL rollout; check the model and its precision")
+    return x
+
+
+# ============================================================================================== advantages
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out advantage within consecutive groups of `group_size`: R_i - mean_{j != i} R_j
+    (not normalised)."""
+    r = rewards.double().view(-1, group_size)
+    baseline = (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).view(-1)
+
+
+def ppo_loss(logp_new, logp_old, adv, clip_eps):
+    ratio = (logp_new - logp_old).exp()
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    return -surr.sum(), ratio
+
+
+# ============================================================================================== checkpoints
+
+def save_checkpoint(path, policy, optimizer, iteration, history, cfg: RLConfig, base: EPDParams):
+    tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    state = optimizer.state_dict()["state"]
+    for j, st in state.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            tensors[f"adam.{key}.{j}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous()
+    meta = {"format": CHECKPOINT_FORMAT, "iteration": str(iteration), "config": json.dumps(cfg.to_json()),
+            "history": json.dumps(history), "base_table": base.to_bytes().hex(), "torch": torch.__version__}
+    try:
+        atomic_write_bytes(Path(path), st_save_bytes(tensors, metadata=meta))
+    except EPDParamsError as e:
+        raise RLError(f"checkpoint not written: {e}") from None
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not an RDPO checkpoint (format {meta.get('format')!r})")
+        return {"iteration": int(meta["iteration"]), "config": json.loads(meta["config"]),
+                "history": json.loads(meta["history"]), "base": bytes.fromhex(meta["base_table"]),
+                "tensors": st_load_bytes(data)}
+    except OSError as e:
+        raise RLError(f"cannot read checkpoint {path} ({e.strerror}). Check the path.") from None
+    except Exception as e:  # noqa: BLE001
+        raise RLError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}). Delete it to start over.") from None
+
+
+def _prepare_checkpoint(cfg: RLConfig, base: EPDParams, rank: int):
+    path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
+    if path is None:
+        if cfg.resume is True:
+            raise RLError("resume was requested but no checkpoint path is set")
+        return None, None
+    if rank == 0:
+        try:
+            _check_checkpoint_folder(path)
+        except Exception as e:  # noqa: BLE001 - DistillError text is fine, re-raise as RLError
+            raise RLError(str(e)) from None
+    if not path.exists():
+        if cfg.resume is True:
+            raise RLError(f"no checkpoint to resume at {path}. Run without resume to start.")
+        return path, None
+    if cfg.resume is False:
+        raise RLError(f"a checkpoint already exists at {path}. Resume it (resume=True / --resume), or delete it or "
+                      "choose another path to start over (nothing was overwritten).")
+    ck = load_checkpoint(path)
+    saved, now = ck["config"], cfg.to_json()
+    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in _RESULT_FIELDS if saved.get(k) != now.get(k)]
+    if diffs:
+        raise RLError(f"checkpoint {path} was made with different settings ({'; '.join(diffs[:4])}); use the original "
+                      "settings or delete the checkpoint")
+    try:
+        saved_base = EPDParams.from_bytes(ck["base"], source=str(path))
+    except EPDParamsError as e:
+        raise RLError(f"checkpoint {path}: its starting table is unreadable ({e}); delete it to start over") from None
+    same = (all(torch.equal(a, b.float()) for a, b in zip(saved_base.tensors(), base.tensors()))
+            and (saved_base.scale_dir, saved_base.scale_time) == (float(base.scale_dir), float(base.scale_time)))
+    if not same:
+        raise RLError(f"checkpoint {path} was trained from a different starting table; pass the same --init table")
+    return path, ck
+
+
+# ============================================================================================== training
+
+def _comm_device():
+    """Collectives run on CUDA under nccl (the policy itself lives on the CPU)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum of a CPU tensor over all ranks (itself when world == 1)."""
+    if world == 1:
+        return t
+    dev = _comm_device()
+    return (_all_mean(t.to(dev), world) * world).to(t.device)
+
+
+def _default_extra_args(prompts):
+    if all(isinstance(p, int) or (torch.is_tensor(p) and p.dim() == 0) for p in prompts):
+        return {"cond": torch.as_tensor([int(p) for p in prompts])}
+    return {}
+
+
+def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, config: RLConfig | None = None,
+         progress=None, should_stop=None, extra_args_fn=None, history: list | None = None) -> EPDParams:
+    """Fine-tune `base_table` on `reward` with RDPO and return the policy mean as a table.
+
+    model(x, sigma_vec, **extra) -> denoised (k-diffusion convention), or None for rewards that score tables only
+    (reward.needs_tables). sigmas: the table's schedule (final 0 allowed). prompts: one entry per group (e.g. class
+    labels for the demo model). noise_fn(generator, n) -> n starting states at sigmas[0]. extra_args_fn(prompts)
+    -> model keyword arguments for a list of per-sample prompts (default: labels -> {'cond': tensor}).
+    progress(iteration, stats) with stats {reward, reward_std, entropy, grad_norm, loss, kl, clip_frac}."""
+    cfg = dataclasses.replace(config or RLConfig())
+    cfg.validate()
+    rank, world = _dist()
+    prompts = list(prompts)
+    if not prompts:
+        raise RLError("no prompts given")
+    if len(prompts) % world:
+        raise RLError(f"{len(prompts)} prompts do not split over {world} ranks; use a multiple of {world}")
+    if model is None and not getattr(reward, "needs_tables", False):
+        raise RLError("model is None but the reward scores images; pass the diffusion model")
+    if model is not None and noise_fn is None:
+        raise RLError("noise_fn(generator, n) is required to sample images")
+    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    try:
+        sig_list = check_sigmas(sig)
+    except EPDSamplingError as e:
+        raise RLError(f"bad sigmas: {e}") from None
+    n_pos = sum(1 for s in sig_list[1:] if s > 0)
+    if n_pos != base_table.num_steps:
+        raise RLError(f"the table has {base_table.num_steps} steps but the sigmas give {n_pos}; use the table's "
+                      "own schedule")
+    max_order = base_table.max_order if base_table.solver == "epd_plugin" else 1
+    extra_args_fn = extra_args_fn or _default_extra_args
+
+    ckpt_path, ckpt = _prepare_checkpoint(cfg, base_table, rank)
+    policy = ResidualDirichletPolicy(base_table, cfg.kappa, cfg.hidden, cfg.blocks, cfg.scale_sigma, seed=cfg.seed)
+    params = list(policy.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    start, hist = 0, []
+    if ckpt is not None:
+        policy.load_state_dict({k[len("policy."):]: v for k, v in ckpt["tensors"].items() if k.startswith("policy.")})
+        state = {}
+        for j, p in enumerate(params):
+            if f"adam.step.{j}" in ckpt["tensors"]:
+                t = ckpt["tensors"]
+                state[j] = {"step": t[f"adam.step.{j}"].reshape(()).clone(),
+                            "exp_avg": t[f"adam.exp_avg.{j}"].view_as(p).to(p).clone(),
+                            "exp_avg_sq": t[f"adam.exp_avg_sq.{j}"].view_as(p).to(p).clone()}
+        sd = optimizer.state_dict()
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+        start, hist = ckpt["iteration"], list(ckpt["history"])
+        log.info("EPD RL: resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
+    last_saved = start if ckpt is not None else None
+
+    G, P = cfg.group_size, len(prompts)
+    per_rank = P // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    for it in range(start, cfg.iterations):
+        if should_stop is not None and _any_rank(bool(should_stop()), world, _comm_device()):
+            raise RLCancelled(f"RL cancelled before iteration {it}; nothing new was written"
+                              + (f"; the last checkpoint ({ckpt_path}, iteration {last_saved}) is intact"
+                                 if last_saved else ""))
+        g = torch.Generator().manual_seed(batch_seed(cfg.seed, it))
+        # every rank draws ALL tables and noises (cheap), then keeps its groups: same result for any world size
+        sample, rows, logp_old = policy.sample(P * G, generator=g)
+        sel = slice(mine.start * G, mine.stop * G)
+        sample = {k: v[sel] for k, v in sample.items()}
+        rows = {k: v[sel] for k, v in rows.items()}
+        logp_old = logp_old[sel]
+        my_prompts = [p for p in prompts[mine] for _ in range(G)]
+        images = None
+        if model is not None:
+            x0 = noise_fn(g, P)[mine]
+            x0 = x0.repeat_interleave(G, dim=0)
+            extra = extra_args_fn(my_prompts)
+            extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra.items()}
+            with torch.no_grad():
+                try:
+                    images = integrate_batched(model, x0, sig.to(x0.device), rows, extra, max_order, base_table.afs)
+                except EPDSamplingError as e:
+                    raise RLError(f"iteration {it}: {e}") from None
+        with torch.no_grad():
+            rewards = torch.as_tensor(reward(images, my_prompts, tables=rows), dtype=torch.float64).cpu().reshape(-1)
+        if not torch.isfinite(rewards).all():
+            raise RLError(f"the reward returned NaN/inf at iteration {it}; check the reward model")
+        adv = rloo_advantages(rewards, G)
+        stats_t = _sum_ranks(torch.stack([rewards.sum(), rewards.square().sum(), adv.square().sum(),
+                                          torch.tensor(float(rewards.numel()), dtype=torch.float64)]), world)
+        total = stats_t[3]
+        r_mean = float(stats_t[0] / total)
+        r_std = math.sqrt(max(float(stats_t[1] / total) - r_mean ** 2, 0.0))
+        adv_std = math.sqrt(float(stats_t[2] / total))
+        adv = adv / (adv_std + 1e-8)
+
+        loss_v = grad_norm = clip_frac = 0.0
+        for _ in range(cfg.epochs):
+            optimizer.zero_grad(set_to_none=False)
+            p = policy.dist_params()
+            logp = policy.log_prob(sample, p)
+            loss, ratio = ppo_loss(logp, logp_old, adv, cfg.clip_eps)
+            loss = loss / total  # mean over ALL rollouts once gradients are summed over ranks
+            if cfg.kl_coef > 0:
+                loss = loss + cfg.kl_coef * policy.kl_to_reference(p) / world
+            loss.backward()
+            flat = torch.cat([q.grad.reshape(-1) for q in params])
+            flat = _sum_ranks(flat, world)
+            off = 0
+            for q in params:
+                q.grad.copy_(flat[off:off + q.numel()].view_as(q))
+                off += q.numel()
+            grad_norm = float(flat.norm())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not all(torch.isfinite(q.grad).all() for q in params):
+                raise RLError(f"non-finite gradient at iteration {it}; lower the learning rate (now {cfg.lr})")
+            optimizer.step()
+            loss_v = float(loss.detach())
+            clip_frac = float(((ratio - 1).abs() > cfg.clip_eps).double().mean())
+        with torch.no_grad():
+            entropy = float(policy.entropy())
+            kl = float(policy.kl_to_reference())
+        stats = {"iteration": it + 1, "reward": r_mean, "reward_std": r_std, "entropy": entropy,
+                 "grad_norm": grad_norm, "loss": loss_v, "kl": kl, "clip_frac": clip_frac}
+        hist.append(stats)
+        done = it + 1
+        if ckpt_path is not None and rank == 0 and (done % cfg.checkpoint_interval == 0 or done == cfg.iterations):
+            save_checkpoint(ckpt_path, policy, optimizer, done, hist, cfg, base_table)
+            last_saved = done
+        if progress is not None:
+            progress(done, stats)
+    if history is not None:
+        history[:] = hist
+    prov = {"reward": getattr(reward, "name", type(reward).__name__), "iterations": cfg.iterations,
+            "group_size": G, "num_prompts": P, "epochs": cfg.epochs, "lr": cfg.lr, "clip_eps": cfg.clip_eps,
+            "kl_coef": cfg.kl_coef, "seed": cfg.seed, "world_size": world,
+            "final_mean_reward": hist[-1]["reward"] if hist else None}
+    return policy.mean_table(prov)
