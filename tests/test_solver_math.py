@@ -1,4 +1,5 @@
 """EPD's math against ComfyUI's own samplers on an exact Gaussian-mixture denoiser (EPD_SPEC.md §2-3)."""
+import pytest
 import torch
 
 from epd_core.gmm import GaussianMixtureDenoiser, cfg_model
@@ -6,7 +7,15 @@ from epd_core.params import EPDParams
 from epd_core.schedules import polynomial, with_final_zero
 from epd_core.solver import PointEvaluator, epd_step, integrate, sample_epd, sample_epd_plugin
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Reductions are checked to ~1e-10: build every tensor in float64, then restore the global default."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def setup(steps=8, batch=4, seed=1):
