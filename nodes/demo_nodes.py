@@ -18,7 +18,7 @@ import comfy.supported_models_base
 from comfy_api.latest import io
 
 from epd_core.demo_model import (LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
-                                   label_context, load_demo_model)
+                                 label_context, load_demo_model)
 
 CATEGORY = "sampling/epd/demo"
 

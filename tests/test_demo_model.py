@@ -25,7 +25,7 @@ from epd_core.demo_model import (DEFAULT_WEIGHTS, NULL_LABEL, DemoDenoiser, Demo
                                  DemoUNet, demo_sigmas, karras_sigmas, label_context, load_demo_model,
                                  sample_heun, to_digit_pixels)
 
-PACKAGE = "comfyui_epd_under_test"  # the pack is imported as a package, as ComfyUI's loader does
+PACKAGE = "comfyui_epd_under_test"  # the pack is a package when ComfyUI loads it
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +62,8 @@ def comfyui():
     import comfy.sample
     import comfy.samplers
     if PACKAGE not in sys.modules:
-        # bare parent packages, so that demo_nodes' relative import of epd_core works without running the
-        # pack's __init__ files (which register everything with ComfyUI)
+        # bare parent packages: demo_nodes is imported as part of the pack (as ComfyUI's loader does) but
+        # without running the pack's __init__ files, which register samplers and folders with ComfyUI
         for name, path in ((PACKAGE, REPO), (PACKAGE + ".nodes", REPO / "nodes")):
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
