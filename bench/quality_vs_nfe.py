@@ -99,7 +99,7 @@ def run(args):
     model, ms, noise, extra, mode_of, k = problem(args.model, n)
     x_fit, x_test = noise(101), noise(202)
     dtype = x_fit.dtype
-    ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
+    ref_sig = with_final_zero(polynomial(args.ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
     t0 = time.time()
     with torch.no_grad():
         ref_fit = k.sample_heun(Counted(model, extra), x_fit, ref_sig, disable=True)
@@ -119,7 +119,8 @@ def run(args):
 
     # best (scheduler, steps) per sampler and NFE, chosen on the fit noises
     best = {}  # (sampler, nfe) -> (fit_mean, scheduler, steps)
-    for sampler in DETERMINISTIC:
+    samplers = args.samplers.split(",") if args.samplers else DETERMINISTIC
+    for sampler in samplers:
         run_fn = builtin_sampler(k, sampler)
         for sched in schedulers:
             for steps in range(1, args.max_nfe + 1):
@@ -138,7 +139,7 @@ def run(args):
     results = {"model": args.model, "samples": n, "nfe": {}}
     for nfe in nfes:
         row = {}
-        for sampler in DETERMINISTIC:
+        for sampler in samplers:
             if (sampler, nfe) not in best:
                 continue
             fit, sched, steps = best[(sampler, nfe)]
@@ -258,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--schedulers", default="", help="comma list (default: all of ComfyUI's)")
     ap.add_argument("--iterations", type=int, default=300, help="distillation iterations (gmm)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ref-steps", type=int, default=500, help="Heun steps of the reference solution")
+    ap.add_argument("--samplers", default="", help="comma list (default: every deterministic built-in)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

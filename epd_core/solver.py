@@ -46,7 +46,8 @@ def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a):
     x_k = x.unsqueeze(0) + (t_k - t_cur).view(shape).to(x.dtype) * d_pred.unsqueeze(0)
     denoised_k = evaluate(x_k, a * t_k)
     acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
-    d_k = (x_k - denoised_k).to(acc) / t_k.view(shape).to(acc)  # divide by t_k, not a_k t_k (spec §2)
+    # x_k upcast before subtracting (a no-op for fp32/fp64 x): x_k - D(x_k) rounded to bf16 costs ~10 ulps of x'
+    d_k = (x_k.to(acc) - denoised_k).to(acc) / t_k.view(shape).to(acc)  # divide by t_k, not a_k t_k (spec §2)
     d_mix = ((w * c).view(shape).to(acc) * d_k).sum(0)
     return (x.to(acc) + (t_next - t_cur).to(acc) * d_mix).to(x.dtype)
 

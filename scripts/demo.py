@@ -89,7 +89,7 @@ def side_by_side(out: Path, images: list[Path]) -> Path:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "out" / "demo")
-    ap.add_argument("--samples", type=int, default=32, help="held-out samples in the quick benchmark")
+    ap.add_argument("--samples", type=int, default=16, help="held-out samples in the quick benchmark")
     ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,8 +100,10 @@ def main():
     if not args.skip_bench:
         import quality_vs_nfe
         print("quick quality-vs-NFE benchmark (full one: bench/quality_vs_nfe.py)...")
-        quality_vs_nfe.main(["--model", "demo", "--samples", str(args.samples), "--schedulers",
-                             "karras,normal,exponential,sgm_uniform", "--out", str(args.out)])
+        # quick: the samplers that were best at some NFE in the full run, two schedulers, a 200-step reference
+        quality_vs_nfe.main(["--model", "demo", "--samples", str(args.samples), "--schedulers", "karras,normal",
+                             "--samplers", "euler,heun,dpm_2,dpmpp_2m,ipndm_v,uni_pc,uni_pc_bh2",
+                             "--ref-steps", "200", "--out", str(args.out)])
         shutil.copy(args.out / "quality_vs_nfe_demo.png", args.out / "quality_vs_nfe.png")
         shutil.copy(args.out / "quality_vs_nfe_demo.md", args.out / "quality_vs_nfe.md")
     print(f"\nDone in {time.time() - t0:.0f}s. Results in {args.out}:")
