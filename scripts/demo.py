@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="held-out samples in the quick benchmark")
     ap.add_argument("--skip-bench", action="store_true")
     args = ap.parse_args()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     images = run_workflow(args.out)

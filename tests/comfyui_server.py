@@ -26,7 +26,7 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: Path, with_test_nodes: bool = True, python: str = sys.executable):
-        self.base = Path(base_dir)
+        self.base = Path(base_dir).resolve()  # the server runs with cwd=ComfyUI: relative paths would move
         self.repo = REPO
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
