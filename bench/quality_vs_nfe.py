@@ -136,7 +136,7 @@ def run(args):
                     best[(sampler, calls)] = (fit, sched, steps)
         print(f"  {sampler}: done", flush=True)
 
-    results = {"model": args.model, "samples": n, "nfe": {}}
+    results = {"model": args.model, "samples": n, "ref_steps": args.ref_steps, "nfe": {}}
     for nfe in nfes:
         row = {}
         for sampler in samplers:
@@ -189,7 +189,7 @@ def epd_tables(args, model, ms, extra, noise, dtype):
 
 
 def report(results) -> str:
-    lines = [f"### {results['model']}: RMSE to a 500-step Heun reference, {results['samples']} held-out samples",
+    lines = [f"### {results['model']}: RMSE to a {results.get('ref_steps', 500)}-step Heun reference, {results['samples']} held-out samples",
              "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE mean / median | EPD mean / median "
              "| EPD ÷ best | EPD-Plugin mean / median | Plugin ÷ best | best built-in at EPD's total work |",
              "|---|---|---|---|---|---|---|---|"]
