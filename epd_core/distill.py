@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .params import SCHEDULE_TYPES, EPDParams, EPDParamsError, activate, atomic_write_bytes
+from .checkpoint import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
+from .params import SCHEDULE_TYPES, EPDParams, activate
 from .solver import EPDSamplingError, PointEvaluator, adams_bashforth, check_sigmas, epd_step, integrate
 
 log = logging.getLogger("epd")
@@ -365,39 +364,24 @@ def save_checkpoint(path, theta, optimizer, iteration: int, losses: list, cfg: D
     atomically (temp + fsync + rename): a crash or a full disk leaves the previous checkpoint untouched.
     Noise needs no RNG state: batch j is always drawn from batch_seed(seed, j)."""
     tensors = {n: t.detach().cpu().contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), theta)}
-    state = optimizer.state_dict()["state"]
-    for j in range(len(theta)):
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            if j in state:
-                tensors[f"adam.{key}.{j}"] = torch.as_tensor(state[j][key]).detach().cpu().reshape(-1).contiguous()
+    tensors.update(adam_state_tensors(optimizer))
     tensors["loss_history"] = torch.tensor(losses, dtype=torch.float64)
     meta = {"format": CHECKPOINT_FORMAT, "iteration": str(iteration), "config": json.dumps(cfg.to_json()),
             "scales": json.dumps(list(scales)), "rng": json.dumps({"seed": cfg.seed, "scheme": "batch_seed(seed, j)"}),
             "torch": torch.__version__}
-    try:
-        atomic_write_bytes(Path(path), st_save_bytes(tensors, metadata=meta))
-    except EPDParamsError as e:
-        raise DistillError(f"checkpoint not written: {e}") from None
+    write_checkpoint(path, tensors, meta, DistillError)
 
 
 def load_checkpoint(path) -> dict:
-    path = Path(path)
+    meta, tensors = read_checkpoint(path, CHECKPOINT_FORMAT, "EPD distillation", DistillError,
+                                    ", or point to the right file")
     try:
-        data = path.read_bytes()
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not an EPD distillation checkpoint (format {meta.get('format')!r})")
-        tensors = st_load_bytes(data)
-        out = {"iteration": int(meta["iteration"]), "config": json.loads(meta["config"]),
-               "scales": tuple(json.loads(meta["scales"])), "tensors": tensors,
-               "losses": tensors["loss_history"].tolist()}
-    except OSError as e:
-        raise DistillError(f"cannot read checkpoint {path} ({e.strerror}). Check the path.") from None
-    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged or foreign file
+        return {"iteration": int(meta["iteration"]), "config": json.loads(meta["config"]),
+                "scales": tuple(json.loads(meta["scales"])), "tensors": tensors,
+                "losses": tensors["loss_history"].tolist()}
+    except Exception as e:  # noqa: BLE001 - missing fields: a damaged or foreign file
         raise DistillError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}). Delete it to start over, "
                            "or point to the right file.") from None
-    return out
 
 
 def _check_checkpoint_folder(path: Path) -> None:
@@ -547,7 +531,7 @@ def _starting_state(cfg, init, ckpt, steps, device):
     with torch.no_grad():
         for name, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), theta):
             t.copy_(ckpt["tensors"][name])
-    _load_adam(optimizer, ckpt["tensors"], theta)
+    load_adam_state(optimizer, ckpt["tensors"], theta)
     return theta, tuple(ckpt["scales"]), optimizer, ckpt["iteration"], list(ckpt["losses"])
 
 
@@ -592,18 +576,6 @@ def _prepare_checkpoint(cfg: DistillConfig, path: Path | None, rank: int) -> dic
     if cfg.resume is True:
         raise DistillError(f"no checkpoint to resume at {path}. Check the path, or run without resume to start.")
     return None
-
-
-def _load_adam(optimizer, tensors, theta):
-    state = {}
-    for j, t in enumerate(theta):
-        if f"adam.step.{j}" in tensors:
-            state[j] = {"step": tensors[f"adam.step.{j}"].reshape(()).clone(),
-                        "exp_avg": tensors[f"adam.exp_avg.{j}"].view_as(t).to(t).clone(),
-                        "exp_avg_sq": tensors[f"adam.exp_avg_sq.{j}"].view_as(t).to(t).clone()}
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
 
 
 def _poller(should_stop):

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
 
 from ..distill import _all_mean, _any_rank, _check_checkpoint_folder, _dist, batch_seed
-from ..params import EPDParams, EPDParamsError, atomic_write_bytes
+from ..checkpoint import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
+from ..params import EPDParams, EPDParamsError
 from ..solver import EPDSamplingError, adams_bashforth, check_sigmas
 from .policy import ResidualDirichletPolicy
 
@@ -142,32 +141,19 @@ def ppo_loss(logp_new, logp_old, adv, clip_eps):
 
 def save_checkpoint(path, policy, optimizer, iteration, history, cfg: RLConfig, base: EPDParams):
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    state = optimizer.state_dict()["state"]
-    for j, st in state.items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            tensors[f"adam.{key}.{j}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous()
+    tensors.update(adam_state_tensors(optimizer))
     meta = {"format": CHECKPOINT_FORMAT, "iteration": str(iteration), "config": json.dumps(cfg.to_json()),
             "history": json.dumps(history), "base_table": base.to_bytes().hex(), "torch": torch.__version__}
-    try:
-        atomic_write_bytes(Path(path), st_save_bytes(tensors, metadata=meta))
-    except EPDParamsError as e:
-        raise RLError(f"checkpoint not written: {e}") from None
+    write_checkpoint(path, tensors, meta, RLError)
 
 
 def load_checkpoint(path) -> dict:
-    path = Path(path)
+    meta, tensors = read_checkpoint(path, CHECKPOINT_FORMAT, "RDPO", RLError)
     try:
-        data = path.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not an RDPO checkpoint (format {meta.get('format')!r})")
         return {"iteration": int(meta["iteration"]), "config": json.loads(meta["config"]),
                 "history": json.loads(meta["history"]), "base": bytes.fromhex(meta["base_table"]),
-                "tensors": st_load_bytes(data)}
-    except OSError as e:
-        raise RLError(f"cannot read checkpoint {path} ({e.strerror}). Check the path.") from None
-    except Exception as e:  # noqa: BLE001
+                "tensors": tensors}
+    except Exception as e:  # noqa: BLE001 - missing fields: a damaged or foreign file
         raise RLError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}). Delete it to start over.") from None
 
 
@@ -270,16 +256,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     start, hist = 0, []
     if ckpt is not None:
         policy.load_state_dict({k[len("policy."):]: v for k, v in ckpt["tensors"].items() if k.startswith("policy.")})
-        state = {}
-        for j, p in enumerate(params):
-            if f"adam.step.{j}" in ckpt["tensors"]:
-                t = ckpt["tensors"]
-                state[j] = {"step": t[f"adam.step.{j}"].reshape(()).clone(),
-                            "exp_avg": t[f"adam.exp_avg.{j}"].view_as(p).to(p).clone(),
-                            "exp_avg_sq": t[f"adam.exp_avg_sq.{j}"].view_as(p).to(p).clone()}
-        sd = optimizer.state_dict()
-        sd["state"] = state
-        optimizer.load_state_dict(sd)
+        load_adam_state(optimizer, ckpt["tensors"], params)
         start, hist = ckpt["iteration"], list(ckpt["history"])
         log.info("EPD RL: resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
     last_saved = start if ckpt is not None else None
