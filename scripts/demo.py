@@ -20,41 +20,26 @@ WORKFLOW = REPO / "workflows" / "api" / "epd_demo_side_by_side.json"
 
 
 def run_workflow(out: Path) -> list[Path]:
-    import websocket
     base = out / "comfyui_base"
     shutil.rmtree(base, ignore_errors=True)
     graph = json.loads(WORKFLOW.read_text())
     with ComfyServer(base, with_test_nodes=False) as server:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=300)
-        pid = server.queue(graph)
         bar = tqdm(total=len(graph), desc="ComfyUI workflow", unit="node")
         done = set()
-        while True:
-            raw = ws.recv()
-            if isinstance(raw, bytes):
-                continue  # live previews
-            msg = json.loads(raw)
+
+        def show(msg):
             data = msg.get("data", {})
-            if data.get("prompt_id") != pid:
-                continue
             if msg["type"] == "progress":
                 title = graph.get(str(data.get("node")), {}).get("_meta", {}).get("title", data.get("node"))
                 bar.set_postfix_str(f"{title}: step {data['value']}/{data['max']}")
             elif msg["type"] in ("executed", "execution_cached"):
-                nodes = data.get("nodes", [data.get("node")])
-                for n in nodes:
+                for n in data.get("nodes", [data.get("node")]):
                     if n not in done:
                         done.add(n)
                         bar.update(1)
-            elif msg["type"] == "executing" and data.get("node"):
-                pass
-            if msg["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
-                    msg["type"] == "executing" and data.get("node") is None):
-                break
+        entry = server.run(graph, on_message=show)
         bar.n = len(graph)
         bar.close()
-        ws.close()
-        entry = server.wait(pid)
         if entry["status"]["status_str"] != "success":
             raise SystemExit(f"workflow failed: {error_message(entry)}\n{server.log_tail()}")
         images = []

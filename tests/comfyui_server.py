@@ -123,9 +123,12 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} not done in {timeout}s:\n{self.log_tail()}")
 
-    def run(self, prompt: dict, timeout: float = 300.0, messages: list | None = None) -> dict:
-        """Queue and wait; with `messages`, also collect this client's websocket messages meanwhile."""
+    def run(self, prompt: dict, timeout: float = 300.0, messages: list | None = None, on_message=None) -> dict:
+        """Queue and wait; with `messages`, also collect this client's websocket messages meanwhile (binary
+        previews as {"type": "binary", "size": n}); `on_message(msg)` sees each one as it arrives."""
         ws = None
+        if on_message is not None and messages is None:
+            messages = []
         if messages is not None:
             import websocket  # websocket-client
             ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
@@ -135,11 +138,10 @@ class ComfyServer:
                 deadline = time.time() + timeout
                 while time.time() < deadline:
                     raw = ws.recv()
-                    if isinstance(raw, bytes):
-                        messages.append({"type": "binary_preview", "size": len(raw)})
-                        continue
-                    msg = json.loads(raw)
+                    msg = {"type": "binary", "size": len(raw)} if isinstance(raw, bytes) else json.loads(raw)
                     messages.append(msg)
+                    if on_message is not None:
+                        on_message(msg)
                     data = msg.get("data", {})
                     if data.get("prompt_id") == pid and (
                             (msg["type"] == "executing" and data.get("node") is None)

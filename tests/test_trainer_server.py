@@ -50,30 +50,16 @@ def graph(name, iterations=ITERATIONS):
 def run_collecting(server, prompt, interrupt_at=None, timeout=300):
     """Queue `prompt`, collect websocket messages until it ends; optionally POST /interrupt once the trainer's
     progress reaches `interrupt_at`. Returns (history entry, messages, progress value at the interrupt)."""
-    import websocket
-    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=timeout)
-    messages, sent_at = [], None
-    try:
-        pid = server.queue(prompt)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            raw = ws.recv()
-            if isinstance(raw, bytes):
-                messages.append({"type": "binary", "size": len(raw)})
-                continue
-            msg = json.loads(raw)
-            messages.append(msg)
-            data = msg.get("data", {})
-            if msg["type"] == "progress" and data.get("node") == "trainer" and interrupt_at and sent_at is None \
-                    and data["value"] >= interrupt_at:
-                sent_at = data["value"]
-                server.interrupt()
-            if data.get("prompt_id") == pid and msg["type"] in ("execution_error", "execution_interrupted",
-                                                                 "execution_success"):
-                break
-        return server.wait(pid, timeout), messages, sent_at
-    finally:
-        ws.close()
+    messages, sent = [], []
+
+    def maybe_interrupt(msg):
+        data = msg.get("data", {})
+        if msg["type"] == "progress" and data.get("node") == "trainer" and interrupt_at and not sent \
+                and data["value"] >= interrupt_at:
+            sent.append(data["value"])
+            server.interrupt()
+    entry = server.run(prompt, timeout, messages=messages, on_message=maybe_interrupt)
+    return entry, messages, (sent[0] if sent else None)
 
 
 def trainer_progress(messages):
