@@ -147,8 +147,9 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
         if states is not None:
             states.append(x)
-    if bad_steps and bool(torch.stack(bad_steps).any()):
-        first = int(torch.stack(bad_steps).float().argmax())
+    bad = torch.stack(bad_steps) if bad_steps else None
+    if bad is not None and bool(bad.any()):
+        first = int(bad.float().argmax())
         raise EPDSamplingError(f"the model produced NaN/inf at step {first} (sigma {sig[first]:.4g} -> "
                                f"{sig[first + 1]:.4g}). Check the model, its precision (try fp32/bf16) and the CFG "
                                "scale; the result would be a black image.")
