@@ -423,6 +423,10 @@ def main(argv=None) -> int:
     from .rl import RLError, RewardUnavailableError
     try:
         run_rl(args) if args.command == "rl" else run_distill(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # ranks leave together: a rank tearing gloo down while rank 0 still writes the file can abort the
+            # process ("terminate called without an active exception")
+            torch.distributed.barrier()
     except (DistillError, TrainCLIError, EPDParamsError, ValueError, RLError, RewardUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
