@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompts", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated labels, one group each")
     r.add_argument("--iterations", type=int, default=100)
     r.add_argument("--group-size", type=int, default=4)
+    r.add_argument("--prompts-per-update", type=int, default=0,
+                   help="groups per update, cycling through --prompts (0: all)")
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--lr", type=float, default=7e-5)
     r.add_argument("--kappa", type=float, default=15.0)
@@ -335,7 +337,8 @@ def run_rl(args) -> EPDParams:
     if args.checkpoint_dir:
         Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt = str(Path(args.checkpoint_dir) / (out.name.removesuffix(".safetensors") + ".rl-checkpoint"))
-    cfg = RLConfig(iterations=args.iterations, group_size=args.group_size, epochs=args.epochs, lr=args.lr,
+    cfg = RLConfig(iterations=args.iterations, group_size=args.group_size,
+                   prompts_per_iteration=args.prompts_per_update, epochs=args.epochs, lr=args.lr,
                    kappa=args.kappa, kl_coef=args.kl_coef, seed=args.seed, checkpoint_path=ckpt,
                    resume=bool(args.resume))
     from .demo_model import DemoDenoiser, load_demo_model

@@ -17,7 +17,7 @@ register_dropdown_samplers()
 
 # Node modules that may be absent in a partial checkout are optional; each exports one list of nodes.
 _OPTIONAL = {"demo_nodes": "DEMO_NODES", "import_node": "IMPORT_NODES", "trainer_nodes": "TRAINER_NODES",
-             "preview_nodes": "PREVIEW_NODES"}
+             "preview_nodes": "PREVIEW_NODES", "reward_nodes": "REWARD_NODES"}
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

@@ -3,8 +3,8 @@
 The training runs inside ComfyUI's own CFGGuider, as the built-in LoRA trainer does: the guider loads the
 model (load_models_gpu), applies patches and prepares the conditioning for the latent, then calls our
 Sampler's `sample()`, where the guider itself is the k-diffusion model `D(x, sigma)` with CFG. Gradients flow
-through it to the table's logits (epd_core.distill). Each mode ('distill' now, more later) is one function in
-MODES taking the node's inputs.
+through it to the table's logits (epd_core.distill); RL only samples through it (epd_core.rl). Each mode
+('distill', 'rl') is one function in MODES taking the node's inputs.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import folder_paths
@@ -24,14 +25,18 @@ from comfy_api.latest import io
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill, load_checkpoint
 from epd_core.params import EPDParams, EPDParamsError
+from epd_core.rl import RLConfig, RLError, RewardUnavailableError, rdpo
 
 from .compat import sequential_reasons
 from .params_nodes import _SAFE_NAME, EPDParamsType, save_table, table_sigmas
 from .plotting import line_chart, to_image_tensor
+from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
 
 CATEGORY = "training/epd"
 CHECKPOINT_FILE = "distill.distill-checkpoint"  # safetensors inside; the suffix keeps it out of table lists
+RL_CHECKPOINT_FILE = "rl.rl-checkpoint"
+EPDRLSettingsType = io.Custom("EPD_RL_SETTINGS")
 # The pack's own schedules (what EPD Sigmas reproduces for a table) and then every ComfyUI scheduler.
 EPD_SCHEDULES = {"epd_discrete": {"type": "discrete", "rho": 1.0}, "epd_flowmatch": {"type": "flowmatch"},
                  "epd_polynomial": {"type": "polynomial", "rho": 7.0}}
@@ -83,17 +88,17 @@ def fresh_tensors(obj):
     return obj
 
 
-def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float, latent_shape, config: DistillConfig,
-                             progress=None, should_stop=None, init: EPDParams | None = None, history=None,
-                             seed: int = 0) -> EPDParams:
-    """Distill a table for a ComfyUI MODEL with CFG on (positive, negative). latent_shape (B, C, H, W) only sets
-    the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling)."""
+def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_shape, sigmas, seed: int, train):
+    """Run `train(ctx)` inside ComfyUI's CFGGuider.sample, i.e. with the model loaded, patches applied and the
+    conditioning prepared, with autograd allowed. ctx: guider (the k-diffusion model D(x, sigma) with CFG),
+    extra_args (pass to every guider call), noise_fn(generator, n) (starting noises scaled like KSampler's),
+    sequential (reasons the K points must not share one call). Returns what `train` returns."""
     guider = comfy.samplers.CFGGuider(model_patcher)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg_scale)
-    sigmas = torch.tensor(config.sigmas, dtype=torch.float32)
+    sigmas = torch.tensor(sigmas, dtype=torch.float32)
 
-    def train(guider_inner, extra_args):
+    def run(guider_inner, extra_args):
         make_autograd_safe(guider_inner.inner_model)
         guider_inner.conds = fresh_tensors(guider_inner.conds)
         ms = guider_inner.inner_model.model_sampling
@@ -104,19 +109,66 @@ def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float
         def noise_fn(g, n):
             noise = torch.randn((n, *latent_shape[1:]), generator=g).to(device)
             return ms.noise_scaling(sigma0, noise, torch.zeros_like(noise), max_denoise)
-
-        def model(x, sigma, **_):
-            return guider_inner(x, sigma, **extra_args)
         reasons = sequential_reasons(types.SimpleNamespace(inner_model=guider_inner), extra_args)
-        cfg = dataclasses.replace(config, sequential_points=config.sequential_points or bool(reasons))
-        return distill(model, None, noise_fn, cfg, None, progress=progress, should_stop=should_stop, init=init,
-                       history=history)
+        return train(types.SimpleNamespace(guider=guider_inner, extra_args=extra_args, noise_fn=noise_fn,
+                                           sequential=reasons, device=device))
 
-    runner = _TrainInsideGuider(train)
+    runner = _TrainInsideGuider(run)
     with torch.inference_mode(False), torch.enable_grad():
         latent = torch.zeros(latent_shape)
         guider.sample(latent.clone(), latent, runner, sigmas, seed=seed)
     return runner.result
+
+
+def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float, latent_shape, config: DistillConfig,
+                             progress=None, should_stop=None, init: EPDParams | None = None, history=None,
+                             seed: int = 0) -> EPDParams:
+    """Distill a table for a ComfyUI MODEL with CFG on (positive, negative). latent_shape (B, C, H, W) only sets
+    the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling)."""
+    def train(ctx):
+        def model(x, sigma, **_):
+            return ctx.guider(x, sigma, **ctx.extra_args)
+        cfg = dataclasses.replace(config, sequential_points=config.sequential_points or bool(ctx.sequential))
+        return distill(model, None, ctx.noise_fn, cfg, None, progress=progress, should_stop=should_stop, init=init,
+                       history=history)
+    return inside_guider(model_patcher, positive, negative, cfg_scale, latent_shape, config.sigmas, seed, train)
+
+
+def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], cfg_scale: float, latent_shape,
+                        sigmas, table: EPDParams, reward, config: RLConfig, progress=None, should_stop=None,
+                        history=None, seed: int = 0) -> EPDParams:
+    """RDPO for a ComfyUI MODEL: prompts[i] (the text the reward sees) is sampled with conds[i] = (positive,
+    negative). The rollouts of one step are one batch; each prompt's rows go through the guider with that
+    prompt's prepared conditioning (one guider call per distinct prompt in the batch)."""
+    def train(ctx):
+        if ctx.sequential:
+            raise RuntimeError(f"EPD Trainer rl: cannot train with {', '.join(ctx.sequential)} in the model; "
+                               "remove it for training (the table works with it afterwards)")
+        noise = torch.zeros(latent_shape, device=ctx.device)
+        prepared = []
+        for pos, neg in conds:  # what CFGGuider.sample + inner_sample do to its own conds, once per prompt
+            raw = {"positive": comfy.sampler_helpers.convert_cond(pos),
+                   "negative": comfy.sampler_helpers.convert_cond(neg)}
+            raw = {k: [c.copy() for c in v] for k, v in raw.items()}
+            prepared.append(fresh_tensors(comfy.samplers.process_conds(ctx.guider.inner_model, noise, raw,
+                                                                       ctx.device, None, None, seed)))
+
+        def model(x, sigma, prompt_index):
+            index = prompt_index.to(x.device).repeat(x.shape[0] // prompt_index.shape[0])  # point-major tiling
+            out = torch.empty_like(x)
+            for p in index.unique().tolist():
+                sel = (index == p).nonzero().squeeze(1)
+                ctx.guider.conds = prepared[p]
+                out[sel] = ctx.guider(x[sel], sigma[sel], **ctx.extra_args).to(out.dtype)
+            return out
+        lookup = {p: i for i, p in reversed(list(enumerate(prompts)))}
+
+        def extra_args_fn(batch_prompts):
+            return {"prompt_index": torch.tensor([lookup[p] for p in batch_prompts])}
+        return rdpo(model, sigmas, table, reward.for_model(ctx.guider.inner_model), prompts, ctx.noise_fn, config,
+                    progress=progress, should_stop=should_stop, extra_args_fn=extra_args_fn, history=history)
+    pos, neg = conds[0]
+    return inside_guider(model_patcher, pos, neg, cfg_scale, latent_shape, sigmas, seed, train)
 
 
 # ================================================================================================= sigmas
@@ -153,43 +205,122 @@ def checkpoint_folder(name: str) -> Path:
     return output_dir() / "checkpoints" / name
 
 
-def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
-                inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
+def _file_stem(name: str) -> str:
     stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
     if not _SAFE_NAME.match(stem) or ".." in stem:
         raise EPDParamsError(f"'{name}' is not a plain file name; use letters, digits, '_', '-', '.' only")
+    return stem
+
+
+def _should_stop():
+    comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: raises, ComfyUI reports it
+    return False
+
+
+def _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations, learning_rate,
+                    batch, seed, cfg, objective, ckpt: Path) -> DistillConfig:
     sigmas, spec = student_sigmas(model, schedule, steps)
-    shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
-    folder = checkpoint_folder(stem)
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt = folder / CHECKPOINT_FILE
-    config = DistillConfig(
+    return DistillConfig(
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
         inserted_steps=inserted_steps, objective=objective, iterations=iterations, lr=learning_rate, batch=batch,
         seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
         resume="auto", guidance_scale=cfg, model_family=model_family(model))
-    losses = _losses_so_far(ckpt)
-    progress = _Progress(iterations, losses, node_id, stem)
 
-    def should_stop():
-        comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: raises, ComfyUI reports it
-        return False
 
+def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.NodeOutput:
+    path = save_table(table, stem)
+    shutil.rmtree(folder, ignore_errors=True)  # finished: the table is saved, the checkpoints are no longer needed
+    folder_paths.filename_list_cache.pop(FOLDER, None)  # Load EPD Params lists it without a restart
+    return io.NodeOutput(table, to_image_tensor(chart), ui={"text": [f"saved {path.name}: {table.describe()}, {text}"]})
+
+
+def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
+                inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
+    stem = _file_stem(name)
+    shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
+    folder = checkpoint_folder(stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = folder / CHECKPOINT_FILE
+    config = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations,
+                             learning_rate, batch, seed, cfg, objective, ckpt)
+    progress = _Progress(iterations, _losses_so_far(ckpt), node_id, stem)
     history: list[float] = []
     try:
         table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), config, progress=progress,
-                                         should_stop=should_stop, history=history, seed=seed)
+                                         should_stop=_should_stop, history=history, seed=seed)
     except DistillError as e:
         raise RuntimeError(f"EPD Trainer: {e}") from None
-    path = save_table(table, stem)
-    shutil.rmtree(folder, ignore_errors=True)  # finished: the table is saved, the checkpoint is no longer needed
-    folder_paths.filename_list_cache.pop(FOLDER, None)  # Load EPD Params lists it without a restart
-    curve = to_image_tensor(_loss_chart(history, stem))
-    text = f"saved {path.name}: {table.describe()}, final loss {history[-1]:.4g}"
-    return io.NodeOutput(table, curve, ui={"text": [text]})
+    return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}")
 
 
-MODES = {"distill": run_distill}
+def prompt_conditioning(model, settings: dict, positive, negative, clip) -> tuple[list[str], list[tuple]]:
+    """The RL prompts (text the reward sees) and their (positive, negative) conditioning."""
+    lines = [line.strip() for line in settings["prompts"].splitlines() if line.strip()]
+    if not lines:
+        return [""], [(positive, negative)]
+    if clip is not None:
+        return lines, [(clip.encode_from_tokens_scheduled(clip.tokenize(t)), negative) for t in lines]
+    if model_family(model) == "epd_demo_digits":
+        from .demo_nodes import demo_conditioning
+        if not all(t.isdigit() and int(t) < 10 for t in lines):
+            raise ValueError(f"the demo model's RL prompts are digits 0-9, one per line; got {lines}")
+        return lines, [(demo_conditioning(int(t)), negative) for t in lines]
+    if len(lines) == 1:
+        return lines, [(positive, negative)]
+    raise ValueError(f"{len(lines)} RL prompts need the trainer's 'clip' input to encode them: connect your "
+                     "checkpoint's CLIP (or give a single prompt, which uses the 'positive' input)")
+
+
+def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher, inserted_steps,
+           iterations, learning_rate, batch, seed, cfg, objective, name, reward=None, rl_settings=None,
+           init_params=None, clip=None, **_):
+    """RDPO (EPD_SPEC.md §6) from `init_params`, or from a table distilled first with the distill inputs."""
+    if reward is None:
+        raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
+    settings = dict(RL_DEFAULTS, **(rl_settings or {}))
+    stem = _file_stem(name)
+    shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
+    prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
+    folder = checkpoint_folder(stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    if init_params is not None:
+        table = init_params
+        sigmas = table_sigmas(table, model.get_model_object("model_sampling")).double().tolist() + [0.0]
+    else:  # distill the cold start first; its checkpoint makes a re-queued run skip straight to RL
+        d_iter = settings["distill_iterations"]
+        dcfg = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, d_iter,
+                               learning_rate, batch, seed, cfg, objective, folder / CHECKPOINT_FILE)
+        _progress_text(f"distilling the starting table ({d_iter} iterations)", node_id)
+        try:
+            table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), dcfg,
+                                             progress=_Progress(d_iter, [], node_id, f"{stem} (cold start)"),
+                                             should_stop=_should_stop, seed=seed)
+        except DistillError as e:
+            raise RuntimeError(f"EPD Trainer: {e}") from None
+        sigmas = dcfg.sigmas
+    ckpt = folder / RL_CHECKPOINT_FILE
+    config = RLConfig(iterations=iterations, group_size=settings["group_size"],
+                      prompts_per_iteration=settings["prompts_per_update"], epochs=settings["ppo_epochs"],
+                      lr=settings["learning_rate"], clip_eps=settings["clip"], kl_coef=settings["kl_coef"],
+                      kappa=settings["kappa"], seed=seed, checkpoint_path=str(ckpt),
+                      checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto")
+    progress = _Progress(iterations, _rewards_so_far(ckpt), node_id, stem, label="mean reward")
+    history: list[dict] = []
+    try:
+        result = rl_with_comfy_model(model, prompts, conds, cfg, (1, *shape[1:]), sigmas, table, reward, config,
+                                     progress=lambda it, st: progress(it, st["reward"]), should_stop=_should_stop,
+                                     history=history, seed=seed)
+    except (RLError, RewardUnavailableError) as e:
+        raise RuntimeError(f"EPD Trainer: {e}") from None
+    result.metadata["guidance_scale"] = float(cfg)
+    rewards = [h["reward"] for h in history]
+    return _finish(result, stem, folder, _reward_chart(rewards, stem),
+                   f"mean reward {rewards[0]:.4g} -> {rewards[-1]:.4g}")
+
+
+MODES = {"distill": run_distill, "rl": run_rl}
+RL_DEFAULTS = {"prompts": "", "group_size": 4, "prompts_per_update": 0, "ppo_epochs": 2, "learning_rate": 1e-3,
+               "clip": 0.2, "kl_coef": 0.0, "kappa": 15.0, "distill_iterations": 200}
 
 
 def _losses_so_far(ckpt: Path) -> list[float]:
@@ -199,25 +330,38 @@ def _losses_so_far(ckpt: Path) -> list[float]:
         return []  # distill() reports an unreadable checkpoint with its own clear error
 
 
+def _rewards_so_far(ckpt: Path) -> list[float]:
+    from epd_core.rl.rdpo import load_checkpoint as load_rl_checkpoint
+    try:
+        return [h["reward"] for h in load_rl_checkpoint(ckpt)["history"]] if ckpt.exists() else []
+    except RLError:
+        return []
+
+
 def _loss_chart(losses, title):
     return line_chart({"loss": list(losses)}, f"EPD distillation loss: {title}", log_y=True)
+
+
+def _reward_chart(rewards, title):
+    return line_chart({"mean reward": list(rewards)}, f"EPD RL (RDPO) reward: {title}", log_y=False)
 
 
 class _Progress:
     """Progress bar (value = iteration, with a live loss-curve preview) and a text line under the node."""
 
-    def __init__(self, total, losses, node_id, title):
-        self.total, self.losses, self.node_id, self.title = total, losses, node_id, title
+    def __init__(self, total, losses, node_id, title, label="loss"):
+        self.total, self.losses, self.node_id, self.title, self.label = total, losses, node_id, title, label
         self.bar = comfy.utils.ProgressBar(total)
         self.every = max(1, total // 20)
 
     def __call__(self, it, loss):
         self.losses.append(loss)
         show = it % self.every == 0 or it == self.total
-        preview = ("PNG", _loss_chart(self.losses, self.title), 512) if show else None
+        chart = _loss_chart if self.label == "loss" else _reward_chart
+        preview = ("PNG", chart(self.losses, self.title), 512) if show else None
         self.bar.update_absolute(it, self.total, preview)
         if show:
-            _progress_text(f"iteration {it}/{self.total}  loss {loss:.4g}", self.node_id)
+            _progress_text(f"iteration {it}/{self.total}  {self.label} {loss:.4g}", self.node_id)
 
 
 def _progress_text(text, node_id):
@@ -238,11 +382,14 @@ class EPDTrainer(io.ComfyNode):
             node_id="EPDTrainer", display_name="EPD Trainer", category=CATEGORY, is_output_node=True,
             description="Learns an EPD parameter table for the connected model inside the graph. 'distill': a "
                         "teacher solver on a finer grid shows the student where each step should land (EPD_SPEC "
-                        "§5). Saves models/epd_params/<name>.safetensors (listed by Load EPD Params at once); "
+                        "§5). 'rl': RDPO fine-tunes a table (init_params, or one distilled first) to raise a "
+                        "reward (connect an EPD Reward node; settings from EPD RL Settings). Saves models/epd_params/<name>.safetensors (listed by Load EPD Params at once); "
                         "checkpoints let a cancelled or crashed run resume when queued again with the same "
                         "name and settings.",
             inputs=[
-                io.Combo.Input("mode", options=list(MODES), default="distill", tooltip="Training method."),
+                io.Combo.Input("mode", options=list(MODES), default="distill",
+                               tooltip="distill: match a teacher solver. rl: raise a reward with RDPO (needs the "
+                                       "reward input)."),
                 io.Model.Input("model", tooltip="The diffusion model the table is for."),
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning used while training."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning for CFG."),
@@ -252,24 +399,41 @@ class EPDTrainer(io.ComfyNode):
                              tooltip="Table rows = student steps to a positive sigma. With a ComfyUI scheduler, "
                                      "use the table in KSampler with steps + 1 steps."),
                 io.Int.Input("num_points", default=2, min=1, max=8, tooltip="K parallel points per step."),
-                io.Combo.Input("solver", options=["epd", "epd_plugin"], default="epd"),
+                io.Combo.Input("solver", options=["epd", "epd_plugin"], default="epd",
+                               tooltip="epd_plugin adds an Adams-Bashforth predictor to the parallel points."),
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),
-                io.Combo.Input("teacher", options=list(TEACHERS), default="heun"),
+                io.Combo.Input("teacher", options=list(TEACHERS), default="heun",
+                               tooltip="The accurate solver the student learns to imitate on the finer grid."),
                 io.Int.Input("inserted_steps", default=3, min=0, max=16,
                              tooltip="M teacher steps inserted between student sigmas (3 is near exact)."),
-                io.Int.Input("iterations", default=DistillConfig.iterations, min=1, max=100000),
-                io.Float.Input("learning_rate", default=DistillConfig.lr, min=1e-5, max=10.0, step=0.001),
+                io.Int.Input("iterations", default=DistillConfig.iterations, min=1, max=100000,
+                             tooltip="Optimisation steps (distill) or RL updates (rl)."),
+                io.Float.Input("learning_rate", default=DistillConfig.lr, min=1e-5, max=10.0, step=0.001,
+                               tooltip="Adam rate of distillation (RL has its own in EPD RL Settings)."),
                 io.Int.Input("batch", default=DistillConfig.batch, min=1, max=1024,
                              tooltip="Noise samples per iteration (8 distinct batches are cycled)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the training noises and the RL policy: same seed, same table."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale to train for."),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default=DistillConfig.objective),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default=DistillConfig.objective,
+                               tooltip="per_step: each step from the student's own state (the paper). "
+                                       "end_to_end: the final image. Both: per-step, then end-to-end fine-tuning."),
                 io.String.Input("name", default="my_epd_table", tooltip="Output file name (no folder)."),
+                EPDRewardType.Input("reward", optional=True, tooltip="rl mode: what to maximise (EPD Reward node)."),
+                EPDRLSettingsType.Input("rl_settings", optional=True,
+                                        tooltip="rl mode: prompts, group size, PPO settings (EPD RL Settings); "
+                                                "defaults when absent."),
+                EPDParamsType.Input("init_params", optional=True,
+                                    tooltip="rl mode: the table to fine-tune (its steps and schedule are used). "
+                                            "Absent: a table is distilled first with the inputs above."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="rl mode: encodes each line of the RL prompts (needed for several prompts)."),
             ],
-            outputs=[EPDParamsType.Output(display_name="EPD_PARAMS"),
-                     io.Image.Output(display_name="loss_curve")],
+            outputs=[EPDParamsType.Output(display_name="EPD_PARAMS", tooltip="The trained table (also saved)."),
+                     io.Image.Output(display_name="loss_curve",
+                                     tooltip="Loss per iteration (distill) or mean reward per update (rl).")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -280,4 +444,44 @@ class EPDTrainer(io.ComfyNode):
         return MODES[mode](node_id=cls.hidden.unique_id if cls.hidden else None, **inputs)
 
 
-TRAINER_NODES = [EPDTrainer]
+class EPDRLSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = RL_DEFAULTS
+        return io.Schema(
+            node_id="EPDRLSettings", display_name="EPD RL Settings", category=CATEGORY,
+            description="Settings of the EPD Trainer's 'rl' mode (RDPO, EPD_SPEC §6): each update samples "
+                        "prompts_per_update x group_size trajectories, each with its own table drawn from the "
+                        "policy; a group shares one noise, so rewards are compared within the group.",
+            inputs=[
+                io.String.Input("prompts", default=d["prompts"], multiline=True,
+                                tooltip="One prompt per line (the demo model: digits 0-9). Empty: the trainer's "
+                                        "positive conditioning, with an empty prompt for the reward."),
+                io.Int.Input("group_size", default=d["group_size"], min=2, max=64,
+                             tooltip="Trajectories per prompt sharing one noise (leave-one-out baseline)."),
+                io.Int.Input("prompts_per_update", default=d["prompts_per_update"], min=0, max=4096,
+                             tooltip="Prompts per update, cycling through the list; 0 = all. Rollouts per update "
+                                     "= this x group_size."),
+                io.Int.Input("ppo_epochs", default=d["ppo_epochs"], min=1, max=32,
+                             tooltip="Policy updates on each batch of rollouts."),
+                io.Float.Input("learning_rate", default=d["learning_rate"], min=1e-7, max=1.0, step=1e-5,
+                               tooltip="Adam rate of the policy (the paper uses 7e-5 for long runs)."),
+                io.Float.Input("clip", default=d["clip"], min=0.01, max=0.99, step=0.01,
+                               tooltip="PPO ratio clipping."),
+                io.Float.Input("kl_coef", default=d["kl_coef"], min=0.0, max=100.0, step=0.001,
+                               tooltip="Pull towards the starting table (0: none, as in the paper)."),
+                io.Float.Input("kappa", default=d["kappa"], min=0.1, max=1000.0, step=0.5,
+                               tooltip="Dirichlet concentration: larger = sampled tables closer to the mean."),
+                io.Int.Input("distill_iterations", default=d["distill_iterations"], min=1, max=100000,
+                             tooltip="Distillation iterations of the starting table when no init_params is given."),
+            ],
+            outputs=[EPDRLSettingsType.Output(display_name="rl_settings",
+                                              tooltip="Connect to EPD Trainer's rl_settings input.")],
+        )
+
+    @classmethod
+    def execute(cls, **settings) -> io.NodeOutput:
+        return io.NodeOutput(settings)
+
+
+TRAINER_NODES = [EPDTrainer, EPDRLSettings]

@@ -131,6 +131,21 @@ def demo_trainer():
     return g
 
 
+def demo_rl_trainer():
+    """Fine-tune the shipped demo table with RDPO against the digit-classifier reward, then sample with it."""
+    g = demo_trainer()
+    g["4"]["_meta"]["title"] = "EPD Trainer (rl)"
+    g["4"]["inputs"].update(mode="rl", iterations=40, name="my_demo_rl_table", reward=["14", 0],
+                            rl_settings=["15", 0], init_params=["16", 0])
+    g["5"]["_meta"]["title"] = "Mean reward per update"
+    g["13"]["inputs"]["filename_prefix"] = "epd_demo/rl_trained"
+    g["14"] = node("EPDRewardDemoClassifier", "Reward: is it the right digit?", seed=0)
+    g["15"] = node("EPDRLSettings", prompts="\n".join(str(d) for d in range(10)), group_size=4, prompts_per_update=2,
+                   ppo_epochs=2, learning_rate=1e-3, clip=0.2, kl_coef=0.0, kappa=15.0, distill_iterations=200)
+    g["16"] = node("LoadEPDParams", "Starting table", name="demo_digits_epd_s4.safetensors")
+    return g
+
+
 WORKFLOWS = {
     "epd_demo_txt2img": demo_txt2img,
     "epd_demo_side_by_side": demo_side_by_side,
@@ -138,6 +153,7 @@ WORKFLOWS = {
     "epd_sdxl_custom_sampler": sdxl_custom,
     "epd_flux_custom_sampler": flux_custom,
     "epd_demo_trainer": demo_trainer,
+    "epd_demo_rl_trainer": demo_rl_trainer,
 }
 
 

@@ -28,8 +28,8 @@ from .policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
 CHECKPOINT_FORMAT = "epd-rdpo-checkpoint-v1"
-_RESULT_FIELDS = ("iterations", "group_size", "epochs", "lr", "clip_eps", "kl_coef", "kappa", "hidden", "blocks",
-                  "scale_sigma", "max_grad_norm", "seed")
+_RESULT_FIELDS = ("iterations", "group_size", "prompts_per_iteration", "epochs", "lr", "clip_eps", "kl_coef", "kappa",
+                  "hidden", "blocks", "scale_sigma", "max_grad_norm", "seed")
 
 
 class RLError(RuntimeError):
@@ -44,6 +44,7 @@ class RLCancelled(RLError):
 class RLConfig:
     iterations: int = 100
     group_size: int = 4              # G trajectories (tables) per prompt, sharing one noise
+    prompts_per_iteration: int = 0   # prompts (groups) per update, cycling through the list; 0 = all of them
     epochs: int = 2                  # PPO epochs per batch of rollouts
     lr: float = 7e-5                 # Adam (the paper's small rate; toy problems use more)
     clip_eps: float = 0.2
@@ -68,6 +69,8 @@ class RLConfig:
         need(isinstance(self.iterations, int) and self.iterations >= 1, f"iterations={self.iterations!r}: use >= 1")
         need(isinstance(self.group_size, int) and self.group_size >= 2,
              f"group_size={self.group_size!r}: RLOO needs at least 2 trajectories per group (4 in the paper)")
+        need(isinstance(self.prompts_per_iteration, int) and self.prompts_per_iteration >= 0,
+             f"prompts_per_iteration={self.prompts_per_iteration!r}: use 0 (all prompts) or a positive count")
         need(self.epochs >= 1, f"epochs={self.epochs}: use >= 1")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr}: use a small positive rate like 7e-5")
         need(0 < self.clip_eps < 1, f"clip_eps={self.clip_eps}: use 0.2")
@@ -231,8 +234,9 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     prompts = list(prompts)
     if not prompts:
         raise RLError("no prompts given")
-    if len(prompts) % world:
-        raise RLError(f"{len(prompts)} prompts do not split over {world} ranks; use a multiple of {world}")
+    n_iter = cfg.prompts_per_iteration or len(prompts)
+    if n_iter % world:
+        raise RLError(f"{n_iter} prompts per iteration do not split over {world} ranks; use a multiple of {world}")
     if model is None and not getattr(reward, "needs_tables", False):
         raise RLError("model is None but the reward scores images; pass the diffusion model")
     if model is not None and noise_fn is None:
@@ -261,7 +265,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         log.info("EPD RL: resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
     last_saved = start if ckpt is not None else None
 
-    G, P = cfg.group_size, len(prompts)
+    G, P = cfg.group_size, n_iter
     per_rank = P // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     for it in range(start, cfg.iterations):
@@ -270,13 +274,14 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
                               + (f"; the last checkpoint ({ckpt_path}, iteration {last_saved}) is intact"
                                  if last_saved else ""))
         g = torch.Generator().manual_seed(batch_seed(cfg.seed, it))
+        chosen = [prompts[(it * P + j) % len(prompts)] for j in range(P)]  # cycles through the list
         # every rank draws ALL tables and noises (cheap), then keeps its groups: same result for any world size
         sample, rows, logp_old = policy.sample(P * G, generator=g)
         sel = slice(mine.start * G, mine.stop * G)
         sample = {k: v[sel] for k, v in sample.items()}
         rows = {k: v[sel] for k, v in rows.items()}
         logp_old = logp_old[sel]
-        my_prompts = [p for p in prompts[mine] for _ in range(G)]
+        my_prompts = [p for p in chosen[mine] for _ in range(G)]
         images = None
         if model is not None:
             x0 = noise_fn(g, P)[mine]
@@ -340,7 +345,8 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     if history is not None:
         history[:] = hist
     prov = {"reward": getattr(reward, "name", type(reward).__name__), "iterations": cfg.iterations,
-            "group_size": G, "num_prompts": P, "epochs": cfg.epochs, "lr": cfg.lr, "clip_eps": cfg.clip_eps,
+            "group_size": G, "num_prompts": len(prompts), "prompts_per_iteration": P, "epochs": cfg.epochs,
+            "lr": cfg.lr, "clip_eps": cfg.clip_eps,
             "kl_coef": cfg.kl_coef, "seed": cfg.seed, "world_size": world,
             "final_mean_reward": hist[-1]["reward"] if hist else None}
     return policy.mean_table(prov)

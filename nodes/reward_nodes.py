@@ -1,0 +1,124 @@
+"""EPD Reward nodes: what the EPD Trainer's 'rl' mode maximises (EPD_SPEC.md §6).
+
+Each node outputs an EPD_REWARD: a reward from epd_core.rl.rewards plus, for rewards that score RGB images,
+the VAE that turns the model's latents into pixels. Reward weights are only ever read from local files the
+user placed in ComfyUI's models/epd_rewards/ folder; a missing file is a clear error, never a download.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from epd_core.rl.rewards import LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward
+
+CATEGORY = "training/epd/rewards"
+FOLDER = "epd_rewards"
+EPDRewardType = io.Custom("EPD_REWARD")
+
+
+def register_reward_folder() -> None:
+    path = os.path.join(folder_paths.models_dir, FOLDER)
+    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    if path not in paths:
+        paths.append(path)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".pt", ".pth", ".safetensors", ".bin"})
+
+
+@dataclass
+class GraphReward:
+    """A reward as the graph carries it. `decode` (a VAE) turns latents into RGB images for image rewards."""
+    reward: Reward
+    vae: object = None
+
+    @property
+    def name(self) -> str:
+        return self.reward.name
+
+    def for_model(self, inner_model):
+        """The callable rdpo() expects: sampler outputs (model space) -> latents -> images -> scores."""
+        reward, vae = self.reward, self.vae
+
+        class Bound(Reward):
+            name = reward.name
+            needs_tables = reward.needs_tables
+
+            def __call__(self, images, prompts, tables=None):
+                if images is not None:
+                    images = inner_model.process_latent_out(images.float())
+                    if vae is not None:
+                        images = _decode(vae, images)
+                return reward(images, prompts, tables=tables)
+        return Bound()
+
+
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE pixels (B, H, W, 3) in [0, 1] -> (B, 3, H, W), what the image rewards take."""
+    pixels = vae.decode(latents)
+    if pixels.dim() == 5:  # video VAEs: (B, T, H, W, 3) -> score every frame's mean image
+        pixels = pixels.mean(1)
+    return pixels.movedim(-1, 1).float()
+
+
+class EPDRewardDemoClassifier(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EPDRewardDemoClassifier", display_name="EPD Reward (Demo Digit Classifier)", category=CATEGORY,
+            description="Reward for the embedded demo digits model: log-probability of the requested digit under a "
+                        "small classifier fitted (seeded, < 1 s) on scikit-learn's digits. Use digits as the "
+                        "prompts of EPD RL Settings.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                                 tooltip="Seed of the classifier fit (the reward is deterministic for a seed).")],
+            outputs=[EPDRewardType.Output(display_name="reward", tooltip="Connect to EPD Trainer's reward input.")],
+        )
+
+    @classmethod
+    def execute(cls, seed) -> io.NodeOutput:
+        return io.NodeOutput(GraphReward(DemoClassifierReward(seed=seed)))
+
+
+class EPDRewardLocalModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EPDRewardLocalModel", display_name="EPD Reward (Local Model)", category=CATEGORY,
+            description="A learned preference reward (HPSv2, PickScore, ImageReward, CLIP score, aesthetic) loaded "
+                        f"only from files you placed in ComfyUI's {REWARD_FOLDER}/ folder; nothing is downloaded. "
+                        "Connect the checkpoint's VAE so latents are decoded to images before scoring.",
+            inputs=[
+                io.Combo.Input("kind", options=sorted(LOCAL_KINDS), default="pickscore",
+                               tooltip="Which reward model. " + "; ".join(f"{k}: {v[1]}" for k, v in
+                                                                         sorted(LOCAL_KINDS.items()))),
+                io.String.Input("path", default="",
+                                tooltip=f"File or folder inside {REWARD_FOLDER}/ (empty: a folder named like the "
+                                        "kind, e.g. epd_rewards/pickscore/)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes latents to RGB for scoring (needed for latent "
+                                                           "models such as SD1.5, SDXL, SD3, Flux)."),
+            ],
+            outputs=[EPDRewardType.Output(display_name="reward", tooltip="Connect to EPD Trainer's reward input.")],
+        )
+
+    @classmethod
+    def execute(cls, kind, path, vae=None) -> io.NodeOutput:
+        return io.NodeOutput(GraphReward(LocalModelReward(kind, resolve_reward_path(kind, path)), vae))
+
+
+def resolve_reward_path(kind: str, path: str) -> str:
+    """First existing candidate inside the registered epd_rewards folders (or an absolute path as given)."""
+    name = path.strip() or kind
+    if os.path.isabs(name):
+        return name
+    folders = folder_paths.get_folder_paths(FOLDER)
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(folders[0], name)  # LocalModelReward reports it missing, naming this path
+
+
+register_reward_folder()
+REWARD_NODES = [EPDRewardDemoClassifier, EPDRewardLocalModel]
