@@ -291,7 +291,7 @@ def bench_overhead(demo, comfy_sampling, device, batch=4, steps=10, K=2, rounds=
                 calls[n] = timed.calls // inner
     out = {n: {"overhead_fraction": statistics.median(fractions[n]),
                "outside_us_per_step": statistics.median(outside_us[n]), "model_calls": calls[n]} for n in runs}
-    log(f"  overhead: " + ", ".join(f"{n} {100 * v['overhead_fraction']:.2f}%" for n, v in out.items()))
+    log("  overhead: " + ", ".join(f"{n} {100 * v['overhead_fraction']:.2f}%" for n, v in out.items()))
     return out
 
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from epd_core.distill import load_checkpoint
 from epd_core.params import EPDParams
