@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,21 +355,46 @@ def _as_2d(values, name) -> torch.Tensor:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a unique temp file in the same folder, fsync, then rename over the target."""
+    """Write to a new temp file in the same folder, fsync, rename over the target, fsync the folder.
+
+    The temp name has a random part and is created exclusively: pid + id(data) was not unique across PID
+    namespaces (two containers sharing a models folder both run as pid 1), and one writer then renamed the
+    other's half-written temp file away."""
     path = Path(path)
     if not path.parent.exists():
         raise EPDParamsError(f"{path}: folder {path.parent} does not exist. Create it or choose another path.")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    created = False
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        created = True
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise EPDParamsError(f"{path}: cannot write ({e.strerror}). Check free disk space and folder permissions; "
-                             f"any earlier file at this path is unchanged.") from None
+        if created:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        raise EPDParamsError(f"{path}: cannot write into folder {path.parent} ({e.strerror}). Check free disk space "
+                             f"and that folder's permissions, or choose another folder; any earlier file at this "
+                             f"path is unchanged.") from None
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (a power cut right after a save must not lose it). Best effort: some
+    platforms and file systems cannot open or fsync a folder (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

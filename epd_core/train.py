@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -305,8 +306,8 @@ def run_rl(args) -> EPDParams:
     from .rl import DemoClassifierReward, LocalModelReward, RLConfig, rdpo
     rank, world = init_distributed()
     out = Path(args.out)
-    if rank == 0 and not out.parent.is_dir():
-        raise TrainCLIError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if rank == 0:
+        check_output_folder(out)
     if args.reward == "demo_classifier":
         reward = DemoClassifierReward()
     else:
@@ -368,6 +369,20 @@ def config_from_args(args, sigmas, spec, family) -> DistillConfig:
                          guidance_scale=args.guidance_scale, model_family=family, **values)
 
 
+def check_output_folder(out: Path) -> None:
+    """Before any training: --out's folder exists and really takes a file (permissions, read-only mounts)."""
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise TrainCLIError(f"output folder {folder} {what}; create it or choose another --out")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".epd-probe-"):
+            pass
+    except OSError as e:
+        raise TrainCLIError(f"output folder {folder} is not writable ({e.strerror}); fix its permissions or choose "
+                            "another --out (nothing was trained yet)") from None
+
+
 def init_distributed() -> tuple[int, int]:
     """torchrun sets WORLD_SIZE/RANK: gloo on CPU, nccl on CUDA. Returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -392,8 +407,8 @@ def run_distill(args) -> EPDParams:
     sigmas, spec = student_sigmas(args, problem)
     cfg = config_from_args(args, sigmas, spec, problem.family)
     out = Path(args.out)
-    if rank == 0 and not out.parent.is_dir():
-        raise TrainCLIError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if rank == 0:
+        check_output_folder(out)
     if cfg.checkpoint_path and rank == 0:
         try:
             Path(cfg.checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
