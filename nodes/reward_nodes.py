@@ -71,7 +71,7 @@ class EPDRewardDemoClassifier(io.ComfyNode):
             description="Reward for the embedded demo digits model: log-probability of the requested digit under a "
                         "small classifier fitted (seeded, < 1 s) on scikit-learn's digits. Use digits as the "
                         "prompts of EPD RL Settings.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                                  tooltip="Seed of the classifier fit (the reward is deterministic for a seed).")],
             outputs=[EPDRewardType.Output(display_name="reward", tooltip="Connect to EPD Trainer's reward input.")],
         )

@@ -10,6 +10,45 @@ PY="${PYTHON:-python3.11}"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.epd-setup-v1"
 
+# Headless Chromium + chromedriver for tests/test_browser.py (Debian packages; needs root and apt-get).
+# Runs before the stamp check so machines set up before the browser test get it too; a no-op once installed.
+# Never fatal: without it the set-up goes on and the browser test fails with a message saying what is missing.
+install_browser() {
+  if [[ -x /usr/bin/chromedriver && -x /usr/bin/chromium ]] || [[ "${EPD_SKIP_BROWSER_INSTALL:-0}" == 1 ]]; then
+    return 0
+  fi
+  local sudo=() log="${TMPDIR:-/tmp}/epd-apt-chromium.log"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] WARNING: no apt-get here, so Chromium/chromedriver were not installed; tests/test_browser.py" \
+         "will fail until they are (or set EPD_CHROMIUM / EPD_CHROMEDRIVER)." >&2
+    return 0
+  fi
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo=(sudo -n); else
+      echo "[setup] WARNING: installing Chromium needs root (apt-get install chromium chromium-driver);" \
+           "tests/test_browser.py will fail until it is installed." >&2
+      return 0
+    fi
+  fi
+  echo "[setup] installing chromium + chromium-driver with apt-get (one time, about a minute)" >&2
+  local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0)
+  local pkgs=(chromium chromium-driver fonts-dejavu-core)
+  # apt-get update only when the package lists do not know the packages, or an install from stale lists fails
+  if ! apt-cache show chromium-driver >/dev/null 2>&1; then "${apt[@]}" update >"$log" 2>&1 || true; fi
+  if ! "${apt[@]}" install --no-install-recommends "${pkgs[@]}" >>"$log" 2>&1; then
+    "${apt[@]}" update >>"$log" 2>&1 || true
+    "${apt[@]}" install --no-install-recommends "${pkgs[@]}" >>"$log" 2>&1 || true
+  fi
+  if [[ -x /usr/bin/chromedriver && -x /usr/bin/chromium ]]; then
+    echo "[setup] $(/usr/bin/chromedriver --version 2>/dev/null | head -1)" >&2
+  else
+    echo "[setup] WARNING: apt-get could not install chromium + chromium-driver (log: $log):" >&2
+    tail -n 5 "$log" >&2 || true
+    echo "[setup] tests/test_browser.py will fail until they are installed." >&2
+  fi
+}
+install_browser
+
 if [[ -f "$STAMP" && -d "$ROOT/.comfyui" ]]; then
   exit 0
 fi

@@ -38,6 +38,20 @@ def widget_values(info: dict, inputs: dict) -> list:
     return values
 
 
+IMAGE_NODES = ("SaveImage", "PreviewImage")
+
+
+def node_height(info: dict, ui_inputs: list, outputs: list) -> int:
+    """About what the frontend draws: one row per slot pair and per widget, more for text boxes and images."""
+    widgets = [(name, kind, opts) for name, kind, opts, _ in input_specs(info) if kind in WIDGET_TYPES]
+    rows = max(len(ui_inputs), len(outputs)) + len(widgets)
+    rows += sum(1 for _, _, opts in widgets if opts.get("control_after_generate"))
+    extra = sum(80 for _, kind, opts in widgets if kind == "STRING" and opts.get("multiline"))
+    if info["name"] in IMAGE_NODES or info.get("output_node") and not outputs:
+        extra += 260
+    return 24 * rows + 20 + extra
+
+
 def api_to_ui(api: dict, object_info: dict) -> dict:
     """A UI-format workflow laid out left to right by graph depth."""
     numeric = all(key.isdigit() for key in api)  # keep numeric API ids, so both files name nodes alike
@@ -49,13 +63,11 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             ups = [v[0] for v in api[key]["inputs"].values() if isinstance(v, list)]
             depth[key] = 1 + max((d(u) for u in ups), default=-1)
         return depth[key]
-    rows: dict[int, int] = {}
+    column_y: dict[int, int] = {}
     nodes, links = [], []
     for key, node in api.items():
         info = object_info[node["class_type"]]
         col = d(key)
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         ui_inputs = []
         for name, kind, opts, _ in input_specs(info):
             value = node["inputs"].get(name)
@@ -72,8 +84,11 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 ui_inputs.append({"name": name, "type": kind, "link": None})
         outputs = [{"name": n, "type": t, "slot_index": i, "links": []}
                    for i, (t, n) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
-        nodes.append({"id": ids[key], "type": node["class_type"], "pos": [40 + 360 * col, 40 + 300 * row],
-                      "size": [320, 260], "flags": {}, "order": 0, "mode": 0, "inputs": ui_inputs,
+        height = node_height(info, ui_inputs, outputs)
+        y = column_y.get(col, 40)
+        column_y[col] = y + height + 60  # room for the title bar and a gap: nodes never overlap
+        nodes.append({"id": ids[key], "type": node["class_type"], "pos": [40 + 380 * col, y],
+                      "size": [340, height], "flags": {}, "order": 0, "mode": 0, "inputs": ui_inputs,
                       "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
                       "widgets_values": widget_values(info, node["inputs"])})
         if node.get("_meta", {}).get("title"):
@@ -84,7 +99,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
     for i, key in enumerate(sorted(api, key=d)):
         by_id[ids[key]]["order"] = i
     return {"last_node_id": max(ids.values()), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}  # no saved view: the frontend fits it
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
