@@ -194,6 +194,43 @@ def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32)
 
 
 _warned: set = set()
+_REBUILDABLE = ("polynomial", "logsnr", "time_uniform")
+
+
+def table_schedule_for(params: EPDParams, sigmas):
+    """The table's own sigma list replacing `sigmas`, or None to use `sigmas` as given.
+
+    Only for tables whose schedule says "override_sigmas": true (tables trained on a schedule that ComfyUI's
+    schedulers do not produce, e.g. the shipped demo tables: polynomial rho 7 ending at a last sigma well above
+    the model's sigma_min, so that the final Euler step's model call does useful work). Lists ending in 0 are
+    replaced, keeping their first sigma (the noise level of x) and their number of steps:
+      - full denoise, same step count: the table's training sigmas (rows 'exact');
+      - otherwise (other step count, or img2img starting lower): the table's schedule type (polynomial /
+        logsnr / time_uniform) rebuilt from the list's first sigma down to the table's last sigma.
+    Lists without a final 0, schedules that need the model (discrete, flowmatch) and starts below the table's
+    last sigma are used as given."""
+    spec = params.schedule or {}
+    table = params.schedule_sigmas
+    if not spec.get("override_sigmas") or table is None:
+        return None
+    sig = check_sigmas(torch.as_tensor(sigmas))
+    n_pos = len(sig) - 1
+    if len(sig) < 3 or sig[-1] != 0:
+        return None
+    if n_pos == table.numel() and np.isclose(sig[0], float(table[0]), rtol=1e-3):
+        own = table
+    elif spec.get("type") in _REBUILDABLE and n_pos >= 2 and sig[0] > 2 * float(table[-1]):
+        from .schedules import schedule_sigmas
+        rebuilt = {k: v for k, v in spec.items() if k != "sigmas"}
+        rebuilt.update(sigma_min=float(table[-1]), sigma_max=sig[0])
+        own = schedule_sigmas(rebuilt, n_pos)
+    else:
+        return None
+    ref = torch.as_tensor(sigmas)
+    own = torch.cat([own, own.new_zeros(1)])
+    if np.allclose(own.numpy(), np.asarray(sig), rtol=1e-3, atol=0):
+        return None  # already the table's own list
+    return own.to(dtype=ref.dtype, device=ref.device)
 
 
 def _warn_once(key, msg, *args):
@@ -205,7 +242,8 @@ def _warn_once(key, msg, *args):
 def sample_epd(model, x, sigmas, params: EPDParams, extra_args=None, callback=None, disable=None, **opts):
     """EPD-Solver. Options: afs (default: the table's), max_batch (max samples per model call for the
     K points), sequential (one call per point with a uniform sigma), strict (error instead of resampling
-    the table when the sigma list is not its training schedule)."""
+    the table when the sigma list is not its training schedule), own_schedule (False: never replace the
+    sigmas by the table's own schedule, see `table_schedule_for`; default: when the table asks for it)."""
     return _sample(model, x, sigmas, params, extra_args, callback, disable, max_order=1, **opts)
 
 
@@ -220,11 +258,18 @@ def sample_epd_plugin(model, x, sigmas, params: EPDParams, extra_args=None, call
 
 
 def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, afs=None, max_batch=None,
-            sequential=False, strict=False, evaluate=None):
+            sequential=False, strict=False, evaluate=None, own_schedule=None):
     if not isinstance(params, EPDParams):
         raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
     if len(sigmas) < 2:
         return x
+    if own_schedule is not False and not strict:
+        own = table_schedule_for(params, sigmas)
+        if own is not None:
+            _warn_once((id(params), len(sigmas), "own"), "EPD: this table samples on its own schedule (%s); the "
+                       "scheduler's sigmas are replaced (%s)", params.describe(),
+                       ", ".join(f"{float(v):.4g}" for v in own))
+            sigmas = own
     # rows in >= fp32 (0-dim sigma tensors do not take part in type promotion, so the rows set the precision)
     rows, mode = rows_for_sigmas(params, sigmas, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     if mode != "exact" and (params.schedule or mode == "resampled"):

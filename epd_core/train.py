@@ -39,6 +39,8 @@ _HELP = {
     "max_order": "EPD-Plugin predictor order 1..4",
     "afs": "analytic first step (saves one model call)",
     "teacher": f"teacher solver: {', '.join(TEACHERS)}",
+    "teacher_sigma_min": "where the teacher's fine grid ends before its final step to 0 (default: the model's "
+                         "sigma_min)",
     "inserted_steps": "M, teacher steps inserted between student sigmas",
     "objective": f"training loss: {', '.join(OBJECTIVES)}",
     "per_step_fraction": "share of iterations for the per-step stage of per_step+end_to_end",
@@ -259,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _SPECIAL:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        if f.name == "teacher_sigma_min":  # the model's own sigma_min unless given
+            d.add_argument(flag, type=float, default=None, help=_HELP.get(f.name))
+        elif isinstance(f.default, bool):
             d.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
         else:
             d.add_argument(flag, type=type(f.default), default=f.default, choices=_CHOICES.get(f.name),
@@ -360,13 +364,15 @@ def run_rl(args) -> EPDParams:
     return params
 
 
-def config_from_args(args, sigmas, spec, family) -> DistillConfig:
+def config_from_args(args, sigmas, spec, problem) -> DistillConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if f.name not in _SPECIAL}
+    if values["teacher_sigma_min"] is None:
+        values["teacher_sigma_min"] = float(problem.sigma_min)
     ckpt = None
     if args.checkpoint_dir:
         ckpt = str(Path(args.checkpoint_dir) / (Path(args.out).name.removesuffix(".safetensors") + CHECKPOINT_SUFFIX))
     return DistillConfig(sigmas=sigmas, schedule=spec, checkpoint_path=ckpt, resume=bool(args.resume),
-                         guidance_scale=args.guidance_scale, model_family=family, **values)
+                         guidance_scale=args.guidance_scale, model_family=problem.family, **values)
 
 
 def check_output_folder(out: Path) -> None:
@@ -405,7 +411,7 @@ def run_distill(args) -> EPDParams:
     else:
         problem = gmm_problem(args)
     sigmas, spec = student_sigmas(args, problem)
-    cfg = config_from_args(args, sigmas, spec, problem.family)
+    cfg = config_from_args(args, sigmas, spec, problem)
     out = Path(args.out)
     if rank == 0:
         check_output_folder(out)

@@ -224,7 +224,8 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
         inserted_steps=inserted_steps, objective=objective, iterations=iterations, lr=learning_rate, batch=batch,
         seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
-        resume="auto", guidance_scale=cfg, model_family=model_family(model))
+        resume="auto", guidance_scale=cfg, model_family=model_family(model),
+        teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min))  # not below what it knows
 
 
 def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.NodeOutput:

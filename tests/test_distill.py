@@ -82,6 +82,23 @@ def test_refined_grid_is_geometric_and_keeps_the_step_to_zero():
     torch.testing.assert_close(ratios[4:], torch.full((4,), 0.1 ** 0.25))
 
 
+def test_teacher_grid_is_fine_and_reaches_the_ode_end_point(gmm):
+    """teacher_steps > 0: at least that many steps overall, every student sigma on the grid (at least M steps
+    inserted per interval), and below the last student sigma on to teacher_sigma_min before the step to 0."""
+    sigmas = torch.tensor([80.0, 10.0, 0.3, 0.0])
+    fine, index = D.teacher_grid(sigmas, 2, 40, 0.002)
+    assert fine[-1] == 0 and abs(float(fine[-2]) - 0.002) < 1e-12 and len(fine) - 1 >= 40
+    torch.testing.assert_close(fine[index[:-1]], sigmas[:-1].double(), rtol=0, atol=0)
+    assert index[-1] == len(fine) - 1 and all(b - a >= 3 for a, b in zip(index, index[1:-1]))
+    assert (fine[1:-1] < fine[:-2]).all()
+    # the teacher's end point is close to a 500-step Heun solution; the old M-only grid was not
+    x = held_out(32)
+    ref = D.teacher_states(gmm, x, with_final_zero(polynomial(500, SMIN, SMAX)), "heun", 0)[-1]
+    fine_end = D.teacher_states(gmm, x, sigmas, "heun", 3, fine_steps=100, sigma_end=0.002)[-1]
+    coarse_end = D.teacher_states(gmm, x, sigmas, "heun", 3)[-1]
+    assert rmse(fine_end, ref) < 0.2 * rmse(coarse_end, ref), (rmse(fine_end, ref), rmse(coarse_end, ref))
+
+
 def test_teacher_runs_once_per_cached_batch(gmm):
     calls = {"teacher": 0}
 
@@ -90,8 +107,9 @@ def test_teacher_runs_once_per_cached_batch(gmm):
             calls["teacher"] += 1
         return gmm(x, sigma, **kw)
     sigmas = ksampler_sigmas(3)
-    distill(model, None, noise_fn, config(sigmas, iterations=6, num_batches=2, teacher="heun", inserted_steps=1))
-    fine, _ = D.refine_sigmas(sigmas, 1)
+    cfg = config(sigmas, iterations=6, num_batches=2, teacher="heun", inserted_steps=1)
+    distill(model, None, noise_fn, cfg)
+    fine, _ = D.teacher_grid(sigmas, 1, cfg.teacher_steps, cfg.teacher_sigma_min)
     per_run = 2 * (len(fine) - 2) + 1  # heun: 2 calls per positive step, 1 into sigma 0
     assert calls["teacher"] == 2 * per_run
 

@@ -128,3 +128,31 @@ def test_history_of_plugin_counts_afs_estimate():
     integrate(model, x, sigmas, rows, max_order=4, afs=True, states=states)
     assert len(states) == len(sigmas)
     assert all(torch.isfinite(s).all() for s in states)
+
+
+def test_table_with_override_sigmas_samples_on_its_own_schedule():
+    """A table whose schedule says override_sigmas replaces a scheduler's full-denoise list by its training
+    sigmas (same step count), rebuilds its polynomial schedule for other counts / img2img starts, and leaves
+    everything alone without the flag or with own_schedule=False."""
+    from epd_core.solver import table_schedule_for
+    gmm = GaussianMixtureDenoiser(dim=16)
+    own = polynomial(4, 0.3, 80.0)
+    params = EPDParams.from_values(torch.full((3, 2), 0.5), torch.full((3, 2), 0.5),
+                                   schedule={"type": "polynomial", "rho": 7.0, "sigma_min": 0.3, "sigma_max": 80.0,
+                                             "sigmas": own.tolist(), "override_sigmas": True})
+    karras = with_final_zero(polynomial(4, 0.002, 80.0))
+    torch.testing.assert_close(table_schedule_for(params, karras), with_final_zero(own))
+    assert table_schedule_for(params, with_final_zero(own)) is None  # already its own list
+    more = table_schedule_for(params, with_final_zero(polynomial(6, 0.002, 80.0)))
+    torch.testing.assert_close(more, with_final_zero(polynomial(6, 0.3, 80.0)))
+    partial = table_schedule_for(params, with_final_zero(polynomial(4, 0.002, 5.0)))
+    torch.testing.assert_close(partial, with_final_zero(polynomial(4, 0.3, 5.0)))
+    assert table_schedule_for(params, polynomial(4, 0.002, 80.0)) is None  # no final 0: as given
+    x = 80.0 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(sample_epd(gmm, x, karras, params, disable=True),
+                               sample_epd(gmm, x, with_final_zero(own), params, disable=True))
+    as_given = sample_epd(gmm, x, karras, params, disable=True, own_schedule=False)
+    assert not torch.allclose(as_given, sample_epd(gmm, x, karras, params, disable=True))
+    plain = EPDParams.from_values(torch.full((3, 2), 0.5), torch.full((3, 2), 0.5),
+                                  schedule={"type": "polynomial", "sigmas": own.tolist()})
+    assert table_schedule_for(plain, karras) is None
