@@ -141,7 +141,7 @@ def demo_rl_trainer():
     g["13"]["inputs"]["filename_prefix"] = "epd_demo/rl_trained"
     g["14"] = node("EPDRewardDemoClassifier", "Reward: is it the right digit?", seed=0)
     g["15"] = node("EPDRLSettings", prompts="\n".join(str(d) for d in range(10)), group_size=4, prompts_per_update=2,
-                   ppo_epochs=2, learning_rate=1e-3, clip=0.2, kl_coef=0.0, kappa=15.0, distill_iterations=200)
+                   ppo_epochs=2, learning_rate=1e-3, clip=0.2, kl_coef=0.1, kappa=15.0, distill_iterations=200)
     g["16"] = node("LoadEPDParams", "Starting table", name="demo_digits_epd_s4.safetensors")
     return g
 

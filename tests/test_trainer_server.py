@@ -193,7 +193,7 @@ def test_rl_mode_equals_the_cli_and_its_table_samples(server, tmp_path):
     out = tmp_path / "cli_rl.safetensors"
     cmd = [sys.executable, "-m", "epd_core.train", "rl", "--init", str(REPO / "pretrained_params" /
            "demo_digits_epd_s4.safetensors"), "--prompts", RL_PROMPTS.replace("\n", ","), "--prompts-per-update", "2",
-           "--iterations", str(RL_ITERATIONS), "--group-size", "4", "--epochs", "2", "--lr", "1e-3",
+           "--iterations", str(RL_ITERATIONS), "--group-size", "4", "--epochs", "2", "--lr", "1e-3", "--kl-coef", "0",
            "--guidance-scale", "2.0", "--seed", "0", "--quiet", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=300)
