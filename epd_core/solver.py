@@ -122,7 +122,7 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
     evaluate = evaluate or PointEvaluator(model, extra_args)
     s_in = x.new_ones([x.shape[0]])
     history: list[torch.Tensor] = []
-    bad_steps = []
+    bad_steps = [~torch.isfinite(x).all()]  # entry 0: the input itself (e.g. a NaN latent from upstream)
     if states is not None:
         states.append(x)
     for i in trange(len(sig) - 1, disable=disable):
@@ -147,9 +147,12 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
         if states is not None:
             states.append(x)
-    bad = torch.stack(bad_steps) if bad_steps else None
-    if bad is not None and bool(bad.any()):
-        first = int(bad.float().argmax())
+    bad = torch.stack(bad_steps)
+    if bool(bad.any()):
+        first = int(bad.float().argmax()) - 1
+        if first < 0:
+            raise EPDSamplingError("the input latent already contains NaN/inf before the first step; check the "
+                                   "node that produced it (VAE Encode, a latent upscale, a previous sampler)")
         raise EPDSamplingError(f"the model produced NaN/inf at step {first} (sigma {sig[first]:.4g} -> "
                                f"{sig[first + 1]:.4g}). Check the model, its precision (try fp32/bf16) and the CFG "
                                "scale; the result would be a black image.")

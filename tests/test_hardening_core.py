@@ -192,7 +192,7 @@ def test_nan_in_the_input_latent_is_an_error_not_a_black_image():
     model, params = _model_and_table()
     x = torch.randn(2, 8) * 80
     x[1, 3] = float("nan")
-    with pytest.raises(EPDSamplingError, match="NaN/inf at step 0"):
+    with pytest.raises(EPDSamplingError, match="input latent already contains NaN/inf before the first step"):
         sample_epd(model, x, with_final_zero(polynomial(5, 0.002, 80)).float(), params, disable=True)
 
 
