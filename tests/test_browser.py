@@ -176,6 +176,18 @@ class Page:
         return self.wait(lambda: next(iter(e for e in self.driver.find_elements(By.CSS_SELECTOR, selector)
                                            if e.is_displayed()), None), timeout, f"no visible {selector}")
 
+    def click(self, element, timeout=15):
+        """A real click, retried while a dialog's opening animation (its overlay mask) still covers the page."""
+        from selenium.common.exceptions import ElementClickInterceptedException
+        deadline = time.time() + timeout
+        while True:
+            try:
+                return element.click()
+            except ElementClickInterceptedException:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def drain_console(self) -> list[dict]:
         new = self.driver.get_log("browser")
         self.console.extend(new)
@@ -219,7 +231,7 @@ class Page:
               && d.querySelector('button i[class*="lucide--x"]') && d.getBoundingClientRect().height < 60);
           return bar ? bar.querySelector('button i[class*="lucide--x"]').closest('button') : null;""")
         if button is not None:
-            button.click()
+            self.click(button)
             self.wait_js("return ![...document.querySelectorAll('div')].some(d => d.textContent.includes("
                          "'Introducing Nodes 2.0') && d.offsetParent)", 10)
 
@@ -229,8 +241,8 @@ class Page:
 
     def open_pack_templates(self):
         if not self.templates_dialog_open():
-            self.css("button.templates-tab-button").click()
-        self.by_text("[role=dialog] [role=button]", PACK).click()
+            self.click(self.css("button.templates-tab-button"))
+        self.click(self.by_text("[role=dialog] [role=button]", PACK))
         self.css("[role=dialog] [data-testid^='template-workflow-epd']")
 
     def load_from_template_browser(self, name: str, screenshot: str | None = None):
@@ -240,7 +252,7 @@ class Page:
             self.screenshot(screenshot)
         loads = self.js("return window.__epd.loads.length")
         self.drain_console()
-        self.css(f"[role=dialog] [data-testid='template-workflow-{name}']").click()
+        self.click(self.css(f"[role=dialog] [data-testid='template-workflow-{name}']"))
         self.wait_js(f"return window.__epd.loads.length > {loads} && window.__epd.loading === 0", 60,
                      f"{name} was not loaded")
         self.wait_js("return !document.querySelector('[role=dialog] [data-testid=template-workflows-content]')",
@@ -260,7 +272,7 @@ class Page:
     def close_toasts(self):
         from selenium.webdriver.common.by import By
         for button in self.driver.find_elements(By.CSS_SELECTOR, ".p-toast-message .p-toast-close-button"):
-            button.click()
+            self.click(button)
         self.wait_js("return !document.querySelector('.p-toast-message')", 20, "a toast did not close")
 
     def graph_state(self) -> dict:
@@ -430,7 +442,7 @@ def test_demo_runs_from_the_run_button_and_shows_its_images(page):
     page.fit_view()
     events_before = len(page.js("return window.__epd.events"))
     started = time.time()
-    page.css("button[aria-label='Run']").click()
+    page.click(page.css("button[aria-label='Run']"))
     page.wait_js(f"return window.__epd.events.slice({events_before}).some(e => e.type === 'execution_start')",
                  60, "the Run button queued nothing")
     pid = page.js(f"return window.__epd.events.slice({events_before}).find(e => e.type === 'execution_start')"
@@ -458,13 +470,13 @@ def test_demo_runs_from_the_run_button_and_shows_its_images(page):
     page.screenshot("demo_run_canvas")
 
     # ... and the Queue sidebar lists the run with its image, as an <img> in the DOM
-    page.css("button.queue-tab-button").click()
+    page.click(page.css("button.queue-tab-button"))
     first = images[0]["filename"]
     page.wait_js(f"""return [...document.querySelectorAll('img')].some(i => i.src.includes('filename={first}')
                      && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 50)""", 60,
                  "the Queue sidebar shows no output image")
     page.screenshot("demo_run_queue")
-    page.css("button.queue-tab-button").click()  # close the sidebar again
+    page.click(page.css("button.queue-tab-button"))  # close the sidebar again
     (ARTIFACTS / "demo_run.json").write_text(json.dumps({"prompt_id": pid, "seconds": round(seconds, 1),
                                                          "images": images}, indent=1))
 

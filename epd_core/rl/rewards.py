@@ -17,13 +17,20 @@ from pathlib import Path
 import torch
 
 REWARD_FOLDER = "models/epd_rewards"
-LOCAL_KINDS = {  # kind -> (python packages needed, accepted weight files / folders, what to place)
-    "hpsv2": (("open_clip",), "HPS_v2.1_compressed.pt (with open_clip's ViT-H-14 weights)"),
+LOCAL_KINDS = {  # kind -> (python packages needed, what to place: a file or folder in models/epd_rewards/)
+    "hpsv2": (("open_clip",), "HPS_v2.1_compressed.pt (the full fine-tuned open_clip ViT-H-14 state dict; pass the "
+                              "file or a folder holding exactly one .pt/.pth/.safetensors; needs pip install "
+                              "open_clip_torch)"),
     "pickscore": (("transformers",), "a PickScore_v1 folder (config.json + model weights + processor files)"),
-    "imagereward": (("ImageReward",), "ImageReward.pt and med_config.json"),
-    "clip": (("transformers",), "a CLIP model folder (e.g. clip-vit-large-patch14: config.json + weights)"),
-    "aesthetic": (("transformers",), "sac+logos+ava1-l14-linearMSE.pth plus a CLIP ViT-L/14 folder"),
+    "imagereward": (("ImageReward",), "ImageReward.pt and med_config.json (back-end not implemented yet)"),
+    "clip": (("transformers",), "a CLIP model folder (e.g. clip-vit-large-patch14: config.json + weights + "
+                                "processor files)"),
+    "aesthetic": (("transformers",), "a folder holding the LAION aesthetic head sac+logos+ava1-l14-linearMSE.pth "
+                                     "(or .safetensors) plus a clip/ subfolder with CLIP ViT-L/14 (config.json + "
+                                     "weights + processor files); or the head file itself with that clip/ folder "
+                                     "beside it"),
 }
+PIP_NAMES = {"open_clip": "open_clip_torch", "ImageReward": "image-reward"}  # import name -> pip name
 
 
 class RewardUnavailableError(RuntimeError):
@@ -96,7 +103,8 @@ class LocalModelReward(Reward):
         missing = [p for p in packages if importlib.util.find_spec(p) is None]
         if missing:
             raise RewardUnavailableError(f"reward model '{kind}' needs the Python package(s) {', '.join(missing)}, "
-                                         f"which are not installed in this environment (pip install {' '.join(missing)}).")
+                                         f"which are not installed in this environment "
+                                         f"(pip install {' '.join(PIP_NAMES.get(m, m) for m in missing)}).")
         self.path = Path(path)
         self._scorer = _load_backend(kind, self.path, device)
 
@@ -104,31 +112,203 @@ class LocalModelReward(Reward):
         return self._scorer(images, prompts)
 
 
-def _load_backend(kind, path, device):
-    """CLIP-family scorers through transformers from a local folder (local_files_only). Images must already be
-    decoded RGB in [0, 1] (B, 3, H, W); latent models need a VAE decode before the reward."""
-    if kind in ("clip", "pickscore"):
-        from transformers import AutoModel, AutoProcessor
-        try:
-            model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-            proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise RewardUnavailableError(f"cannot load the '{kind}' model from {path} ({e}); place a complete model "
-                                         f"folder in ComfyUI's {REWARD_FOLDER}/") from None
+HPSV2_ARCH = "ViT-H-14"  # open_clip architecture HPSv2 fine-tunes (tests point this at a tiny registered config)
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
-        @torch.no_grad()
-        def score(images, prompts):
-            if images.shape[1] != 3:
-                raise RewardUnavailableError(f"'{kind}' scores RGB images (B, 3, H, W) in [0, 1]; decode latents first")
-            inputs = proc(text=[str(p) for p in prompts], images=list(images.clamp(0, 1).cpu()), return_tensors="pt",
-                          padding=True, truncation=True, do_rescale=False).to(device)
-            out = model(**inputs)
-            img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
-            txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
-            return (model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu()
-        return score
-    raise RewardUnavailableError(f"the '{kind}' scorer back-end is not implemented in this version; place the weights in "
-                                 f"ComfyUI's {REWARD_FOLDER}/ and use 'clip' or 'pickscore', or pass your own Reward")
+
+def _load_backend(kind, path, device):
+    """Build `score(images, prompts) -> (B,)` from LOCAL files only. Images must already be decoded RGB in [0, 1]
+    (B, 3, H, W) of any size (the model's preprocessing resizes); latent models need a VAE decode first."""
+    if kind in ("clip", "pickscore"):
+        return _clip_scorer(kind, path, device)
+    if kind == "aesthetic":
+        return _aesthetic_scorer(path, device)
+    if kind == "hpsv2":
+        return _hpsv2_scorer(path, device)
+    raise RewardUnavailableError(
+        f"the '{kind}' scorer back-end is not implemented in this version (the ImageReward package pins old timm / "
+        f"transformers versions and pickles its BLIP model); use 'hpsv2', 'pickscore', 'clip' or 'aesthetic' with "
+        f"weights placed in ComfyUI's {REWARD_FOLDER}/, or pass your own Reward")
+
+
+def _check_rgb(kind, images):
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise RewardUnavailableError(f"'{kind}' scores RGB images (B, 3, H, W) in [0, 1], got shape "
+                                     f"{tuple(images.shape)}; decode latents first (connect the VAE)")
+    return images.detach().float().clamp(0, 1).cpu()
+
+
+def _load_hf_clip(kind, folder, device):
+    """(model, processor) from a transformers CLIP-like folder, local files only."""
+    from transformers import AutoModel, AutoProcessor
+    try:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        proc = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"cannot load the '{kind}' model from {folder} ({type(e).__name__}: {e}); place a "
+                                     f"complete model folder (config.json + weights + processor/tokenizer files) in "
+                                     f"ComfyUI's {REWARD_FOLDER}/") from None
+    return model, proc
+
+
+def _pixel_values(proc, images, device):
+    """The processor's resize / crop / normalise on [0, 1] tensors (no 1/255 rescale)."""
+    image_processor = getattr(proc, "image_processor", proc)
+    return image_processor(images=list(images), return_tensors="pt", do_rescale=False)["pixel_values"].to(device)
+
+
+def _image_features(model, pixel_values):
+    """Projected CLIP image embeddings (works for transformers 4.x and 5.x, whose get_image_features differ)."""
+    pooled = model.vision_model(pixel_values=pixel_values).pooler_output
+    return model.visual_projection(pooled)
+
+
+def _clip_scorer(kind, path, device):
+    model, proc = _load_hf_clip(kind, path, device)
+    tokenizer = getattr(proc, "tokenizer", None)
+    if tokenizer is None or not hasattr(model, "get_text_features"):
+        raise RewardUnavailableError(f"'{kind}' at {path} needs a CLIP model with text and image towers plus its "
+                                     "tokenizer files")
+
+    @torch.no_grad()
+    def score(images, prompts):
+        images = _check_rgb(kind, images)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"'{kind}' needs one prompt per image ({len(prompts)} prompts, {images.shape[0]} images)")
+        pixels = _pixel_values(proc, images, device)
+        text = tokenizer([str(p) for p in prompts], padding=True, truncation=True, return_tensors="pt").to(device)
+        out = model(input_ids=text["input_ids"], attention_mask=text.get("attention_mask"), pixel_values=pixels)
+        img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+        return (model.logit_scale.exp() * (img * txt).sum(-1)).float().cpu()
+    return score
+
+
+def _load_state_dict(kind, file):
+    """Tensors only: safetensors, or torch.load(weights_only=True) (never unpickles arbitrary objects)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(file), device="cpu")
+        else:
+            sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"cannot read the '{kind}' weights {file} as a tensor state dict "
+                                     f"({type(e).__name__}: {str(e)[:300]}); EPD only loads plain state dicts "
+                                     "(torch.load weights_only=True or .safetensors), never pickled objects") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise RewardUnavailableError(f"the '{kind}' weights {file} are not a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _single_weight_file(kind, folder):
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise RewardUnavailableError(f"'{kind}': expected exactly one weight file ({'/'.join(WEIGHT_SUFFIXES)}) in "
+                                     f"{folder}, found {[f.name for f in files] or 'none'}; pass the file itself")
+    return files[0]
+
+
+AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # Linear indices of LAION's nn.Sequential (1, 3, 5 are Dropout)
+
+
+def _aesthetic_scorer(path, device):
+    """LAION aesthetic predictor v2: MLP(L2-normalised CLIP image embedding) -> score (about 1..10 for ViT-L/14)."""
+    path = Path(path)
+    if path.is_dir():
+        head_file, clip_dir = _single_weight_file("aesthetic", path), path / "clip"
+        if not (clip_dir / "config.json").exists() and (path / "config.json").exists():
+            clip_dir = path  # CLIP folder with the head file inside it
+    else:
+        head_file, clip_dir = path, path.parent / "clip"
+    if not (clip_dir / "config.json").exists():
+        raise RewardUnavailableError(f"'aesthetic' needs a CLIP ViT-L/14 folder (config.json + weights + processor "
+                                     f"files) at {clip_dir}, next to the head {head_file.name}; place it in "
+                                     f"ComfyUI's {REWARD_FOLDER}/aesthetic/clip/")
+    sd = _load_state_dict("aesthetic", head_file)
+    expected = {f"layers.{i}.{p}" for i in AESTHETIC_LAYERS for p in ("weight", "bias")}
+    if set(sd) != expected:
+        raise RewardUnavailableError(
+            f"{head_file} is not a LAION aesthetic predictor head: expected the keys {sorted(expected)} "
+            f"(Linear(d,1024)-Dropout-Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-Linear(16,1)), "
+            f"got missing {sorted(expected - set(sd))}, unexpected {sorted(set(sd) - expected)[:8]}")
+    model, proc = _load_hf_clip("aesthetic", clip_dir, device)
+    dim = int(getattr(model.config, "projection_dim", 0) or model.visual_projection.out_features)
+    linears, width = [], dim
+    for i in AESTHETIC_LAYERS:
+        w, b = sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]
+        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise RewardUnavailableError(f"{head_file}: layers.{i}.weight has shape {tuple(w.shape)}, expected "
+                                         f"(n, {width}) (the CLIP at {clip_dir} embeds to {dim})")
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(w.float())
+            lin.bias.copy_(b.float())
+        linears.append(lin)
+        width = w.shape[0]
+    if width != 1:
+        raise RewardUnavailableError(f"{head_file}: the last layer has {width} outputs, expected 1")
+    head = torch.nn.Sequential(*linears).to(device).eval()  # Dropout is the identity at eval
+
+    @torch.no_grad()
+    def score(images, prompts):
+        emb = _image_features(model, _pixel_values(proc, _check_rgb("aesthetic", images), device)).float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return head(emb).squeeze(-1).float().cpu()
+    return score
+
+
+def _hpsv2_scorer(path, device):
+    """HPSv2(.1): an open_clip ViT-H-14 fine-tuned on human preferences; 100 * cos(image, prompt) (about 20..35)."""
+    import open_clip
+    path = Path(path)
+    file = _single_weight_file("hpsv2", path) if path.is_dir() else path
+    sd = _load_state_dict("hpsv2", file)
+    try:
+        model = open_clip.create_model(HPSV2_ARCH, pretrained=None, precision="fp32", device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"open_clip cannot build {HPSV2_ARCH} ({type(e).__name__}: {e})") from None
+    try:
+        result = model.load_state_dict(sd, strict=False)
+        problem = (f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                   f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+                   if result.missing_keys or result.unexpected_keys else "")
+    except RuntimeError as e:  # shape mismatches
+        problem = str(e)[:400]
+    if problem:
+        raise RewardUnavailableError(f"{file} does not match open_clip's {HPSV2_ARCH} (HPS_v2.1_compressed.pt "
+                                     f"expected): {problem}")
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(HPSV2_ARCH)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1)
+
+    def preprocess(images):  # open_clip's eval transform: resize the short side (bicubic), centre crop, normalise
+        h, w = images.shape[-2:]
+        s = max(size[0] / h, size[1] / w)
+        nh, nw = max(size[0], round(h * s)), max(size[1], round(w * s))
+        x = torch.nn.functional.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False,
+                                            antialias=True).clamp(0, 1)
+        top, left = (nh - size[0]) // 2, (nw - size[1]) // 2
+        x = x[..., top:top + size[0], left:left + size[1]]
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def score(images, prompts):
+        images = _check_rgb("hpsv2", images)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"'hpsv2' needs one prompt per image ({len(prompts)} prompts, {images.shape[0]} images)")
+        img = model.encode_image(preprocess(images).to(device), normalize=True)
+        txt = model.encode_text(tokenizer([str(p) for p in prompts]).to(device), normalize=True)
+        return (100.0 * (img * txt).sum(-1)).float().cpu()
+    return score
 
 
 # ------------------------------------------------------------------------------------------------------- toy
