@@ -1,6 +1,7 @@
 """Local-file reward adapters (epd_core.rl.rewards.LocalModelReward) on TINY random models built offline here:
 a transformers CLIP (hidden 32, 1 layer, 32x32 images, projection 16) with a handwritten byte-level BPE tokenizer,
-a LAION-style aesthetic head on top of it, and (if open_clip is installed) a tiny open_clip model for HPSv2."""
+a LAION-style aesthetic head on top of it, (if open_clip is installed) a tiny open_clip model for HPSv2, and a tiny
+ImageReward-shaped BLIP state dict (real key names) checked against a hand-written forward pass."""
 import importlib.util
 import json
 
@@ -187,18 +188,18 @@ def test_clip_corrupted_or_missing_files_give_clear_errors(tiny, tmp_path):
         LocalModelReward("clip", tiny["clip"])(torch.rand(2, 4, 8, 8), ["a", "b"])
 
 
-def test_imagereward_and_missing_package_messages(tmp_path, monkeypatch):
+def test_missing_package_messages(tmp_path, monkeypatch):
     (tmp_path / "ImageReward.pt").write_bytes(b"")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("open_clip", "ImageReward")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("open_clip", "timm")
                         else real(name, *a))
     with pytest.raises(RewardUnavailableError, match="pip install open_clip_torch"):
         LocalModelReward("hpsv2", tmp_path / "ImageReward.pt")
-    with pytest.raises(RewardUnavailableError, match="pip install image-reward"):
+    with pytest.raises(RewardUnavailableError, match=r"needs the Python package\(s\) timm.*pip install timm"):
         LocalModelReward("imagereward", tmp_path / "ImageReward.pt")
     monkeypatch.setattr(importlib.util, "find_spec", real)
     with pytest.raises(RewardUnavailableError, match="not implemented"):
-        rewards._load_backend("imagereward", tmp_path, "cpu")
+        rewards._load_backend("no-such-kind", tmp_path, "cpu")
 
 
 # ------------------------------------------------------------------------------------------------- HPSv2
@@ -255,3 +256,187 @@ def test_hpsv2_wrong_checkpoint_gives_clear_error(tiny_hps, tmp_path, monkeypatc
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
     with pytest.raises(RewardUnavailableError, match=r"never pickled objects"):
         LocalModelReward("hpsv2", tmp_path / "pickled.pt")
+
+
+# ------------------------------------------------------------------------------------------------ ImageReward
+
+IR_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "red", "photo", "of", "the", "."]
+IR_V, IR_T = 32, 32  # vision width (1 head at VISION_HEAD_DIM 64), text hidden (2 heads from med_config.json)
+
+
+def _imagereward_state_dict(seed=0, v_depth=2, t_layers=2, grid=2, patch=16, positions=40, inter=48):
+    """A tiny random ImageReward.pt state dict with the real key names (BLIP ViT + BLIP BERT + MLP head)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def lin(name, o, i):
+        sd[name + ".weight"] = torch.randn(o, i, generator=g) / i ** 0.5
+        sd[name + ".bias"] = torch.randn(o, generator=g) * 0.1
+
+    def ln(name, d):
+        sd[name + ".weight"] = 1 + 0.1 * torch.randn(d, generator=g)
+        sd[name + ".bias"] = 0.1 * torch.randn(d, generator=g)
+
+    v = "blip.visual_encoder."
+    sd[v + "cls_token"] = torch.randn(1, 1, IR_V, generator=g) * 0.5
+    sd[v + "pos_embed"] = torch.randn(1, grid * grid + 1, IR_V, generator=g) * 0.5
+    sd[v + "patch_embed.proj.weight"] = torch.randn(IR_V, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    sd[v + "patch_embed.proj.bias"] = torch.randn(IR_V, generator=g) * 0.1
+    for n in range(v_depth):
+        b = f"{v}blocks.{n}."
+        ln(b + "norm1", IR_V)
+        lin(b + "attn.qkv", 3 * IR_V, IR_V)
+        lin(b + "attn.proj", IR_V, IR_V)
+        ln(b + "norm2", IR_V)
+        lin(b + "mlp.fc1", 2 * IR_V, IR_V)
+        lin(b + "mlp.fc2", IR_V, 2 * IR_V)
+    ln(v + "norm", IR_V)
+    t = "blip.text_encoder."
+    sd[t + "embeddings.word_embeddings.weight"] = torch.randn(len(IR_VOCAB) + 2, IR_T, generator=g)
+    sd[t + "embeddings.position_embeddings.weight"] = torch.randn(positions, IR_T, generator=g) * 0.5
+    sd[t + "embeddings.position_ids"] = torch.arange(positions)[None]  # BLIP's persistent buffer
+    ln(t + "embeddings.LayerNorm", IR_T)
+    for n in range(t_layers):
+        b = f"{t}encoder.layer.{n}."
+        for att, kv_in in (("attention", IR_T), ("crossattention", IR_V)):
+            lin(f"{b}{att}.self.query", IR_T, IR_T)
+            lin(f"{b}{att}.self.key", IR_T, kv_in)
+            lin(f"{b}{att}.self.value", IR_T, kv_in)
+            lin(f"{b}{att}.output.dense", IR_T, IR_T)
+            ln(f"{b}{att}.output.LayerNorm", IR_T)
+        lin(b + "intermediate.dense", inter, IR_T)
+        lin(b + "output.dense", IR_T, inter)
+        ln(b + "output.LayerNorm", IR_T)
+    lin("blip.vision_proj", 16, IR_V)  # in BLIP_Pretrain, unused by ImageReward.score
+    lin("blip.text_proj", 16, IR_T)
+    for i, (o, n) in zip(rewards.IMAGEREWARD_MLP, [(1024, IR_T), (128, 1024), (64, 128), (16, 64), (1, 16)]):
+        lin(f"mlp.layers.{i}", o, n)
+    return sd
+
+
+def _write_imagereward(folder, sd=None, med=True, vocab=True):
+    folder.mkdir(parents=True)
+    torch.save(_imagereward_state_dict() if sd is None else sd, folder / "ImageReward.pt")
+    if med:
+        (folder / "med_config.json").write_text(json.dumps({
+            "architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": IR_T, "intermediate_size": 48,
+            "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+            "num_hidden_layers": 2, "pad_token_id": 0, "vocab_size": len(IR_VOCAB) + 2, "encoder_width": 768,
+            "add_cross_attention": True}))
+    if vocab:
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "vocab.txt").write_text("\n".join(IR_VOCAB) + "\n")
+    return folder
+
+
+def _reference_imagereward(sd, pixels, ids, mask):
+    """ImageReward.score's forward written out by hand (BLIP vit.py / med.py semantics, eval mode)."""
+    F = torch.nn.functional
+    p = {k: v.double() for k, v in sd.items() if v.is_floating_point()}
+
+    def lin(x, name):
+        return F.linear(x, p[name + ".weight"], p[name + ".bias"])
+
+    def ln(x, name, eps):
+        return F.layer_norm(x, x.shape[-1:], p[name + ".weight"], p[name + ".bias"], eps)
+
+    def attend(q, k, v, heads, key_mask=None):
+        b, nq, d = q.shape
+        q, k, v = (t.reshape(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+        a = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+        if key_mask is not None:
+            a = a + (1 - key_mask[:, None, None, :].double()) * -10000.0
+        return (a.softmax(-1) @ v).transpose(1, 2).reshape(b, nq, d)
+
+    v = "blip.visual_encoder."
+    x = F.conv2d(pixels.double(), p[v + "patch_embed.proj.weight"], p[v + "patch_embed.proj.bias"], stride=16)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([p[v + "cls_token"].expand(x.shape[0], -1, -1), x], 1) + p[v + "pos_embed"]
+    n = 0
+    while f"{v}blocks.{n}.norm1.weight" in p:
+        b = f"{v}blocks.{n}."
+        qkv = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv")
+        x = x + lin(attend(*qkv.split(IR_V, -1), heads=1), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+        n += 1
+    img = ln(x, v + "norm", 1e-6)
+    t = "blip.text_encoder."
+    h = p[t + "embeddings.word_embeddings.weight"][ids] + p[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    h = ln(h, t + "embeddings.LayerNorm", 1e-12)
+    n = 0
+    while f"{t}encoder.layer.{n}.attention.self.query.weight" in p:
+        b = f"{t}encoder.layer.{n}."
+        for att, src, m in (("attention", h, mask), ("crossattention", img, None)):
+            a = attend(lin(h, f"{b}{att}.self.query"), lin(src, f"{b}{att}.self.key"), lin(src, f"{b}{att}.self.value"),
+                       heads=2, key_mask=m)
+            h = ln(lin(a, f"{b}{att}.output.dense") + h, f"{b}{att}.output.LayerNorm", 1e-12)
+        h = ln(lin(F.gelu(lin(h, b + "intermediate.dense")), b + "output.dense") + h, b + "output.LayerNorm", 1e-12)
+        n += 1
+    z = h[:, 0]
+    for i in rewards.IMAGEREWARD_MLP:  # Dropouts are identities; no activations in ImageReward's MLP
+        z = lin(z, f"mlp.layers.{i}")
+    return ((z.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072).float()
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tmp_path_factory):
+    return _write_imagereward(tmp_path_factory.mktemp("ir") / "imagereward")
+
+
+def test_imagereward_on_tiny_checkpoint(tiny_ir):
+    reward = LocalModelReward("imagereward", tiny_ir)
+    prompts = ["a red cat", "Dog", "a photo of the dog . " * 10]  # the last one is truncated to 35 tokens
+    s = _check_scorer(reward, prompts)
+    assert torch.equal(LocalModelReward("imagereward", tiny_ir / "ImageReward.pt")(_images(3), prompts), s)
+    # hand-written reference: tokens by hand ([CLS] first, as ImageReward.score: no [ENC] swap), padding to 35
+    ids = torch.zeros(3, 35, dtype=torch.long)
+    ids[0, :5] = torch.tensor([2, 5, 8, 6, 3])
+    ids[1, :3] = torch.tensor([2, 7, 3])
+    ids[2, 0], ids[2, 1:34], ids[2, 34] = 2, torch.tensor([5, 9, 10, 11, 7, 12] * 6)[:33], 3  # truncated
+    mask = (ids != 0).long()
+    # BLIP/CLIP preprocessing: bicubic resize of the short side (40 -> 32, 48 -> 38), centre crop, CLIP mean / std
+    x = torch.nn.functional.interpolate(_images(3), size=(32, 38), mode="bicubic", antialias=True).clamp(0, 1)
+    x = x[..., 3:35]
+    x = ((x - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1))
+         / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+    expected = _reference_imagereward(_imagereward_state_dict(), x, ids, mask)
+    torch.testing.assert_close(s, expected, rtol=1e-4, atol=1e-4)
+    assert expected.std() > 1e-3  # a non-degenerate check
+
+
+def test_imagereward_without_med_config_uses_blip_defaults(tmp_path, tiny_ir):
+    # no med_config.json: heads = hidden // 64 (= 1 here, not the 2 the tiny checkpoint was built for) -> other scores
+    folder = _write_imagereward(tmp_path / "ir", med=False)
+    s = LocalModelReward("imagereward", folder)(_images(2), ["a cat", "a dog"])
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    assert not torch.allclose(s, LocalModelReward("imagereward", tiny_ir)(_images(2), ["a cat", "a dog"]))
+
+
+def test_imagereward_bad_files_give_clear_errors(tmp_path):
+    sd = _imagereward_state_dict()
+    with pytest.raises(RewardUnavailableError, match=r"tokenizer/vocab\.txt.*never downloads"):
+        LocalModelReward("imagereward", _write_imagereward(tmp_path / "no_vocab", vocab=False))
+    with pytest.raises(RewardUnavailableError, match=r"not an ImageReward checkpoint.*mlp\.layers\.7\.weight"):
+        LocalModelReward("imagereward", _write_imagereward(
+            tmp_path / "no_head", {k: v for k, v in sd.items() if not k.startswith("mlp.layers.7")}))
+    with pytest.raises(RewardUnavailableError, match=r"does not match ImageReward's BLIP ViT.*1 missing keys"):
+        LocalModelReward("imagereward", _write_imagereward(
+            tmp_path / "no_norm", {k: v for k, v in sd.items() if k != "blip.visual_encoder.norm.bias"}))
+    bad = dict(sd)
+    bad["blip.text_encoder.embeddings.token_type_embeddings.weight"] = torch.zeros(2, IR_T)  # not BLIP's layout
+    with pytest.raises(RewardUnavailableError, match=r"BLIP text encoder.*1 unexpected.*token_type_embeddings"):
+        LocalModelReward("imagereward", _write_imagereward(tmp_path / "token_types", bad))
+    bad = dict(sd)
+    bad["blip.text_encoder.encoder.layer.1.output.dense.weight"] = torch.zeros(IR_T, 7)
+    with pytest.raises(RewardUnavailableError, match=r"1 shape mismatches.*layer\.1\.output\.dense\.weight"):
+        LocalModelReward("imagereward", _write_imagereward(tmp_path / "shape", bad))
+    with pytest.raises(RewardUnavailableError, match=r"not an ImageReward checkpoint"):
+        LocalModelReward("imagereward", _write_imagereward(tmp_path / "other", _aesthetic_head()))
+    with pytest.raises(RewardUnavailableError, match=r"never pickled objects"):
+        LocalModelReward("imagereward", _write_imagereward(tmp_path / "pickled", {"model": torch.nn.Linear(2, 2)}))
+    folder = _write_imagereward(tmp_path / "wrong_med")
+    (folder / "med_config.json").write_text(json.dumps({"hidden_size": 768, "num_attention_heads": 12}))
+    with pytest.raises(RewardUnavailableError, match=r"med_config\.json.*does not fit"):
+        LocalModelReward("imagereward", folder)
+    with pytest.raises(RewardUnavailableError, match=r"not found .*epd_rewards/imagereward"):
+        LocalModelReward("imagereward", tmp_path / "missing")

@@ -22,7 +22,10 @@ LOCAL_KINDS = {  # kind -> (python packages needed, what to place: a file or fol
                               "file or a folder holding exactly one .pt/.pth/.safetensors; needs pip install "
                               "open_clip_torch)"),
     "pickscore": (("transformers",), "a PickScore_v1 folder (config.json + model weights + processor files)"),
-    "imagereward": (("ImageReward",), "ImageReward.pt and med_config.json (back-end not implemented yet)"),
+    "imagereward": (("transformers", "timm"), "an imagereward/ folder holding ImageReward.pt (the ImageReward-v1.0 "
+                                              "state dict), tokenizer/vocab.txt (bert-base-uncased's vocab) and "
+                                              "med_config.json (BLIP's BERT config; BLIP's defaults if absent); the "
+                                              "image-reward package is not needed"),
     "clip": (("transformers",), "a CLIP model folder (e.g. clip-vit-large-patch14: config.json + weights + "
                                 "processor files)"),
     "aesthetic": (("transformers",), "a folder holding the LAION aesthetic head sac+logos+ava1-l14-linearMSE.pth "
@@ -30,7 +33,7 @@ LOCAL_KINDS = {  # kind -> (python packages needed, what to place: a file or fol
                                      "weights + processor files); or the head file itself with that clip/ folder "
                                      "beside it"),
 }
-PIP_NAMES = {"open_clip": "open_clip_torch", "ImageReward": "image-reward"}  # import name -> pip name
+PIP_NAMES = {"open_clip": "open_clip_torch"}  # import name -> pip name
 
 
 class RewardUnavailableError(RuntimeError):
@@ -125,10 +128,11 @@ def _load_backend(kind, path, device):
         return _aesthetic_scorer(path, device)
     if kind == "hpsv2":
         return _hpsv2_scorer(path, device)
-    raise RewardUnavailableError(
-        f"the '{kind}' scorer back-end is not implemented in this version (the ImageReward package pins old timm / "
-        f"transformers versions and pickles its BLIP model); use 'hpsv2', 'pickscore', 'clip' or 'aesthetic' with "
-        f"weights placed in ComfyUI's {REWARD_FOLDER}/, or pass your own Reward")
+    if kind == "imagereward":
+        return _imagereward_scorer(path, device)
+    raise RewardUnavailableError(f"the '{kind}' scorer back-end is not implemented in this version; use one of "
+                                 f"{sorted(LOCAL_KINDS)} with weights placed in ComfyUI's {REWARD_FOLDER}/, or pass "
+                                 f"your own Reward")
 
 
 def _check_rgb(kind, images):
@@ -262,6 +266,19 @@ def _aesthetic_scorer(path, device):
     return score
 
 
+def _resize_crop_normalise(images, size, mean, std):
+    """CLIP-style eval transform on [0, 1] tensors: resize the short side to `size` (bicubic, antialiased), centre
+    crop, normalise with per-channel mean / std (tensors of shape (1, 3, 1, 1))."""
+    h, w = images.shape[-2:]
+    s = max(size[0] / h, size[1] / w)
+    nh, nw = max(size[0], round(h * s)), max(size[1], round(w * s))
+    x = torch.nn.functional.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False,
+                                        antialias=True).clamp(0, 1)
+    top, left = (nh - size[0]) // 2, (nw - size[1]) // 2
+    x = x[..., top:top + size[0], left:left + size[1]]
+    return (x - mean) / std
+
+
 def _hpsv2_scorer(path, device):
     """HPSv2(.1): an open_clip ViT-H-14 fine-tuned on human preferences; 100 * cos(image, prompt) (about 20..35)."""
     import open_clip
@@ -291,14 +308,7 @@ def _hpsv2_scorer(path, device):
     std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1)
 
     def preprocess(images):  # open_clip's eval transform: resize the short side (bicubic), centre crop, normalise
-        h, w = images.shape[-2:]
-        s = max(size[0] / h, size[1] / w)
-        nh, nw = max(size[0], round(h * s)), max(size[1], round(w * s))
-        x = torch.nn.functional.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False,
-                                            antialias=True).clamp(0, 1)
-        top, left = (nh - size[0]) // 2, (nw - size[1]) // 2
-        x = x[..., top:top + size[0], left:left + size[1]]
-        return (x - mean) / std
+        return _resize_crop_normalise(images, size, mean, std)
 
     @torch.no_grad()
     def score(images, prompts):
@@ -308,6 +318,184 @@ def _hpsv2_scorer(path, device):
         img = model.encode_image(preprocess(images).to(device), normalize=True)
         txt = model.encode_text(tokenizer([str(p) for p in prompts]).to(device), normalize=True)
         return (100.0 * (img * txt).sum(-1)).float().cpu()
+    return score
+
+
+# ------------------------------------------------------------------------------------------------ ImageReward
+# ImageReward (Xu et al. 2023) rebuilt from standard parts, WITHOUT the image-reward package (which pins old timm /
+# transformers and unpickles): BLIP's ViT (timm VisionTransformer layout) -> BLIP's BERT text encoder with
+# cross-attention to all image tokens (transformers' BlipTextModel, a port of BLIP's med.py BertModel: same key names,
+# no token_type_embeddings, and cross-attention key/value of input width = the ViT width, 1024 for ViT-L, which plain
+# BertModel cannot express) -> [CLS] state -> MLP -> (x - mean) / std. Sizes come from the checkpoint's shapes.
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.mean / .std
+IMAGEREWARD_MAX_TOKENS = 35  # ImageReward.score: padding="max_length", truncation=True, max_length=35
+IMAGEREWARD_MLP = AESTHETIC_LAYERS  # Linear 768-1024-128-64-16-1 at Sequential indices 0, 2, 4, 6, 7
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+VISION_HEAD_DIM = 64  # BLIP ViT-B 768/12, ViT-L 1024/16 heads: the head count is not visible in tensor shapes
+_IR_VISION, _IR_TEXT, _IR_MLP = "blip.visual_encoder.", "blip.text_encoder.", "mlp."
+_IR_TEXT_UNUSED = ("embeddings.position_ids", "pooler.")  # a buffer / an unused pooler, if a checkpoint has them
+
+
+def _imagereward_files(path):
+    """(checkpoint, med_config.json or None, tokenizer folder) for a folder or for the ImageReward.pt inside it."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        ckpt = path / "ImageReward.pt"
+        if not ckpt.is_file():
+            ckpt = _single_weight_file("imagereward", path)
+    else:
+        ckpt = path
+    tok = folder / "tokenizer"
+    if not (tok / "vocab.txt").is_file():
+        if (folder / "vocab.txt").is_file():
+            tok = folder
+        else:
+            raise RewardUnavailableError(
+                f"'imagereward' needs BERT's uncased WordPiece vocabulary: place bert-base-uncased's vocab.txt at "
+                f"{folder / 'tokenizer' / 'vocab.txt'} (ComfyUI/{REWARD_FOLDER}/imagereward/tokenizer/vocab.txt); "
+                f"EPD never downloads it")
+    med = folder / "med_config.json"
+    return ckpt, (med if med.is_file() else None), tok
+
+
+def _strict_load(module, sd, what, file):
+    """module.load_state_dict(sd, strict=True), with a message listing missing / unexpected / mis-shaped keys."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
+              if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise RewardUnavailableError(
+            f"{file} does not match ImageReward's {what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} shape mismatches (e.g. {shapes[:2]})")
+    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+
+
+def _ir_count(sd, fmt):
+    n = 0
+    while fmt.format(n) in sd:
+        n += 1
+    return n
+
+
+def _imagereward_scorer(path, device):
+    """ImageReward-v1.0: BLIP ViT-L/16 at 224 px + BLIP BERT with cross-attention + MLP head; about -2..2."""
+    import json
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertTokenizer, BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    ckpt, med_file, tok_dir = _imagereward_files(path)
+    sd = _load_state_dict("imagereward", ckpt)
+    vis = {k[len(_IR_VISION):]: v for k, v in sd.items() if k.startswith(_IR_VISION)}
+    txt = {k[len(_IR_TEXT):]: v for k, v in sd.items() if k.startswith(_IR_TEXT)
+           and not k[len(_IR_TEXT):].startswith(_IR_TEXT_UNUSED)}
+    mlp = {k[len(_IR_MLP):]: v for k, v in sd.items() if k.startswith(_IR_MLP)}
+    # other keys (blip.vision_proj / blip.text_proj, unused by ImageReward.score) are ignored, like its strict=False
+    needed = ["pos_embed", "cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"]
+    needed = [_IR_VISION + k for k in needed if k not in vis]
+    needed += [_IR_TEXT + k for k in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                                      "encoder.layer.0.intermediate.dense.weight",
+                                      "encoder.layer.0.crossattention.self.key.weight") if k not in txt]
+    needed += [_IR_MLP + f"layers.{i}.weight" for i in IMAGEREWARD_MLP if f"layers.{i}.weight" not in mlp]
+    if needed:
+        raise RewardUnavailableError(
+            f"{ckpt} is not an ImageReward checkpoint (the state dict of ImageReward-v1.0's ImageReward.pt expected): "
+            f"missing {needed[:6]} ({len(sd)} keys, e.g. {sorted(sd)[:3]})")
+
+    # vision tower: sizes from the shapes (image size from the position table, BLIP's pos_embed has 1 + grid^2 rows)
+    dim, patch = vis["pos_embed"].shape[-1], vis["patch_embed.proj.weight"].shape[-1]
+    grid = round((vis["pos_embed"].shape[1] - 1) ** 0.5)
+    if grid * grid + 1 != vis["pos_embed"].shape[1]:
+        raise RewardUnavailableError(f"{ckpt}: {_IR_VISION}pos_embed has {vis['pos_embed'].shape[1]} rows, expected "
+                                     f"1 + a square grid")
+    img_size = grid * patch
+    visual = VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=dim,
+                               depth=_ir_count(vis, "blocks.{}.norm1.weight"),
+                               num_heads=max(1, dim // VISION_HEAD_DIM),
+                               mlp_ratio=vis["blocks.0.mlp.fc1.weight"].shape[0] / dim, qkv_bias=True,
+                               num_classes=0, global_pool="")
+    _strict_load(visual, vis, "BLIP ViT (blip.visual_encoder)", ckpt)
+
+    # text tower: BLIP's med_config.json gives heads / eps / activation; every size is read from the shapes
+    med = {}
+    if med_file is not None:
+        try:
+            med = json.loads(med_file.read_text())
+        except ValueError as e:
+            raise RewardUnavailableError(f"cannot read {med_file} as JSON ({e})") from None
+    vocab, hidden = txt["embeddings.word_embeddings.weight"].shape
+    heads = int(med.get("num_attention_heads", max(1, hidden // 64)))
+    if int(med.get("hidden_size", hidden)) != hidden or hidden % heads:
+        raise RewardUnavailableError(f"{med_file} (hidden_size {med.get('hidden_size')}, {heads} heads) does not fit "
+                                     f"{ckpt} (text hidden size {hidden}); place ImageReward's own med_config.json")
+    enc_width = txt["encoder.layer.0.crossattention.self.key.weight"].shape[1]
+    if enc_width != dim:
+        raise RewardUnavailableError(f"{ckpt}: the text encoder cross-attends to width {enc_width} but the ViT "
+                                     f"embeds to {dim}")
+    config = BlipTextConfig(
+        vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=enc_width,
+        intermediate_size=txt["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=_ir_count(txt, "encoder.layer.{}.attention.self.query.weight"), num_attention_heads=heads,
+        max_position_embeddings=txt["embeddings.position_embeddings.weight"].shape[0],
+        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=float(med.get("layer_norm_eps", 1e-12)),
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=int(med.get("pad_token_id", 0)),
+        bos_token_id=None, eos_token_id=None, sep_token_id=None)
+    if config.max_position_embeddings < IMAGEREWARD_MAX_TOKENS:
+        raise RewardUnavailableError(f"{ckpt}: {config.max_position_embeddings} text positions, ImageReward needs "
+                                     f"{IMAGEREWARD_MAX_TOKENS}")
+    text = BlipTextModel(config, add_pooling_layer=False)
+    _strict_load(text, txt, "BLIP text encoder (blip.text_encoder)", ckpt)
+
+    # MLP head: Linear-Dropout-Linear-Dropout-Linear-Dropout-Linear-Linear, no activations (as in ImageReward.MLP)
+    expected = {f"layers.{i}.{p}" for i in IMAGEREWARD_MLP for p in ("weight", "bias")}
+    if set(mlp) != expected:
+        raise RewardUnavailableError(f"{ckpt}: the ImageReward head must have the keys "
+                                     f"{sorted(_IR_MLP + k for k in expected)}; missing "
+                                     f"{sorted(_IR_MLP + k for k in expected - set(mlp))}, unexpected "
+                                     f"{sorted(_IR_MLP + k for k in set(mlp) - expected)[:6]}")
+    linears, width = [], hidden
+    for i in IMAGEREWARD_MLP:
+        w, b = mlp[f"layers.{i}.weight"], mlp[f"layers.{i}.bias"]
+        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise RewardUnavailableError(f"{ckpt}: mlp.layers.{i}.weight has shape {tuple(w.shape)}, expected "
+                                         f"(n, {width})")
+        linears.append(torch.nn.Linear(w.shape[1], w.shape[0]))
+        width = w.shape[0]
+    if width != 1:
+        raise RewardUnavailableError(f"{ckpt}: the ImageReward head ends in {width} outputs, expected 1")
+    head = torch.nn.Sequential(*linears)
+    _strict_load(head, {f"{j}.{p}": mlp[f"layers.{i}.{p}"] for j, i in enumerate(IMAGEREWARD_MLP)
+                        for p in ("weight", "bias")}, "MLP head (mlp.layers)", ckpt)
+
+    try:  # bert-base-uncased WordPiece, local files only (BLIP's extra [DEC] / [ENC] tokens are unused by score())
+        tokenizer = BertTokenizer.from_pretrained(str(tok_dir), local_files_only=True, do_lower_case=True)
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"cannot load the BERT tokenizer from {tok_dir} ({type(e).__name__}: {e}); place "
+                                     f"bert-base-uncased's vocab.txt there") from None
+    if len(tokenizer) > vocab:
+        raise RewardUnavailableError(f"the tokenizer at {tok_dir} has {len(tokenizer)} tokens but {ckpt} embeds only "
+                                     f"{vocab}; place bert-base-uncased's vocab.txt")
+    visual, text, head = visual.to(device).eval(), text.to(device).eval(), head.to(device).eval()
+    size = (img_size, img_size)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def score(images, prompts):
+        images = _check_rgb("imagereward", images)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"'imagereward' needs one prompt per image ({len(prompts)} prompts, {images.shape[0]} "
+                             f"images)")
+        image_embeds = visual.forward_features(_resize_crop_normalise(images, size, mean, std).to(device))
+        tokens = tokenizer([str(p) for p in prompts], padding="max_length", truncation=True,
+                           max_length=IMAGEREWARD_MAX_TOKENS, return_tensors="pt")
+        out = text(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+                   encoder_hidden_states=image_embeds,
+                   encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
+        x = head(out.last_hidden_state[:, 0].float()).squeeze(-1)
+        return ((x - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).float().cpu()
     return score
 
 
