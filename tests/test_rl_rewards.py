@@ -57,7 +57,7 @@ def _write_tiny_clip(folder, seed=0):
 def _aesthetic_head(in_dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for i, (o, n) in zip(rewards.AESTHETIC_LAYERS, [(1024, in_dim), (128, 1024), (64, 128), (16, 64), (1, 16)]):
+    for i, (o, n) in zip(rewards.HEAD_LINEARS, [(1024, in_dim), (128, 1024), (64, 128), (16, 64), (1, 16)]):
         sd[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n ** 0.5
         sd[f"layers.{i}.bias"] = torch.randn(o, generator=g) * 0.1
     return sd
@@ -128,7 +128,7 @@ def test_aesthetic_head_on_tiny_clip(tiny):
         emb = clip.visual_projection(clip.vision_model(pixel_values=pix).pooler_output)
         h = emb / emb.norm(dim=-1, keepdim=True)
         sd = _aesthetic_head()
-        for i in rewards.AESTHETIC_LAYERS:
+        for i in rewards.HEAD_LINEARS:
             h = h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
     torch.testing.assert_close(s, h.squeeze(-1))
 
@@ -309,7 +309,7 @@ def _imagereward_state_dict(seed=0, v_depth=2, t_layers=2, grid=2, patch=16, pos
         ln(b + "output.LayerNorm", IR_T)
     lin("blip.vision_proj", 16, IR_V)  # in BLIP_Pretrain, unused by ImageReward.score
     lin("blip.text_proj", 16, IR_T)
-    for i, (o, n) in zip(rewards.IMAGEREWARD_MLP, [(1024, IR_T), (128, 1024), (64, 128), (16, 64), (1, 16)]):
+    for i, (o, n) in zip(rewards.HEAD_LINEARS, [(1024, IR_T), (128, 1024), (64, 128), (16, 64), (1, 16)]):
         lin(f"mlp.layers.{i}", o, n)
     return sd
 
@@ -373,7 +373,7 @@ def _reference_imagereward(sd, pixels, ids, mask):
         h = ln(lin(F.gelu(lin(h, b + "intermediate.dense")), b + "output.dense") + h, b + "output.LayerNorm", 1e-12)
         n += 1
     z = h[:, 0]
-    for i in rewards.IMAGEREWARD_MLP:  # Dropouts are identities; no activations in ImageReward's MLP
+    for i in rewards.HEAD_LINEARS:  # Dropouts are identities; no activations in ImageReward's MLP
         z = lin(z, f"mlp.layers.{i}")
     return ((z.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072).float()
 

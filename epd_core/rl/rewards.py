@@ -217,7 +217,36 @@ def _single_weight_file(kind, folder):
     return files[0]
 
 
-AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # Linear indices of LAION's nn.Sequential (1, 3, 5 are Dropout)
+# The score head shared by the LAION aesthetic predictor and ImageReward: nn.Sequential of Linear(d, 1024),
+# Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1), no activations.
+HEAD_LINEARS = (0, 2, 4, 6, 7)  # the Linear layers' indices in that Sequential (1, 3, 5 are Dropout)
+
+
+def _linear_head(sd, in_width, file, what, prefix="", width_hint=""):
+    """That head from its state dict (keys layers.{0,2,4,6,7}.{weight,bias}; `prefix` is how the file names
+    them), every key and shape checked against an input of `in_width`. Dropout is the identity at eval, so the
+    Linear layers alone are the head."""
+    expected = {f"layers.{i}.{p}" for i in HEAD_LINEARS for p in ("weight", "bias")}
+    if set(sd) != expected:
+        raise RewardUnavailableError(
+            f"{file} is not {what}: expected the keys {sorted(prefix + k for k in expected)} (Linear(d,1024)-Dropout-"
+            f"Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-Linear(16,1)), got missing "
+            f"{sorted(prefix + k for k in expected - set(sd))}, unexpected {sorted(set(sd) - expected)[:8]}")
+    linears, width = [], in_width
+    for i in HEAD_LINEARS:
+        w, b = sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]
+        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise RewardUnavailableError(f"{file}: {prefix}layers.{i}.weight has shape {tuple(w.shape)}, expected "
+                                         f"(n, {width}){width_hint}")
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(w.float())
+            lin.bias.copy_(b.float())
+        linears.append(lin)
+        width = w.shape[0]
+    if width != 1:
+        raise RewardUnavailableError(f"{file}: the last layer of {what} has {width} outputs, expected 1")
+    return torch.nn.Sequential(*linears)
 
 
 def _aesthetic_scorer(path, device):
@@ -234,29 +263,10 @@ def _aesthetic_scorer(path, device):
                                      f"files) at {clip_dir}, next to the head {head_file.name}; place it in "
                                      f"ComfyUI's {REWARD_FOLDER}/aesthetic/clip/")
     sd = _load_state_dict("aesthetic", head_file)
-    expected = {f"layers.{i}.{p}" for i in AESTHETIC_LAYERS for p in ("weight", "bias")}
-    if set(sd) != expected:
-        raise RewardUnavailableError(
-            f"{head_file} is not a LAION aesthetic predictor head: expected the keys {sorted(expected)} "
-            f"(Linear(d,1024)-Dropout-Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-Linear(16,1)), "
-            f"got missing {sorted(expected - set(sd))}, unexpected {sorted(set(sd) - expected)[:8]}")
     model, proc = _load_hf_clip("aesthetic", clip_dir, device)
     dim = int(getattr(model.config, "projection_dim", 0) or model.visual_projection.out_features)
-    linears, width = [], dim
-    for i in AESTHETIC_LAYERS:
-        w, b = sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]
-        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
-            raise RewardUnavailableError(f"{head_file}: layers.{i}.weight has shape {tuple(w.shape)}, expected "
-                                         f"(n, {width}) (the CLIP at {clip_dir} embeds to {dim})")
-        lin = torch.nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            lin.weight.copy_(w.float())
-            lin.bias.copy_(b.float())
-        linears.append(lin)
-        width = w.shape[0]
-    if width != 1:
-        raise RewardUnavailableError(f"{head_file}: the last layer has {width} outputs, expected 1")
-    head = torch.nn.Sequential(*linears).to(device).eval()  # Dropout is the identity at eval
+    head = _linear_head(sd, dim, head_file, "a LAION aesthetic predictor head", "",
+                        f" (the CLIP at {clip_dir} embeds to {dim})").to(device).eval()
 
     @torch.no_grad()
     def score(images, prompts):
@@ -330,7 +340,6 @@ def _hpsv2_scorer(path, device):
 
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.mean / .std
 IMAGEREWARD_MAX_TOKENS = 35  # ImageReward.score: padding="max_length", truncation=True, max_length=35
-IMAGEREWARD_MLP = AESTHETIC_LAYERS  # Linear 768-1024-128-64-16-1 at Sequential indices 0, 2, 4, 6, 7
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 VISION_HEAD_DIM = 64  # BLIP ViT-B 768/12, ViT-L 1024/16 heads: the head count is not visible in tensor shapes
 _IR_VISION, _IR_TEXT, _IR_MLP = "blip.visual_encoder.", "blip.text_encoder.", "mlp."
@@ -399,7 +408,7 @@ def _imagereward_scorer(path, device):
     needed += [_IR_TEXT + k for k in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
                                       "encoder.layer.0.intermediate.dense.weight",
                                       "encoder.layer.0.crossattention.self.key.weight") if k not in txt]
-    needed += [_IR_MLP + f"layers.{i}.weight" for i in IMAGEREWARD_MLP if f"layers.{i}.weight" not in mlp]
+    needed += [_IR_MLP + f"layers.{i}.weight" for i in HEAD_LINEARS if f"layers.{i}.weight" not in mlp]
     if needed:
         raise RewardUnavailableError(
             f"{ckpt} is not an ImageReward checkpoint (the state dict of ImageReward-v1.0's ImageReward.pt expected): "
@@ -449,26 +458,7 @@ def _imagereward_scorer(path, device):
     text = BlipTextModel(config, add_pooling_layer=False)
     _strict_load(text, txt, "BLIP text encoder (blip.text_encoder)", ckpt)
 
-    # MLP head: Linear-Dropout-Linear-Dropout-Linear-Dropout-Linear-Linear, no activations (as in ImageReward.MLP)
-    expected = {f"layers.{i}.{p}" for i in IMAGEREWARD_MLP for p in ("weight", "bias")}
-    if set(mlp) != expected:
-        raise RewardUnavailableError(f"{ckpt}: the ImageReward head must have the keys "
-                                     f"{sorted(_IR_MLP + k for k in expected)}; missing "
-                                     f"{sorted(_IR_MLP + k for k in expected - set(mlp))}, unexpected "
-                                     f"{sorted(_IR_MLP + k for k in set(mlp) - expected)[:6]}")
-    linears, width = [], hidden
-    for i in IMAGEREWARD_MLP:
-        w, b = mlp[f"layers.{i}.weight"], mlp[f"layers.{i}.bias"]
-        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
-            raise RewardUnavailableError(f"{ckpt}: mlp.layers.{i}.weight has shape {tuple(w.shape)}, expected "
-                                         f"(n, {width})")
-        linears.append(torch.nn.Linear(w.shape[1], w.shape[0]))
-        width = w.shape[0]
-    if width != 1:
-        raise RewardUnavailableError(f"{ckpt}: the ImageReward head ends in {width} outputs, expected 1")
-    head = torch.nn.Sequential(*linears)
-    _strict_load(head, {f"{j}.{p}": mlp[f"layers.{i}.{p}"] for j, i in enumerate(IMAGEREWARD_MLP)
-                        for p in ("weight", "bias")}, "MLP head (mlp.layers)", ckpt)
+    head = _linear_head(mlp, hidden, ckpt, "an ImageReward head", _IR_MLP)
 
     try:  # bert-base-uncased WordPiece, local files only (BLIP's extra [DEC] / [ENC] tokens are unused by score())
         tokenizer = BertTokenizer.from_pretrained(str(tok_dir), local_files_only=True, do_lower_case=True)
