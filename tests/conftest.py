@@ -1,15 +1,28 @@
 """Shared fixtures. ComfyUI's own code (for reference samplers and the real server) comes from
 COMFYUI_PATH or the runtime that scripts/setup_runtime.sh installs into .comfyui/."""
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's global default dtype set for a block, restored afterwards (test modules differ in what they need)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def import_comfy_sampling():

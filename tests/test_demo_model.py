@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import default_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
@@ -31,10 +32,8 @@ PACKAGE = "comfyui_epd_under_test"  # the pack is a package when ComfyUI loads i
 @pytest.fixture(autouse=True)
 def float32_default():
     """Other test modules switch the default dtype to float64; these tests mirror ComfyUI's float32 run."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+    with default_dtype(torch.float32):
+        yield
 
 
 @pytest.fixture(scope="module")

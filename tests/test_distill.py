@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import default_dtype
 
 from epd_core import distill as D
 from epd_core.distill import DistillCancelled, DistillConfig, DistillError, distill
@@ -22,11 +23,10 @@ SMIN, SMAX = 0.002, 80.0
 @pytest.fixture(autouse=True)
 def _float64_single_thread():
     # tiny ops: one thread avoids OpenMP spin-waiting on a busy 2-core machine (50x slower otherwise)
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
+    with default_dtype(torch.float64):
+        yield
     torch.set_num_threads(threads)
 
 

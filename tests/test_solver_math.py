@@ -1,6 +1,7 @@
 """EPD's math against ComfyUI's own samplers on an exact Gaussian-mixture denoiser (EPD_SPEC.md §2-3)."""
 import pytest
 import torch
+from conftest import default_dtype
 
 from epd_core.gmm import GaussianMixtureDenoiser, cfg_model
 from epd_core.params import EPDParams
@@ -12,10 +13,8 @@ from epd_core.solver import PointEvaluator, epd_step, integrate, sample_epd, sam
 @pytest.fixture(autouse=True)
 def float64_by_default():
     """Reductions are checked to ~1e-10: build every tensor in float64, then restore the global default."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+    with default_dtype(torch.float64):
+        yield
 
 
 def setup(steps=8, batch=4, seed=1):
