@@ -126,12 +126,17 @@ class LoadEPDParams(io.ComfyNode):
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,120}$")
 
 
-def save_table(params: EPDParams, name: str):
-    """Save into models/epd_params/ under a plain file name (no folders: nothing outside it is touched)."""
+def table_stem(name: str) -> str:
+    """A table's file name without .safetensors, refused unless it is a plain name (no folders, no '..')."""
     stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
     if not _SAFE_NAME.match(stem) or ".." in stem:
         raise EPDParamsError(f"'{name}' is not a plain file name; use letters, digits, '_', '-', '.' only")
-    return params.save(output_dir() / f"{stem}.safetensors")
+    return stem
+
+
+def save_table(params: EPDParams, name: str):
+    """Save into models/epd_params/ under a plain file name (no folders: nothing outside it is touched)."""
+    return params.save(output_dir() / f"{table_stem(name)}.safetensors")
 
 
 class SaveEPDParams(io.ComfyNode):

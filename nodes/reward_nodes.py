@@ -15,28 +15,18 @@ from comfy_api.latest import io
 
 from epd_core.rl.rewards import LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward
 
+from .tables import register_model_folder
+
 CATEGORY = "training/epd/rewards"
 FOLDER = "epd_rewards"
 EPDRewardType = io.Custom("EPD_REWARD")
 
 
-def register_reward_folder() -> None:
-    path = os.path.join(folder_paths.models_dir, FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    if path not in paths:
-        paths.append(path)
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".pt", ".pth", ".safetensors", ".bin"})
-
-
 @dataclass
 class GraphReward:
-    """A reward as the graph carries it. `decode` (a VAE) turns latents into RGB images for image rewards."""
+    """A reward as the graph carries it; `vae` (optional) turns latents into RGB images for image rewards."""
     reward: Reward
     vae: object = None
-
-    @property
-    def name(self) -> str:
-        return self.reward.name
 
     def for_model(self, inner_model):
         """The callable rdpo() expects: sampler outputs (model space) -> latents -> images -> scores."""
@@ -120,5 +110,5 @@ def resolve_reward_path(kind: str, path: str) -> str:
     return os.path.join(folders[0], name)  # LocalModelReward reports it missing, naming this path
 
 
-register_reward_folder()
+register_model_folder(FOLDER, {".pt", ".pth", ".safetensors", ".bin"})
 REWARD_NODES = [EPDRewardDemoClassifier, EPDRewardLocalModel]

@@ -27,13 +27,17 @@ FAMILIES = {"sd15": "sd15", "sd20": "sd2", "sd21unclipl": "sd2", "sdxl": "sdxl",
             "fluxinpaint": "flux", "flux2": "flux2", "wan21_t2v": "wan", "wan21_i2v": "wan", "hunyuanvideo": "hunyuan_video"}
 
 
-def register_folder() -> None:
-    user_dir = os.path.join(folder_paths.models_dir, FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    for p in (user_dir, str(PRETRAINED_DIR)):
+def register_model_folder(name: str, extensions, *extra_paths) -> None:
+    """models/<name>/ (then `extra_paths`) as a ComfyUI model folder; idempotent, keeps what others added."""
+    paths, exts = folder_paths.folder_names_and_paths.get(name, ([], set()))
+    for p in (os.path.join(folder_paths.models_dir, name), *map(str, extra_paths)):
         if p not in paths:
             paths.append(p)
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
+    folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
+
+
+def register_folder() -> None:
+    register_model_folder(FOLDER, EXTENSIONS, PRETRAINED_DIR)
 
 
 def table_files() -> list[str]:

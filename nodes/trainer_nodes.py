@@ -24,11 +24,11 @@ import torch
 from comfy_api.latest import io
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill, load_checkpoint
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.params import EPDParams
 from epd_core.rl import RLConfig, RLError, RewardUnavailableError, rdpo
 
 from .compat import sequential_reasons
-from .params_nodes import _SAFE_NAME, EPDParamsType, save_table, table_sigmas
+from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
@@ -147,9 +147,8 @@ def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], c
         noise = torch.zeros(latent_shape, device=ctx.device)
         prepared = []
         for pos, neg in conds:  # what CFGGuider.sample + inner_sample do to its own conds, once per prompt
-            raw = {"positive": comfy.sampler_helpers.convert_cond(pos),
+            raw = {"positive": comfy.sampler_helpers.convert_cond(pos),  # fresh dicts: the inputs stay untouched
                    "negative": comfy.sampler_helpers.convert_cond(neg)}
-            raw = {k: [c.copy() for c in v] for k, v in raw.items()}
             prepared.append(fresh_tensors(comfy.samplers.process_conds(ctx.guider.inner_model, noise, raw,
                                                                        ctx.device, None, None, seed)))
 
@@ -205,13 +204,6 @@ def checkpoint_folder(name: str) -> Path:
     return output_dir() / "checkpoints" / name
 
 
-def _file_stem(name: str) -> str:
-    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
-    if not _SAFE_NAME.match(stem) or ".." in stem:
-        raise EPDParamsError(f"'{name}' is not a plain file name; use letters, digits, '_', '-', '.' only")
-    return stem
-
-
 def _should_stop():
     comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: raises, ComfyUI reports it
     return False
@@ -237,7 +229,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
-    stem = _file_stem(name)
+    stem = table_stem(name)
     shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
     folder = checkpoint_folder(stem)
     folder.mkdir(parents=True, exist_ok=True)
@@ -279,7 +271,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
-    stem = _file_stem(name)
+    stem = table_stem(name)
     shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
     folder = checkpoint_folder(stem)
