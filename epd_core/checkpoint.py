@@ -4,6 +4,7 @@ Never pickle."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +14,20 @@ from safetensors.torch import save as st_save_bytes
 from .params import EPDParamsError, atomic_write_bytes
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` ('does not exist', 'is not a folder', 'is not writable (...)'),
+    or None. os.access is not enough (root, read-only mounts, quotas): a probe file is really created."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "is not a folder" if folder.exists() else "does not exist"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".epd-probe-"):
+            pass
+    except OSError as e:
+        return f"is not writable ({e.strerror})"
+    return None
 
 
 def adam_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -23,14 +23,13 @@ import datetime
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .checkpoint import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
+from .checkpoint import adam_state_tensors, folder_problem, load_adam_state, read_checkpoint, write_checkpoint
 from .params import SCHEDULE_TYPES, EPDParams, activate
 from .solver import EPDSamplingError, PointEvaluator, adams_bashforth, check_sigmas, epd_step, integrate
 
@@ -441,16 +440,14 @@ def load_checkpoint(path) -> dict:
 
 def _check_checkpoint_folder(path: Path) -> None:
     folder = path.parent
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise DistillError(f"checkpoint folder {folder} {what}. Create it (mkdir -p) or choose another checkpoint "
-                           "folder.")
-    try:  # os.access is not enough (root, read-only mounts, quotas): really create a file
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".epd-probe-"):
-            pass
-    except OSError as e:
-        raise DistillError(f"checkpoint folder {folder} is not writable ({e.strerror}). Fix its permissions or free "
-                           "space, or choose another checkpoint folder.") from None
+    problem = folder_problem(folder)
+    if problem is None:
+        return
+    if folder.is_dir():  # it exists but does not take a file
+        raise DistillError(f"checkpoint folder {folder} {problem}. Fix its permissions or free space, or choose "
+                           "another checkpoint folder.")
+    raise DistillError(f"checkpoint folder {folder} {problem}. Create it (mkdir -p) or choose another checkpoint "
+                       "folder.")
 
 
 def _check_resumable(ckpt: dict, cfg: DistillConfig, path) -> None:

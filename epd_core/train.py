@@ -18,13 +18,13 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import schedules
+from .checkpoint import folder_problem
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
 from .params import EPDParams, EPDParamsError
 
@@ -378,16 +378,13 @@ def config_from_args(args, sigmas, spec, problem) -> DistillConfig:
 
 def check_output_folder(out: Path) -> None:
     """Before any training: --out's folder exists and really takes a file (permissions, read-only mounts)."""
-    folder = out.parent
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise TrainCLIError(f"output folder {folder} {what}; create it or choose another --out")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".epd-probe-"):
-            pass
-    except OSError as e:
-        raise TrainCLIError(f"output folder {folder} is not writable ({e.strerror}); fix its permissions or choose "
-                            "another --out (nothing was trained yet)") from None
+    problem = folder_problem(out.parent)
+    if problem is None:
+        return
+    if out.parent.is_dir():  # it exists but does not take a file
+        raise TrainCLIError(f"output folder {out.parent} {problem}; fix its permissions or choose another --out "
+                            "(nothing was trained yet)")
+    raise TrainCLIError(f"output folder {out.parent} {problem}; create it or choose another --out")
 
 
 def init_distributed() -> tuple[int, int]:
