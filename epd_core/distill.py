@@ -40,8 +40,8 @@ OBJECTIVES = ("per_step", "end_to_end", "per_step+end_to_end")
 CHECKPOINT_FORMAT = "epd-distill-checkpoint-v1"
 # Fields that change the result: a checkpoint only resumes a run whose values are identical.
 _RESULT_FIELDS = ("sigmas", "num_points", "solver", "max_order", "afs", "teacher", "inserted_steps", "objective",
-                  "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch", "num_batches", "seed", "spread",
-                  "scale_dir", "scale_time")
+                  "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch",
+                  "num_batches", "seed", "spread", "scale_dir", "scale_time")
 
 
 class DistillError(RuntimeError):
