@@ -21,12 +21,12 @@ scale_time_params are exactly theta_r / theta_w / theta_c / theta_a. CLI:
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import io
 import math
 import pickle
 import pickletools
+import re
 import sys
 import warnings
 import zipfile
@@ -47,6 +47,12 @@ _TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_p
 _SOLVERS = {"epd": "epd", "ipndm": "epd_plugin"}  # official sampler_stu -> our solver
 _OFFICIAL_SCHEDULES = ("discrete", "polynomial", "logsnr", "time_uniform", "flowmatch")
 _SCHEDULE_NUMBERS = ("sigma_min", "sigma_max", "shift", "mu")  # copied when the file records them
+# What the provenance copy of untrusted attributes may hold in all (values and characters): a real file's
+# provenance is a few dozen values. Shared references can make a 4 kB pickle describe a graph of 10^10 nodes, so
+# the copy counts every value it visits and refuses the file as soon as the budget is spent.
+PROVENANCE_MAX_VALUES, PROVENANCE_MAX_CHARS, PROVENANCE_MAX_DEPTH = 2000, 20000, 4
+_NAME = re.compile(r"[a-z0-9_-]{1,64}")  # dataset / backend names that become a table's model_family
+_MAX_EXACT_INT = 2 ** 53  # larger integers are no plausible hyperparameter (and overflow float())
 _FIX_REFUSED = ("The file is not an official EPD predictor or has been tampered with; nothing in it was run. "
                 "Use the .pkl from the EPD authors' release.")
 
@@ -175,6 +181,14 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _ordered_dict(*args):
+    """What an OrderedDict is rebuilt as: a new plain dict (pickle fills it with SETITEMS), which has no __dict__
+    for BUILD to write into. Pickle never passes arguments to it."""
+    if args:
+        raise _Bad("an OrderedDict is rebuilt with arguments, which an official EPD predictor never does")
+    return {}
+
+
 class _StandIn(_Inert):
     """What find_class hands out for a function: an object, not the bare function, because pickle's BUILD
     opcode can set attributes (e.g. __defaults__) on a function and so corrupt it for the whole process."""
@@ -192,7 +206,9 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _StandIn(_rebuild_parameter),
     ("torch._utils", "_rebuild_tensor_v2"): _StandIn(_rebuild_tensor_v2),
     ("torch.storage", "_load_from_bytes"): _StandIn(_load_from_bytes),
-    ("collections", "OrderedDict"): collections.OrderedDict,  # torch modules' _parameters, hook dicts
+    # torch modules' _parameters and hook dicts: a plain dict (ordered too). Not the OrderedDict class itself:
+    # its instances have a __dict__, so BUILD could set an attribute such as `get` on one and shadow the method.
+    ("collections", "OrderedDict"): _StandIn(_ordered_dict),
     ("torch.nn.modules.activation", "Sigmoid"): _Sigmoid,
     ("torch.nn.modules.activation", "Softmax"): _Softmax,
     # Protocols 2-3 spell sets (nn.Module._non_persistent_buffers_set) and protocol 2 bytes as calls;
@@ -200,8 +216,8 @@ _ALLOWED = {
     ("builtins", "set"): set, ("__builtin__", "set"): set,
     ("_codecs", "encode"): _StandIn(_latin1_encode),
 }
-# Classes handed out (the placeholders above, set, OrderedDict) are safe from BUILD: ours define
-# __setstate__, which pickle then calls unbound and which fails; built-in types refuse new attributes.
+# Classes handed out (the placeholders above, set) are safe from BUILD: ours define __setstate__, which pickle
+# then calls unbound and which fails; built-in types refuse new attributes.
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -303,7 +319,7 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
     if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("state"), dict)):
         fail("the 'model' entry is not a persistent class record (no meta type='class' with a state dict)")
     if meta.get("class_name") != "EPD_predictor":
-        fail(f"the 'model' entry is a {_plain(meta.get('class_name'))!r}, not an EPD_predictor",
+        fail(f"the 'model' entry is a {_brief(meta.get('class_name'))}, not an EPD_predictor",
              "Pass the predictor file (the one holding the learned r/w/c/a tables), not another snapshot.")
     state = meta["state"]
     weights = state.get("_parameters")
@@ -329,16 +345,16 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
     sampler = state.get("sampler_stu")
     solver = _SOLVERS.get(sampler) if isinstance(sampler, str) else None
     if solver is None:
-        fail(f"student sampler {_plain(sampler)!r} is not supported",
+        fail(f"student sampler {_brief(sampler)} is not supported",
              "Only 'epd' (EPD-Solver) and 'ipndm' (EPD-Plugin) predictors can be imported.")
     max_order = 1
     if solver == "epd_plugin":
         max_order = state.get("max_order")
         if not (type(max_order) is int and 1 <= max_order <= 4):
-            fail(f"max_order={_plain(max_order)!r} for an iPNDM predictor", "EPD-Plugin supports orders 1..4.")
+            fail(f"max_order={_brief(max_order)} for an iPNDM predictor", "EPD-Plugin supports orders 1..4.")
     schedule_type = state.get("schedule_type")
     if schedule_type not in _OFFICIAL_SCHEDULES or schedule_type not in SCHEDULE_TYPES:
-        fail(f"schedule_type {_plain(schedule_type)!r} is unknown", f"Expected one of {_OFFICIAL_SCHEDULES}.")
+        fail(f"schedule_type {_brief(schedule_type)} is unknown", f"Expected one of {_OFFICIAL_SCHEDULES}.")
     schedule = {"type": schedule_type}
     backend_config = state.get("backend_config") if isinstance(state.get("backend_config"), dict) else {}
     for key, value in [("rho", state.get("schedule_rho"))] + [(k, backend_config.get(k, state.get(k)))
@@ -347,6 +363,13 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
             schedule[key] = float(value)
     guidance = state.get("guidance_rate")
 
+    budget = _Budget()
+    try:
+        provenance = {key: _plain(state.get(attr), budget, attr) for key, attr in _PROVENANCE}
+        provenance["persistence_version"] = _plain(meta.get("version"), budget, "version")
+    except _TooBig as e:
+        fail(str(e), "An official predictor records a few small hyperparameters; this file is crafted or not "
+                     "an EPD predictor, and nothing was written.")
     metadata = {
         "solver": solver,
         "max_order": max_order,
@@ -354,20 +377,15 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
         "fix_last_dir_scale": _flag(state, "fcn", fail),
         "schedule": schedule,
         "guidance_scale": float(guidance) if _number(guidance) else None,
-        "model_family": _model_family(state.get("backend"), state.get("dataset_name")),
+        "model_family": _model_family(state.get("backend"), state.get("dataset_name"), fail),
         "num_points": num_points,
         "provenance": {
             "format": "official EPD predictor (.pkl)",
-            "source": Path(name).name,
+            "source": Path(name).name[:200],
             "sha256": hashlib.sha256(data).hexdigest(),
             "importer_version": IMPORTER_VERSION,
             "official_num_steps": num_steps,  # time points, i.e. one more than the table's steps
-            "persistence_version": _plain(meta.get("version")),
-            **{key: _plain(state.get(attr)) for key, attr in (
-                ("teacher", "sampler_tea"), ("M", "M"), ("dataset_name", "dataset_name"),
-                ("img_resolution", "img_resolution"), ("backend", "backend"), ("backend_config", "backend_config"),
-                ("guidance_type", "guidance_type"), ("predict_x0", "predict_x0"),
-                ("lower_order_final", "lower_order_final"), ("alpha", "alpha"))},
+            **provenance,
         },
     }
     scales = [_scale(state, key, fail) for key in ("scale_dir", "scale_time")]
@@ -381,14 +399,14 @@ def _int(state: dict, key: str, fail) -> int:
     v = state.get(key)
     limit = MAX_STEPS + 1 if key == "num_steps" else MAX_POINTS
     if not (type(v) is int and (2 if key == "num_steps" else 1) <= v <= limit):
-        fail(f"attribute '{key}' is {_plain(v)!r}, not a valid count", "The file is incomplete; download it again.")
+        fail(f"attribute '{key}' is {_brief(v)}, not a valid count", "The file is incomplete; download it again.")
     return v
 
 
 def _flag(state: dict, key: str, fail) -> bool:
     v = state.get(key)
     if v is not None and type(v) not in (bool, int):
-        fail(f"attribute '{key}' is {_plain(v)!r}, expected a boolean", "The file is inconsistent.")
+        fail(f"attribute '{key}' is {_brief(v)}, expected a boolean", "The file is inconsistent.")
     return bool(v)
 
 
@@ -397,18 +415,31 @@ def _scale(state: dict, key: str, fail) -> float:
     if v is None or v is False:
         return 0.0  # the official code uses None/0 for "disabled"
     if not (_number(v) and 0.0 <= v < 1.0):
-        fail(f"attribute '{key}' is {_plain(v)!r}, expected a bound in [0, 1) or None",
+        fail(f"attribute '{key}' is {_brief(v)}, expected a bound in [0, 1) or None",
              "The file is inconsistent; download it again.")
     return float(v)
 
 
 def _number(v) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)
+    if type(v) is int:
+        return abs(v) <= _MAX_EXACT_INT  # math.isfinite(10**400) raises OverflowError
+    return type(v) is float and math.isfinite(v)
 
 
-def _model_family(backend, dataset) -> str | None:
-    backend = backend.lower() if isinstance(backend, str) else ""
-    dataset = dataset.lower() if isinstance(dataset, str) else ""
+def _model_family(backend, dataset, fail) -> str | None:
+    """The family KSampler matches tables by: 'sd15' / 'sd3' / 'flux' for the published text-to-image
+    predictors, else the dataset's name. Names must be plain ([a-z0-9_-], at most 64 characters)."""
+    names = []
+    for key, v in (("backend", backend), ("dataset_name", dataset)):
+        if v is None or v == "":
+            names.append("")
+            continue
+        low = v.lower() if type(v) is str else None
+        if low is None or not _NAME.fullmatch(low):
+            fail(f"attribute '{key}' is {_brief(v)}, not a plain name (letters, digits, '_', '-'; at most 64)",
+                 "The file is crafted or damaged; use the predictor published by the EPD authors.")
+        names.append(low)
+    backend, dataset = names
     if backend in ("sd3", "flux"):
         return backend
     if backend == "ldm" and ("ms_coco" in dataset or "sd1" in dataset):
@@ -416,19 +447,62 @@ def _model_family(backend, dataset) -> str | None:
     return dataset or backend or None
 
 
-def _plain(v, depth: int = 0):
-    """JSON-safe copy of an untrusted value for metadata and messages (bounded depth and length)."""
-    if v is None or type(v) in (bool, int) or (type(v) is float and math.isfinite(v)):
+# (provenance key, predictor attribute): the hyperparameters worth keeping; nothing else of the state is copied
+_PROVENANCE = (("teacher", "sampler_tea"), ("M", "M"), ("dataset_name", "dataset_name"),
+               ("img_resolution", "img_resolution"), ("backend", "backend"), ("backend_config", "backend_config"),
+               ("guidance_type", "guidance_type"), ("predict_x0", "predict_x0"),
+               ("lower_order_final", "lower_order_final"), ("alpha", "alpha"))
+
+
+class _TooBig(Exception):
+    """The provenance copy ran out of budget."""
+
+
+class _Budget:
+    def __init__(self, values: int = PROVENANCE_MAX_VALUES, chars: int = PROVENANCE_MAX_CHARS):
+        self.values, self.chars = values, chars
+
+    def spend(self, attr: str, values: int = 1, chars: int = 0) -> None:
+        self.values -= values
+        self.chars -= chars
+        if self.values < 0 or self.chars < 0:
+            raise _TooBig(f"refused: attribute '{attr}' (with the other recorded hyperparameters) holds more than "
+                          f"{PROVENANCE_MAX_VALUES} values or {PROVENANCE_MAX_CHARS} characters")
+
+
+def _plain(v, budget: _Budget, attr: str, depth: int = 0):
+    """JSON-safe copy of an untrusted value for the provenance: bounded depth and length per container, and a
+    global budget of values and characters shared by every call with the same `budget` (see _Budget)."""
+    budget.spend(attr)
+    if v is None or type(v) is bool or (type(v) is float and math.isfinite(v)):
         return v
+    if type(v) is int:
+        return v if abs(v) <= _MAX_EXACT_INT else "<int too large>"
     if type(v) is float:
         return str(v)
     if type(v) is str:
-        return v[:500]
-    if depth < 6 and type(v) in (list, tuple):
-        return [_plain(x, depth + 1) for x in v[:64]]
-    if depth < 6 and isinstance(v, dict) and all(type(k) is str for k in v):
-        return {k[:100]: _plain(x, depth + 1) for k, x in list(v.items())[:64]}
+        budget.spend(attr, 0, min(len(v), 200))
+        return v[:200]
+    if depth < PROVENANCE_MAX_DEPTH and type(v) in (list, tuple):
+        return [_plain(x, budget, attr, depth + 1) for x in v[:64]]
+    if depth < PROVENANCE_MAX_DEPTH and type(v) is dict and all(type(k) is str for k in v):
+        out = {}
+        for k, x in list(v.items())[:64]:
+            budget.spend(attr, 0, min(len(k), 100))
+            out[k[:100]] = _plain(x, budget, attr, depth + 1)
+        return out
     return f"<{type(v).__name__.strip('_')}>"
+
+
+def _brief(v) -> str:
+    """A short, safe rendering of an untrusted value for an error message (no recursion into containers)."""
+    if v is None or type(v) in (bool, float) or (type(v) is int and abs(v) <= _MAX_EXACT_INT):
+        return repr(v)
+    if type(v) is int:
+        return "a very large integer"
+    if type(v) is str:
+        return repr(v[:60] + ("..." if len(v) > 60 else ""))
+    return f"a {type(v).__name__.strip('_')}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ MAX_STEPS, MAX_POINTS = 4096, 64
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a real table is a few kB; refuse to read anything absurd
 _SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)
 _WEIGHT_LOGIT_FLOOR = -30.0  # log of a zero weight; keeps logits finite
+# Metadata is plain JSON of modest size and depth: the safetensors header a table is saved in must stay under
+# the 1 MiB the loader accepts, and deeply nested values break json / copy.deepcopy with a RecursionError.
+MAX_METADATA_BYTES, MAX_METADATA_DEPTH = 512 * 1024, 16
+FAMILY_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # model_family: what KSampler matches tables by
 
 
 class EPDParamsError(ValueError):
@@ -195,6 +200,15 @@ class EPDParams:
             if not ok:
                 fail(f"schedule 'sigmas' must be {n + 1} positive, strictly descending numbers "
                      f"(one more than the {n} steps)", "Re-export the table with its training sigmas.")
+        family = m.get("model_family")
+        if family is not None and not (isinstance(family, str) and FAMILY_NAME.fullmatch(family)):
+            shown = repr(family[:40]) + ("..." if len(family) > 40 else "") if isinstance(family, str) else \
+                type(family).__name__
+            fail(f"model_family {shown} is not a plain name", "Use letters, digits and '_', '.', '+', '-' only, "
+                 "at most 64 characters (e.g. 'sd15').")
+        problem = metadata_problem(m)
+        if problem:
+            fail(f"metadata {problem}", "Keep metadata to plain JSON values: strings, numbers, lists and objects.")
         declared_k = m.get("num_points")
         if declared_k is not None and declared_k != k:
             fail(f"metadata says K={declared_k} but the tensors have K={k}", "The file was edited or is "
@@ -261,8 +275,10 @@ class EPDParams:
             meta = json.loads(meta_str["epd_metadata"])
             scale_dir = float(meta_str["epd_scale_dir"])
             scale_time = float(meta_str["epd_scale_time"])
+        except RecursionError:
+            fail("metadata 'epd_metadata' is nested far too deeply (file corrupt or crafted)")
         except (KeyError, ValueError, TypeError) as e:
-            fail(f"metadata is unreadable ({e.__class__.__name__}: {e})")
+            fail(f"metadata is unreadable ({e.__class__.__name__}: {str(e)[:200]})")
         if not isinstance(meta, dict):
             fail("metadata 'epd_metadata' is not a JSON object")
         try:
@@ -300,6 +316,8 @@ def _read_safetensors_header(data: bytes, fail) -> dict:
         fail("file is truncated or not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
+    except RecursionError:
+        fail("safetensors header is nested far too deeply (file corrupt or crafted)")
     except (UnicodeDecodeError, ValueError):
         fail("safetensors header is not valid UTF-8 JSON (file corrupt)")
     if not isinstance(header, dict):
@@ -308,6 +326,40 @@ def _read_safetensors_header(data: bytes, fail) -> dict:
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         fail("safetensors metadata must map strings to strings (file corrupt)")
     return header
+
+
+def json_depth(value, limit: int) -> int:
+    """Nesting depth of lists / dicts in `value`, counted without recursion; stops at limit + 1 (also when it
+    would visit more than a million values, e.g. a structure of shared references)."""
+    depth, level, seen = 0, [value], 0
+    while level and depth <= limit:
+        nxt = []
+        seen += len(level)
+        if seen > 1_000_000:
+            return limit + 1
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                nxt.extend(v)
+        if not nxt:
+            break
+        depth += 1
+        level = nxt
+    return depth
+
+
+def metadata_problem(meta: dict) -> str | None:
+    """Why `meta` cannot be stored in a table's header (too deep, not JSON, too large), or None."""
+    if json_depth(meta, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+        return f"is nested more than {MAX_METADATA_DEPTH} levels deep (or holds over a million values)"
+    try:
+        size = len(json.dumps(meta, sort_keys=True))
+    except (TypeError, ValueError, RecursionError) as e:  # ValueError: NaN, or an int of > 4300 digits
+        return f"is not plain JSON ({type(e).__name__}: {str(e)[:120]})"
+    if size > MAX_METADATA_BYTES:
+        return f"takes {size} bytes, more than the {MAX_METADATA_BYTES} a table header holds"
+    return None
 
 
 def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: float,
