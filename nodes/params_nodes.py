@@ -12,7 +12,8 @@ from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
 
 from .samplers import run_epd
-from .tables import load_table, model_family, output_dir, table_files
+from .tables import (PRESET_LIST, is_protected, load_table, model_family, output_dir, pretrained_names,
+                     table_files)
 
 log = logging.getLogger("epd")
 EPDParamsType = io.Custom("EPD_PARAMS")
@@ -57,12 +58,36 @@ class EPDSampler(io.ComfyNode):
             opts["max_order"] = max_order
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
-            return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **{**opts, **kw})
+            table = with_model_schedule(params, model, sigmas)
+            return run_epd(solver, model, x, sigmas, table, extra_args, callback, disable, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
 
+def with_model_schedule(params: EPDParams, model, sigmas) -> EPDParams:
+    """A table whose schedule is defined through the model (discrete / flowmatch: no recorded sigmas) gets the
+    sigmas EPD Sigmas computes for this model written into a copy, when `sigmas` are exactly those; then the
+    solver sees its own schedule and does not report 'sigmas differ'. Otherwise the table is returned as is."""
+    if params.schedule_sigmas is not None or params.schedule.get("type") not in ("discrete", "flowmatch"):
+        return params
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    if patcher is None:
+        return params
+    try:
+        own = table_sigmas(params, patcher.get_model_object("model_sampling")).double()
+    except (EPDParamsError, ValueError, AttributeError, RuntimeError):
+        return params
+    pos = torch.as_tensor(sigmas).detach().double().cpu()
+    pos = pos[pos > 0]
+    if pos.shape != own.shape or not torch.allclose(pos, own, rtol=1e-4, atol=0):
+        return params
+    table = params.clone()
+    table.metadata["schedule"] = dict(table.schedule, sigmas=own.tolist())
+    return table
+
+
 def table_sigmas(params: EPDParams, model_sampling) -> torch.Tensor:
-    """The N+1 positive sigmas a table was trained on, rebuilt for the connected model (EPD_SPEC.md §4)."""
+    """The N+1 positive sigmas a table was trained on, rebuilt for the connected model (docs/method.md,
+    "Schedules")."""
     spec = dict(params.schedule)
     n = params.num_steps + 1
     kind = spec.get("type")
@@ -123,20 +148,44 @@ class LoadEPDParams(io.ComfyNode):
         return io.NodeOutput(params, ui={"text": [params.describe()]})
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,120}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,119}")
+# Windows device names: "CON.safetensors" is the console there, whatever the extension
+_RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9]|conin\$|conout\$)(\..*)?", re.IGNORECASE)
 
 
 def table_stem(name: str) -> str:
-    """A table's file name without .safetensors, refused unless it is a plain name (no folders, no '..')."""
+    """The file name without .safetensors of a table a node writes, refused unless it is a plain name (no
+    folders, no '..', no control characters or trailing dot / space, no Windows device name) and not the name of
+    a pretrained_params table (it would hide the pack's own in Load EPD Params) or of a table the operator
+    listed in ksampler_presets.txt."""
     stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
-    if not _SAFE_NAME.match(stem) or ".." in stem:
-        raise EPDParamsError(f"'{name}' is not a plain file name; use letters, digits, '_', '-', '.' only")
+    if not _SAFE_NAME.fullmatch(stem) or ".." in stem or stem.endswith((".", " ")):
+        raise EPDParamsError(f"{_shown(name)} is not a plain file name; use letters, digits, '_', '-', '.' and "
+                             "spaces only (at most 120 characters, starting with a letter or digit)")
+    if _RESERVED.fullmatch(stem):
+        raise EPDParamsError(f"'{stem}' is a reserved device name on Windows; choose another name")
+    file = f"{stem}.safetensors"
+    if file.lower() in pretrained_names():
+        raise EPDParamsError(f"'{file}' is the name of one of the pack's own tables (pretrained_params/); a table "
+                             "of that name in models/epd_params/ would hide it. Choose another name.")
+    if is_protected(file):
+        raise EPDParamsError(f"'{file}' is listed in {PRESET_LIST} by the server's operator, so nodes may not "
+                             "replace it. Choose another name.")
     return stem
 
 
-def save_table(params: EPDParams, name: str):
-    """Save into models/epd_params/ under a plain file name (no folders: nothing outside it is touched)."""
-    return params.save(output_dir() / f"{table_stem(name)}.safetensors")
+def _shown(name: str) -> str:
+    return repr(name[:60] + ("..." if len(name) > 60 else ""))
+
+
+def save_table(params: EPDParams, name: str, overwrite: bool = True):
+    """Save into models/epd_params/ under a plain file name (no folders: nothing outside it is touched). Never
+    over a pretrained name or an operator-listed table; over another existing table only with `overwrite`."""
+    target = output_dir() / f"{table_stem(name)}.safetensors"
+    if not overwrite and target.exists():
+        raise EPDParamsError(f"'{target.name}' already exists in models/epd_params/. Choose another name, or set "
+                             "overwrite to true to replace it.")
+    return params.save(target)
 
 
 class SaveEPDParams(io.ComfyNode):
@@ -144,15 +193,20 @@ class SaveEPDParams(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SaveEPDParams", display_name="Save EPD Params", category=CATEGORY, is_output_node=True,
-            description="Save a parameter table to models/epd_params/<name>.safetensors (atomic write).",
+            description="Save a parameter table to models/epd_params/<name>.safetensors (atomic write). An "
+                        "existing table is replaced only with overwrite on; the pack's own table names and tables "
+                        "the operator protected are never replaced.",
             inputs=[EPDParamsType.Input("params", tooltip="The table to save."),
-                    io.String.Input("name", default="my_epd_table", tooltip="File name, without folder.")],
+                    io.String.Input("name", default="my_epd_table", tooltip="File name, without folder."),
+                    io.Boolean.Input("overwrite", default=False, optional=True,
+                                     tooltip="Replace an existing table of that name (off: an existing name is an "
+                                             "error).")],
             outputs=[],
         )
 
     @classmethod
-    def execute(cls, params, name) -> io.NodeOutput:
-        path = save_table(params, name)
+    def execute(cls, params, name, overwrite=False) -> io.NodeOutput:
+        path = save_table(params, name, overwrite=overwrite)
         return io.NodeOutput(ui={"text": [f"saved {path.name}: {params.describe()}"]})
 
 

@@ -2,6 +2,17 @@
 
 Files: `models/epd_params/` (the user's, first so new files land there) and the pack's `pretrained_params/`,
 both under the one folder name "epd_params" so a single Load EPD Params combo lists them.
+
+Which tables KSampler may pick by itself (`find_preset`): anyone who can queue a graph can write tables into
+models/epd_params/ (Save EPD Params, Import EPD Predictor, EPD Trainer), so a plain KSampler run must not trust
+every file there. It picks only
+  * the pack's own `pretrained_params/`, and
+  * user tables the operator listed, one file name per line, in `ksampler_presets.txt` inside a registered
+    epd_params folder (e.g. models/epd_params/ksampler_presets.txt). No node writes that file, and the Save /
+    Import / Trainer nodes refuse to replace a listed table.
+Both only with sane sizes (K <= PRESET_MAX_POINTS, steps <= PRESET_MAX_STEPS); a listed table that is broken or
+too large is skipped with a log line naming the file. Every table can still be used explicitly through Load EPD
+Params -> EPD Sampler.
 """
 from __future__ import annotations
 
@@ -13,13 +24,16 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 
 log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PACK_DIR / "pretrained_params"
 FOLDER = "epd_params"
 EXTENSIONS = {".safetensors", ".pkl"}  # .pkl only for Import EPD Predictor; never unpickled elsewhere
+PRESET_LIST = "ksampler_presets.txt"   # the operator's allow-list of user tables KSampler may pick by itself
+PRESET_MAX_POINTS, PRESET_MAX_STEPS = 8, 200  # what the EPD Trainer can produce; more only through EPD Sampler
+_PRESET_LIST_BYTES = 64 * 1024
 
 # ComfyUI model_config class names -> the family names tables carry in their metadata.
 FAMILIES = {"sd15": "sd15", "sd20": "sd2", "sd21unclipl": "sd2", "sdxl": "sdxl", "sdxlrefiner": "sdxl",
@@ -50,62 +64,210 @@ def output_dir() -> Path:
     return path
 
 
+def is_pretrained(path) -> bool:
+    return Path(path).resolve().is_relative_to(PRETRAINED_DIR.resolve())
+
+
+def pretrained_names() -> set[str]:
+    """File names of the pack's own tables (a saved table must not shadow one of them)."""
+    try:
+        return {p.name.lower() for p in PRETRAINED_DIR.iterdir() if p.suffix == ".safetensors"}
+    except OSError:
+        return set()
+
+
 _cache: dict[str, tuple[float, EPDParams]] = {}
 
 
 def load_table(name: str) -> EPDParams:
-    """Load by combo name (cached by modification time); errors name the file and the fix."""
+    """Load by combo name (cached by modification time); errors name the file (never the server's folders)."""
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise EPDParamsError(f"EPD parameter file '{name}' not found in {folder_paths.get_folder_paths(FOLDER)}. "
-                             "Refresh the node list (R) or put the file into models/epd_params/.")
-    mtime = os.path.getmtime(path)
-    hit = _cache.get(path)
-    if hit is None or hit[0] != mtime:
-        hit = (mtime, EPDParams.load(path))
-        _cache[path] = hit
+        raise EPDParamsError(f"EPD parameter file '{name}' not found in models/epd_params/ or the pack's "
+                             "pretrained_params/. Refresh the node list (R) or put the file into models/epd_params/.")
+    return load_path(path, name)
+
+
+def load_path(path, shown: str) -> EPDParams:
+    """A table file, errors naming it as `shown` (its name, not the absolute path); cached by mtime."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+        if st.st_size > MAX_FILE_BYTES:
+            raise EPDParamsError(f"{shown}: {st.st_size} bytes is far too large for an EPD table; wrong file?")
+        hit = _cache.get(path)
+        if hit is None or hit[0] != st.st_mtime:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            hit = (st.st_mtime, EPDParams.from_bytes(data, source=shown))
+            _cache[path] = hit
+    except OSError as e:
+        raise EPDParamsError(f"{shown}: cannot read the parameter file ({e.strerror}). "
+                             "Check its permissions.") from None
     return hit[1].clone()
 
 
+# ---- which model family a MODEL is ------------------------------------------------------------------------
+_PREDICTIONS = (("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
+
+
+def prediction_type(model_sampling) -> str | None:
+    """'eps', 'v', 'edm', 'x0' or 'flow' (ComfyUI's model_sampling mix-in classes), None when unknown."""
+    names = {c.__name__ for c in type(model_sampling).__mro__}
+    return next((kind for cls, kind in _PREDICTIONS if cls in names), None)
+
+
 def model_family(model_patcher_or_base) -> str:
+    """The family name tables are matched by. A model whose model_sampling was patched to another prediction
+    type (e.g. SD1.5 behind ModelSamplingSD3: flow instead of eps) is another family, '<family>_<type>', so
+    a table trained for the unpatched model is not picked for it silently."""
     base = getattr(model_patcher_or_base, "model", model_patcher_or_base)
     config = getattr(base, "model_config", None)
     explicit = getattr(config, "epd_family", None)
     if explicit:
-        return explicit
-    name = type(config).__name__.lower() if config is not None else type(base).__name__.lower()
-    return FAMILIES.get(name, name)
+        family = explicit
+    else:
+        name = type(config).__name__.lower() if config is not None else type(base).__name__.lower()
+        family = FAMILIES.get(name, name)
+    # ModelPatcher: object_patches holds a patched model_sampling; while the model is loaded for sampling the
+    # patch is set on the model itself and the original waits in object_patches_backup
+    active = (getattr(model_patcher_or_base, "object_patches", None) or {}).get("model_sampling")
+    backup = (getattr(model_patcher_or_base, "object_patches_backup", None) or {}).get("model_sampling")
+    own = backup if backup is not None else getattr(base, "model_sampling", None)
+    if active is not None and own is not None:
+        kind, own_kind = prediction_type(active), prediction_type(own)
+        if active is not own and kind and kind != own_kind:
+            family = f"{family}_{kind}"
+            _log_once(("family", family), f"EPD: the model's sampling is patched to '{kind}' prediction "
+                      f"({type(active).__name__}); tables are matched for family '{family}'")
+    return family
 
 
-def _header_metadata(path: str) -> dict | None:
-    """Read only a file's JSON metadata (cheap, bounded) to decide whether it is a candidate."""
+# ---- tables KSampler may pick by itself -------------------------------------------------------------------
+_logged: set = set()
+
+
+def _log_once(key, message: str, level=logging.INFO) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, message)
+
+
+def _header_metadata(path: str) -> dict:
+    """Only a file's JSON metadata (cheap, bounded) to decide whether it is a candidate; raises ValueError."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n <= 1024 * 1024:
-                return None
+                raise ValueError("not a safetensors file (bad header length)")
             header = json.loads(f.read(n))
-        return json.loads(header["__metadata__"]["epd_metadata"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            meta = json.loads(header["__metadata__"]["epd_metadata"])
+    except RecursionError:
+        raise ValueError("its metadata is nested far too deeply") from None
+    except OSError as e:
+        raise ValueError(f"cannot read it ({e.strerror})") from None
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("not an EPD table (no readable epd_metadata)") from None
+    if not isinstance(meta, dict):
+        raise ValueError("its epd_metadata is not a JSON object")
+    return meta
+
+
+def _count(meta: dict, key: str, limit: int) -> int:
+    v = meta.get(key)
+    if type(v) is not int or not 1 <= v <= limit:
+        raise ValueError(f"'{key}' is {str(v)[:40]!r}, expected a whole number 1..{limit} for KSampler's "
+                         "automatic choice")
+    return v
+
+
+def allowed_user_tables(folder: Path) -> list[str]:
+    """The plain .safetensors file names the operator listed in `folder`/ksampler_presets.txt ('#' comments)."""
+    try:
+        with open(folder / PRESET_LIST, "rb") as f:
+            text = f.read(_PRESET_LIST_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return []
+    names = []
+    for line in text.splitlines():
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        if "/" in name or "\\" in name or name.startswith("."):
+            _log_once(("list", folder, name), f"EPD: {PRESET_LIST}: '{name[:80]}' is not a plain file name; ignored",
+                      logging.WARNING)
+            continue
+        names.append(name)
+    return names
+
+
+def is_protected(name: str) -> bool:
+    """Whether a table name is listed in a ksampler_presets.txt (the nodes never replace such a table)."""
+    name = name.lower()
+    return any(name == n.lower() for folder in _user_folders() for n in allowed_user_tables(folder))
+
+
+def _user_folders() -> list[Path]:
+    folders = []
+    for folder in folder_paths.get_folder_paths(FOLDER):
+        folder = Path(folder)
+        if folder.is_dir() and not is_pretrained(folder):
+            folders.append(folder)
+    return folders
+
+
+def preset_candidates() -> list[tuple[Path, str, bool]]:
+    """(path, shown name, is the pack's own) of every table KSampler may pick by itself."""
+    out = [(p, p.name, True) for p in sorted(PRETRAINED_DIR.glob("*.safetensors"))]
+    for folder in _user_folders():
+        out += [(folder / n, n, False) for n in allowed_user_tables(folder) if (folder / n).is_file()]
+    return out
+
+
+def _rank(meta: dict, steps: int, pretrained: bool, name: str) -> tuple:
+    """Sort key among matching tables: exact step count first, the operator's before the pack's, then by name.
+    (One place to add further rules, e.g. matching by latency NFE.)"""
+    return (abs(meta["num_steps"] - steps), pretrained, name)
 
 
 def find_preset(family: str, solver: str, steps: int) -> tuple[EPDParams, str] | None:
-    """The best table for this model family, solver and number of steps to a positive sigma:
-    an exact step count first (user files before the pack's), else the nearest step count of the family."""
+    """The best table KSampler may pick by itself (see the module docstring) for this model family, solver and
+    number of steps to a positive sigma: an exact step count first, else the nearest step count of the family.
+    Broken or oversized candidates are skipped, each with one log line naming the file."""
     candidates = []
-    for name in table_files():
-        path = folder_paths.get_full_path(FOLDER, name)
-        meta = _header_metadata(path) if path else None
-        if meta and meta.get("model_family") == family and meta.get("solver") == solver:
-            pretrained = Path(path).resolve().is_relative_to(PRETRAINED_DIR.resolve())
-            candidates.append((abs(int(meta.get("num_steps", 0)) - steps), pretrained, name))
-    for _, _, name in sorted(candidates):
+    for path, shown, pretrained in preset_candidates():
         try:
-            return load_table(name), name
+            meta = _header_metadata(str(path))
+            if meta.get("model_family") != family or meta.get("solver") != solver:
+                continue
+            meta = dict(meta, num_steps=_count(meta, "num_steps", PRESET_MAX_STEPS))
+            _count(meta, "num_points", PRESET_MAX_POINTS)
+        except ValueError as e:
+            _skip(path, shown, str(e))
+            continue
+        candidates.append((_rank(meta, steps, pretrained, shown), path, shown))
+    for _, path, shown in sorted(candidates, key=lambda c: c[0]):
+        try:
+            params = load_path(path, shown)
         except EPDParamsError as e:  # a broken file must not break sampling with the others
-            log.warning("EPD: skipping %s", e)
+            _skip(path, shown, str(e))
+            continue
+        if params.num_points > PRESET_MAX_POINTS or params.num_steps > PRESET_MAX_STEPS:
+            _skip(path, shown, f"{params.num_steps} steps x K={params.num_points} exceeds the limits "
+                               f"({PRESET_MAX_STEPS} x {PRESET_MAX_POINTS})")
+            continue
+        return params, shown
     return None
+
+
+def _skip(path, shown: str, problem: str) -> None:
+    try:
+        mtime = os.path.getmtime(path)
+    except OSError:
+        mtime = None
+    _log_once(("skip", str(path), mtime), f"EPD: KSampler skips the table {shown}: {problem}", logging.WARNING)
 
 
 def neutral_table(solver: str, steps: int) -> EPDParams:
