@@ -1,4 +1,4 @@
-"""EPD Reward nodes: what the EPD Trainer's 'rl' mode maximises (EPD_SPEC.md §6).
+"""EPD Reward nodes: what the EPD Trainer's 'rl' mode maximises (docs/method.md, "RL fine-tuning").
 
 Each node outputs an EPD_REWARD: a reward from epd_core.rl.rewards plus, for rewards that score RGB images,
 the VAE that turns the model's latents into pixels. Reward weights are only ever read from local files the
@@ -7,13 +7,16 @@ user placed in ComfyUI's models/epd_rewards/ folder; a missing file is a clear e
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from epd_core.rl.rewards import LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward
+from epd_core.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward,
+                                 RewardUnavailableError)
 
 from .tables import register_model_folder
 
@@ -94,20 +97,50 @@ class EPDRewardLocalModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, kind, path, vae=None) -> io.NodeOutput:
-        return io.NodeOutput(GraphReward(LocalModelReward(kind, resolve_reward_path(kind, path)), vae))
+        real = resolve_reward_path(kind, path)
+        try:
+            reward = LocalModelReward(kind, real)
+        except RewardUnavailableError as e:  # the server's absolute paths stay on the server
+            raise RewardUnavailableError(redact_paths(str(e))) from None
+        return io.NodeOutput(GraphReward(reward, vae))
+
+
+def reward_folders() -> list[Path]:
+    return [Path(f).resolve() for f in folder_paths.get_folder_paths(FOLDER)]
 
 
 def resolve_reward_path(kind: str, path: str) -> str:
-    """First existing candidate inside the registered epd_rewards folders (or an absolute path as given)."""
+    """The real path of `path` (default: a folder named like the kind) inside a registered epd_rewards folder.
+    Absolute paths, '..' and anything whose real path (symlinks resolved) leaves those folders are refused,
+    with one message that neither says whether the path exists nor shows the server's folders."""
     name = path.strip() or kind
-    if os.path.isabs(name):
-        return name
-    folders = folder_paths.get_folder_paths(FOLDER)
-    for folder in folders:
-        candidate = os.path.join(folder, name)
-        if os.path.exists(candidate):
-            return candidate
-    return os.path.join(folders[0], name)  # LocalModelReward reports it missing, naming this path
+    where = (f"{REWARD_FOLDER}/ (a relative name such as '{kind}' or 'hpsv2/HPS_v2.1_compressed.pt')")
+    pure = Path(name)
+    if "\x00" in name or pure.is_absolute() or pure.drive or ".." in pure.parts or name.startswith("~"):
+        raise RewardUnavailableError(f"reward path {name[:120]!r} is refused: give a file or folder inside {where}; "
+                                     "absolute paths and '..' are not allowed")
+    for folder in reward_folders():
+        try:
+            real = (folder / pure).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if real.is_relative_to(folder):
+            return str(real)
+    packages, what = LOCAL_KINDS.get(str(kind).lower(), ((), "the model files"))
+    raise RewardUnavailableError(f"reward model '{kind}': {name[:120]!r} was not found inside {where}. Place {what} "
+                                 f"there; EPD never downloads reward weights.")
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s'\"(),:;\[\]{}]+[/\\])+[^\s'\"(),:;\[\]{}]*")
+
+
+def redact_paths(message: str) -> str:
+    """`message` with the registered reward folders shown as models/epd_rewards and any other absolute path
+    replaced by '<path>'."""
+    for folder in sorted(reward_folders() + [Path(f) for f in folder_paths.get_folder_paths(FOLDER)],
+                         key=lambda f: -len(str(f))):
+        message = message.replace(str(folder), REWARD_FOLDER)
+    return _ABS_PATH.sub("<path>", message)
 
 
 register_model_folder(FOLDER, {".pt", ".pth", ".safetensors", ".bin"})

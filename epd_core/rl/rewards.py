@@ -142,9 +142,57 @@ def _check_rgb(kind, images):
     return images.detach().float().clamp(0, 1).cpu()
 
 
+# Sizes a config.json may declare (anything larger is no reward model this pack supports), and how many bytes of
+# weights a declared parameter needs at least (1: 8-bit). A 1 kB config with huge sizes beside a tiny weight file
+# must not make the server allocate gigabytes before the weights are found not to fit.
+_CONFIG_LIMITS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 128, "vocab_size": 1_000_000,
+                  "max_position_embeddings": 65536, "image_size": 4096, "projection_dim": 16384,
+                  "num_attention_heads": 256}
+_MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _check_config_sizes(kind, folder):
+    """Refuse a transformers folder whose config.json describes a model larger than its weight files, before
+    anything is allocated: the sizes are bounded, the model is built on the meta device (no memory) and its
+    parameter count is compared with the bytes of the weight files."""
+    import json
+    from transformers import AutoConfig, AutoModel
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    try:
+        if cfg_file.stat().st_size > _MAX_CONFIG_BYTES:
+            raise RewardUnavailableError(f"'{kind}': config.json is larger than {_MAX_CONFIG_BYTES} bytes; not a "
+                                         "model config")
+        raw = json.loads(cfg_file.read_text())
+    except OSError:
+        return  # missing: from_pretrained reports it
+    except (ValueError, RecursionError) as e:
+        raise RewardUnavailableError(f"'{kind}': config.json is not valid JSON ({type(e).__name__})") from None
+    sections = [raw] + [v for v in raw.values() if isinstance(v, dict)] if isinstance(raw, dict) else []
+    for section in sections:
+        for key, limit in _CONFIG_LIMITS.items():
+            v = section.get(key)
+            if v is not None and not (type(v) is int and 0 <= v <= limit):
+                raise RewardUnavailableError(f"'{kind}': config.json sets {key}={str(v)[:30]}, outside 0..{limit}; "
+                                             "this is not a supported reward model")
+    have = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            wanted = sum(p.numel() for p in AutoModel.from_config(config).parameters())
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"cannot read the '{kind}' model's config.json ({type(e).__name__}: "
+                                     f"{str(e)[:200]})") from None
+    if wanted > 1.1 * have + 100_000:
+        raise RewardUnavailableError(f"'{kind}': config.json describes a model of {wanted:,} parameters but the "
+                                     f"weight files hold only {have:,} bytes; refusing to build it. Place the "
+                                     "model's own config.json and weights together")
+
+
 def _load_hf_clip(kind, folder, device):
-    """(model, processor) from a transformers CLIP-like folder, local files only."""
+    """(model, processor) from a transformers CLIP-like folder, local files only; sizes checked first."""
     from transformers import AutoModel, AutoProcessor
+    _check_config_sizes(kind, folder)
     try:
         model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
         proc = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -213,7 +261,7 @@ def _single_weight_file(kind, folder):
     files = sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
     if len(files) != 1:
         raise RewardUnavailableError(f"'{kind}': expected exactly one weight file ({'/'.join(WEIGHT_SUFFIXES)}) in "
-                                     f"{folder}, found {[f.name for f in files] or 'none'}; pass the file itself")
+                                     f"{folder}, found {len(files)}; pass the file itself")
     return files[0]
 
 
@@ -369,8 +417,21 @@ def _imagereward_files(path):
     return ckpt, (med if med.is_file() else None), tok
 
 
+def _built_checked(factory, sd, what, file):
+    """factory() -> module, first built on the meta device (no memory) and compared key by key and shape by
+    shape with `sd`: a crafted checkpoint cannot make the real build allocate more than the file holds."""
+    with torch.device("meta"):
+        _state_problems(factory(), sd, what, file)
+    return factory()
+
+
 def _strict_load(module, sd, what, file):
     """module.load_state_dict(sd, strict=True), with a message listing missing / unexpected / mis-shaped keys."""
+    _state_problems(module, sd, what, file)
+    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+
+
+def _state_problems(module, sd, what, file):
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
@@ -379,7 +440,6 @@ def _strict_load(module, sd, what, file):
         raise RewardUnavailableError(
             f"{file} does not match ImageReward's {what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} shape mismatches (e.g. {shapes[:2]})")
-    module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
 def _ir_count(sd, fmt):
@@ -421,11 +481,10 @@ def _imagereward_scorer(path, device):
         raise RewardUnavailableError(f"{ckpt}: {_IR_VISION}pos_embed has {vis['pos_embed'].shape[1]} rows, expected "
                                      f"1 + a square grid")
     img_size = grid * patch
-    visual = VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=dim,
-                               depth=_ir_count(vis, "blocks.{}.norm1.weight"),
-                               num_heads=max(1, dim // VISION_HEAD_DIM),
-                               mlp_ratio=vis["blocks.0.mlp.fc1.weight"].shape[0] / dim, qkv_bias=True,
-                               num_classes=0, global_pool="")
+    visual = _built_checked(lambda: VisionTransformer(
+        img_size=img_size, patch_size=patch, embed_dim=dim, depth=_ir_count(vis, "blocks.{}.norm1.weight"),
+        num_heads=max(1, dim // VISION_HEAD_DIM), mlp_ratio=vis["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias=True, num_classes=0, global_pool=""), vis, "BLIP ViT (blip.visual_encoder)", ckpt)
     _strict_load(visual, vis, "BLIP ViT (blip.visual_encoder)", ckpt)
 
     # text tower: BLIP's med_config.json gives heads / eps / activation; every size is read from the shapes
@@ -433,29 +492,40 @@ def _imagereward_scorer(path, device):
     if med_file is not None:
         try:
             med = json.loads(med_file.read_text())
-        except ValueError as e:
-            raise RewardUnavailableError(f"cannot read {med_file} as JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise RewardUnavailableError(f"cannot read {med_file} as JSON ({type(e).__name__})") from None
     vocab, hidden = txt["embeddings.word_embeddings.weight"].shape
-    heads = int(med.get("num_attention_heads", max(1, hidden // 64)))
-    if int(med.get("hidden_size", hidden)) != hidden or hidden % heads:
+    if not isinstance(med, dict):
+        raise RewardUnavailableError(f"{med_file} is not a JSON object; place ImageReward's own med_config.json")
+    heads = med.get("num_attention_heads", max(1, hidden // 64))
+    if type(heads) is not int or not 1 <= heads <= 256 or med.get("hidden_size", hidden) != hidden or hidden % heads:
         raise RewardUnavailableError(f"{med_file} (hidden_size {med.get('hidden_size')}, {heads} heads) does not fit "
                                      f"{ckpt} (text hidden size {hidden}); place ImageReward's own med_config.json")
     enc_width = txt["encoder.layer.0.crossattention.self.key.weight"].shape[1]
     if enc_width != dim:
         raise RewardUnavailableError(f"{ckpt}: the text encoder cross-attends to width {enc_width} but the ViT "
                                      f"embeds to {dim}")
+    from transformers.activations import ACT2FN
+    try:
+        eps, pad = float(med.get("layer_norm_eps", 1e-12)), int(med.get("pad_token_id", 0))
+        if med.get("hidden_act", "gelu") not in ACT2FN:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise RewardUnavailableError(f"{med_file}: layer_norm_eps / pad_token_id / hidden_act are invalid; place "
+                                     "ImageReward's own med_config.json") from None
     config = BlipTextConfig(
         vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=enc_width,
         intermediate_size=txt["encoder.layer.0.intermediate.dense.weight"].shape[0],
         num_hidden_layers=_ir_count(txt, "encoder.layer.{}.attention.self.query.weight"), num_attention_heads=heads,
         max_position_embeddings=txt["embeddings.position_embeddings.weight"].shape[0],
-        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=float(med.get("layer_norm_eps", 1e-12)),
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=int(med.get("pad_token_id", 0)),
+        hidden_act=str(med.get("hidden_act", "gelu")), layer_norm_eps=eps,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=pad,
         bos_token_id=None, eos_token_id=None, sep_token_id=None)
     if config.max_position_embeddings < IMAGEREWARD_MAX_TOKENS:
         raise RewardUnavailableError(f"{ckpt}: {config.max_position_embeddings} text positions, ImageReward needs "
                                      f"{IMAGEREWARD_MAX_TOKENS}")
-    text = BlipTextModel(config, add_pooling_layer=False)
+    text = _built_checked(lambda: BlipTextModel(config, add_pooling_layer=False), txt,
+                          "BLIP text encoder (blip.text_encoder)", ckpt)
     _strict_load(text, txt, "BLIP text encoder (blip.text_encoder)", ckpt)
 
     head = _linear_head(mlp, hidden, ckpt, "an ImageReward head", _IR_MLP)
