@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from epd_core.params import EPDParams
 
 BG, FG, GRID, ACCENT = (255, 255, 255), (30, 30, 30), (225, 225, 225), (31, 119, 180)
+MAX_DRAWN_STEPS, MAX_DRAWN_POINTS = 64, 16  # a table may have 4096 steps x 64 points: draw a bounded picture
 
 
 def _font(size=14):
@@ -66,13 +67,18 @@ def line_chart(series: dict[str, list[float]], title: str, xlabel: str = "iterat
 
 def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: int = 900) -> Image.Image:
     """Per step i, the K points between sigma_i and sigma_{i+1} on a log-sigma axis: a dot at t_k whose area
-    is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a."""
+    is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a.
+    At most MAX_DRAWN_STEPS steps (the first ones) and MAX_DRAWN_POINTS points per step are drawn; a line says
+    what was left out, so the picture's size is bounded whatever the table."""
     act = {k: v.detach().double() for k, v in params.activated().items()}
-    n, k = params.num_steps, params.num_points
+    total_n, total_k = params.num_steps, params.num_points
+    n, k = min(total_n, MAX_DRAWN_STEPS), min(total_k, MAX_DRAWN_POINTS)
     if sigmas is None:
         sigmas = params.schedule_sigmas
+    if sigmas is not None:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)[:n + 1]
     row_h, top, left, right = 46, 60, 90, width - 290
-    img = Image.new("RGB", (width, top + row_h * n + 30), BG)
+    img = Image.new("RGB", (width, top + row_h * n + 30 + (20 if (n, k) != (total_n, total_k) else 0)), BG)
     d = ImageDraw.Draw(img)
     d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
     d.text((10, 30), "dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; "
@@ -104,4 +110,7 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
             labels.append(f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}")
         d.text((right + 15, y - 7 * min(k, 3)), "\n".join(labels[:3]) + ("\n..." if k > 3 else ""),
                fill=FG, font=_font(11))
+    if (n, k) != (total_n, total_k):
+        d.text((10, top + row_h * n + 20), f"showing the first {n} of {total_n} steps and {k} of {total_k} points "
+                                           "per step", fill=(90, 90, 90), font=_font(12))
     return img

@@ -1,4 +1,4 @@
-"""EPD Trainer: learns a parameter table inside the ComfyUI graph (EPD_SPEC.md §5).
+"""EPD Trainer: learns a parameter table inside the ComfyUI graph (docs/method.md, "Training").
 
 The training runs inside ComfyUI's own CFGGuider, as the built-in LoRA trainer does: the guider loads the
 model (load_models_gpu), applies patches and prepares the conditioning for the latent, then calls our
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 import shutil
 import types
 from pathlib import Path
@@ -26,6 +28,7 @@ from comfy_api.latest import io
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill, load_checkpoint
 from epd_core.params import EPDParams
 from epd_core.rl import RLConfig, RLError, RewardUnavailableError, rdpo
+from epd_core.solver import _is_oom
 
 from .compat import sequential_reasons
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
@@ -33,7 +36,9 @@ from .plotting import line_chart, to_image_tensor
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
 
+log = logging.getLogger("epd")
 CATEGORY = "training/epd"
+RL_MAX_ROWS_PER_CALL = 64  # samples per model call in RL rollouts (halved on out-of-memory)
 CHECKPOINT_FILE = "distill.distill-checkpoint"  # safetensors inside; the suffix keeps it out of table lists
 RL_CHECKPOINT_FILE = "rl.rl-checkpoint"
 EPDRLSettingsType = io.Custom("EPD_RL_SETTINGS")
@@ -152,13 +157,15 @@ def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], c
             prepared.append(fresh_tensors(comfy.samplers.process_conds(ctx.guider.inner_model, noise, raw,
                                                                        ctx.device, None, None, seed)))
 
+        chunk = _Chunks(RL_MAX_ROWS_PER_CALL)
+
         def model(x, sigma, prompt_index):
             index = prompt_index.to(x.device).repeat(x.shape[0] // prompt_index.shape[0])  # point-major tiling
             out = torch.empty_like(x)
             for p in index.unique().tolist():
                 sel = (index == p).nonzero().squeeze(1)
                 ctx.guider.conds = prepared[p]
-                out[sel] = ctx.guider(x[sel], sigma[sel], **ctx.extra_args).to(out.dtype)
+                out[sel] = chunk(lambda xs, ss: ctx.guider(xs, ss, **ctx.extra_args), x[sel], sigma[sel]).to(out.dtype)
             return out
         lookup = {p: i for i, p in reversed(list(enumerate(prompts)))}
 
@@ -168,6 +175,50 @@ def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], c
                     progress=progress, should_stop=should_stop, extra_args_fn=extra_args_fn, history=history)
     pos, neg = conds[0]
     return inside_guider(model_patcher, pos, neg, cfg_scale, latent_shape, sigmas, seed, train)
+
+
+class _Chunks:
+    """Calls fn(x, sigma) on row chunks of at most `rows` samples; on out-of-memory halves the chunk (remembered
+    for the rest of the run), like the sampler's K-point batches. RL rollouts are P x G x K rows per call."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __call__(self, fn, x, sigma):
+        while True:
+            try:
+                if x.shape[0] <= self.rows:
+                    return fn(x, sigma)
+                return torch.cat([fn(x[i:i + self.rows], sigma[i:i + self.rows])
+                                  for i in range(0, x.shape[0], self.rows)])
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                if not _is_oom(e) or self.rows == 1:
+                    raise
+                self.rows = max(1, min(self.rows, x.shape[0]) // 2)
+                comfy.model_management.soft_empty_cache(True)
+                log.warning("EPD Trainer: out of memory in an RL rollout; retrying with %d samples per model call",
+                            self.rows)
+
+
+def check_memory(device, what: str, needed: int, fix: str) -> None:
+    """Refuse before allocating when `needed` bytes would not fit in half of the device's free memory."""
+    try:
+        free = int(comfy.model_management.get_free_memory(device))
+    except Exception:  # noqa: BLE001 - no estimate available: do not block training
+        return
+    if needed > free // 2:
+        raise ValueError(f"EPD Trainer: {what} would need about {needed / 2 ** 30:.1f} GiB, but only "
+                         f"{free / 2 ** 30:.1f} GiB of memory is free on {getattr(device, 'type', device)}. {fix}")
+
+
+def teacher_pool_bytes(batch: int, steps: int, latent_shape) -> int:
+    """Distillation caches the teacher's state at every student sigma for DistillConfig.num_batches batches."""
+    return DistillConfig.num_batches * batch * (steps + 2) * math.prod(latent_shape[1:]) * 4
+
+
+def rollout_bytes(trajectories: int, num_points: int, latent_shape) -> int:
+    """An RL update holds each trajectory's state, its K points, their denoised values and directions."""
+    return trajectories * (3 * num_points + 3) * math.prod(latent_shape[1:]) * 4
 
 
 # ================================================================================================= sigmas
@@ -231,6 +282,9 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
     stem = table_stem(name)
     shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
+    check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
+                 f"{steps + 2} states of shape {list(shape[1:])})", teacher_pool_bytes(batch, steps, shape),
+                 "Lower batch or steps, or train on a smaller latent (the table works at any size).")
     folder = checkpoint_folder(stem)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / CHECKPOINT_FILE
@@ -267,13 +321,21 @@ def prompt_conditioning(model, settings: dict, positive, negative, clip) -> tupl
 def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher, inserted_steps,
            iterations, learning_rate, batch, seed, cfg, objective, name, reward=None, rl_settings=None,
            init_params=None, clip=None, **_):
-    """RDPO (EPD_SPEC.md §6) from `init_params`, or from a table distilled first with the distill inputs."""
+    """RDPO (docs/method.md, "RL fine-tuning") from `init_params`, or from a table distilled first."""
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
     stem = table_stem(name)
     shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
+    per_update = (settings["prompts_per_update"] or len(prompts)) * settings["group_size"]
+    k = init_params.num_points if init_params is not None else num_points
+    check_memory(model.load_device, f"one RL update ({per_update} trajectories x K={k} points of shape "
+                 f"{list(shape[1:])})", rollout_bytes(per_update, k, shape),
+                 "Lower prompts_per_update or group_size in EPD RL Settings, or use a smaller latent.")
+    if init_params is None:
+        check_memory(model.load_device, "the teacher pool of the starting table",
+                     teacher_pool_bytes(batch, steps, shape), "Lower batch or steps, or connect init_params.")
     folder = checkpoint_folder(stem)
     folder.mkdir(parents=True, exist_ok=True)
     if init_params is not None:
@@ -374,8 +436,8 @@ class EPDTrainer(io.ComfyNode):
         return io.Schema(
             node_id="EPDTrainer", display_name="EPD Trainer", category=CATEGORY, is_output_node=True,
             description="Learns an EPD parameter table for the connected model inside the graph. 'distill': a "
-                        "teacher solver on a finer grid shows the student where each step should land (EPD_SPEC "
-                        "§5). 'rl': RDPO fine-tunes a table (init_params, or one distilled first) to raise a "
+                        "teacher solver on a finer grid shows the student where each step should land (see "
+                        "docs/method.md in the ComfyUI-EPD folder). 'rl': RDPO fine-tunes a table (init_params, or one distilled first) to raise a "
                         "reward (connect an EPD Reward node; settings from EPD RL Settings). Saves models/epd_params/<name>.safetensors (listed by Load EPD Params at once); "
                         "checkpoints let a cancelled or crashed run resume when queued again with the same "
                         "name and settings.",
@@ -405,7 +467,7 @@ class EPDTrainer(io.ComfyNode):
                              tooltip="Optimisation steps (distill) or RL updates (rl)."),
                 io.Float.Input("learning_rate", default=DistillConfig.lr, min=1e-5, max=10.0, step=0.001,
                                tooltip="Adam rate of distillation (RL has its own in EPD RL Settings)."),
-                io.Int.Input("batch", default=DistillConfig.batch, min=1, max=1024,
+                io.Int.Input("batch", default=DistillConfig.batch, min=1, max=256,
                              tooltip="Noise samples per iteration (8 distinct batches are cycled)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the training noises and the RL policy: same seed, same table."),
@@ -443,16 +505,16 @@ class EPDRLSettings(io.ComfyNode):
         d = RL_DEFAULTS
         return io.Schema(
             node_id="EPDRLSettings", display_name="EPD RL Settings", category=CATEGORY,
-            description="Settings of the EPD Trainer's 'rl' mode (RDPO, EPD_SPEC §6): each update samples "
+            description="Settings of the EPD Trainer's 'rl' mode (RDPO, docs/method.md): each update samples "
                         "prompts_per_update x group_size trajectories, each with its own table drawn from the "
                         "policy; a group shares one noise, so rewards are compared within the group.",
             inputs=[
                 io.String.Input("prompts", default=d["prompts"], multiline=True,
                                 tooltip="One prompt per line (the demo model: digits 0-9). Empty: the trainer's "
                                         "positive conditioning, with an empty prompt for the reward."),
-                io.Int.Input("group_size", default=d["group_size"], min=2, max=64,
+                io.Int.Input("group_size", default=d["group_size"], min=2, max=16,
                              tooltip="Trajectories per prompt sharing one noise (leave-one-out baseline)."),
-                io.Int.Input("prompts_per_update", default=d["prompts_per_update"], min=0, max=4096,
+                io.Int.Input("prompts_per_update", default=d["prompts_per_update"], min=0, max=256,
                              tooltip="Prompts per update, cycling through the list; 0 = all. Rollouts per update "
                                      "= this x group_size."),
                 io.Int.Input("ppo_epochs", default=d["ppo_epochs"], min=1, max=32,
