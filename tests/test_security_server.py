@@ -1,0 +1,368 @@
+"""Security review regressions (issue 14) through a real ComfyUI server: every attack is a queued graph and/or a
+file an attacker can place in input/ (uploads); each must fail fast with an error that names the problem and the
+fix without the server's absolute paths, write nothing, and leave the server serving."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as st_save
+
+from comfyui_server import COMFYUI, REPO, error_message
+from epd_core.params import EPDParams
+from official_pickle import official_pickle, random_tables, sd15_attrs
+
+pytestmark = pytest.mark.server
+PRETRAINED = REPO / "pretrained_params"
+
+
+def shared_list_bomb(width, depth):
+    inner = []
+    for _ in range(depth):
+        inner = [inner] * width
+    return inner
+
+
+def demo_predictor(num_steps=6, **attrs):
+    """An official-format predictor for the demo digits family (num_steps time points = num_steps - 1 rows)."""
+    a = sd15_attrs(num_steps=num_steps, backend=None, dataset_name="epd_demo_digits", backend_config={})
+    a.update(attrs)
+    return official_pickle(random_tables(num_steps, 2, seed=11), a)
+
+
+def import_graph(pkl_path="", output_name="", overwrite=False, predictor="(no .pkl in models/epd_params)"):
+    return {"imp": {"class_type": "EPDImportPredictor", "inputs": {
+        "predictor": predictor, "output_name": output_name, "overwrite": overwrite, "pkl_path": pkl_path}}}
+
+
+def run_error(server, graph, timeout=120):
+    """Run a graph that must fail; returns its readable error."""
+    entry = server.run(graph, timeout=timeout)
+    assert entry["status"]["status_str"] == "error", entry
+    return error_message(entry)
+
+
+def run_ok(server, graph, timeout=300):
+    entry = server.run(graph, timeout=timeout)
+    assert entry["status"]["status_str"] == "success", error_message(entry) + server.log_tail()
+    return entry
+
+
+def assert_private(server, msg):
+    """No absolute server path, no folder listing in an error a client sees."""
+    assert str(server.base) not in msg and str(REPO) not in msg and str(COMFYUI) not in msg, msg
+    assert not re.search(r"(?<![\w.])/(?:tmp|home|work|etc|root|usr)/", msg), msg
+
+
+def still_serving(server):
+    assert server.get("/system_stats")["system"]
+    name = sorted(p.name for p in PRETRAINED.glob("*.safetensors"))[0]
+    run_ok(server, {"p": {"class_type": "LoadEPDParams", "inputs": {"name": name}},
+                    "v": {"class_type": "PreviewEPDParams", "inputs": {"params": ["p", 0]}}})
+
+
+def demo_ksampler(steps, seed=1, model=("model", 0)):
+    return {
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 2}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": list(model), "seed": seed, "steps": steps, "cfg": 2.0, "sampler_name": "epd",
+            "scheduler": "karras", "positive": ["cond", 0], "negative": ["cond", 1], "latent_image": ["empty", 0],
+            "denoise": 1.0}},
+        "out": {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": "latents/sec"}},
+    }
+
+
+def chosen(server, family, steps):
+    found = re.findall(rf"EPD: epd on {re.escape(family)} with {steps} steps uses (.+)", server.log_path.read_text())
+    assert found, server.log_tail()
+    return found[-1]
+
+
+def params_dir(server):
+    return server.base / "models" / "epd_params"
+
+
+# ---- item 1: the memory bomb through the Import node ------------------------------------------------------
+def test_pkl_memory_bomb_uploaded_to_input_is_refused_fast_and_server_keeps_serving(comfy_server):
+    (comfy_server.base / "input" / "bomb.pkl").write_bytes(
+        official_pickle(attrs=sd15_attrs(M=shared_list_bomb(64, 6))))
+    before = sorted(p.name for p in params_dir(comfy_server).iterdir())
+    start = time.monotonic()
+    msg = run_error(comfy_server, import_graph(pkl_path="bomb.pkl", output_name="bomb"))
+    assert time.monotonic() - start < 30  # was: the process grew to its memory limit
+    assert "EPDImportError" in msg and "bomb.pkl" in msg and "refused" in msg and "'M'" in msg, msg
+    assert_private(comfy_server, msg)
+    assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before  # nothing written
+    still_serving(comfy_server)
+
+
+# ---- item 3: pkl_path restricted, tables cannot poison KSampler, overwrite choice -------------------------
+def test_import_pkl_path_only_reads_input_and_model_folders(comfy_server, tmp_path):
+    outside = tmp_path / "outside.pkl"
+    outside.write_bytes(demo_predictor())
+    messages = [run_error(comfy_server, import_graph(pkl_path=p, output_name="x_outside"))
+                for p in (str(outside), "../../" + outside.name, str(tmp_path / "missing.pkl"), "/etc/passwd")]
+    for msg in messages:
+        assert "not an existing .pkl file in ComfyUI's input/ or models/epd_params/" in msg, msg
+        assert str(comfy_server.base) not in msg
+    # existing and missing files outside give the same answer: no probing of the server's files
+    assert messages[0].replace(str(outside), "P") == messages[2].replace(str(tmp_path / "missing.pkl"), "P")
+    assert not (params_dir(comfy_server) / "x_outside.safetensors").exists()
+    still_serving(comfy_server)
+
+
+def test_uploaded_table_cannot_poison_plain_ksampler_until_the_operator_lists_it(comfy_server):
+    folder = params_dir(comfy_server)
+    (comfy_server.base / "input" / "poison.pkl").write_bytes(demo_predictor())
+    entry = run_ok(comfy_server, import_graph(pkl_path="poison.pkl", output_name="000_poison"))
+    assert (folder / "000_poison.safetensors").exists(), entry
+    try:
+        run_ok(comfy_server, demo_ksampler(6))  # 5 steps to a positive sigma, like the imported table
+        assert chosen(comfy_server, "epd_demo_digits", 5) == "demo_digits_epd_s6.safetensors"  # was 000_poison
+        # the operator's allow-list makes it a KSampler preset, and protects it from being replaced by nodes
+        (folder / "ksampler_presets.txt").write_text("# tables KSampler may pick\n000_poison\n")
+        run_ok(comfy_server, demo_ksampler(6, seed=2))
+        assert chosen(comfy_server, "epd_demo_digits", 5) == "000_poison.safetensors"
+        graph = {"p": {"class_type": "LoadEPDParams", "inputs": {"name": "demo_digits_epd_s4.safetensors"}},
+                 "s": {"class_type": "SaveEPDParams", "inputs": {"params": ["p", 0], "name": "000_poison",
+                                                                  "overwrite": True}}}
+        msg = run_error(comfy_server, graph)
+        assert "ksampler_presets.txt" in msg and "may not replace" in msg, msg
+        msg = run_error(comfy_server, import_graph(pkl_path="poison.pkl", output_name="000_poison", overwrite=True))
+        assert "ksampler_presets.txt" in msg, msg
+    finally:
+        (folder / "ksampler_presets.txt").unlink(missing_ok=True)
+        (folder / "000_poison.safetensors").unlink(missing_ok=True)
+
+
+def test_broken_listed_user_table_is_skipped_with_a_log_line(comfy_server):
+    folder = params_dir(comfy_server)
+    good = EPDParams.neutral(4, model_family="epd_demo_digits")
+    meta = dict(good.metadata, num_steps="three", num_points=1)
+    tensors = {n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), good.tensors())}
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(meta)}
+    (folder / "broken_three.safetensors").write_bytes(st_save(tensors, metadata=header))
+    big = EPDParams.neutral(4, num_points=64, model_family="epd_demo_digits")  # K = 64: 64 model evaluations a step
+    big.save(folder / "huge_k.safetensors")
+    (folder / "ksampler_presets.txt").write_text("broken_three.safetensors\nhuge_k\n../escape\n")
+    try:
+        run_ok(comfy_server, demo_ksampler(5, seed=3))  # was: ValueError for every KSampler epd run of the family
+        log = comfy_server.log_path.read_text()
+        assert "KSampler skips the table broken_three.safetensors: 'num_steps' is 'three'" in log
+        assert "KSampler skips the table huge_k.safetensors: 'num_points' is '64'" in log
+        assert "'../escape.safetensors' is not a plain file name" in log
+        assert chosen(comfy_server, "epd_demo_digits", 4) == "demo_digits_epd_s5.safetensors"
+    finally:
+        for name in ("ksampler_presets.txt", "broken_three.safetensors", "huge_k.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+
+
+def save_graph(name, overwrite=None, source="demo_digits_epd_s3.safetensors"):
+    inputs = {"params": ["p", 0], "name": name}
+    if overwrite is not None:
+        inputs["overwrite"] = overwrite
+    return {"p": {"class_type": "LoadEPDParams", "inputs": {"name": source}},
+            "s": {"class_type": "SaveEPDParams", "inputs": inputs}}
+
+
+def test_save_needs_overwrite_and_never_shadows_or_takes_odd_names(comfy_server):
+    folder = params_dir(comfy_server)
+    run_ok(comfy_server, save_graph("sec_saved"))
+    # another source table, so ComfyUI's cache does not skip the node
+    msg = run_error(comfy_server, save_graph("sec_saved", source="demo_digits_epd_s4.safetensors"))  # was: overwritten
+    assert "already exists" in msg and "overwrite" in msg, msg
+    assert_private(comfy_server, msg)
+    run_ok(comfy_server, save_graph("sec_saved", overwrite=True))
+    msg = run_error(comfy_server, save_graph("demo_digits_epd_s4", overwrite=True))
+    assert "pack's own tables" in msg and not (folder / "demo_digits_epd_s4.safetensors").exists(), msg
+    for name, words in (("x\n", "not a plain file name"), ("CON", "reserved device name"),
+                        ("nul.safetensors", "reserved device name"), ("Lpt1.tables", "reserved device name"),
+                        ("a" * 121, "not a plain file name"), ("trailing.", "not a plain file name")):
+        msg = run_error(comfy_server, save_graph(name, overwrite=True))
+        assert words in msg, (name, msg)
+    assert sorted(p.name for p in folder.glob("*.safetensors") if p.name.lower().startswith(("x", "con", "nul", "lpt",
+                                                                                             "aaa", "trail"))) == []
+    (folder / "sec_saved.safetensors").unlink()
+    still_serving(comfy_server)
+
+
+# ---- item 2: the reward loader stays inside models/epd_rewards --------------------------------------------
+def reward_graph(kind, path):
+    return {
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 3}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "reward": {"class_type": "EPDRewardLocalModel", "inputs": {"kind": kind, "path": path}},
+        "trainer": {"class_type": "EPDTrainer", "inputs": {
+            "mode": "rl", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
+            "latent": ["empty", 0], "steps": 3, "num_points": 2, "solver": "epd", "schedule": "epd_discrete",
+            "teacher": "heun", "inserted_steps": 1, "iterations": 1, "learning_rate": 0.1, "batch": 2,
+            "seed": 0, "cfg": 2.0, "objective": "per_step", "name": "sec_rl", "reward": ["reward", 0]}},
+    }
+
+
+def test_reward_paths_outside_the_rewards_folder_are_refused_without_leaks(comfy_server, tmp_path):
+    secret = tmp_path / "secret_folder"
+    secret.mkdir()
+    for name in ("private_a.pth", "private_b.pth"):
+        (secret / name).write_bytes(b"x")
+    (comfy_server.base / "input" / "upload").mkdir(exist_ok=True)
+    cases = [str(secret), str(tmp_path / "does_not_exist"), "../../input/upload", "/etc"]
+    messages = [run_error(comfy_server, reward_graph("aesthetic", p)) for p in cases]
+    for path, msg in zip(cases, messages):
+        assert "refused" in msg and "epd_rewards" in msg, msg
+        assert "private_a" not in msg and "found [" not in msg, msg  # was: the folder's file names
+        assert str(comfy_server.base) not in msg
+    assert messages[0].replace(cases[0], "P") == messages[1].replace(cases[1], "P")  # existence is not revealed
+    # a missing relative name: a clear error naming the rewards folder, no absolute path
+    msg = run_error(comfy_server, reward_graph("aesthetic", "not_there"))
+    assert "'not_there' was not found inside models/epd_rewards/" in msg, msg
+    assert_private(comfy_server, msg)
+    still_serving(comfy_server)
+
+
+def test_small_config_with_huge_sizes_is_refused_before_allocating(comfy_server):
+    folder = comfy_server.base / "models" / "epd_rewards" / "clip_bomb"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "clip", "projection_dim": 4096,
+              "text_config": {"hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 48,
+                              "num_attention_heads": 32, "vocab_size": 250000},
+              "vision_config": {"hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 48,
+                                "num_attention_heads": 32, "image_size": 224, "patch_size": 14}}
+    (folder / "config.json").write_text(json.dumps(config))  # about 1 kB
+    (folder / "model.safetensors").write_bytes(st_save({"x": torch.zeros(4)}))
+    start = time.monotonic()
+    msg = run_error(comfy_server, reward_graph("clip", "clip_bomb"))
+    assert time.monotonic() - start < 60  # was: ~3 GB allocated before the weights were found not to fit
+    assert "describes a model of" in msg and "refusing to build it" in msg, msg
+    assert_private(comfy_server, msg)
+    still_serving(comfy_server)
+
+
+# ---- item 4: preview cap, trainer maxima and memory check --------------------------------------------------
+def test_preview_of_a_4096_step_table_is_bounded(comfy_server):
+    folder = params_dir(comfy_server)
+    EPDParams.neutral(4096, num_points=64).save(folder / "sec_4096.safetensors")
+    try:
+        start = time.monotonic()
+        entry = run_ok(comfy_server, {"p": {"class_type": "LoadEPDParams", "inputs": {"name": "sec_4096.safetensors"}},
+                                      "v": {"class_type": "PreviewEPDParams", "inputs": {"params": ["p", 0]}}})
+        assert time.monotonic() - start < 15  # was 21 s and an attempt to allocate 1.9 GiB
+        img = entry["outputs"]["v"]["images"][0]
+        with Image.open(comfy_server.base / img["type"] / img.get("subfolder", "") / img["filename"]) as im:
+            assert im.height < 64 * 46 + 200
+    finally:
+        (folder / "sec_4096.safetensors").unlink()
+
+
+def test_trainer_maxima_are_runnable(comfy_server):
+    info = comfy_server.object_info()
+    rl = {**info["EPDRLSettings"]["input"]["required"]}
+    assert rl["group_size"][1]["max"] * rl["prompts_per_update"][1]["max"] <= 4096  # was 64 x 4096 = 262,144
+    assert info["EPDTrainer"]["input"]["required"]["batch"][1]["max"] <= 256
+
+
+def test_teacher_pool_too_large_for_memory_is_refused_before_training(comfy_server):
+    g = reward_graph("aesthetic", "x")
+    del g["reward"]
+    g["empty"]["inputs"].update(width=8192, height=8192)
+    g["trainer"]["inputs"].update(mode="distill", steps=200, batch=256, name="sec_pool", reward=None)
+    del g["trainer"]["inputs"]["reward"]
+    start = time.monotonic()
+    msg = run_error(comfy_server, g)
+    assert time.monotonic() - start < 60
+    assert "teacher pool" in msg and "GiB" in msg and "Lower batch or steps" in msg, msg
+    assert not (params_dir(comfy_server) / "checkpoints" / "sec_pool").exists()
+    still_serving(comfy_server)
+
+
+# ---- item 5: messages a user sees --------------------------------------------------------------------------
+def test_flow_patched_model_does_not_use_the_eps_tables(comfy_server):
+    g = demo_ksampler(4, seed=4, model=("flow", 0))
+    g["flow"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 3.0}}
+    run_ok(comfy_server, g)
+    log = comfy_server.log_path.read_text()
+    assert "EPD: epd on epd_demo_digits_flow with 3 steps uses neutral table" in log  # was: the eps demo table
+    assert "patched to 'flow' prediction" in log
+
+
+def test_epd_sigmas_with_an_imported_discrete_table_is_exact(comfy_server):
+    (comfy_server.base / "input" / "discrete.pkl").write_bytes(demo_predictor(num_steps=5, schedule_type="discrete"))
+    run_ok(comfy_server, import_graph(pkl_path="discrete.pkl", output_name="sec_discrete"))
+    g = demo_ksampler(4)
+    del g["ks"]
+    g.update({
+        "params": {"class_type": "LoadEPDParams", "inputs": {"name": "sec_discrete.safetensors"}},
+        "sampler": {"class_type": "EPDSampler", "inputs": {"params": ["params", 0], "solver": "auto", "max_order": 0,
+                                                           "afs": "auto", "execution": "auto", "max_batch": 0}},
+        "sigmas": {"class_type": "EPDSigmas", "inputs": {"model": ["model", 0], "params": ["params", 0],
+                                                         "append_zero": True}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "guider": {"class_type": "CFGGuider", "inputs": {"model": ["model", 0], "positive": ["cond", 0],
+                                                         "negative": ["cond", 1], "cfg": 2.0}},
+        "ks": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["empty", 0]}},
+    })
+    try:
+        run_ok(comfy_server, g)
+        log = comfy_server.log_path.read_text()
+        assert not re.search(r"sigmas differ from the table's training schedule; using rows by_index "
+                             r"\(epd K=2 steps=4 schedule=discrete", log), log[-3000:]
+    finally:
+        (params_dir(comfy_server) / "sec_discrete.safetensors").unlink(missing_ok=True)
+
+
+def test_node_descriptions_point_to_repository_docs(comfy_server):
+    info = comfy_server.object_info()
+    epd = {k: v for k, v in info.items() if v.get("python_module") == "custom_nodes.ComfyUI-EPD"}
+    text = json.dumps(epd)
+    assert "EPD_SPEC" not in text and "COMFYUI_NOTES" not in text
+    assert "docs/method.md" in text and (REPO / "docs" / "method.md").is_file()
+
+
+# ---- item 4: RL rollouts are chunked on out-of-memory (in a subprocess with the pack loaded) ----------------
+CHUNK_SCRIPT = r"""
+import importlib.util, json, sys
+from pathlib import Path
+repo, comfy = Path(sys.argv[1]), sys.argv[2]
+sys.path.append(comfy)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+spec = importlib.util.spec_from_file_location("ComfyUI_EPD", repo / "__init__.py",
+                                              submodule_search_locations=[str(repo)])
+pack = importlib.util.module_from_spec(spec); sys.modules["ComfyUI_EPD"] = pack; spec.loader.exec_module(pack)
+import torch
+from ComfyUI_EPD.nodes.trainer_nodes import _Chunks, RL_MAX_ROWS_PER_CALL
+sizes = []
+def fn(x, s):  # a device that fits at most 24 samples per call
+    sizes.append(x.shape[0])
+    if x.shape[0] > 24:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return x * s[:, None]
+x, s = torch.randn(300, 3), torch.rand(300)
+chunks = _Chunks(RL_MAX_ROWS_PER_CALL)
+out = chunks(fn, x, s)
+again = chunks(fn, x[:50], s[:50])
+print("RESULT" + json.dumps({"equal": bool(torch.equal(out, x * s[:, None])), "rows": chunks.rows,
+                             "max_call": max(sizes), "again": bool(torch.equal(again, x[:50] * s[:50, None])),
+                             "cap": RL_MAX_ROWS_PER_CALL}))
+"""
+
+
+def test_rl_rollout_model_calls_are_chunked_and_split_on_out_of_memory(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CHUNK_SCRIPT, str(REPO), str(COMFYUI)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[0][len("RESULT"):])
+    assert res["equal"] and res["again"] and res["rows"] == 16 and res["cap"] <= 64
+    assert res["max_call"] <= res["cap"]
