@@ -14,7 +14,7 @@ would execute that source and anything else the file names, so this module never
    refused with an EPDImportError naming the file and the forbidden global.
 3. `_extract` reads the four logit tables and the hyperparameters out of the meta.
 
-The official activations are those of EPD_SPEC.md §4, so r_params / weight_s / scale_dir_params /
+The official activations are ours (docs/method.md, "The table"), so r_params / weight_s / scale_dir_params /
 scale_time_params are exactly theta_r / theta_w / theta_c / theta_a. CLI:
     python -m epd_core.import_official IN.pkl OUT.safetensors [--print]
 """
@@ -41,7 +41,7 @@ IMPORTER_VERSION = 1
 # pure-Python pre-scan fast and refuses anything absurd before it is read.
 MAX_PKL_BYTES = 16 * 1024 * 1024
 _MAX_TENSOR_ELEMENTS = MAX_STEPS * MAX_POINTS
-# official parameter name -> ours (same activations, EPD_SPEC.md §4)
+# official parameter name -> ours (same activations, docs/method.md, "The table")
 _TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_params",
            "theta_a": "scale_time_params"}
 _SOLVERS = {"epd": "epd", "ipndm": "epd_plugin"}  # official sampler_stu -> our solver

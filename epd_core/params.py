@@ -1,5 +1,5 @@
 """The EPD parameter table: per step i and parallel point k, a position r, weight w, direction scale c and
-time scale a (EPD_SPEC.md §4), stored as raw logits plus two scale bounds, with JSON metadata.
+time scale a (docs/method.md, "The table"), stored as raw logits plus two scale bounds, with JSON metadata.
 
 Files are safetensors (never pickle). Loading validates everything and raises `EPDParamsError`, whose
 message names the file, what is wrong and how to fix it.
@@ -69,7 +69,7 @@ class EPDParams:
         self.metadata = meta
         self.validate()
 
-    # ---- activated values (EPD_SPEC.md §4) ---------------------------------------------------------------
+    # ---- activated values (docs/method.md, "The table") -------------------------------------------------
     @property
     def num_steps(self) -> int:
         return self.theta_r.shape[0]
@@ -146,7 +146,7 @@ class EPDParams:
     def neutral(cls, num_steps: int, num_points: int = 2, spread: float = 1.0, **metadata) -> "EPDParams":
         """An untrained starting table: positions spread around the geometric midpoint (logits in
         [-spread, spread]) and equal weights. Spreading matters: identical points get identical gradients
-        forever in training, so K points would collapse into one (EPD_SPEC.md §7)."""
+        forever in training, so K points would collapse into one (docs/method.md, "Training")."""
         lin = torch.linspace(-spread, spread, num_points) if num_points > 1 else torch.zeros(1)
         theta_r = lin.repeat(num_steps, 1)
         zeros = torch.zeros(num_steps, num_points)
@@ -364,7 +364,7 @@ def metadata_problem(meta: dict) -> str | None:
 
 def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: float,
              fix_last_dir_scale: bool = False) -> dict[str, torch.Tensor]:
-    """Logits -> rows {'r','w','c','a'} (EPD_SPEC.md §4). Differentiable: trainers optimise the logits."""
+    """Logits -> rows {"r","w","c","a"} (docs/method.md, "The table"). Differentiable: trainers optimise them."""
     c = bounded_scale(theta_c, scale_dir)
     if fix_last_dir_scale:
         c = torch.cat([c[:-1], torch.ones_like(c[-1:])])
