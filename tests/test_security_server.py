@@ -120,16 +120,17 @@ def test_import_pkl_path_only_reads_input_and_model_folders(comfy_server, tmp_pa
 
 def test_uploaded_table_cannot_poison_plain_ksampler_until_the_operator_lists_it(comfy_server):
     folder = params_dir(comfy_server)
-    (comfy_server.base / "input" / "poison.pkl").write_bytes(demo_predictor())
+    # 4 KSampler steps = 3 steps to a positive sigma (a step count no other server test reads from the log)
+    (comfy_server.base / "input" / "poison.pkl").write_bytes(demo_predictor(num_steps=4))
     entry = run_ok(comfy_server, import_graph(pkl_path="poison.pkl", output_name="000_poison"))
     assert (folder / "000_poison.safetensors").exists(), entry
     try:
-        run_ok(comfy_server, demo_ksampler(6))  # 5 steps to a positive sigma, like the imported table
-        assert chosen(comfy_server, "epd_demo_digits", 5) == "demo_digits_epd_s6.safetensors"  # was 000_poison
+        run_ok(comfy_server, demo_ksampler(4))
+        assert chosen(comfy_server, "epd_demo_digits", 3) == "demo_digits_epd_s4.safetensors"  # was 000_poison
         # the operator's allow-list makes it a KSampler preset, and protects it from being replaced by nodes
         (folder / "ksampler_presets.txt").write_text("# tables KSampler may pick\n000_poison\n")
-        run_ok(comfy_server, demo_ksampler(6, seed=2))
-        assert chosen(comfy_server, "epd_demo_digits", 5) == "000_poison.safetensors"
+        run_ok(comfy_server, demo_ksampler(4, seed=2))
+        assert chosen(comfy_server, "epd_demo_digits", 3) == "000_poison.safetensors"
         graph = {"p": {"class_type": "LoadEPDParams", "inputs": {"name": "demo_digits_epd_s4.safetensors"}},
                  "s": {"class_type": "SaveEPDParams", "inputs": {"params": ["p", 0], "name": "000_poison",
                                                                   "overwrite": True}}}
