@@ -61,17 +61,17 @@ class EPDRewardDemoClassifier(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EPDRewardDemoClassifier", display_name="EPD Reward (Demo Digit Classifier)", category=CATEGORY,
-            description="Reward for the embedded demo digits model: log-probability of the requested digit under a "
-                        "small classifier fitted (seeded, < 1 s) on scikit-learn's digits. Use digits as the "
-                        "prompts of EPD RL Settings.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
-                                 tooltip="Seed of the classifier fit (the reward is deterministic for a seed).")],
+            description="Reward for the embedded demo models: log-probability of the requested digit under the "
+                        "classifier that ships with the pack (a small CNN for MNIST 28x28, a logistic regression "
+                        "for 8x8 digits; weights only, nothing is fitted or downloaded). Use digits as the prompts "
+                        "of EPD RL Settings.",
+            inputs=[],
             outputs=[EPDRewardType.Output(display_name="reward", tooltip="Connect to EPD Trainer's reward input.")],
         )
 
     @classmethod
-    def execute(cls, seed) -> io.NodeOutput:
-        return io.NodeOutput(GraphReward(DemoClassifierReward(seed=seed)))
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(GraphReward(DemoClassifierReward()))
 
 
 class EPDRewardLocalModel(io.ComfyNode):

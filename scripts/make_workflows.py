@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]
 from workflow_format import api_to_ui, validate_api  # noqa: E402
 
-# The demo compares samplers at equal latency NFE (sequential model calls per image).
-DEMO_EPD_STEPS = 5          # KSampler steps for epd: 4 EPD steps + the final Euler step
-DEMO_EQUAL_NFE = 8          # = 2 x 4 with the analytic first step of the shipped table (9 without AFS)
-DEMO_DIGIT, DEMO_BATCH, DEMO_CFG = 7, 8, 2.0
+# The demo compares samplers at equal latency NFE (sequential model calls per image) on the MNIST model. For the
+# shipped MNIST tables KSampler's steps ARE the model calls per image (their last row steps to 0 itself).
+DEMO_NFE = 6
+DEMO_DIGIT, DEMO_BATCH, DEMO_CFG = 7, 8, 1.0   # the MNIST tables are trained without CFG
+MNIST = {"model": "MNIST 28x28", "size": 224, "scale": 4}   # a 224x224 EmptyLatentImage is a 28x28 latent
+DIGITS = {"model": "digits 8x8", "size": 64, "scale": 8}    # the tiny model: the trainer workflows stay fast
+TRAINER_CFG = 2.0
 
 
 def node(class_type, title=None, **inputs):
@@ -28,10 +31,10 @@ def node(class_type, title=None, **inputs):
     return n
 
 
-def demo_head(batch=DEMO_BATCH):
-    return {"1": node("EPDDemoModelLoader", "Demo digits model"),
+def demo_head(batch=DEMO_BATCH, spec=MNIST):
+    return {"1": node("EPDDemoModelLoader", f"Demo model ({spec['model']})", model=spec["model"]),
             "2": node("EPDDemoConditioning", "Which digit", digit=DEMO_DIGIT),
-            "3": node("EmptyLatentImage", width=64, height=64, batch_size=batch)}
+            "3": node("EmptyLatentImage", width=spec["size"], height=spec["size"], batch_size=batch)}
 
 
 def demo_sampler(sampler, steps, seed=2026, title=None):
@@ -41,19 +44,19 @@ def demo_sampler(sampler, steps, seed=2026, title=None):
 
 def demo_txt2img():
     g = demo_head()
-    g["4"] = demo_sampler("epd", DEMO_EPD_STEPS, title=f"KSampler (epd, {DEMO_EPD_STEPS} steps)")
-    g["5"] = node("EPDDemoDecode", samples=["4", 0], scale=8)
+    g["4"] = demo_sampler("epd", DEMO_NFE, title=f"KSampler (epd, {DEMO_NFE} steps = {DEMO_NFE} model calls)")
+    g["5"] = node("EPDDemoDecode", samples=["4", 0], scale=MNIST["scale"])
     g["6"] = node("SaveImage", images=["5", 0], filename_prefix="epd_demo/epd")
     return g
 
 
 def demo_side_by_side():
     g = demo_head()
-    runs = [("epd", DEMO_EPD_STEPS), ("euler", DEMO_EQUAL_NFE), ("dpmpp_2m", DEMO_EQUAL_NFE)]
+    runs = [("epd", DEMO_NFE), ("euler", DEMO_NFE), ("dpmpp_2m", DEMO_NFE)]
     for i, (sampler, steps) in enumerate(runs):
         s, d, v = str(4 + 3 * i), str(5 + 3 * i), str(6 + 3 * i)
-        g[s] = demo_sampler(sampler, steps, title=f"{sampler}: {DEMO_EQUAL_NFE} sequential model calls")
-        g[d] = node("EPDDemoDecode", samples=[s, 0], scale=8)
+        g[s] = demo_sampler(sampler, steps, title=f"{sampler}: {DEMO_NFE} sequential model calls")
+        g[d] = node("EPDDemoDecode", samples=[s, 0], scale=MNIST["scale"])
         g[v] = node("SaveImage", images=[d, 0], filename_prefix=f"epd_demo/side_by_side_{sampler}")
     return g
 
@@ -113,20 +116,20 @@ def flux_custom():
 
 def demo_trainer():
     """Train a table for the demo model inside the graph, look at it, and sample with it at once."""
-    g = demo_head(batch=8)
+    g = demo_head(batch=8, spec=DIGITS)
     g["4"] = node("EPDTrainer", "EPD Trainer (distill)", mode="distill", model=["1", 0], positive=["2", 0],
                   negative=["2", 1], latent=["3", 0], steps=4, num_points=2, solver="epd", schedule="karras",
-                  teacher="heun", inserted_steps=3, iterations=100, learning_rate=0.1, batch=8, seed=0, cfg=DEMO_CFG,
+                  teacher="heun", inserted_steps=3, iterations=100, learning_rate=0.1, batch=8, seed=0, cfg=TRAINER_CFG,
                   objective="per_step+end_to_end", name="my_demo_table")
     g["5"] = node("PreviewImage", "Loss curve", images=["4", 1])
     g["6"] = node("PreviewEPDParams", params=["4", 0])
     g["7"] = node("EPDSampler", params=["4", 0], solver="auto", max_order=0, afs="auto", execution="auto", max_batch=0)
     g["8"] = node("EPDSigmas", model=["1", 0], params=["4", 0], append_zero=True)
     g["9"] = node("RandomNoise", noise_seed=1)
-    g["10"] = node("CFGGuider", model=["1", 0], positive=["2", 0], negative=["2", 1], cfg=DEMO_CFG)
+    g["10"] = node("CFGGuider", model=["1", 0], positive=["2", 0], negative=["2", 1], cfg=TRAINER_CFG)
     g["11"] = node("SamplerCustomAdvanced", noise=["9", 0], guider=["10", 0], sampler=["7", 0], sigmas=["8", 0],
                    latent_image=["3", 0])
-    g["12"] = node("EPDDemoDecode", samples=["11", 0], scale=8)
+    g["12"] = node("EPDDemoDecode", samples=["11", 0], scale=DIGITS["scale"])
     g["13"] = node("SaveImage", images=["12", 0], filename_prefix="epd_demo/trained")
     return g
 
@@ -139,7 +142,7 @@ def demo_rl_trainer():
                             rl_settings=["15", 0], init_params=["16", 0])
     g["5"]["_meta"]["title"] = "Mean reward per update"
     g["13"]["inputs"]["filename_prefix"] = "epd_demo/rl_trained"
-    g["14"] = node("EPDRewardDemoClassifier", "Reward: is it the right digit?", seed=0)
+    g["14"] = node("EPDRewardDemoClassifier", "Reward: is it the right digit?")
     g["15"] = node("EPDRLSettings", prompts="\n".join(str(d) for d in range(10)), group_size=4, prompts_per_update=2,
                    ppo_epochs=2, learning_rate=1e-3, clip=0.2, kl_coef=0.1, kappa=15.0, distill_iterations=200)
     g["16"] = node("LoadEPDParams", "Starting table", name="demo_digits_epd_s4.safetensors")

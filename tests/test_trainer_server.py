@@ -35,7 +35,7 @@ def monkeypatch_module():
 
 def graph(name, iterations=ITERATIONS):
     return {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 3}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "trainer": {"class_type": "EPDTrainer", "inputs": {
@@ -130,7 +130,7 @@ RL_PROMPTS, RL_ITERATIONS = "1\n3\n7\n8", 8
 def rl_graph(name, iterations=RL_ITERATIONS, reward=None, init="demo_digits_epd_s4.safetensors"):
     g = graph(name)
     g["init"] = {"class_type": "LoadEPDParams", "inputs": {"name": init}}
-    g["reward"] = reward or {"class_type": "EPDRewardDemoClassifier", "inputs": {"seed": 0}}
+    g["reward"] = reward or {"class_type": "EPDRewardDemoClassifier", "inputs": {}}
     g["settings"] = {"class_type": "EPDRLSettings", "inputs": {
         "prompts": RL_PROMPTS, "group_size": 4, "prompts_per_update": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
         "clip": 0.2, "kl_coef": 0.0, "kappa": 15.0, "distill_iterations": 10}}
@@ -142,7 +142,7 @@ def rl_graph(name, iterations=RL_ITERATIONS, reward=None, init="demo_digits_epd_
 def sample_with(table_name, digit=7, seed=3):
     """SamplerCustomAdvanced + EPD Sampler + EPD Sigmas with a table file, decoded to an image."""
     return {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": digit}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "table": {"class_type": "LoadEPDParams", "inputs": {"name": table_name}},

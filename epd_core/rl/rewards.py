@@ -2,8 +2,8 @@
 
 `images` are the sampler's outputs (B, C, H, W) in the model's output space (latents for latent models: a
 reward for those decodes them itself); `prompts` holds one prompt / label per image.
-    DemoClassifierReward  - log p(requested digit | image) under a small classifier fitted (seeded, cached) on
-                            scikit-learn's 8x8 digits: a real reward for the embedded demo model.
+    DemoClassifierReward  - log p(requested digit | image) under the classifier shipped with the demo models (a
+                            small CNN for MNIST 28x28, a logistic regression for 8x8 digits): tensors only.
     LocalModelReward      - HPSv2 / PickScore / ImageReward / CLIP / Aesthetic adapters that only load weights
                             the user placed in ComfyUI's models/epd_rewards/ folder; nothing is ever downloaded.
     TableDistanceReward   - minus the distance of the sampled TABLE to a target table (toy, known optimum).
@@ -51,31 +51,40 @@ class Reward:
 
 # ------------------------------------------------------------------------------------------------ demo digits
 
-@functools.lru_cache(maxsize=4)
-def _digit_classifier(seed: int = 0, c: float = 0.1):
-    """Multinomial logistic regression on sklearn digits (pixels / 16), fitted deterministically (< 1 s)."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as e:
-        raise RewardUnavailableError(f"DemoClassifierReward needs scikit-learn ({e}); pip install scikit-learn") from None
-    data = load_digits()
-    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    clf.fit(data.data / 16.0, data.target)
-    return (torch.tensor(clf.coef_, dtype=torch.float64), torch.tensor(clf.intercept_, dtype=torch.float64),
-            float(clf.score(data.data / 16.0, data.target)))
+_DIGITS_CLASSIFIER = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_logistic_regression():
+    """The 8x8 digits classifier: a multinomial logistic regression on pixels / 16 (fitted once with
+    scikit-learn, C = 0.1, seed 0, and shipped as its coefficients: nothing is fitted at run time)."""
+    from safetensors.torch import load_file
+    t = load_file(str(_DIGITS_CLASSIFIER))
+    return t["weight"], t["bias"]
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_classifier():
+    from ..digit_classifier import load_classifier
+    return load_classifier()
 
 
 class DemoClassifierReward(Reward):
-    """log p(label | image) for the demo digits model: images in [-1, 1] (1, 8, 8) -> digit pixels 0..16."""
+    """log p(label | image) for the demo models' images in [-1, 1]: (1, 28, 28) MNIST digits go to the shipped
+    CNN (98.4 % held-out accuracy), (1, 8, 8) digits to the shipped logistic regression."""
     name = "demo_classifier"
 
-    def __init__(self, seed: int = 0, c: float = 0.1):
-        self.weight, self.bias, self.train_accuracy = _digit_classifier(seed, c)
-
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        x = ((images.detach().double().clamp(-1, 1) + 1) / 2).reshape(images.shape[0], -1)  # = pixels / 16
-        return x @ self.weight.to(x.device).T + self.bias.to(x.device)
+        size = tuple(images.shape[-2:])
+        if size == (28, 28):
+            net = _mnist_classifier()
+            return net(images.detach().float().cpu()).double().to(images.device)
+        if size == (8, 8):
+            weight, bias = _digits_logistic_regression()
+            x = ((images.detach().double().clamp(-1, 1) + 1) / 2).reshape(images.shape[0], -1)  # = pixels / 16
+            return x @ weight.to(x.device).T + bias.to(x.device)
+        raise RewardUnavailableError(f"the demo digit classifier scores 28x28 (MNIST) or 8x8 demo images, got "
+                                     f"{size[0]}x{size[1]}; use EPD Reward (Local Model) for other models")
 
     def __call__(self, images, prompts, tables=None) -> torch.Tensor:
         labels = torch.as_tensor([int(p) for p in prompts], device=images.device)
