@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .checkpoint import adam_state_tensors, folder_problem, load_adam_state, read_checkpoint, write_checkpoint
 from .params import SCHEDULE_TYPES, EPDParams, activate
+from .schedules import schedule_logits, sigmas_from_logits
 from .solver import EPDSamplingError, PointEvaluator, adams_bashforth, check_sigmas, epd_step, integrate
 
 log = logging.getLogger("epd")
@@ -41,7 +42,8 @@ CHECKPOINT_FORMAT = "epd-distill-checkpoint-v1"
 # Fields that change the result: a checkpoint only resumes a run whose values are identical.
 _RESULT_FIELDS = ("sigmas", "num_points", "solver", "max_order", "afs", "teacher", "inserted_steps", "objective",
                   "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch",
-                  "num_batches", "seed", "spread", "scale_dir", "scale_time")
+                  "num_batches", "seed", "spread", "scale_dir", "scale_time", "learn_schedule", "schedule_floor",
+                  "schedule_lr", "to_zero")
 
 
 class DistillError(RuntimeError):
@@ -230,6 +232,16 @@ class DistillConfig:
     spread: float = 1.0                            # initial position logits in [-spread, spread] (no K-collapse)
     scale_dir: float = 0.05                        # bound of the direction scale c (0 disables)
     scale_time: float = 0.0                        # bound of the time scale a (0 disables)
+    # Learn the student's sigmas with the table (end-to-end stage): sigma_0 stays, the other N sigmas move
+    # freely above `schedule_floor` (schedules.sigmas_from_logits). A list without a final 0 then ends at its
+    # learned last sigma with no final model call (latency NFE = 2N, 2N - 1 with AFS), its target being the
+    # teacher's end point at sigma 0.
+    learn_schedule: bool = False
+    schedule_floor: float = 0.002
+    schedule_lr: float = 0.05                      # Adam rate of the schedule logits (cosine-decayed like lr)
+    # A list of positive sigmas only: the last row steps to sigma 0 with its points anchored at the last sigma
+    # (solver.integrate's to_zero): a denoised result with no final model call. Needs the teacher's end point.
+    to_zero: bool = False
     grad_checkpointing: bool = False               # recompute each student step in backward (end-to-end, big models)
     sequential_points: bool = False                # one model call per point (graphs that cannot batch K points)
     checkpoint_path: str | None = None             # a single file, written atomically
@@ -286,6 +298,13 @@ class DistillConfig:
         need(self.resume in (False, True, "auto"), f"resume={self.resume!r}", "Use False, True or 'auto'.")
         need(self.schedule.get("type") in (None, *SCHEDULE_TYPES), f"schedule type {self.schedule.get('type')!r}",
              f"Use one of {SCHEDULE_TYPES} ('explicit' for any other sigma list).")
+        need(not (self.to_zero and sig[-1] == 0), "to_zero with a sigma list ending in 0",
+             "Give the positive sigmas only: the last one anchors the final step to 0.")
+        if self.learn_schedule:
+            need(0 < self.schedule_floor < min(s for s in sig if s > 0), f"schedule_floor={self.schedule_floor}",
+                 "Use a positive floor below the student's last positive sigma (e.g. 0.002).")
+            need(math.isfinite(self.schedule_lr) and self.schedule_lr > 0, f"schedule_lr={self.schedule_lr!r}",
+                 "Use a positive rate like 0.05.")
         need(self.batch % world_size == 0, f"batch {self.batch} does not split over {world_size} ranks",
              f"Use a batch that is a multiple of {world_size}.")
 
@@ -298,24 +317,24 @@ def mse(a, b):
 
 def _final_state(model, x_last, sigmas, extra_args):
     """A sigma list ending in 0 finishes with the plain Euler step x = D(x, sigma_N) (no table row)."""
-    if float(sigmas[-1]) != 0.0:
+    if float(sigmas[-1].detach()) != 0.0:
         return x_last
     return _denoiser(model, extra_args)(x_last, sigmas[-2])
 
 
 def _positive(sigmas):
-    return sigmas[:-1] if float(sigmas[-1]) == 0.0 else sigmas
+    return sigmas[:-1] if float(sigmas[-1].detach()) == 0.0 else sigmas
 
 
 def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None):
+                    feature_fn=None, to_zero=False):
     """One loss per table row: step i starts from the student's OWN previous state, detached, so row i's
     loss reaches only row i. The last row's loss is on the final output (through the final Euler step to 0
     when the list ends in 0), with `feature_fn` distances if given."""
     extra_args = extra_args or {}
     states: list[torch.Tensor] = []
     integrate(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order, afs=afs,
-              evaluate=evaluate, detach_steps=True, states=states)
+              evaluate=evaluate, detach_steps=True, states=states, to_zero=to_zero)
     n = len(states) - 1
     losses = [mse(states[i + 1], targets[i + 1]) for i in range(n - 1)]
     final = _final_state(model, states[-1], sigmas, extra_args)
@@ -324,11 +343,11 @@ def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=
 
 
 def end_to_end_loss(model, x, sigmas, rows, target, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, checkpointed=False):
+                    feature_fn=None, checkpointed=False, to_zero=False):
     """Error of the final state through the whole student trajectory: every row gets gradient."""
     extra_args = extra_args or {}
     run = _trajectory_checkpointed if checkpointed else _trajectory
-    x_last = run(model, x, _positive(sigmas), rows, extra_args, max_order, afs, evaluate)
+    x_last = run(model, x, _positive(sigmas), rows, extra_args, max_order, afs, evaluate, to_zero)
     return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn)
 
 
@@ -336,12 +355,12 @@ def _final_loss(final, target, feature_fn):
     return mse(final, target) if feature_fn is None else mse(feature_fn(final), feature_fn(target))
 
 
-def _trajectory(model, x, sigmas, rows, extra_args, max_order, afs, evaluate):
+def _trajectory(model, x, sigmas, rows, extra_args, max_order, afs, evaluate, to_zero=False):
     return integrate(model, x, sigmas, rows, extra_args, disable=True, max_order=max_order, afs=afs,
-                     evaluate=evaluate)
+                     evaluate=evaluate, to_zero=to_zero)
 
 
-def _trajectory_checkpointed(model, x, sigmas, rows, extra_args, max_order, afs, evaluate):
+def _trajectory_checkpointed(model, x, sigmas, rows, extra_args, max_order, afs, evaluate, to_zero=False):
     """Same steps as solver.integrate, each wrapped in torch.utils.checkpoint: activations of one step at a
     time are kept, the model runs again in backward (memory ~ 1 step instead of N for big models)."""
     evaluate = evaluate or PointEvaluator(model, extra_args)
@@ -355,7 +374,8 @@ def _trajectory_checkpointed(model, x, sigmas, rows, extra_args, max_order, afs,
         else:
             d_cur = (x - model(x, t_cur * s_in, **extra_args)) / t_cur
         d_pred = adams_bashforth(d_cur, list(hist), max_order) if max_order > 1 else d_cur
-        return epd_step(evaluate, x, d_pred, t_cur, t_next, *(rows[n][i] for n in "rwca")), d_cur
+        t_end = t_next.new_zeros(()) if to_zero and i == len(sigmas) - 2 else None
+        return epd_step(evaluate, x, d_pred, t_cur, t_next, *(rows[n][i] for n in "rwca"), t_end=t_end), d_cur
 
     for i in range(len(sigmas) - 1):
         x, d_cur = grad_checkpoint(step, i, x, *history, use_reentrant=False)
@@ -417,7 +437,7 @@ def save_checkpoint(path, theta, optimizer, iteration: int, losses: list, cfg: D
     """Logits, Adam moments and steps, loss history, iteration and config in one safetensors file, written
     atomically (temp + fsync + rename): a crash or a full disk leaves the previous checkpoint untouched.
     Noise needs no RNG state: batch j is always drawn from batch_seed(seed, j)."""
-    tensors = {n: t.detach().cpu().contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), theta)}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in zip(_LEAF_NAMES, theta)}
     tensors.update(adam_state_tensors(optimizer))
     tensors["loss_history"] = torch.tensor(losses, dtype=torch.float64)
     meta = {"format": CHECKPOINT_FORMAT, "iteration": str(iteration), "config": json.dumps(cfg.to_json()),
@@ -530,6 +550,9 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
     device, dtype = x_probe.device, torch.promote_types(x_probe.dtype, torch.float32)
     sig = torch.tensor(cfg.sigmas, dtype=dtype, device=device)
     steps = int((sig[1:] > 0).sum())
+    # a learned schedule's target is the ODE's end point at sigma 0, whatever the student's last sigma becomes
+    end_target = (cfg.learn_schedule or cfg.to_zero) and float(sig[-1]) > 0
+    teacher_sig = torch.cat([sig, sig.new_zeros(1)]) if end_target else sig
     theta, scales, optimizer, start, losses = _starting_state(cfg, init, ckpt, steps, device)
     _check_model_gradient(model, x_probe, sig[0], extra_probe)
     teacher_cache: dict[int, tuple] = {}
@@ -541,15 +564,15 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
             raise DistillCancelled(_cancel_message(it, ckpt_path, last_saved))
         name, s0, s1 = _stage_at(cfg, it)
         if it == s0 and s0 > 0:
-            optimizer = torch.optim.Adam(theta, lr=cfg.lr)  # fresh moments for the end-to-end fine-tuning stage
+            optimizer = _adam(theta, cfg)  # fresh moments for the end-to-end fine-tuning stage
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(cfg, it, s0, s1)
+            group["lr"] = group["base_lr"] * _lr_factor(cfg, it, s0, s1)
 
         j = it % cfg.num_batches
         if j not in teacher_cache:  # (x0, extra_args, teacher states): the teacher runs once per batch
             x0, extra = make_batch(j, cfg, noise_fn, extra_args_fn, rank, world)
-            teacher_cache[j] = (x0, extra, teacher_states(model, x0, sig, cfg.teacher, cfg.inserted_steps, extra, poll,
-                                                               cfg.teacher_steps, cfg.teacher_sigma_min))
+            teacher_cache[j] = (x0, extra, teacher_states(model, x0, teacher_sig, cfg.teacher, cfg.inserted_steps,
+                                                               extra, poll, cfg.teacher_steps, cfg.teacher_sigma_min))
         batch = teacher_cache[j]
 
         try:
@@ -572,29 +595,58 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
 
     if history is not None:
         history[:] = losses
-    return _result_table(theta, scales, cfg, losses, steps, world)
+    if len(theta) > 4:  # the learned schedule becomes the table's own
+        with torch.no_grad():
+            cfg.sigmas = learned_sigmas(theta, sig.double(), cfg).tolist()
+    return _result_table(theta[:4], scales, cfg, losses, steps, world)
 
 
 def _starting_state(cfg, init, ckpt, steps, device):
     """Logits, scale bounds, Adam, first iteration and loss history: fresh, or exactly as checkpointed."""
     theta, scales = initial_logits(cfg, init, steps, device)
-    optimizer = torch.optim.Adam(theta, lr=cfg.lr)
+    if cfg.learn_schedule:
+        positive = [s for s in cfg.sigmas if s > 0]
+        theta.append(schedule_logits(positive, cfg.schedule_floor).to(device).requires_grad_(True))
+    optimizer = _adam(theta, cfg)
     if ckpt is None:
         return theta, scales, optimizer, 0, []
     with torch.no_grad():
-        for name, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), theta):
+        for name, t in zip(_LEAF_NAMES, theta):
             t.copy_(ckpt["tensors"][name])
     load_adam_state(optimizer, ckpt["tensors"], theta)
     return theta, tuple(ckpt["scales"]), optimizer, ckpt["iteration"], list(ckpt["losses"])
 
 
+_LEAF_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a", "schedule_logits")
+
+
+def _adam(theta, cfg: DistillConfig):
+    """Adam over the table logits (lr) and, when learned, the schedule logits (schedule_lr)."""
+    groups = [{"params": theta[:4], "base_lr": cfg.lr}]
+    if len(theta) > 4:
+        groups.append({"params": theta[4:], "base_lr": cfg.schedule_lr})
+    return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
+
+
+def learned_sigmas(theta, sig, cfg: DistillConfig, train_schedule: bool = True):
+    """The student's sigma list: fixed, or built from the learned schedule logits (theta[4])."""
+    if len(theta) <= 4:
+        return sig
+    logits = theta[4] if train_schedule else theta[4].detach()
+    pos = sigmas_from_logits(sig[0], cfg.schedule_floor, logits).to(sig.dtype)
+    return torch.cat([pos, sig.new_zeros(1)]) if float(sig[-1]) == 0 else pos
+
+
 def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn, world) -> float:
     """Loss of this rank's batch and its gradient in theta[*].grad, both averaged over the ranks (equal shards,
-    so the average of the means is the mean over the full batch). Returns the loss."""
+    so the average of the means is the mean over the full batch). Returns the loss. A learned schedule is
+    trained by the end-to-end objective only: the per-step targets sit at the initial student sigmas."""
     x0, extra, targets = batch
-    rows = {k: v.to(sig.dtype) for k, v in activate(*theta, *scales).items()}
+    sig = learned_sigmas(theta, sig, cfg, train_schedule=name != "per_step")
+    rows = {k: v.to(sig.dtype) for k, v in activate(*theta[:4], *scales).items()}
     evaluate = PointEvaluator(model, extra, sequential=cfg.sequential_points)
-    kw = dict(extra_args=extra, max_order=cfg.effective_order, afs=cfg.afs, evaluate=evaluate, feature_fn=feature_fn)
+    kw = dict(extra_args=extra, max_order=cfg.effective_order, afs=cfg.afs, evaluate=evaluate, feature_fn=feature_fn,
+              to_zero=cfg.to_zero)
     if name == "per_step":
         loss = torch.stack(per_step_losses(model, x0, sig, rows, targets, **kw)).sum()
     else:
@@ -660,8 +712,12 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
     schedule.setdefault("type", "explicit")
     schedule["sigmas"] = positive
     schedule["final_zero"] = cfg.sigmas[-1] == 0
-    if cfg.override_sigmas:
+    if cfg.override_sigmas or cfg.learn_schedule:
         schedule["override_sigmas"] = True
+    if cfg.learn_schedule:
+        schedule.update(type="explicit", learned=True, floor=cfg.schedule_floor)
+    if cfg.to_zero:
+        schedule["to_zero"] = True
     provenance = {"trainer": "epd_core.distill", "teacher": cfg.teacher, "M": cfg.inserted_steps,
                   "teacher_steps": cfg.teacher_steps, "teacher_sigma_min": cfg.teacher_sigma_min,
                   "objective": cfg.objective, "iterations": cfg.iterations, "lr": cfg.lr, "batch": cfg.batch,
@@ -670,6 +726,7 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta = {"solver": cfg.solver, "max_order": cfg.effective_order, "afs": cfg.afs, "schedule": schedule,
             "guidance_scale": cfg.guidance_scale, "model_family": cfg.model_family, "provenance": provenance,
-            "num_points": cfg.num_points}
+            "num_points": cfg.num_points,
+            "latency_nfe": 2 * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}  # to_zero: no final call
     t = [p.detach().to("cpu", torch.float32) for p in theta]
     return EPDParams(*t, scales[0], scales[1], meta)

@@ -120,3 +120,26 @@ def _check(num_points, sigma_min, sigma_max):
         raise ValueError("a schedule needs at least 2 points")
     if not (sigma_min is not None and sigma_max is not None and 0 < sigma_min < sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+
+# ------------------------------------------------------------------------------------- learned schedules
+# A learned schedule keeps sigma_0 (the noise level of x) fixed and splits the log-sigma range from sigma_0
+# down to a floor into N + 1 shares, softmax(logits): step i takes share i, the last share is what is left
+# above the floor. Any logits give positive, strictly descending sigmas above the floor (a monotone
+# parametrisation), so the optimiser can move every step, the last sigma included, without constraints.
+
+def schedule_logits(positive_sigmas, floor: float) -> torch.Tensor:
+    """Logits (N + 1,) that reproduce the given N + 1 positive descending sigmas exactly."""
+    s = torch.as_tensor(positive_sigmas, dtype=torch.float64).flatten()
+    if not 0 < floor < float(s[-1]):
+        raise ValueError(f"the floor {floor} must lie in (0, last sigma {float(s[-1]):.4g})")
+    gaps = torch.cat([s[:-1].log() - s[1:].log(), (s[-1] / floor).log().reshape(1)])
+    return gaps.log()
+
+
+def sigmas_from_logits(sigma_0, floor: float, logits: torch.Tensor) -> torch.Tensor:
+    """The N + 1 positive sigmas (sigma_0 first) given by `schedule_logits`; differentiable in the logits."""
+    sigma_0 = torch.as_tensor(sigma_0, dtype=logits.dtype, device=logits.device).reshape(1)
+    share = torch.softmax(logits, dim=0)
+    log_sigmas = sigma_0.log() - torch.log(sigma_0 / floor) * torch.cumsum(share, dim=0)[:-1]
+    return torch.cat([sigma_0, log_sigmas.exp()])

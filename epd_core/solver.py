@@ -38,9 +38,11 @@ def adams_bashforth(d_cur: torch.Tensor, history: list[torch.Tensor], max_order:
     return d
 
 
-def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a):
+def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a, t_end=None):
     """x at t_next from x at t_cur, given the predictor direction and one row (K,) of the table.
-    `evaluate(xs, sigmas)` denoises the stacked points xs (K, B, ...) at per-point sigmas (K,)."""
+    `evaluate(xs, sigmas)` denoises the stacked points xs (K, B, ...) at per-point sigmas (K,).
+    With `t_end` (a table's step to zero, t_end = 0) the points still lie between t_cur and t_next, which is
+    then only their anchor, and the combined direction carries x all the way to t_end."""
     shape = (-1,) + (1,) * x.dim()
     t_k = t_next ** r * t_cur ** (1 - r)
     x_k = x.unsqueeze(0) + (t_k - t_cur).view(shape).to(x.dtype) * d_pred.unsqueeze(0)
@@ -49,7 +51,8 @@ def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a):
     # x_k upcast before subtracting (a no-op for fp32/fp64 x): x_k - D(x_k) rounded to bf16 costs ~10 ulps of x'
     d_k = (x_k.to(acc) - denoised_k).to(acc) / t_k.view(shape).to(acc)  # divide by t_k, not a_k t_k (spec §2)
     d_mix = ((w * c).view(shape).to(acc) * d_k).sum(0)
-    return (x.to(acc) + (t_next - t_cur).to(acc) * d_mix).to(x.dtype)
+    t_end = t_next if t_end is None else t_end
+    return (x.to(acc) + (t_end - t_cur).to(acc) * d_mix).to(x.dtype)
 
 
 class PointEvaluator:
@@ -110,18 +113,24 @@ def check_sigmas(sigmas: torch.Tensor) -> list[float]:
 
 
 def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=None, max_order: int = 1,
-              afs: bool = False, evaluate=None, detach_steps: bool = False, states: list | None = None):
+              afs: bool = False, evaluate=None, detach_steps: bool = False, states: list | None = None,
+              to_zero: bool = False):
     """Run EPD (max_order 1) or EPD-Plugin (max_order > 1) over `sigmas` with table rows
     {'r','w','c','a'}: tensors (steps, K), one row per step to a positive sigma.
-    `detach_steps` cuts the graph between steps (per-step distillation); `states` collects x at every sigma."""
+    `detach_steps` cuts the graph between steps (per-step distillation); `states` collects x at every sigma.
+    `to_zero` (positive sigmas only): the last row steps to sigma 0, its points anchored at the last sigma
+    (`epd_step`'s t_end), so the result is denoised without a final model call."""
     extra_args = extra_args or {}
     sig = check_sigmas(sigmas)
     n_pos = sum(1 for s in sig[1:] if s > 0)
     if rows["r"].shape[0] != n_pos:
         raise EPDSamplingError(f"table has {rows['r'].shape[0]} rows for {n_pos} steps")
+    if to_zero and sig[-1] == 0:
+        raise EPDSamplingError("to_zero needs a list of positive sigmas (the last one is the final step's anchor)")
     evaluate = evaluate or PointEvaluator(model, extra_args)
     s_in = x.new_ones([x.shape[0]])
     history: list[torch.Tensor] = []
+    last = len(sig) - 2
     bad_steps = [~torch.isfinite(x).all()]  # entry 0: the input itself (e.g. a NaN latent from upstream)
     if states is not None:
         states.append(x)
@@ -141,7 +150,8 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
             x = denoised  # Euler step to sigma 0
         else:
             d_pred = adams_bashforth(d_cur, history, max_order) if max_order > 1 else d_cur
-            x = epd_step(evaluate, x, d_pred, t_cur, t_next, *(rows[n][i] for n in "rwca"))
+            t_end = t_next.new_zeros(()) if to_zero and i == last else None
+            x = epd_step(evaluate, x, d_pred, t_cur, t_next, *(rows[n][i] for n in "rwca"), t_end=t_end)
             if max_order > 1:
                 history = (history + [d_cur])[-(max_order - 1):]
         bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
@@ -220,7 +230,11 @@ def table_schedule_for(params: EPDParams, sigmas):
     n_pos = len(sig) - 1
     if len(sig) < 3 or sig[-1] != 0:
         return None
-    if n_pos == table.numel() and np.isclose(sig[0], float(table[0]), rtol=1e-3):
+    full_denoise = np.isclose(sig[0], float(table[0]), rtol=1e-3)
+    if spec.get("to_zero") and full_denoise:  # positive sigmas only: its last row steps to 0 (any step count:
+        ref = torch.as_tensor(sigmas)        # the table was picked for its model calls, see nodes/tables.py)
+        return table.to(dtype=ref.dtype, device=ref.device)
+    if n_pos == table.numel() and full_denoise:
         own = table
     elif spec.get("type") in _REBUILDABLE and n_pos >= 2 and sig[0] > 2 * float(table[-1]):
         from .schedules import schedule_sigmas
@@ -283,8 +297,10 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
                    "using rows %s (%s)", mode, params.describe())
     extra_args = extra_args or {}
     evaluate = evaluate or PointEvaluator(model, extra_args, max_batch=max_batch, sequential=sequential)
+    # a to_zero table's last row steps to sigma 0, but only on its own sigmas (which end at its anchor)
+    to_zero = bool((params.schedule or {}).get("to_zero")) and mode == "exact" and float(sigmas[-1]) > 0
     return integrate(model, x, sigmas, rows, extra_args, callback, disable, max_order=max_order,
-                     afs=params.afs if afs is None else bool(afs), evaluate=evaluate)
+                     afs=params.afs if afs is None else bool(afs), evaluate=evaluate, to_zero=to_zero)
 
 
 def _is_oom(e: Exception) -> bool:

@@ -56,6 +56,10 @@ _HELP = {
     "grad_checkpointing": "recompute each student step in backward (end-to-end on big models)",
     "sequential_points": "one model call per point instead of one batched call",
     "checkpoint_interval": "iterations between checkpoints",
+    "learn_schedule": "learn the student's sigmas with the table (end-to-end stage)",
+    "schedule_floor": "lowest sigma a learned schedule may reach",
+    "schedule_lr": "Adam learning rate of the learned schedule",
+    "to_zero": "the last row steps to sigma 0 (no final model call; implies --no-final-zero)",
 }
 _CHOICES = {"solver": ("epd", "epd_plugin"), "teacher": TEACHERS, "objective": OBJECTIVES,
             "lr_schedule": ("cosine", "constant")}
@@ -101,11 +105,11 @@ def gmm_problem(args) -> Problem:
 
 
 def demo_problem(args) -> Problem:
-    try:
-        from . import demo_model
-    except ImportError as e:
-        raise TrainCLIError(f"--model demo needs epd_core/demo_model.py ({e})") from None
-    net = demo_model.load_demo_model(args.demo_weights, device=args.device or "cpu")
+    """The embedded demo models: --model mnist (28x28) or demo (8x8 digits)."""
+    from . import demo_model
+    which = demo_model.DEMO_MODELS["mnist" if args.model == "mnist" else "digits"]
+    net = demo_model.load_demo_model(args.demo_weights or which["weights"], device=args.device or "cpu")
+    size = which["size"]
 
     class GradDemoDenoiser(demo_model.DemoDenoiser):
         # eps_denoise may be wrapped in torch.no_grad for sampling; distillation needs its gradients
@@ -117,8 +121,8 @@ def demo_problem(args) -> Problem:
 
     def extra_fn(g, n):
         return {"cond": torch.randint(0, demo_model.NUM_CLASSES, (n,), generator=g).to(device)}
-    return Problem(den, lambda g, n: torch.randn(n, 1, 8, 8, generator=g).to(device), extra_fn, den.sigma_min,
-                   den.sigma_max, "epd_demo_digits", den.sigmas.double(), "discrete",
+    return Problem(den, lambda g, n: torch.randn(n, 1, size, size, generator=g).to(device), extra_fn, den.sigma_min,
+                   den.sigma_max, which["family"], den.sigmas.double(), "discrete",
                    start_scale=lambda s0: vp_start_scale(s0, den.sigma_max))
 
 
@@ -229,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distill a table from a teacher solver (EPD_SPEC.md §5)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = d.add_mutually_exclusive_group()
-    src.add_argument("--model", choices=("gmm", "demo"), default=None, help="built-in model (default gmm)")
+    src.add_argument("--model", choices=("gmm", "demo", "mnist"), default=None,
+                     help="built-in model: gmm (default), demo (8x8 digits) or mnist (28x28 demo model)")
     src.add_argument("--checkpoint", help="a ComfyUI checkpoint (.safetensors) to train for")
     d.add_argument("--comfyui", help="ComfyUI folder for --checkpoint (default $COMFYUI_PATH)")
     d.add_argument("--prompt", default="", help="positive prompt (--checkpoint)")
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (EPD_SPEC.md §6)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--model", choices=("demo",), default="demo", help="built-in model to sample with")
+    r.add_argument("--model", choices=("demo", "mnist"), default="demo",
+                   help="built-in model to sample with: demo (8x8 digits) or mnist (28x28)")
     r.add_argument("--demo-weights", default=None, help="demo weights (default: the shipped file)")
     r.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale of the demo model")
     r.add_argument("--device", default=None, help="cpu / cuda")
@@ -317,7 +323,8 @@ def run_rl(args) -> EPDParams:
         reward = DemoClassifierReward()
     else:
         reward = LocalModelReward(args.reward, args.reward_path, device=args.device or "cpu")
-    dargs = argparse.Namespace(demo_weights=args.demo_weights, device=args.device, guidance_scale=args.guidance_scale)
+    dargs = argparse.Namespace(model=args.model, demo_weights=args.demo_weights, device=args.device,
+                               guidance_scale=args.guidance_scale)
     problem = demo_problem(dargs)
     if args.init:
         table = EPDParams.load(args.init)
@@ -347,8 +354,8 @@ def run_rl(args) -> EPDParams:
                    prompts_per_iteration=args.prompts_per_update, epochs=args.epochs, lr=args.lr,
                    kappa=args.kappa, kl_coef=args.kl_coef, seed=args.seed, checkpoint_path=ckpt,
                    resume=bool(args.resume))
-    from .demo_model import DemoDenoiser, load_demo_model
-    model = DemoDenoiser(load_demo_model(args.demo_weights, device=args.device or "cpu"), cfg=args.guidance_scale)
+    from .demo_model import DemoDenoiser
+    model = DemoDenoiser(problem.model.net, cfg=args.guidance_scale)
     t0 = time.time()
     every = max(1, cfg.iterations // 20)
 
@@ -404,10 +411,12 @@ def run_distill(args) -> EPDParams:
     rank, world = init_distributed()
     if args.checkpoint:
         problem = comfy_checkpoint_problem(args)
-    elif (args.model or "gmm") == "demo":
+    elif (args.model or "gmm") in ("demo", "mnist"):
         problem = demo_problem(args)
     else:
         problem = gmm_problem(args)
+    if args.to_zero:  # the last row steps to 0 itself: no final Euler step
+        args.final_zero = False
     sigmas, spec = student_sigmas(args, problem)
     cfg = config_from_args(args, sigmas, spec, problem)
     out = Path(args.out)

@@ -82,10 +82,12 @@ class RLConfig:
 
 # ============================================================================================== sampling
 
-def integrate_batched(model, x, sigmas, rows, extra_args=None, max_order: int = 1, afs: bool = False):
+def integrate_batched(model, x, sigmas, rows, extra_args=None, max_order: int = 1, afs: bool = False,
+                      to_zero: bool = False):
     """EPD / EPD-Plugin like solver.integrate, but every sample b has its own table: rows {'r','w','c','a'} of
     shape (B, steps, K). The K points of all samples go through ONE model call of batch K*B (point-major, as
-    PointEvaluator) with a per-sample sigma vector. A final sigma 0 is the usual Euler step x = D(x, sigma)."""
+    PointEvaluator) with a per-sample sigma vector. A final sigma 0 is the usual Euler step x = D(x, sigma);
+    `to_zero` as in solver.integrate (the last row steps to 0, anchored at the last sigma)."""
     extra_args = extra_args or {}
     sig = check_sigmas(sigmas)
     n_pos = sum(1 for s in sig[1:] if s > 0)
@@ -116,7 +118,8 @@ def integrate_batched(model, x, sigmas, rows, extra_args=None, max_order: int = 
         k = x_k.shape[0]
         den_k = model(x_k.reshape(k * b, *x.shape[1:]), (a * t_k).reshape(-1).to(x.dtype), **extra_args).reshape(x_k.shape)
         d_k = (x_k.to(acc) - den_k.to(acc)) / t_k.view(shape)
-        x = (x.to(acc) + (t_next - t_cur) * ((w * c).view(shape) * d_k).sum(0)).to(x.dtype)
+        t_end = 0.0 if to_zero and i == len(sig) - 2 else t_next
+        x = (x.to(acc) + (t_end - t_cur) * ((w * c).view(shape) * d_k).sum(0)).to(x.dtype)
         if max_order > 1:
             history = (history + [d_cur])[-(max_order - 1):]
     if not torch.isfinite(x).all():
@@ -290,7 +293,9 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
             extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra.items()}
             with torch.no_grad():
                 try:
-                    images = integrate_batched(model, x0, sig.to(x0.device), rows, extra, max_order, base_table.afs)
+                    to_zero = bool(base_table.schedule.get("to_zero")) and float(sig[-1]) > 0
+                    images = integrate_batched(model, x0, sig.to(x0.device), rows, extra, max_order, base_table.afs,
+                                               to_zero)
                 except EPDSamplingError as e:
                     raise RLError(f"iteration {it}: {e}") from None
         with torch.no_grad():
