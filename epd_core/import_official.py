@@ -17,20 +17,33 @@ would execute that source and anything else the file names, so this module never
 The official activations are ours (docs/method.md, "The table"), so r_params / weight_s / scale_dir_params /
 scale_time_params are exactly theta_r / theta_w / theta_c / theta_a. CLI:
     python -m epd_core.import_official IN.pkl OUT.safetensors [--print]
+    python -m epd_core.import_official --official sd15-best OUT.safetensors      (download, verify, convert)
+    python -m epd_core.import_official --official sd15-best IN.pkl OUT.safetensors  (verify a copy fetched by hand)
+
+Official tables by name (OFFICIAL_FILES): the authors' published predictors, fetched from their repository at a
+fixed commit with the standard library only (a timeout, a size cap), their size and SHA-256 checked before a
+single byte is unpickled (and even then only by the restricted unpickler above).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import io
 import math
+import os
 import pickle
 import pickletools
 import re
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +72,130 @@ _FIX_REFUSED = ("The file is not an official EPD predictor or has been tampered 
 
 class EPDImportError(EPDParamsError):
     """An official predictor file cannot be converted; the message names the file, the problem and the fix."""
+
+
+# ---- official tables by name ------------------------------------------------------------------------------
+class OfficialFile(NamedTuple):
+    name: str
+    size: int      # bytes
+    sha256: str
+
+    @property
+    def path(self) -> str:
+        """Where the file lies in the authors' repository: exps/<family>/<name>.pkl, the family being the name
+        without its last part (sd3-1024-best -> exps/sd3-1024/sd3-1024-best.pkl), as the authors' README links it."""
+        return f"exps/{self.name.rsplit('-', 1)[0]}/{self.name}.pkl"
+
+
+OFFICIAL_REPO = "BeierZhu/EPD"
+OFFICIAL_BRANCH = "EPD-Solver++"
+OFFICIAL_COMMIT = "88a91f0914069afd700bfee1b590c7b61ceae240"
+DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}"
+BASE_URL_ENV = "EPD_OFFICIAL_BASE_URL"  # e.g. a mirror; tests point it at a local server
+DOWNLOAD_TIMEOUT = 30.0                 # seconds, per socket operation and for the whole download
+MAX_DOWNLOAD_BYTES = 1024 * 1024        # the published files are ~7 kB
+# The published predictors (name, size, SHA-256), from the authors' repository at OFFICIAL_COMMIT.
+OFFICIAL_FILES: dict[str, OfficialFile] = {f.name: f for f in (
+    OfficialFile("flux-best", 7622, "f96cc971995114a31bfb0e9edf16d48ffdd5191e40a247714ca6834843815198"),
+    OfficialFile("flux-start", 7255, "f9fc1e997d8e8e0bc673add9511daca5a8cb28a644e5f9f7fd4c1bb0c7ad8a2a"),
+    OfficialFile("sd15-best", 7177, "2e14a48e6b28944091b49d7cb3f0aa009bafad8668888fa584b09da5205ba227"),
+    OfficialFile("sd15-distilled", 7177, "f0852617b62481a94de4b85d3db4a1ae3cb9d74c4f2ae86260296b0902415f9d"),
+    OfficialFile("sd15-start", 7028, "d4100761bd11deb2f4d831dc147d088a39c52a6df13675b979deaa9a3b0aead3"),
+    OfficialFile("sd3-1024-best", 7319, "ef67ea4f157a3dc119276e9427e5a32389a18072e32afce846f700b75639edd3"),
+    OfficialFile("sd3-1024-distilled", 7319, "d4d0657122cbac4e31a2d4c1170dc6b078e79caeab622463a2e6e76781b99173"),
+    OfficialFile("sd3-1024-start", 7166, "81d0c0df1d7a5d58d8535337ca50ed90623c5216dbed53cd4dd6995711d0d867"),
+    OfficialFile("sd3-512-best", 7319, "fd088ef6d9b6c4156c5abe20b303bb626329edcbf00e655c749c2a33a28f0344"),
+    OfficialFile("sd3-512-distilled", 7319, "c315cb5a1f8548228d08a8e8be4f2c4da6e9b95fd71bc50e5bfbcec1f9033527"),
+    OfficialFile("sd3-512-start", 7166, "9f53994ff9428690792650c64c96009d4c1c668652d16dd6fa26658f4d78caab"),
+)}
+
+
+def official_file(name: str) -> OfficialFile:
+    entry = OFFICIAL_FILES.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise EPDImportError(f"'{str(name)[:60]}' is not a published EPD predictor. Known names: "
+                             f"{', '.join(OFFICIAL_FILES)}.")
+    return entry
+
+
+def official_url(name: str, base_url: str | None = None) -> str:
+    """The file's raw URL: `base_url`, else $EPD_OFFICIAL_BASE_URL, else the authors' repository at the pinned
+    commit, followed by the file's path."""
+    base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return f"{base.rstrip('/')}/{official_file(name).path}"
+
+
+def convert_command(name: str, pkl: str | None = None, out: str = "OUT.safetensors") -> str:
+    """The command that verifies and converts a copy of the file fetched by hand."""
+    return f"python -m epd_core.import_official --official {name} {pkl or name + '.pkl'} {out}"
+
+
+def verify_official(name: str, data: bytes, source: str) -> bytes:
+    """Check size and SHA-256 against OFFICIAL_FILES (before anything is unpickled); returns `data`."""
+    entry = official_file(name)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.size or digest != entry.sha256:
+        raise EPDImportError(
+            f"{source}: refused: this is not the published '{name}' predictor (expected {entry.size} bytes with "
+            f"SHA-256 {entry.sha256}, got {len(data)} bytes with SHA-256 {digest}). Nothing was unpickled or "
+            f"written. The download was corrupted or altered, or the file is another one: fetch "
+            f"{official_url(name, DEFAULT_BASE_URL)} again.")
+    return data
+
+
+def download_official(name: str, base_url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT,
+                      out_hint: str = "OUT.safetensors") -> bytes:
+    """Download the published predictor `name` with the standard library and return its bytes, verified
+    (size and SHA-256). Bounded in time (`timeout`) and size (MAX_DOWNLOAD_BYTES). Writes nothing. Without a
+    connection the error gives the URL to fetch by hand and the command that converts the fetched file."""
+    entry = official_file(name)
+    url = official_url(name, base_url)
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise EPDImportError(f"{url}: only http(s) URLs are downloaded (check ${BASE_URL_ENV}).")
+
+    def offline(problem: str):
+        raise EPDImportError(
+            f"cannot download the official predictor '{name}' from {url}: {problem}. Without network access, "
+            f"fetch {official_url(name, DEFAULT_BASE_URL)} by hand ({entry.size} bytes, SHA-256 {entry.sha256}) "
+            f"and convert it with: {convert_command(name, out=out_hint)}")
+
+    deadline = time.monotonic() + timeout
+    chunks, total = [], 0
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-EPD"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.strip().isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+                raise EPDImportError(f"{url}: refused: the server announces {int(length)} bytes, far more than an "
+                                     f"EPD predictor ({entry.size} bytes); nothing was written.")
+            while True:
+                chunk = response.read(64 * 1024)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > MAX_DOWNLOAD_BYTES:
+                    raise EPDImportError(f"{url}: refused: the download exceeds {MAX_DOWNLOAD_BYTES} bytes, far "
+                                         f"more than an EPD predictor ({entry.size} bytes); nothing was written.")
+                if time.monotonic() > deadline:
+                    offline(f"the download took longer than {timeout:g} s")
+                chunks.append(chunk)
+    except urllib.error.HTTPError as e:
+        offline(f"HTTP {e.code} {e.reason}")
+    except urllib.error.URLError as e:
+        offline(f"{e.reason}")
+    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, bad responses
+        offline(f"{type(e).__name__}: {_first_line(e)}")
+    return verify_official(name, b"".join(chunks), url)
+
+
+def import_official_by_name(name: str, data: bytes, source: str) -> EPDParams:
+    """Verify `data` as the published predictor `name`, then convert it (restricted unpickler)."""
+    verify_official(name, data, source)
+    params = import_official_bytes(data, source=source, name=f"{name}.pkl")
+    params.metadata["provenance"]["official_name"] = name
+    params.metadata["provenance"]["official_url"] = official_url(name, DEFAULT_BASE_URL)
+    return params
 
 
 class _Bad(Exception):
@@ -220,13 +357,32 @@ _ALLOWED = {
 # then calls unbound and which fails; built-in types refuse new attributes.
 
 
+# The authors' older branch (EPD-Solver, for EDM pixel-space models such as CIFAR-10) pickles its training
+# snapshot with the loss object, whose attributes name the training code's solver functions (e.g.
+# solvers.epd_sampler). Such a file is recognised by that global and refused with a message saying what it is.
+_OLD_BRANCH_MODULES = ("solvers", "solvers_amed")
+_FIX_OLD_BRANCH = ("Nothing in it was run. The EPD-Solver++ predictors for Stable Diffusion 1.5, SD3 and Flux import "
+                   "directly, e.g. python -m epd_core.import_official --official sd15-best OUT.safetensors; for "
+                   "other models, train a table with the EPD Trainer node or python -m epd_core.train.")
+
+
+class _OldBranch(_Refused):
+    """A snapshot from the authors' older EPD-Solver branch (recognised by its solver function globals)."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which an "
-                           f"official EPD predictor never contains") from None
+            pass
+        if module in _OLD_BRANCH_MODULES and name.endswith("_sampler"):  # never resolved, never imported
+            raise _OldBranch(f"this is a predictor from the EPD authors' older EPD-Solver branch, for EDM "
+                             f"pixel-space models such as CIFAR-10 (its training snapshot names the solver "
+                             f"function '{module}.{name}'); no ComfyUI model uses those predictors, so it is "
+                             f"not imported")
+        raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which the EPD "
+                       f"predictors this importer reads never contain") from None
 
     def persistent_load(self, pid):
         # plain pickle.dump writes no persistent ids (torch's own ids live inside the storage bytes)
@@ -259,6 +415,8 @@ def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None
     _prescan(data, fail)
     try:
         top = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except _OldBranch as e:
+        fail(str(e), _FIX_OLD_BRANCH)
     except _Refused as e:
         fail(str(e), _FIX_REFUSED)
     except _Bad as e:
@@ -522,22 +680,42 @@ def format_table(params: EPDParams) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m epd_core.import_official",
-                                 description="Convert an official EPD predictor (.pkl) into an EPD safetensors "
-                                             "table, without executing anything from the pickle.")
-    ap.add_argument("input", help="official predictor file (.pkl)")
-    ap.add_argument("output", help="table to write (.safetensors)")
+    ap = argparse.ArgumentParser(
+        prog="python -m epd_core.import_official",
+        description="Convert an official EPD predictor (.pkl) into an EPD safetensors table, without executing "
+                    "anything from the pickle. With --official NAME, download the authors' published file (or "
+                    "verify a copy fetched by hand) and check its SHA-256 first.",
+        epilog=f"Published names: {', '.join(OFFICIAL_FILES)}.")
+    ap.add_argument("paths", nargs="+", metavar="IN.pkl OUT.safetensors",
+                    help="official predictor file (.pkl) and the table to write (.safetensors); with --official, "
+                         "IN.pkl is optional (a copy fetched by hand; without it the file is downloaded)")
+    ap.add_argument("--official", metavar="NAME", choices=list(OFFICIAL_FILES),
+                    help=f"a published predictor: {', '.join(OFFICIAL_FILES)}")
     ap.add_argument("--print", dest="show", action="store_true", help="print the converted table")
     args = ap.parse_args(argv)
+    if len(args.paths) > 2 or (len(args.paths) == 1 and not args.official):
+        ap.error("give IN.pkl OUT.safetensors, or --official NAME [IN.pkl] OUT.safetensors")
+    source, output = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
     try:
-        if Path(args.output).resolve() == Path(args.input).resolve():
-            raise EPDImportError(f"{args.output}: the output would overwrite the input. Choose another output path.")
-        params = import_official(args.input)
-        params.save(args.output)
+        if source is not None and Path(output).resolve() == Path(source).resolve():
+            raise EPDImportError(f"{output}: the output would overwrite the input. Choose another output path.")
+        if args.official and source is None:
+            data = download_official(args.official, out_hint=output)  # verified: size and SHA-256
+            params = import_official_by_name(args.official, data, official_url(args.official))
+        elif args.official:
+            try:
+                with open(source, "rb") as f:
+                    data = f.read(MAX_DOWNLOAD_BYTES + 1)
+            except OSError as e:
+                raise EPDImportError(f"{source}: cannot read the file ({e.strerror}). Check the path.") from None
+            params = import_official_by_name(args.official, data, source)
+        else:
+            params = import_official(source)
+        params.save(output)
     except EPDParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {params.describe()}")
+    print(f"wrote {output}: {params.describe()}")
     if args.show:
         print(format_table(params))
     return 0
