@@ -1,8 +1,13 @@
 """Import EPD Predictor: converts an official EPD predictor (.pkl) into an EPD table (.safetensors) without
 running anything from the pickle (epd_core/import_official.py), saves it into models/epd_params/ and
-outputs it, so the Load EPD Params combo lists it from then on."""
+outputs it, so the Load EPD Params combo lists it from then on.
+
+The predictor is a .pkl in models/epd_params/, an upload in input/ (pkl_path), or one of the authors' published
+files by name ("official: sd15-best"): downloaded once from their repository at a pinned commit, its size and
+SHA-256 checked, and cached as models/epd_params/official/<name>.pkl (checked again each time it is used)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -11,17 +16,78 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from epd_core.import_official import MAX_PKL_BYTES, EPDImportError, import_official_bytes
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, EPDImportError, download_official,
+                                      import_official_by_name, import_official_bytes, verify_official)
+from epd_core.params import EPDParams, EPDParamsError, atomic_write_bytes
 
 from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
 from .tables import FOLDER, output_dir
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
+OFFICIAL_PREFIX = "official: "  # combo entries for the authors' published files, downloaded on first use
+OFFICIAL_CACHE = "official"     # subfolder of models/epd_params/ holding the downloaded copies
+log = logging.getLogger("epd")
+
+
+def official_choices() -> list[str]:
+    return [OFFICIAL_PREFIX + name for name in OFFICIAL_FILES]
+
+
+def official_name(predictor: str) -> str | None:
+    """The published name a combo entry stands for, or None for a local file."""
+    if isinstance(predictor, str) and predictor.startswith(OFFICIAL_PREFIX):
+        name = predictor[len(OFFICIAL_PREFIX):]
+        return name if name in OFFICIAL_FILES else None
+    return None
+
+
+def _is_cached_official(entry: str) -> bool:
+    parts = entry.replace("\\", "/").split("/")
+    return len(parts) == 2 and parts[0] == OFFICIAL_CACHE and parts[1][:-len(".pkl")] in OFFICIAL_FILES
 
 
 def pkl_files() -> list[str]:
-    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(".pkl")] or [_NO_FILE]
+    """Local .pkl files (the cached official downloads are listed by name instead), then the published names."""
+    local = [f for f in folder_paths.get_filename_list(FOLDER)
+             if f.lower().endswith(".pkl") and not _is_cached_official(f)]
+    return (local or [_NO_FILE]) + official_choices()
+
+
+def official_cache_path(name: str) -> Path:
+    return output_dir() / OFFICIAL_CACHE / f"{name}.pkl"
+
+
+def fetch_official(name: str) -> bytes:
+    """The verified bytes of the published predictor `name`: the cached copy in models/epd_params/official/ when
+    its size and SHA-256 match, else a fresh download (which then replaces the cache, atomically)."""
+    cache = official_cache_path(name)
+    shown = f"models/epd_params/{OFFICIAL_CACHE}/{name}.pkl"  # errors never show the server's folders
+    try:
+        with open(cache, "rb") as f:
+            data = f.read(MAX_PKL_BYTES + 1)
+    except FileNotFoundError:
+        data = None
+    except OSError as e:
+        log.warning("EPD: cannot read the cached %s (%s); downloading it again", shown, e.strerror)
+        data = None
+    if data is not None:
+        try:
+            return verify_official(name, data, shown)
+        except EPDImportError:
+            log.warning("EPD: the cached %s is not the published file (size or SHA-256 differ); downloading it "
+                        "again", shown)
+    try:
+        data = download_official(name, out_hint=f"models/epd_params/{name}.safetensors")
+    except EPDImportError as e:
+        raise EPDImportError(
+            f"{e} Or put the fetched file at {shown} (the node checks its SHA-256) and run the node again."
+        ) from None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, data)
+    except (OSError, EPDParamsError) as e:  # the table can still be made; only the cache is lost
+        log.warning("EPD: could not cache the downloaded %s (%s)", shown, e)
+    return data
 
 
 def allowed_pkl_folders() -> list[Path]:
@@ -94,13 +160,17 @@ class EPDImportPredictor(io.ComfyNode):
             is_output_node=True,  # converting and saving is useful on its own, without a sampler attached
             description="Convert an official EPD predictor (.pkl from the EPD authors) into an EPD table "
                         "(.safetensors in models/epd_params/). The pickle is read with a strict allow-list: "
-                        "nothing in it is executed, and anything unexpected is refused.",
+                        "nothing in it is executed, and anything unexpected is refused. The 'official: ...' "
+                        "choices download the authors' published file once (SHA-256 checked) and cache it in "
+                        "models/epd_params/official/.",
             inputs=[
                 io.Combo.Input("predictor", options=pkl_files(),
-                               tooltip="Official predictor file (.pkl) in models/epd_params/; press R to refresh."),
+                               tooltip="Official predictor file (.pkl) in models/epd_params/ (press R to "
+                                       "refresh), or 'official: NAME' to download the authors' published file "
+                                       "from their repository (once; the SHA-256 is checked)."),
                 io.String.Input("output_name", default="",
                                 tooltip="File name for the converted table (saved in models/epd_params/); "
-                                        "empty = the .pkl's name with .safetensors."),
+                                        "empty = the .pkl's (or published) name with .safetensors."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing table of that name (an identical one is always fine)."),
                 io.String.Input("pkl_path", default="", optional=True,
@@ -115,6 +185,9 @@ class EPDImportPredictor(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, predictor, output_name, overwrite, pkl_path=""):
         # re-run when the .pkl changes on disk, not only when the inputs change
+        name = None if (pkl_path or "").strip() else official_name(predictor)
+        if name is not None:  # a published file never changes: its hash is its identity
+            return f"official-{OFFICIAL_FILES[name].sha256}"
         try:
             st = os.stat(resolve_source(predictor, pkl_path or ""))
             return f"{st.st_mtime_ns}-{st.st_size}"
@@ -123,15 +196,22 @@ class EPDImportPredictor(io.ComfyNode):
 
     @classmethod
     def execute(cls, predictor, output_name, overwrite, pkl_path="") -> io.NodeOutput:
-        source = resolve_source(predictor, pkl_path or "")
-        name = output_name_for(output_name, source)  # checked before the file is read
-        try:
-            with open(source, "rb") as f:
-                data = f.read(MAX_PKL_BYTES + 1)
-        except OSError as e:
-            raise EPDImportError(f"{source.name}: cannot read the file ({e.strerror}). Check its permissions.") from None
-        # errors name the file (not its folder), the problem and the fix
-        params = import_official_bytes(data, source=source.name, name=source.name)
+        official = None if (pkl_path or "").strip() else official_name(predictor)
+        if official is not None:
+            name = output_name_for(output_name, Path(f"{official}.pkl"))  # checked before anything is fetched
+            data = fetch_official(official)  # verified: size and SHA-256
+            params = import_official_by_name(official, data, source=f"{official}.pkl")
+        else:
+            source = resolve_source(predictor, pkl_path or "")
+            name = output_name_for(output_name, source)  # checked before the file is read
+            try:
+                with open(source, "rb") as f:
+                    data = f.read(MAX_PKL_BYTES + 1)
+            except OSError as e:
+                raise EPDImportError(f"{source.name}: cannot read the file ({e.strerror}). Check its "
+                                     "permissions.") from None
+            # errors name the file (not its folder), the problem and the fix
+            params = import_official_bytes(data, source=source.name, name=source.name)
         target = output_dir() / name
         if target.exists() and not overwrite and not _same_table(target, params):
             raise EPDImportError(f"{name}: a different table with this name already exists in models/epd_params/. "

@@ -481,7 +481,9 @@ def test_import_node_converts_into_the_models_folder(tmp_path):
     res = json.loads(lines[0][len("RESULT"):])
     assert (res["node_id"], res["category"], res["output"], res["n_nodes"]) == (
         "EPDImportPredictor", "sampling/epd", ["EPD_PARAMS"], 1)
-    assert sorted(res["options"]) == ["evil.pkl", "sd15 predictor.pkl"] and res["tooltips"]
+    local = [o for o in res["options"] if not o.startswith("official: ")]  # then the published names (issue 16)
+    assert sorted(local) == ["evil.pkl", "sd15 predictor.pkl"] and res["tooltips"]
+    assert res["options"][len(local):] == [f"official: {name}" for name in imp.OFFICIAL_FILES]
     assert res["describe"].startswith("epd K=2 steps=10 schedule=discrete")
     assert torch.equal(EPDParams.load(models / "sd15 predictor.safetensors").theta_r, tables["r_params"])
     evil, clash, outside, escape = res["errors"]
