@@ -25,8 +25,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, with_test_nodes: bool = True, python: str = sys.executable):
+    def __init__(self, base_dir: Path, with_test_nodes: bool = True, python: str = sys.executable,
+                 env: dict | None = None):
         self.base = Path(base_dir).resolve()  # the server runs with cwd=ComfyUI: relative paths would move
+        self.extra_env = dict(env or {})  # added to (or replacing in) the server's environment, e.g. a URL override
         self.repo = REPO
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -46,7 +48,7 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         cmd = [self.python, str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", EPD_TEST_LOG_DIR=str(self.base / "calls"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "EPD_TEST_LOG_DIR": str(self.base / "calls"), **self.extra_env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=str(COMFYUI), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
