@@ -126,3 +126,21 @@ def zip_storage_reduce(storage):
 def fixed_bytes_storage_reduce(payload: bytes):
     """Every storage becomes `payload` (e.g. a malicious pickle)."""
     return lambda storage: (torch.storage._load_from_bytes, (payload,))
+
+
+def old_branch_pickle(tables: dict | None = None, protocol: int = 4) -> bytes:
+    """A training snapshot as the authors' older EPD-Solver branch (EDM pixel-space models such as CIFAR-10)
+    writes it: {'model': <persistent EPD_predictor>, 'loss_fn': <persistent loss>}, the loss holding the training
+    code's solver functions (solvers.epd_sampler, solvers.dpm_2_sampler) as plain globals."""
+    tables = random_tables(num_steps=5, num_points=2, seed=3) if tables is None else tables
+    attrs = sd15_attrs(num_steps=5, sampler_tea="dpm", schedule_type="polynomial", schedule_rho=7.0, fcn=False,
+                       backend=None, backend_config=None, dataset_name="cifar10", img_resolution=32,
+                       guidance_type=None, guidance_rate=None)
+    for key in ("backend", "backend_config"):  # the older predictor has no backend attributes
+        attrs.pop(key)
+    loss_state = dict(num_steps=5, solver_stu=FakeGlobal("solvers", "epd_sampler"),
+                      solver_tea=FakeGlobal("solvers", "dpm_2_sampler"), M=3, schedule_type="polynomial",
+                      schedule_rho=7.0, afs=False, max_order=None, sigma_min=0.002, sigma_max=80.0)
+    loss_meta = dict(type="class", version=6, module_src="class EPD_loss:\n    pass\n",
+                     module_name="training.loss", class_name="EPD_loss", state=loss_state)
+    return official_pickle(tables, attrs, protocol, top={"loss_fn": FakeCall(PERSISTENCE_HOOK, (loss_meta,))})
