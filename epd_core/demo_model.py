@@ -29,8 +29,16 @@ NULL_LABEL = 10             # label of the unconditional branch (trained with la
 CONTEXT_DIM = 16            # one-hot of 11 labels, padded to 16 (entries 11..15 are reserved, ignored)
 NUM_TIMESTEPS = 1000
 LINEAR_START, LINEAR_END = 0.00085, 0.012   # SD1.5 "scaled_linear" (ComfyUI calls it "linear")
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "demo_digits.safetensors"
-DEFAULT_CONFIG = {"channels": [32, 64], "emb_dim": 128, "groups": 8}
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The embedded models: name -> weights file, network config, image size and the model_family of its tables.
+DEMO_MODELS = {
+    "mnist": {"weights": ASSETS / "demo_mnist.safetensors", "size": 28, "family": "epd_demo_mnist",
+              "config": {"channels": [32, 64, 64], "emb_dim": 128, "groups": 8}},
+    "digits": {"weights": ASSETS / "demo_digits.safetensors", "size": 8, "family": "epd_demo_digits",
+               "config": {"channels": [32, 64], "emb_dim": 128, "groups": 8}},
+}
+DEFAULT_WEIGHTS = DEMO_MODELS["digits"]["weights"]
+DEFAULT_CONFIG = DEMO_MODELS["digits"]["config"]
 
 
 class DemoModelError(RuntimeError):
@@ -95,9 +103,11 @@ class ResBlock(nn.Module):
 
 
 class DemoUNet(nn.Module):
-    """A two-level UNet for 1x8x8 inputs (8x8 with channels[0], 4x4 with channels[1]) predicting eps.
+    """A small UNet predicting eps: one ResBlock per level on the way down (stride-2 downsampling between
+    levels), one in the middle, one per level on the way up (nearest upsampling + conv, skip concatenation).
+    channels=(32, 64) is the 8x8 digits model (8x8, 4x4); (32, 64, 64) the 28x28 MNIST one (28, 14, 7).
 
-    forward(x_in, timestep, context): x_in = x / sqrt(sigma^2 + 1) (B, 1, 8, 8); timestep (B,) index 0..999;
+    forward(x_in, timestep, context): x_in = x / sqrt(sigma^2 + 1) (B, 1, H, W); timestep (B,) index 0..999;
     context (B, T, 16) with the one-hot label in [..., :11] (averaged over T, so ComfyUI's conditioning
     concat/average nodes blend classes), None = unconditional. Extra keyword arguments that ComfyUI's
     BaseModel passes (control, transformer_options, ...) are accepted and ignored.
@@ -105,22 +115,21 @@ class DemoUNet(nn.Module):
 
     def __init__(self, channels=(32, 64), emb_dim: int = 128, groups: int = 8):
         super().__init__()
-        c1, c2 = channels
-        self.config = {"channels": [c1, c2], "emb_dim": emb_dim, "groups": groups}
-        self.time_dim = c1 * 2
+        ch = [int(c) for c in channels]
+        self.config = {"channels": ch, "emb_dim": emb_dim, "groups": groups}
+        self.time_dim = ch[0] * 2
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # a bias-free linear map of the one-hot label is a class-embedding table (and blends linearly)
         self.label_emb = nn.Linear(NULL_LABEL + 1, emb_dim, bias=False)
-        self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
-        self.down1 = ResBlock(c1, c1, emb_dim, groups)
-        self.downsample = nn.Conv2d(c1, c1, 3, stride=2, padding=1)  # 8x8 -> 4x4
-        self.down2 = ResBlock(c1, c2, emb_dim, groups)
-        self.mid = ResBlock(c2, c2, emb_dim, groups)
-        self.up2 = ResBlock(2 * c2, c2, emb_dim, groups)
-        self.upsample = nn.Conv2d(c2, c2, 3, padding=1)               # after nearest 4x4 -> 8x8
-        self.up1 = ResBlock(c2 + c1, c1, emb_dim, groups)
-        self.norm_out = nn.GroupNorm(groups, c1)
-        self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
+        self.conv_in = nn.Conv2d(1, ch[0], 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(ch[max(i - 1, 0)], c, emb_dim, groups) for i, c in enumerate(ch))
+        self.downsample = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in ch[:-1])
+        self.mid = ResBlock(ch[-1], ch[-1], emb_dim, groups)
+        self.up = nn.ModuleList(ResBlock(ch[min(i + 1, len(ch) - 1)] + c, c, emb_dim, groups)
+                                for i, c in enumerate(ch))
+        self.upsample = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in ch[1:])  # after nearest x2
+        self.norm_out = nn.GroupNorm(groups, ch[0])
+        self.conv_out = nn.Conv2d(ch[0], 1, 3, padding=1)
 
     @property
     def dtype(self) -> torch.dtype:  # ComfyUI's BaseModel.get_dtype() reads this
@@ -133,13 +142,30 @@ class DemoUNet(nn.Module):
             context = label_context([NULL_LABEL] * b, dtype=x.dtype, device=x.device)
         onehot = context[..., : NULL_LABEL + 1].mean(dim=1).to(x.dtype)
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype)) + self.label_emb(onehot)
-        h1 = self.down1(self.conv_in(x), emb)
-        h2 = self.down2(self.downsample(h1), emb)
-        h = self.mid(h2, emb)
-        h = self.up2(torch.cat([h, h2], dim=1), emb)
-        h = self.upsample(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self.up1(torch.cat([h, h1], dim=1), emb)
+        h, skips = self.conv_in(x), []
+        for level, block in enumerate(self.down):
+            h = block(h if level == 0 else self.downsample[level - 1](h), emb)
+            skips.append(h)
+        h = self.mid(h, emb)
+        for level in reversed(range(len(self.up))):
+            if level < len(self.up) - 1:
+                h = self.upsample[level](F.interpolate(h, size=skips[level].shape[-2:], mode="nearest"))
+            h = self.up[level](torch.cat([h, skips[level]], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# The first (two-level) file format named its blocks down1/down2/up1/up2/downsample/upsample.
+_V1_KEYS = {"down1.": "down.0.", "down2.": "down.1.", "up1.": "up.0.", "up2.": "up.1.",
+            "downsample.": "downsample.0.", "upsample.": "upsample.0."}
+
+
+def _current_keys(state: dict) -> dict:
+    def rename(key):
+        for old, new in _V1_KEYS.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    return {rename(k): v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------- denoiser
@@ -218,7 +244,7 @@ class DemoDenoiser:
 
 def save_demo_model(net: DemoUNet, path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
-    meta = {"config": json.dumps(net.config), "format": "epd-demo-digits-v1"}
+    meta = {"config": json.dumps(net.config), "format": "epd-demo-v2"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     state = {k: v.detach().float().contiguous() for k, v in net.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +268,7 @@ def load_demo_model(path=None, device="cpu") -> DemoUNet:
     # build in float32 explicitly: the process-wide default dtype may have been changed by the caller
     net = DemoUNet(tuple(config["channels"]), config["emb_dim"], config["groups"]).to(torch.float32)
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(_current_keys(state), strict=True)
     except RuntimeError as e:
         raise DemoModelError(f"demo model weights at {path} do not fit the DemoUNet ({config}): {e}") from e
     return net.to(device).eval().requires_grad_(False)

@@ -1,7 +1,8 @@
-"""ComfyUI nodes for the pack's embedded demo diffusion model (epd_core/demo_model.py): 8x8 digits, 1-channel
-"latents", SD1.5's discrete schedule. With them a complete workflow (loader -> class conditioning ->
-EmptyLatentImage 64x64 -> KSampler / SamplerCustomAdvanced -> decode -> preview) runs on a CPU in a second,
-with no checkpoint to download, which is what the example workflows and the end-to-end tests use.
+"""ComfyUI nodes for the pack's embedded demo diffusion models (epd_core/demo_model.py): 28x28 MNIST digits
+(the default) and 8x8 digits, 1-channel "latents", SD1.5's discrete schedule. With them a complete workflow
+(loader -> class conditioning -> EmptyLatentImage 224x224 (64x64 for 8x8) -> KSampler / SamplerCustomAdvanced ->
+decode -> preview) runs on a CPU in seconds, with no checkpoint to download, which is what the example workflows
+and the end-to-end tests use.
 
 The model is a genuine ComfyUI model: a ModelPatcher around a BaseModel (EPS, ModelSamplingDiscrete with
 SD1.5's betas), so every built-in sampler, scheduler, CFG, denoise < 1, inpainting and model patch applies.
@@ -17,7 +18,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 from comfy_api.latest import io
 
-from epd_core.demo_model import (LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
+from epd_core.demo_model import (DEMO_MODELS, LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
                                  label_context, load_demo_model)
 
 CATEGORY = "sampling/epd/demo"
@@ -34,8 +35,12 @@ class DemoLatentFormat(comfy.latent_formats.LatentFormat):
         self.latent_rgb_factors = [[1.0, 1.0, 1.0]]
 
 
+# the loader's choices -> DEMO_MODELS keys
+MODEL_CHOICES = {"MNIST 28x28": "mnist", "digits 8x8": "digits"}
+
+
 class DemoDigitsConfig(comfy.supported_models_base.BASE):
-    epd_family = "epd_demo_digits"  # the model_family that parameter tables for this model carry
+    epd_family = "epd_demo_digits"  # the model_family its tables carry (set per instance for MNIST)
     # BaseModel must not build a UNet from this config: the loaded DemoUNet is assigned afterwards
     unet_config = {"disable_unet_model_creation": True, "in_channels": 1}
     unet_extra_config = {}
@@ -51,16 +56,19 @@ class DemoDigitsModel(comfy.model_base.BaseModel):
     """BaseModel (EPS prediction) whose diffusion_model is the demo DemoUNet. BaseModel.apply_model passes
     the CONDITIONING tensor as `context=` (tiled to the batch by repeat_to_batch_size)."""
 
-    def __init__(self, net: torch.nn.Module, device=None):
+    def __init__(self, net: torch.nn.Module, device=None, family: str = "epd_demo_digits"):
         config = DemoDigitsConfig(DemoDigitsConfig.unet_config)
+        config.epd_family = family
         super().__init__(config, model_type=comfy.model_base.ModelType.EPS, device=device)
         self.diffusion_model = net
 
 
-def build_demo_model_patcher(path=None) -> comfy.model_patcher.ModelPatcher:
-    """The MODEL output of the loader: the shipped weights (or `path`) in a ModelPatcher, kept on the offload
-    device until a sampler loads it (comfy.model_management moves it to the torch device)."""
-    model = DemoDigitsModel(load_demo_model(path))
+def build_demo_model_patcher(path=None, which: str = "digits") -> comfy.model_patcher.ModelPatcher:
+    """The MODEL output of the loader: the shipped weights of `which` ("mnist" / "digits", or the file `path`)
+    in a ModelPatcher, kept on the offload device until a sampler loads it (comfy.model_management moves it to
+    the torch device)."""
+    spec = DEMO_MODELS[which]
+    model = DemoDigitsModel(load_demo_model(path or spec["weights"]), family=spec["family"])
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
@@ -77,17 +85,22 @@ class EPDDemoModelLoader(io.ComfyNode):
             node_id="EPDDemoModelLoader",
             display_name="EPD Demo Model Loader",
             category=CATEGORY,
-            description="Loads the tiny digits diffusion model embedded in the EPD pack (450K parameters, 8x8 "
-                        "grey-scale digits, SD1.5's discrete noise schedule, eps prediction). Use an "
-                        "EmptyLatentImage of 64x64 (an 8x8 latent), EPD Demo Class Conditioning for "
-                        "positive/negative and EPD Demo Decode to see the result. Runs on a CPU in seconds.",
-            inputs=[],
+            description="Loads a small class-conditional digits diffusion model embedded in the EPD pack (SD1.5's "
+                        "discrete noise schedule, eps prediction, the latent is the grey-scale image itself). "
+                        "MNIST 28x28 (750K parameters): use an EmptyLatentImage of 224x224 (a 28x28 latent). "
+                        "digits 8x8 (450K parameters, fast tests): EmptyLatentImage 64x64. Then EPD Demo Class "
+                        "Conditioning for positive/negative and EPD Demo Decode to see the result. Runs on a CPU in "
+                        "seconds.",
+            inputs=[io.Combo.Input("model", options=list(MODEL_CHOICES), default="MNIST 28x28",
+                                   tooltip="MNIST 28x28 (the default demo) or the tiny 8x8 digits model.")],
             outputs=[io.Model.Output(tooltip="The demo diffusion model, usable by every sampler node.")],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(build_demo_model_patcher())
+    def execute(cls, model="MNIST 28x28") -> io.NodeOutput:
+        if model not in MODEL_CHOICES:
+            raise ValueError(f"unknown demo model {model!r}; choose one of {list(MODEL_CHOICES)}")
+        return io.NodeOutput(build_demo_model_patcher(which=MODEL_CHOICES[model]))
 
 
 class EPDDemoConditioning(io.ComfyNode):
@@ -126,12 +139,13 @@ class EPDDemoDecode(io.ComfyNode):
             node_id="EPDDemoDecode",
             display_name="EPD Demo Decode",
             category=CATEGORY,
-            description="Turns EPD demo model latents (1x8x8, the digit itself in [-1, 1]) into a visible "
-                        "image: white digit on black, enlarged with nearest-neighbour upscaling.",
+            description="Turns EPD demo model latents (1x28x28 or 1x8x8, the digit itself in [-1, 1]) into a "
+                        "visible image: white digit on black, enlarged with nearest-neighbour upscaling.",
             inputs=[
                 io.Latent.Input("samples", tooltip="Latents sampled with the EPD demo model."),
-                io.Int.Input("scale", default=8, min=1, max=64,
-                             tooltip="Integer upscale factor (8 turns the 8x8 digit into 64x64 pixels)."),
+                io.Int.Input("scale", default=4, min=1, max=64,
+                             tooltip="Integer upscale factor (4 turns a 28x28 digit into 112x112 pixels, 8 an 8x8 "
+                                     "digit into 64x64)."),
             ],
             outputs=[io.Image.Output(tooltip="Images (batch, height, width, 3) in [0, 1].")],
         )

@@ -73,7 +73,7 @@ def comfyui():
 
 @pytest.fixture(scope="module")
 def patcher(comfyui):
-    return comfyui.nodes.EPDDemoModelLoader.execute().result[0]
+    return comfyui.nodes.EPDDemoModelLoader.execute("digits 8x8").result[0]
 
 
 def classify(clf, x):
@@ -232,7 +232,7 @@ def test_node_schemas(comfyui):
 
 def test_nodes_end_to_end(comfyui, digit_classifier):
     """Loader -> class conditioning -> EmptyLatentImage (4 channels) -> KSampler -> decode, as in a graph."""
-    model = comfyui.nodes.EPDDemoModelLoader.execute().result[0]
+    model = comfyui.nodes.EPDDemoModelLoader.execute("digits 8x8").result[0]
     assert isinstance(model, sys.modules["comfy.model_patcher"].ModelPatcher)
     positive, negative = comfyui.nodes.EPDDemoConditioning.execute(digit=7).result
     with pytest.raises(ValueError):

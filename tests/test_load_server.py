@@ -54,7 +54,7 @@ def prompt(name, tag):
     cache key and every one really samples) and into the SaveImage prefix."""
     kind, sampler, steps, seed, batch, scale = CONFIGS[name]
     g = {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "logged": {"class_type": "EPDTestCallLogger", "inputs": {"model": ["model", 0], "tag": tag}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": seed % 10}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},

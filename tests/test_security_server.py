@@ -68,7 +68,7 @@ def still_serving(server):
 
 def demo_ksampler(steps, seed=1, model=("model", 0)):
     return {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 2}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "ks": {"class_type": "KSampler", "inputs": {
@@ -198,7 +198,7 @@ def test_save_needs_overwrite_and_never_shadows_or_takes_odd_names(comfy_server)
 # ---- item 2: the reward loader stays inside models/epd_rewards --------------------------------------------
 def reward_graph(kind, path):
     return {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 3}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "reward": {"class_type": "EPDRewardLocalModel", "inputs": {"kind": kind, "path": path}},

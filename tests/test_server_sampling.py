@@ -19,7 +19,7 @@ BATCH, DIGIT, CFG = 2, 3, 2.0
 
 def base_graph(tag, batch=BATCH, digit=DIGIT):
     return {
-        "model": {"class_type": "EPDDemoModelLoader", "inputs": {}},
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
         "logged": {"class_type": "EPDTestCallLogger", "inputs": {"model": ["model", 0], "tag": tag}},
         "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": digit}},
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
