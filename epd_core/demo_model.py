@@ -160,6 +160,9 @@ _V1_KEYS = {"down1.": "down.0.", "down2.": "down.1.", "up1.": "up.0.", "up2.": "
 
 
 def _current_keys(state: dict) -> dict:
+    if not any(k.startswith("down1.") for k in state):
+        return state
+
     def rename(key):
         for old, new in _V1_KEYS.items():
             if key.startswith(old):
