@@ -115,6 +115,20 @@ def demo_problem(args) -> Problem:
         # eps_denoise may be wrapped in torch.no_grad for sampling; distillation needs its gradients
         eps_denoise = getattr(demo_model.DemoDenoiser.eps_denoise, "__wrapped__", demo_model.DemoDenoiser.eps_denoise)
 
+        def timestep(self, sigma):
+            """The rounded index ComfyUI uses (forward), with the gradient of the fractional index (backward):
+            without it a learned schedule or time scale never sees how the network's output moves with its
+            time input, only the explicit sigma terms (straight-through estimator)."""
+            rounded = super().timestep(sigma).to(sigma.dtype)
+            if not sigma.requires_grad:
+                return rounded
+            log_table = self.log_sigmas.to(sigma.device, sigma.dtype)
+            s = sigma.log().clamp(float(log_table[0]), float(log_table[-1]))
+            hi = torch.searchsorted(log_table, s.detach()).clamp(1, len(log_table) - 1)
+            lo = hi - 1
+            frac = lo.to(s.dtype) + (s - log_table[lo]) / (log_table[hi] - log_table[lo])
+            return frac + (rounded - frac).detach()
+
     scale = 1.0 if args.guidance_scale is None else args.guidance_scale
     den = GradDemoDenoiser(net, cfg=scale)
     device = args.device or "cpu"

@@ -125,3 +125,24 @@ def test_bad_learned_schedule_settings_are_refused():
         DistillConfig(sigmas=sig, learn_schedule=True, schedule_floor=1.0).validate()
     with pytest.raises(DistillError, match="to_zero"):
         DistillConfig(sigmas=sig + [0.0], to_zero=True).validate()
+
+
+def test_demo_model_training_sees_how_the_network_moves_with_its_time_input():
+    """The demo models' training wrapper rounds the timestep exactly like ComfyUI in the forward pass, but lets
+    the gradient through the fractional index (straight-through): a learned sigma gets the network's part."""
+    import argparse
+
+    from epd_core.demo_model import DemoDenoiser
+    from epd_core.train import demo_problem
+    with default_dtype(torch.float32):
+        grad_model = demo_problem(argparse.Namespace(model="demo", demo_weights=None, device=None,
+                                                     guidance_scale=1.0)).model
+        plain = DemoDenoiser(grad_model.net)
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.3, 2.0], requires_grad=True)
+        out = grad_model(x, sigma, cond=[1, 2])
+        torch.testing.assert_close(out, plain(x, sigma.detach(), cond=[1, 2]), rtol=0, atol=0)
+        (g_st,) = torch.autograd.grad(out.square().sum(), sigma)
+        grad_model.timestep = lambda s: DemoDenoiser.timestep(grad_model, s)  # rounding only: no time gradient
+        (g_round,) = torch.autograd.grad(grad_model(x, sigma, cond=[1, 2]).square().sum(), sigma)
+    assert torch.isfinite(g_st).all() and (g_st - g_round).abs().min() > 1e-3 * g_round.abs().max()
