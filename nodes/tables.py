@@ -226,15 +226,19 @@ def preset_candidates() -> list[tuple[Path, str, bool]]:
     return out
 
 
-def _rank(meta: dict, steps: int, pretrained: bool, name: str) -> tuple:
-    """Sort key among matching tables: exact step count first, the operator's before the pack's, then by name.
-    (One place to add further rules, e.g. matching by latency NFE.)"""
+def _rank(meta: dict, steps: int, pretrained: bool, name: str, calls: int | None = None) -> tuple:
+    """Sort key among matching tables: the closest size first, the operator's before the pack's, then by name.
+    Size is the step count, except for tables whose last row steps to sigma 0 (schedule "to_zero", with their
+    own learned sigmas): KSampler's steps mean their latency NFE (model calls per image) instead."""
+    if calls is not None and (meta.get("schedule") or {}).get("to_zero") is True and "latency_nfe" in meta:
+        return (abs(meta["latency_nfe"] - calls), pretrained, name)
     return (abs(meta["num_steps"] - steps), pretrained, name)
 
 
-def find_preset(family: str, solver: str, steps: int) -> tuple[EPDParams, str] | None:
+def find_preset(family: str, solver: str, steps: int, calls: int | None = None) -> tuple[EPDParams, str] | None:
     """The best table KSampler may pick by itself (see the module docstring) for this model family, solver and
-    number of steps to a positive sigma: an exact step count first, else the nearest step count of the family.
+    number of steps to a positive sigma (or, for "to_zero" tables, KSampler's step count `calls` as their
+    latency NFE): an exact match first, else the nearest of the family.
     Broken or oversized candidates are skipped, each with one log line naming the file."""
     candidates = []
     for path, shown, pretrained in preset_candidates():
@@ -244,10 +248,12 @@ def find_preset(family: str, solver: str, steps: int) -> tuple[EPDParams, str] |
                 continue
             meta = dict(meta, num_steps=_count(meta, "num_steps", PRESET_MAX_STEPS))
             _count(meta, "num_points", PRESET_MAX_POINTS)
+            if "latency_nfe" in meta:
+                _count(meta, "latency_nfe", 2 * PRESET_MAX_STEPS + 1)
         except ValueError as e:
             _skip(path, shown, str(e))
             continue
-        candidates.append((_rank(meta, steps, pretrained, shown), path, shown))
+        candidates.append((_rank(meta, steps, pretrained, shown, calls), path, shown))
     for _, path, shown in sorted(candidates, key=lambda c: c[0]):
         try:
             params = load_path(path, shown)

@@ -1,6 +1,6 @@
 """The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD vs euler
-vs dpmpp_2m at equal NFE on the pack's digits model); then a quick quality-vs-NFE benchmark of the same model
-is plotted. Everything lands in out/demo/ (override with --out)."""
+vs dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE benchmark of the same
+model is plotted. Everything lands in out/demo/ (override with --out)."""
 from __future__ import annotations
 
 import argparse
@@ -86,12 +86,14 @@ def main():
     if not args.skip_bench:
         import quality_vs_nfe
         print("quick quality-vs-NFE benchmark (full one: bench/quality_vs_nfe.py)...")
-        # quick: the samplers that were best at some NFE in the full run, two schedulers, a 200-step reference
-        quality_vs_nfe.main(["--model", "demo", "--samples", str(args.samples), "--schedulers", "karras,normal",
-                             "--samplers", "euler,heun,dpm_2,dpmpp_2m,ipndm_v,uni_pc,uni_pc_bh2",
+        # quick: the samplers that were best at some NFE in the full run, three schedulers (AlignYourSteps
+        # included), a 200-step reference, no Frechet distance (bench/quality_vs_nfe.py --model mnist has it)
+        quality_vs_nfe.main(["--model", "mnist", "--samples", str(args.samples), "--fit-samples", "8",
+                             "--schedulers", "karras,normal,ays_sd1", "--fd-samples", "0",
+                             "--samplers", "euler,dpmpp_2m,ipndm_v,uni_pc,uni_pc_bh2",
                              "--ref-steps", "200", "--out", str(args.out)])
-        shutil.copy(args.out / "quality_vs_nfe_demo.png", args.out / "quality_vs_nfe.png")
-        shutil.copy(args.out / "quality_vs_nfe_demo.md", args.out / "quality_vs_nfe.md")
+        shutil.copy(args.out / "quality_vs_nfe_mnist.png", args.out / "quality_vs_nfe.png")
+        shutil.copy(args.out / "quality_vs_nfe_mnist.md", args.out / "quality_vs_nfe.md")
     print(f"\nDone in {time.time() - t0:.0f}s. Results in {args.out}:")
     print(f"  images: {len(images)} files in {args.out}, side by side: {grid}")
     print("  what ran:", args.out / "comfyui_epd_log.txt")
