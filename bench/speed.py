@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/speed.py [--device cpu|cuda] [--quick] [--out DIR]
 
-What it measures (EPD_SPEC.md §2: one step = one d_cur call + ONE batched call of the K points, batch B*K):
+What it measures (docs/method.md, "A step": one step = one d_cur call + ONE batched call of the K points, batch B*K):
 
 1. Step latency. One EPD step (d_cur call + `epd_step` with a `PointEvaluator`) for K = 1, 2, 3, divided by
    - a single-eval step (one model call of the sample batch + the Euler update),

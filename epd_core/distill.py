@@ -1,4 +1,4 @@
-"""Distillation of an EPD table from a teacher solver (EPD_SPEC.md §5, §7). Pure torch; never imports ComfyUI.
+"""Distillation of an EPD table from a teacher solver (docs/method.md, "Training"). Pure torch; never imports ComfyUI.
 
     teacher:  a more accurate solver on a fine grid (>= `teacher_steps` steps overall, >= M inserted between
               student sigmas, continuing below the last student sigma to `teacher_sigma_min` so the final target

@@ -1,4 +1,4 @@
-"""Sigma schedules an EPD table can be trained for (EPD_SPEC.md §4).
+"""Sigma schedules an EPD table can be trained for (docs/method.md, "The table").
 
 Each function returns `num_points` positive, strictly descending sigmas (float64); samplers in ComfyUI
 usually append a final 0, which `with_final_zero` does. `schedule_sigmas(spec, n)` rebuilds a schedule

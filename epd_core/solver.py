@@ -1,4 +1,4 @@
-"""EPD-Solver and EPD-Plugin (EPD_SPEC.md §2-3) as samplers in the k-diffusion / ComfyUI convention:
+"""EPD-Solver and EPD-Plugin (docs/method.md, "A step") as samplers in the k-diffusion / ComfyUI convention:
 `model(x, sigma * s_in, **extra_args)` returns the denoised prediction D(x, sigma).
 
 One step from t_cur to t_next > 0:
@@ -21,7 +21,7 @@ from .params import EPDParams
 
 log = logging.getLogger("epd")
 
-# Adams-Bashforth coefficients for equal steps, newest direction first (EPD_SPEC.md §3).
+# Adams-Bashforth coefficients for equal steps, newest direction first (docs/method.md).
 AB_COEFFS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 

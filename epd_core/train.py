@@ -244,7 +244,7 @@ def student_sigmas(args, problem: Problem) -> tuple[list[float], dict]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m epd_core.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("distill", help="distill a table from a teacher solver (EPD_SPEC.md §5)",
+    d = sub.add_parser("distill", help="distill a table from a teacher solver (docs/method.md)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = d.add_mutually_exclusive_group()
     src.add_argument("--model", choices=("gmm", "demo", "mnist"), default=None,
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-dir", default=None, help="folder for the periodic (atomic) training checkpoint")
     d.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     d.add_argument("--quiet", action="store_true")
-    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (EPD_SPEC.md §6)",
+    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (docs/method.md, "RL fine-tuning")",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--model", choices=("demo", "mnist"), default="demo",
                    help="built-in model to sample with: demo (8x8 digits) or mnist (28x28)")

@@ -1,5 +1,5 @@
 """When may the K points of a step share ONE model call? Only when nothing in the graph reads a single
-sigma for the whole batch or needs the batch to be the sample batch (COMFYUI_NOTES.md, "Batching K points").
+sigma for the whole batch or needs the batch to be the sample batch (docs/comfyui.md).
 Otherwise the sampler runs each point as its own call with a uniform sigma, which is always correct."""
 from __future__ import annotations
 

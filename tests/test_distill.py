@@ -1,4 +1,4 @@
-"""Distillation (EPD_SPEC.md §5, §7) on the exact Gaussian-mixture denoiser: teachers, objectives, quality on
+"""Distillation (docs/method.md, "Training") on the exact Gaussian-mixture denoiser: teachers, objectives, quality on
 held-out noises, fault tolerance (checkpoints, resume, cancel, NaN, bad input)."""
 import errno
 import math
@@ -159,7 +159,7 @@ def test_k2_points_do_not_collapse_with_the_spread_init(gmm):
     gap = (spread.positions[:, 0] - spread.positions[:, 1]).abs()
     print("K=2 position gaps per row (spread init):", gap.tolist())
     assert (gap > 0.05).all()
-    # the reason for the spread: identical points get identical gradients forever (EPD_SPEC.md §7)
+    # the reason for the spread: identical points get identical gradients forever (docs/method.md)
     assert torch.equal(identical.theta_r[:, 0], identical.theta_r[:, 1])
 
 

@@ -135,7 +135,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def official_values(tables, attrs):
-    """r, w, c, a computed from the raw official logits with the official formulas (EPD_SPEC.md §4)."""
+    """r, w, c, a computed from the raw official logits with the official formulas (docs/method.md, "The table")."""
     def bounded(x, s):
         return 1 + (s or 0) * (2 * torch.sigmoid(x.double() / 2) - 1)
     c = bounded(tables["scale_dir_params"], attrs["scale_dir"])

@@ -1,4 +1,4 @@
-"""fp16 / bf16 handling of the EPD step, and the call shapes a model sees during a run (EPD_SPEC.md §2).
+"""fp16 / bf16 handling of the EPD step, and the call shapes a model sees during a run (docs/method.md, "A step").
 
 - With low-precision latents the K directions are combined in >= fp32 (`epd_step`'s `acc`), so one step from a
   bf16/fp16 x equals the exact (float64) combination of the same model outputs, correctly rounded to bf16/fp16.

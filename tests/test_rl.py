@@ -1,4 +1,4 @@
-"""RDPO (EPD_SPEC.md §6): residual Dirichlet policy, rewards, RLOO + PPO loop, checkpoints, CLI."""
+"""RDPO (docs/method.md, "RL fine-tuning"): residual Dirichlet policy, rewards, RLOO + PPO loop, checkpoints, CLI."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""EPD's math against ComfyUI's own samplers on an exact Gaussian-mixture denoiser (EPD_SPEC.md §2-3)."""
+"""EPD's math against ComfyUI's own samplers on an exact Gaussian-mixture denoiser (docs/method.md, "A step")."""
 import pytest
 import torch
 from conftest import default_dtype

@@ -1,4 +1,4 @@
-"""RDPO: Residual Dirichlet Policy Optimization, RL fine-tuning of an EPD table on a reward (EPD_SPEC.md §6).
+"""RDPO: Residual Dirichlet Policy Optimization, RL fine-tuning of an EPD table on a reward (docs/method.md, "RL fine-tuning").
 Pure torch; never imports ComfyUI."""
 from .policy import ResidualDirichletPolicy
 from .rdpo import RLCancelled, RLConfig, RLError, integrate_batched, rdpo, rloo_advantages

@@ -1,4 +1,4 @@
-"""The residual Dirichlet policy over EPD tables (EPD_SPEC.md §6).
+"""The residual Dirichlet policy over EPD tables (docs/method.md, "RL fine-tuning").
 
 Per step i a learned embedding e_i goes through a small residual MLP (blocks h <- h + Linear(SiLU(LayerNorm(h))))
 and a zero-initialised output layer that gives RESIDUALS around a cold-start base computed from a table:

@@ -1,4 +1,4 @@
-"""RDPO training loop (EPD_SPEC.md §6): grouped rollouts, RLOO advantages, PPO-clipped updates of the
+"""RDPO training loop (docs/method.md, "RL fine-tuning"): grouped rollouts, RLOO advantages, PPO-clipped updates of the
 residual Dirichlet policy, export of the policy mean as a table.
 
 Per iteration: for every prompt one noise x_p (drawn from a per-iteration seed) is shared by a group of G
