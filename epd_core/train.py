@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-dir", default=None, help="folder for the periodic (atomic) training checkpoint")
     d.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     d.add_argument("--quiet", action="store_true")
-    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (docs/method.md, "RL fine-tuning")",
+    r = sub.add_parser("rl", help="RDPO reinforcement-learning fine-tuning of a table on a reward (docs/method.md)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--model", choices=("demo", "mnist"), default="demo",
                    help="built-in model to sample with: demo (8x8 digits) or mnist (28x28)")
