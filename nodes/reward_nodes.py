@@ -6,7 +6,6 @@ user placed in ComfyUI's models/epd_rewards/ folder; a missing file is a clear e
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

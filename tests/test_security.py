@@ -4,9 +4,6 @@ shared references, huge integers, BUILD on the OrderedDict stand-in, oversized n
 tests/test_security_server.py."""
 import io
 import json
-import math
-import os
-import pickle
 import resource
 import struct
 import sys
@@ -16,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import epd_core.import_official as imp
-from epd_core.import_official import EPDImportError, import_official, import_official_bytes
+from epd_core.import_official import EPDImportError, import_official_bytes
 from epd_core.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
 from official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
 
