@@ -286,6 +286,7 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
             _warn_once((id(params), len(sigmas), "own"), "EPD: this table samples on its own schedule (%s); the "
                        "scheduler's sigmas are replaced (%s)", params.describe(),
                        ", ".join(f"{float(v):.4g}" for v in own))
+            callback = _rescaled_progress(callback, len(sigmas) - 1, len(own) - 1)
             sigmas = own
     # rows in >= fp32 (0-dim sigma tensors do not take part in type promotion, so the rows set the precision)
     rows, mode = rows_for_sigmas(params, sigmas, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -301,6 +302,18 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
     to_zero = bool((params.schedule or {}).get("to_zero")) and mode == "exact" and float(sigmas[-1]) > 0
     return integrate(model, x, sigmas, rows, extra_args, callback, disable, max_order=max_order,
                      afs=params.afs if afs is None else bool(afs), evaluate=evaluate, to_zero=to_zero)
+
+
+def _rescaled_progress(callback, total: int, steps: int):
+    """The caller's progress bar counts the steps of the sigma list it gave (ComfyUI: `i + 1` of `total`); when
+    the table's own list has another number of steps, report step i as its share of `total`, so the bar still
+    ends at 100 %."""
+    if callback is None or total == steps or steps < 1:
+        return callback
+
+    def rescaled(info):
+        callback({**info, "i": (info["i"] + 1) * total // steps - 1})
+    return rescaled
 
 
 def _is_oom(e: Exception) -> bool:

@@ -146,3 +146,12 @@ def test_demo_model_training_sees_how_the_network_moves_with_its_time_input():
         grad_model.timestep = lambda s: DemoDenoiser.timestep(grad_model, s)  # rounding only: no time gradient
         (g_round,) = torch.autograd.grad(grad_model(x, sigma, cond=[1, 2]).square().sum(), sigma)
     assert torch.isfinite(g_st).all() and (g_st - g_round).abs().min() > 1e-3 * g_round.abs().max()
+
+
+def test_progress_ends_at_the_callers_step_count_when_the_table_brings_its_own_sigmas(gmm, tables):
+    _, learned = tables  # 2 rows, while the caller's list has 6 steps
+    seen = []
+    x = SMAX * torch.randn(2, DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sample_epd(gmm, x, torch.cat([polynomial(6, SMIN, SMAX), torch.zeros(1)]), learned, disable=True,
+               callback=lambda info: seen.append(info["i"]))
+    assert seen == [2, 5]  # ComfyUI shows i + 1 of 6: 3/6, then 6/6

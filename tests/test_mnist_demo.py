@@ -139,8 +139,11 @@ def test_ksampler_on_mnist_spends_exactly_its_steps_as_model_calls(comfy_server,
     log shows S sequential calls (the K points of a step in one batched call), then readable 7s at 112 px."""
     from PIL import Image
     tag = f"mnist_{solver}"
-    entry = comfy_server.run(mnist_graph(solver, nfe, tag))
+    messages = []
+    entry = comfy_server.run(mnist_graph(solver, nfe, tag), messages=messages)
     assert entry["status"]["status_str"] == "success", error_message(entry)
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "ks"]
+    assert progress[-1]["value"] == progress[-1]["max"] == nfe  # the bar ends at 100 %
     log = comfy_server.log_path.read_text(errors="replace")
     assert re.search(rf"EPD: {solver} on epd_demo_mnist with \d+ steps uses demo_mnist_{solver}_nfe{nfe}\.safetensors",
                      log), comfy_server.log_tail()
