@@ -111,7 +111,7 @@ def test_a_shipped_table_reproduces_its_benchmark_figure():
         ref = k.sample_heun(lambda a, s, **kw: den(a, s, cond=labels), x, ref_sig, disable=True)
         out = sample_epd(den, x, torch.tensor(cell["sigmas"]), table, extra_args={"cond": labels}, disable=True)
     got = ((out - ref) ** 2).flatten(1).mean(1).sqrt()
-    torch.testing.assert_close(got, torch.tensor(cell["first_samples"]), rtol=0.02, atol=1e-4)
+    torch.testing.assert_close(got, torch.tensor(cell["first_samples"], dtype=got.dtype), rtol=0.02, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- real server
