@@ -47,3 +47,20 @@ def comfy_server(tmp_path_factory):
     server = ComfyServer(tmp_path_factory.mktemp("comfy_base")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def float64_one_thread():
+    """Tiny float64 ops on one thread: OpenMP spin-waiting on a busy 2-core machine makes them 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with default_dtype(torch.float64):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gmm32():
+    """The exact 32-d Gaussian-mixture denoiser of the distillation tests."""
+    from epd_core.gmm import GaussianMixtureDenoiser
+    return GaussianMixtureDenoiser(dim=32, seed=0)

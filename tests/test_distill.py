@@ -20,19 +20,12 @@ DIM = 32
 SMIN, SMAX = 0.002, 80.0
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    # tiny ops: one thread avoids OpenMP spin-waiting on a busy 2-core machine (50x slower otherwise)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with default_dtype(torch.float64):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 @pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixtureDenoiser(dim=DIM, seed=0)
+def gmm(gmm32):
+    return gmm32
 
 
 def noise_fn(g, n):

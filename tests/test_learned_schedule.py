@@ -14,18 +14,12 @@ from epd_core.solver import EPDSamplingError, integrate, sample_epd, sample_epd_
 DIM, SMIN, SMAX = 32, 0.002, 80.0
 
 
-@pytest.fixture(autouse=True)
-def _float64_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with default_dtype(torch.float64):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 @pytest.fixture(scope="module")
-def gmm():
-    return GaussianMixtureDenoiser(dim=DIM, seed=0)
+def gmm(gmm32):
+    return gmm32
 
 
 def noise_fn(g, n):
