@@ -7,11 +7,10 @@ import threading
 
 import pytest
 import torch
-from conftest import default_dtype
 
 from epd_core import distill as D
 from epd_core.distill import DistillCancelled, DistillConfig, DistillError, distill
-from epd_core.gmm import GaussianMixtureDenoiser, cfg_model
+from epd_core.gmm import cfg_model
 from epd_core.params import EPDParams, activate
 from epd_core.schedules import polynomial, with_final_zero
 from epd_core.solver import sample_epd

@@ -6,7 +6,6 @@ import torch
 from conftest import default_dtype
 
 from epd_core.distill import DistillConfig, DistillError, distill
-from epd_core.gmm import GaussianMixtureDenoiser
 from epd_core.params import EPDParams
 from epd_core.schedules import polynomial, schedule_logits, sigmas_from_logits
 from epd_core.solver import EPDSamplingError, integrate, sample_epd, sample_epd_plugin
