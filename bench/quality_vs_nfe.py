@@ -247,7 +247,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
     out = {"epd": [], "epd_plugin": []}
     if args.model in TABLE_PREFIX:
-        pattern = TABLE_PREFIX[args.model] + "*.safetensors"
+        pattern = TABLE_PREFIX[args.model] + "*_nfe*.safetensors"  # the current tables (8x8: not the older s3..s6)
         while len(list((REPO / "pretrained_params").glob(pattern))) < args.wait_for_tables:
             time.sleep(10)  # scripts/make_pretrained.sh still training (run side by side with this benchmark)
         for path in sorted((REPO / "pretrained_params").glob(pattern)):

@@ -125,7 +125,7 @@ def test_uploaded_table_cannot_poison_plain_ksampler_until_the_operator_lists_it
     assert (folder / "000_poison.safetensors").exists(), entry
     try:
         run_ok(comfy_server, demo_ksampler(4))
-        assert chosen(comfy_server, "epd_demo_digits", 3) == "demo_digits_epd_s4.safetensors"  # was 000_poison
+        assert chosen(comfy_server, "epd_demo_digits", 3) == "demo_digits_epd_nfe4.safetensors"  # was 000_poison
         # the operator's allow-list makes it a KSampler preset, and protects it from being replaced by nodes
         (folder / "ksampler_presets.txt").write_text("# tables KSampler may pick\n000_poison\n")
         run_ok(comfy_server, demo_ksampler(4, seed=2))
@@ -159,7 +159,7 @@ def test_broken_listed_user_table_is_skipped_with_a_log_line(comfy_server):
         assert "KSampler skips the table broken_three.safetensors: 'num_steps' is 'three'" in log
         assert "KSampler skips the table huge_k.safetensors: 'num_points' is '64'" in log
         assert "'../escape.safetensors' is not a plain file name" in log
-        assert chosen(comfy_server, "epd_demo_digits", 4) == "demo_digits_epd_s5.safetensors"
+        assert chosen(comfy_server, "epd_demo_digits", 4) == "demo_digits_epd_nfe5.safetensors"
     finally:
         for name in ("ksampler_presets.txt", "broken_three.safetensors", "huge_k.safetensors"):
             (folder / name).unlink(missing_ok=True)

@@ -113,11 +113,16 @@ def test_ksampler_dropdown_matches_epd_core_and_batches_k_points(comfy_server, c
     assert family == "epd_demo_digits"
     expected, sigmas = reference(comfy_ref, solver, params, steps, seed)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    # One call per step for d_cur and ONE call for all K points: batch = BATCH x K x (cond + uncond).
+    # One call per step for d_cur and ONE call for all K points: batch = BATCH x K x (cond + uncond). A to_zero
+    # table (its own sigmas, last row to 0) makes exactly `steps` calls and no final Euler call.
     k = params.num_points
-    n_pos = int((sigmas[1:] > 0).sum())
+    rows = params.num_steps
     first = [] if params.afs else [2 * BATCH]
-    assert batches(comfy_server, tag) == first + [2 * BATCH * k] + [2 * BATCH, 2 * BATCH * k] * (n_pos - 1) + [2 * BATCH]
+    final = [] if params.schedule.get("to_zero") else [2 * BATCH]
+    calls = batches(comfy_server, tag)
+    assert calls == first + [2 * BATCH * k] + [2 * BATCH, 2 * BATCH * k] * (rows - 1) + final
+    if params.schedule.get("to_zero"):
+        assert len(calls) == steps
     progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "ks"]
     assert [p["value"] for p in progress][-1] == steps and all(p["max"] == steps for p in progress)
 
