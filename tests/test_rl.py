@@ -246,7 +246,9 @@ out = rdpo(None, torch.tensor([4.0, 2.0, 1.0, 0.5]), base, TableDistanceReward(t
            config=RLConfig(iterations=5, group_size=4, lr=3e-3, seed=0))
 if rank == 0:
     out.save(sys.argv[1])
-torch.distributed.destroy_process_group() if world > 1 else None
+if world > 1:  # ranks leave together: one tearing gloo down while rank 0 still writes aborts the run
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
