@@ -107,6 +107,11 @@ class EPDParams:
         return bool(self.metadata["afs"])
 
     @property
+    def to_zero(self) -> bool:
+        """The last row steps to sigma 0 itself, on the table's own (positive) sigmas: no final model call."""
+        return bool((self.schedule or {}).get("to_zero"))
+
+    @property
     def schedule(self) -> dict:
         return self.metadata["schedule"]
 

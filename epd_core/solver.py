@@ -231,7 +231,7 @@ def table_schedule_for(params: EPDParams, sigmas):
     if len(sig) < 3 or sig[-1] != 0:
         return None
     full_denoise = np.isclose(sig[0], float(table[0]), rtol=1e-3)
-    if spec.get("to_zero") and full_denoise:  # positive sigmas only: its last row steps to 0 (any step count:
+    if params.to_zero and full_denoise:  # positive sigmas only: its last row steps to 0 (any step count:
         ref = torch.as_tensor(sigmas)        # the table was picked for its model calls, see nodes/tables.py)
         return table.to(dtype=ref.dtype, device=ref.device)
     if n_pos == table.numel() and full_denoise:
@@ -299,7 +299,7 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
     extra_args = extra_args or {}
     evaluate = evaluate or PointEvaluator(model, extra_args, max_batch=max_batch, sequential=sequential)
     # a to_zero table's last row steps to sigma 0, but only on its own sigmas (which end at its anchor)
-    to_zero = bool((params.schedule or {}).get("to_zero")) and mode == "exact" and float(sigmas[-1]) > 0
+    to_zero = params.to_zero and mode == "exact" and float(sigmas[-1]) > 0
     return integrate(model, x, sigmas, rows, extra_args, callback, disable, max_order=max_order,
                      afs=params.afs if afs is None else bool(afs), evaluate=evaluate, to_zero=to_zero)
 

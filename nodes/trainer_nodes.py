@@ -341,7 +341,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     if init_params is not None:
         table = init_params
         sigmas = table_sigmas(table, model.get_model_object("model_sampling")).double().tolist()
-        sigmas += [] if table.schedule.get("to_zero") else [0.0]  # a to_zero table's last row steps to 0 itself
+        sigmas += [] if table.to_zero else [0.0]  # a to_zero table's last row steps to 0 itself
     else:  # distill the cold start first; its checkpoint makes a re-queued run skip straight to RL
         d_iter = settings["distill_iterations"]
         dcfg = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, d_iter,

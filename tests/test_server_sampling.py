@@ -118,10 +118,10 @@ def test_ksampler_dropdown_matches_epd_core_and_batches_k_points(comfy_server, c
     k = params.num_points
     rows = params.num_steps
     first = [] if params.afs else [2 * BATCH]
-    final = [] if params.schedule.get("to_zero") else [2 * BATCH]
+    final = [] if params.to_zero else [2 * BATCH]
     calls = batches(comfy_server, tag)
     assert calls == first + [2 * BATCH * k] + [2 * BATCH, 2 * BATCH * k] * (rows - 1) + final
-    if params.schedule.get("to_zero"):
+    if params.to_zero:
         assert len(calls) == steps
     progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "ks"]
     assert [p["value"] for p in progress][-1] == steps and all(p["max"] == steps for p in progress)

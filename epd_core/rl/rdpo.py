@@ -293,7 +293,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
             extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra.items()}
             with torch.no_grad():
                 try:
-                    to_zero = bool(base_table.schedule.get("to_zero")) and float(sig[-1]) > 0
+                    to_zero = base_table.to_zero and float(sig[-1]) > 0
                     images = integrate_batched(model, x0, sig.to(x0.device), rows, extra, max_order, base_table.afs,
                                                to_zero)
                 except EPDSamplingError as e:
