@@ -4,7 +4,7 @@ at one latency NFE, next to the best ComfyUI built-in at that NFE (chosen on fit
     .venv/bin/python bench/ablation.py --model mnist --nfe 4      # writes bench/results/ablation_mnist_nfe4.md
     .venv/bin/python bench/ablation.py --model demo --nfe 4       # the 8x8 digits model (CFG 2)
 
-The shipped recipe (scripts/make_pretrained.sh): K = 2, learned schedule, last row steps to 0 (to_zero),
+The shipped recipe (quality_vs_nfe.shipped_recipe, as scripts/make_pretrained.sh): K = 2, learned schedule, last row steps to 0 (to_zero),
 end-to-end objective, Adam lr 0.03 (schedule 0.02), polynomial rho-7 start ending at 0.1, Heun teacher.
 RMSE is to a 500-step Heun reference on held-out noises (seed 202, as bench/quality_vs_nfe.py).
 """
@@ -22,22 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 import quality_vs_nfe as Q  # noqa: E402
 
-from epd_core.distill import DistillConfig, distill  # noqa: E402
+from epd_core.distill import distill  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
 
 FIELD = [(s, c) for s in ("uni_pc_bh2", "uni_pc", "ipndm_v", "dpmpp_2m", "deis", "res_multistep")
          for c in ("karras", "normal", "exponential", "ays_sd1", "gits_1.20", "sgm_uniform")]
-
-
-def recipe(nfe: int, **change) -> dict:
-    rows = (nfe + 1) // 2
-    cfg = dict(rows=rows, afs=nfe % 2 == 1, to_zero=True, learn_schedule=True, objective="end_to_end", lr=0.03,
-               schedule_lr=0.02, num_points=2, solver="epd", iterations=250, batch=8, num_batches=16, last=0.1)
-    cfg.update(change)
-    if not cfg["to_zero"]:  # same NFE with a final Euler step: one row less, the analytic first step
-        cfg.update(rows=nfe // 2, afs=nfe % 2 == 0)
-    return cfg
 
 
 LEVERS = {
@@ -105,19 +95,14 @@ def main(argv=None):
     for i, (lever, change) in enumerate(LEVERS.items()):
         if i not in chosen:
             continue
-        c = recipe(args.nfe, **change)
-        if c["rows"] < 2:
+        config = Q.shipped_recipe(args.nfe, smin, smax, **change)
+        if config is None:
             print(f"{lever}: not possible at NFE {args.nfe} (needs 2 rows)")
             continue
-        sig = polynomial(c["rows"] + 1, c["last"], smax).tolist() + ([] if c["to_zero"] else [0.0])
-        config = DistillConfig(sigmas=sig, solver=c["solver"], afs=c["afs"], to_zero=c["to_zero"],
-                               learn_schedule=c["learn_schedule"], objective=c["objective"], lr=c["lr"],
-                               schedule_lr=c["schedule_lr"], num_points=c["num_points"], iterations=c["iterations"],
-                               batch=c["batch"], num_batches=c["num_batches"], teacher_sigma_min=smin, seed=0)
         t0 = time.time()
         table = distill(grad_model, None, problem_noise, config, labels)
         own = torch.tensor(table.schedule["sigmas"] + ([0.0] if table.schedule["final_zero"] else []))
-        fn = sample_epd if c["solver"] == "epd" else sample_epd_plugin
+        fn = sample_epd if config.solver == "epd" else sample_epd_plugin
         calls, e = rmse(lambda m, x: fn(m, x, own.to(x.dtype), table, disable=True), x_test)
         assert calls == args.nfe, (lever, calls)
         rows.append({"lever": lever, "rmse": e, "over_best": e / b_rmse, "seconds": round(time.time() - t0)})

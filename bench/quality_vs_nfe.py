@@ -243,6 +243,21 @@ def summary(results) -> list[dict]:
     return rows
 
 
+def shipped_recipe(nfe: int, sigma_min: float, sigma_max: float, last: float = 0.1, **change):
+    """The DistillConfig of the shipped demo tables' recipe (scripts/make_pretrained.sh) at a latency NFE, with
+    `change` applied; None where the change needs fewer than 2 rows. Without to_zero the same NFE takes one row
+    less and the analytic first step, plus the final Euler step."""
+    from epd_core.distill import DistillConfig
+    opts = dict(to_zero=True, learn_schedule=True, objective="end_to_end", lr=0.03, schedule_lr=0.02, num_points=2,
+                solver="epd", iterations=250, batch=8, num_batches=16, seed=0)
+    opts.update(change)
+    rows, afs = ((nfe + 1) // 2, nfe % 2 == 1) if opts["to_zero"] else (nfe // 2, nfe % 2 == 0)
+    if rows < 2:
+        return None
+    sigmas = polynomial(rows + 1, last, sigma_max).tolist() + ([] if opts["to_zero"] else [0.0])
+    return DistillConfig(sigmas=sigmas, afs=afs, teacher_sigma_min=sigma_min, **opts)
+
+
 def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None):
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
     out = {"epd": [], "epd_plugin": []}
@@ -274,12 +289,8 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
 
     if args.recipe == "to_zero":  # the shipped demo tables' recipe: learned sigmas, last row to sigma 0
         for nfe in range(args.min_nfe, args.max_nfe + 1):
-            rows = (nfe + 1) // 2
             for solver in out:
-                cfg = DistillConfig(sigmas=polynomial(rows + 1, 0.1, smax).tolist(), solver=solver, afs=nfe % 2 == 1,
-                                    to_zero=True, learn_schedule=True, objective="end_to_end", lr=0.03,
-                                    schedule_lr=0.02, iterations=args.iterations, batch=8, num_batches=16, seed=0,
-                                    teacher_sigma_min=smin, model_family="gmm")
+                cfg = shipped_recipe(nfe, smin, smax, solver=solver, iterations=args.iterations, model_family="gmm")
                 params = distill(model, None, train_noise, cfg)
                 out[solver].append((params, torch.tensor(params.schedule["sigmas"], dtype=dtype)))
         return out
