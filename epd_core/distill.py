@@ -527,7 +527,7 @@ def _shard_first(extra_args, n):
 
 def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = None, extra_args_fn=None,
             progress=None, should_stop=None, init: EPDParams | None = None, feature_fn=None,
-            history: list | None = None) -> EPDParams:
+            history: list | None = None, on_teacher=None) -> EPDParams:
     """Train an EPD table for `model` on the student `sigmas` (default: config.sigmas).
 
     noise_fn(generator, n) -> the n starting states x at sigmas[0] (e.g. sigma_0 * randn, or ComfyUI's noise
@@ -535,7 +535,8 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
         tensors with first dimension n are sliced per rank. progress(iteration, loss) after every iteration;
         should_stop() before every iteration (True -> DistillCancelled, nothing new written). feature_fn(x) ->
         features for the last step's loss (default plain L2). `history` receives the loss of every iteration
-        (including those before a resume)."""
+        (including those before a resume). on_teacher(batch, num_batches) just before the teacher solves a
+        batch (the slow first pass over the batches: a caller can show it as its own stage)."""
     cfg = dataclasses.replace(config or DistillConfig())
     if sigmas is not None:
         cfg.sigmas = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).tolist()]
@@ -570,6 +571,8 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
 
         j = it % cfg.num_batches
         if j not in teacher_cache:  # (x0, extra_args, teacher states): the teacher runs once per batch
+            if on_teacher is not None:
+                on_teacher(j, cfg.num_batches)
             x0, extra = make_batch(j, cfg, noise_fn, extra_args_fn, rank, world)
             teacher_cache[j] = (x0, extra, teacher_states(model, x0, teacher_sig, cfg.teacher, cfg.inserted_steps,
                                                                extra, poll, cfg.teacher_steps, cfg.teacher_sigma_min))
