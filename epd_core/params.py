@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import torch
 import safetensors
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
+
+from .fileio import WriteError, atomic_write_bytes, read_safetensors_header
 
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a")
@@ -238,7 +238,10 @@ class EPDParams:
         """Write atomically (temp file + rename): a crash never leaves a half-written table behind."""
         path = Path(path)
         data = self.to_bytes()
-        atomic_write_bytes(path, data)
+        try:
+            atomic_write_bytes(path, data)
+        except WriteError as e:
+            raise EPDParamsError(str(e)) from None
         return path
 
     @classmethod
@@ -257,7 +260,10 @@ class EPDParams:
         def fail(problem, fix="Re-export it with EPDParams.save() or re-run the trainer."):
             raise EPDParamsError(f"{source}: {problem}. {fix}")
 
-        header = _read_safetensors_header(data, fail)
+        try:
+            header = read_safetensors_header(data)
+        except ValueError as e:
+            fail(str(e))
         meta_str = header.get("__metadata__") or {}
         if "epd_format_version" not in meta_str:
             fail("not an EPD parameter file (no 'epd_format_version' in its metadata)",
@@ -310,27 +316,6 @@ def _checked(cls, t, scale_dir, scale_time, meta, source):
     obj.metadata = merged
     obj.validate(source)
     return obj
-
-
-def _read_safetensors_header(data: bytes, fail) -> dict:
-    """Parse the header by hand first: bounded, and errors become readable messages."""
-    if len(data) < 8:
-        fail("file is truncated (shorter than a safetensors header)")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data) or n > 1024 * 1024:
-        fail("file is truncated or not a safetensors file (bad header length)")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except RecursionError:
-        fail("safetensors header is nested far too deeply (file corrupt or crafted)")
-    except (UnicodeDecodeError, ValueError):
-        fail("safetensors header is not valid UTF-8 JSON (file corrupt)")
-    if not isinstance(header, dict):
-        fail("safetensors header is not a JSON object (file corrupt)")
-    meta = header.get("__metadata__")
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        fail("safetensors metadata must map strings to strings (file corrupt)")
-    return header
 
 
 def json_depth(value, limit: int) -> int:
@@ -409,49 +394,3 @@ def _as_2d(values, name) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise EPDParamsError(f"{name} contains NaN or inf")
     return t.to(torch.float32) if name != "weights" else t
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a new temp file in the same folder, fsync, rename over the target, fsync the folder.
-
-    The temp name has a random part and is created exclusively: pid + id(data) was not unique across PID
-    namespaces (two containers sharing a models folder both run as pid 1), and one writer then renamed the
-    other's half-written temp file away."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise EPDParamsError(f"{path}: folder {path.parent} does not exist. Create it or choose another path.")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    created = False
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        created = True
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if created:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        raise EPDParamsError(f"{path}: cannot write into folder {path.parent} ({e.strerror}). Check free disk space "
-                             f"and that folder's permissions, or choose another folder; any earlier file at this "
-                             f"path is unchanged.") from None
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (a power cut right after a save must not lose it). Best effort: some
-    platforms and file systems cannot open or fsync a folder (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,8 +1,9 @@
 """Sigma schedules an EPD table can be trained for (docs/method.md, "The table").
 
 Each function returns `num_points` positive, strictly descending sigmas (float64); samplers in ComfyUI
-usually append a final 0, which `with_final_zero` does. `schedule_sigmas(spec, n)` rebuilds a schedule
-from the dict stored in a table's metadata.
+usually append a final 0, which `with_final_zero` does. `sigmas_for(spec, steps, model_sampling)` is the one
+entry point that turns a table's schedule description (and, where the schedule is defined through the model,
+the model's sigmas) into sigmas.
 """
 from __future__ import annotations
 
@@ -86,28 +87,47 @@ def explicit(sigmas) -> torch.Tensor:
     return s
 
 
-def schedule_sigmas(spec: dict, num_points: int, model_sigmas=None) -> torch.Tensor:
-    """Rebuild the positive sigmas described by a table's schedule metadata."""
+MODEL_DEFINED = ("discrete", "flowmatch")            # rebuilt from the model's own sigmas / shift when it is known
+REBUILDABLE = ("polynomial", "logsnr", "time_uniform")  # rebuilt from a range alone
+
+
+def sigmas_for(spec: dict, steps: int, model_sampling=None) -> torch.Tensor:
+    """The steps + 1 positive sigmas of the schedule `spec` (a table's schedule metadata: "type" and its numbers).
+
+    `model_sampling` is the model's noise schedule (ComfyUI's model_sampling object: `.sigmas`, `.sigma_min`,
+    `.sigma_max`, `.shift` for flow models), or None. A model-defined schedule (discrete, flowmatch) is rebuilt
+    for the model when it is given; otherwise sigmas recorded in `spec` are used when their count fits, else the
+    schedule is rebuilt from its numbers, a missing sigma range taken from the model."""
+    n = steps + 1
     kind = spec.get("type")
-    if spec.get("sigmas") is not None and len(spec["sigmas"]) == num_points and kind != "discrete":
-        return explicit(spec["sigmas"])
+    recorded = spec.get("sigmas")
+    if recorded is not None and len(recorded) == n and not (kind in MODEL_DEFINED and model_sampling is not None):
+        return explicit(recorded)
     smin, smax, rho = spec.get("sigma_min"), spec.get("sigma_max"), spec.get("rho")
+    if kind in REBUILDABLE and smin is None and model_sampling is not None:
+        smin, smax = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
     if kind == "polynomial":
-        return polynomial(num_points, smin, smax, rho or 7.0)
+        return polynomial(n, smin, smax, rho or 7.0)
     if kind == "logsnr":
-        return logsnr(num_points, smin, smax)
+        return logsnr(n, smin, smax)
     if kind == "time_uniform":
-        return time_uniform(num_points, smin, smax)
+        return time_uniform(n, smin, smax)
     if kind == "discrete":
-        if model_sigmas is None:
-            if spec.get("sigmas") is not None and len(spec["sigmas"]) == num_points:
-                return explicit(spec["sigmas"])
+        if model_sampling is None:
             raise ValueError("a 'discrete' schedule needs the model's sigma table (connect the MODEL)")
-        return discrete(num_points, model_sigmas, rho or 1.0, smin, smax)
+        return discrete(n, model_sampling.sigmas, rho or 1.0, smin, smax)
     if kind == "flowmatch":
-        return flowmatch(num_points, spec.get("shift", 3.0), spec.get("mu"), spec.get("t_min", 1e-3))
+        if model_sampling is None:
+            return flowmatch(n, spec.get("shift", 3.0), spec.get("mu"), spec.get("t_min", 1e-3))
+        shift = float(getattr(model_sampling, "shift", spec.get("shift", 3.0)))
+        t_min = 1.0 / model_sampling.sigmas.numel()  # the model's first training timestep (1/1000 SD3, 1/10000 Flux)
+        if "flux" in type(model_sampling).__name__.lower():  # Flux's exponential shift: `shift` holds mu
+            return flowmatch(n, mu=shift, t_min=t_min)
+        return flowmatch(n, shift=shift, t_min=t_min)
     if kind == "explicit":
-        return explicit(spec["sigmas"])
+        if recorded is None:
+            raise ValueError("an 'explicit' schedule records no sigmas")
+        raise ValueError(f"the recorded schedule has {len(recorded) - 1} steps, not {steps}")
     raise ValueError(f"unknown or missing schedule type {kind!r}")
 
 

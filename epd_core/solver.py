@@ -1,173 +1,22 @@
-"""EPD-Solver and EPD-Plugin (docs/method.md, "A step") as samplers in the k-diffusion / ComfyUI convention:
-`model(x, sigma * s_in, **extra_args)` returns the denoised prediction D(x, sigma).
+"""EPD-Solver and EPD-Plugin as ComfyUI / k-diffusion samplers: `sample_epd(model, x, sigmas, params)`.
 
-One step from t_cur to t_next > 0:
-    d_cur = (x - D(x, t_cur)) / t_cur                          (or the AFS estimate on step 0)
-    t_k   = t_next^r_k * t_cur^(1 - r_k)                       (geometric interpolation)
-    x_k   = x + (t_k - t_cur) * d_pred                         (d_pred = d_cur, or Adams-Bashforth for Plugin)
-    d_k   = (x_k - D(x_k, a_k t_k)) / t_k                      (all K points in ONE batched model call)
-    x'    = x + (t_next - t_cur) * sum_k w_k c_k d_k
-The step to sigma = 0 is a plain Euler step, x' = D(x, t_cur), like ComfyUI's own samplers.
+The step and the loop are in `epd.py`; this module decides which rows of a table a sigma list gets
+(`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how options reach
+the loop.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-from tqdm.auto import trange
 
+from .epd import EPDSamplingError, adams_bashforth, check_sigmas, epd_step, integrate, positive_steps
 from .params import EPDParams
+from .points import PointEvaluator
+from .runtime import warn_once
+from .schedules import REBUILDABLE, sigmas_for
 
-log = logging.getLogger("epd")
-
-# Adams-Bashforth coefficients for equal steps, newest direction first (docs/method.md).
-AB_COEFFS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
-class EPDSamplingError(RuntimeError):
-    """Sampling cannot produce a correct image (bad sigmas, NaN from the model, mismatched table)."""
-
-
-def adams_bashforth(d_cur: torch.Tensor, history: list[torch.Tensor], max_order: int) -> torch.Tensor:
-    """iPNDM predictor direction of order min(max_order, 1 + len(history)); history is oldest first."""
-    coeffs = AB_COEFFS[min(max_order, 1 + len(history))]
-    d = coeffs[0] * d_cur
-    for c, d_old in zip(coeffs[1:], reversed(history)):
-        d = d + c * d_old
-    return d
-
-
-def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a, t_end=None):
-    """x at t_next from x at t_cur, given the predictor direction and one row (K,) of the table.
-    `evaluate(xs, sigmas)` denoises the stacked points xs (K, B, ...) at per-point sigmas (K,).
-    With `t_end` (a table's step to zero, t_end = 0) the points still lie between t_cur and t_next, which is
-    then only their anchor, and the combined direction carries x all the way to t_end."""
-    shape = (-1,) + (1,) * x.dim()
-    t_k = t_next ** r * t_cur ** (1 - r)
-    x_k = x.unsqueeze(0) + (t_k - t_cur).view(shape).to(x.dtype) * d_pred.unsqueeze(0)
-    denoised_k = evaluate(x_k, a * t_k)
-    acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
-    # x_k upcast before subtracting (a no-op for fp32/fp64 x): x_k - D(x_k) rounded to bf16 costs ~10 ulps of x'
-    d_k = (x_k.to(acc) - denoised_k).to(acc) / t_k.view(shape).to(acc)  # divide by t_k, not a_k t_k (spec §2)
-    d_mix = ((w * c).view(shape).to(acc) * d_k).sum(0)
-    t_end = t_next if t_end is None else t_end
-    return (x.to(acc) + (t_end - t_cur).to(acc) * d_mix).to(x.dtype)
-
-
-class PointEvaluator:
-    """Denoises K stacked points in one call of batch K*B, point-major (all B samples of point 1, then point 2,
-    ...), which is how ComfyUI tiles conditioning. Falls back to chunks of whole points when `max_batch` asks
-    for it or the device runs out of memory (remembered for the rest of the run), and to one call per point
-    (uniform sigma) in `sequential` mode."""
-
-    def __init__(self, model, extra_args=None, max_batch: int | None = None, sequential: bool = False):
-        self.model = model
-        self.extra_args = extra_args or {}
-        self.max_batch = max_batch
-        self.sequential = sequential
-        self.points_per_call: int | None = 1 if sequential else None
-        self.calls = 0
-
-    def __call__(self, xs: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        num_points, batch = xs.shape[:2]
-        per_call = self.points_per_call or num_points
-        if self.max_batch:
-            per_call = min(per_call, max(1, self.max_batch // batch))
-        while True:
-            try:
-                return self._run(xs, sigmas, per_call)
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
-                if not _is_oom(e) or per_call == 1:
-                    raise
-                per_call = max(1, per_call // 2)
-                self.points_per_call = per_call
-                _free_cache(xs.device)
-                log.warning("EPD: out of memory on the batch of %d points; retrying %d point(s) per call for "
-                            "the rest of this run", num_points, per_call)
-
-    def _run(self, xs, sigmas, per_call):
-        num_points, batch = xs.shape[:2]
-        outs = []
-        for start in range(0, num_points, per_call):
-            chunk = xs[start:start + per_call]
-            n = chunk.shape[0]
-            sig = sigmas[start:start + n].to(xs.dtype).repeat_interleave(batch)
-            out = self.model(chunk.reshape(n * batch, *xs.shape[2:]), sig, **self.extra_args)
-            self.calls += 1
-            outs.append(out.reshape(chunk.shape))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def check_sigmas(sigmas: torch.Tensor) -> list[float]:
-    """Sigmas must be finite, >= 0 and strictly descending (a final 0 allowed). Returns them as floats."""
-    if sigmas.dim() != 1:
-        raise EPDSamplingError(f"sigmas must be a 1-D list, got shape {tuple(sigmas.shape)}")
-    sig = sigmas.detach().double().cpu().tolist()  # one host sync per run
-    if not all(np.isfinite(sig)):
-        raise EPDSamplingError(f"sigmas contain NaN or inf: {sig}. Check the scheduler / SIGMAS input.")
-    if any(s < 0 for s in sig) or any(b >= a for a, b in zip(sig, sig[1:])):
-        raise EPDSamplingError(f"sigmas must be >= 0 and strictly descending, got {sig}. "
-                               "Check the scheduler / SIGMAS input (e.g. a flipped or repeated list).")
-    return sig
-
-
-def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=None, max_order: int = 1,
-              afs: bool = False, evaluate=None, detach_steps: bool = False, states: list | None = None,
-              to_zero: bool = False):
-    """Run EPD (max_order 1) or EPD-Plugin (max_order > 1) over `sigmas` with table rows
-    {'r','w','c','a'}: tensors (steps, K), one row per step to a positive sigma.
-    `detach_steps` cuts the graph between steps (per-step distillation); `states` collects x at every sigma.
-    `to_zero` (positive sigmas only): the last row steps to sigma 0, its points anchored at the last sigma
-    (`epd_step`'s t_end), so the result is denoised without a final model call."""
-    extra_args = extra_args or {}
-    sig = check_sigmas(sigmas)
-    n_pos = sum(1 for s in sig[1:] if s > 0)
-    if rows["r"].shape[0] != n_pos:
-        raise EPDSamplingError(f"table has {rows['r'].shape[0]} rows for {n_pos} steps")
-    if to_zero and sig[-1] == 0:
-        raise EPDSamplingError("to_zero needs a list of positive sigmas (the last one is the final step's anchor)")
-    evaluate = evaluate or PointEvaluator(model, extra_args)
-    s_in = x.new_ones([x.shape[0]])
-    history: list[torch.Tensor] = []
-    last = len(sig) - 2
-    bad_steps = [~torch.isfinite(x).all()]  # entry 0: the input itself (e.g. a NaN latent from upstream)
-    if states is not None:
-        states.append(x)
-    for i in trange(len(sig) - 1, disable=disable):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        if detach_steps:
-            x, history = x.detach(), [h.detach() for h in history]
-        if afs and i == 0 and sig[1] > 0:
-            d_cur = x / torch.sqrt(1 + t_cur ** 2)  # analytic first step: no model call
-            denoised = x - t_cur * d_cur
-        else:
-            denoised = model(x, t_cur * s_in, **extra_args)
-            d_cur = (x - denoised) / t_cur
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sig[i + 1] == 0:
-            x = denoised  # Euler step to sigma 0
-        else:
-            d_pred = adams_bashforth(d_cur, history, max_order) if max_order > 1 else d_cur
-            t_end = t_next.new_zeros(()) if to_zero and i == last else None
-            x = epd_step(evaluate, x, d_pred, t_cur, t_next, *(rows[n][i] for n in "rwca"), t_end=t_end)
-            if max_order > 1:
-                history = (history + [d_cur])[-(max_order - 1):]
-        bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
-        if states is not None:
-            states.append(x)
-    bad = torch.stack(bad_steps)
-    if bool(bad.any()):
-        first = int(bad.float().argmax()) - 1
-        if first < 0:
-            raise EPDSamplingError("the input latent already contains NaN/inf before the first step; check the "
-                                   "node that produced it (VAE Encode, a latent upscale, a previous sampler)")
-        raise EPDSamplingError(f"the model produced NaN/inf at step {first} (sigma {sig[first]:.4g} -> "
-                               f"{sig[first + 1]:.4g}). Check the model, its precision (try fp32/bf16) and the CFG "
-                               "scale; the result would be a black image.")
-    return x
-
+__all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas", "table_schedule_for", "integrate", "epd_step",
+           "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
     """The table rows to use for a sigma list, and how they were chosen:
@@ -176,9 +25,9 @@ def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32)
     'resampled'- different number of steps: logits interpolated at each step's normalised log-sigma midpoint
                  within the table's schedule (or its step index when the schedule was not recorded).
     A table is only exact for its own schedule; the other two are documented approximations."""
-    sig = check_sigmas(torch.as_tensor(sigmas))
+    sig = check_sigmas(sigmas)
     pos = [s for s in sig if s > 0]
-    n_pos = sum(1 for s in sig[1:] if s > 0)
+    n_pos = positive_steps(sig)
     table = params.schedule_sigmas
     n = params.num_steps
     thetas = [t.detach().double() for t in params.tensors()]
@@ -206,10 +55,6 @@ def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32)
     return rows, mode
 
 
-_warned: set = set()
-_REBUILDABLE = ("polynomial", "logsnr", "time_uniform")
-
-
 def table_schedule_for(params: EPDParams, sigmas):
     """The table's own sigma list replacing `sigmas`, or None to use `sigmas` as given.
 
@@ -226,7 +71,7 @@ def table_schedule_for(params: EPDParams, sigmas):
     table = params.schedule_sigmas
     if not spec.get("override_sigmas") or table is None:
         return None
-    sig = check_sigmas(torch.as_tensor(sigmas))
+    sig = check_sigmas(sigmas)
     n_pos = len(sig) - 1
     if len(sig) < 3 or sig[-1] != 0:
         return None
@@ -236,11 +81,10 @@ def table_schedule_for(params: EPDParams, sigmas):
         return table.to(dtype=ref.dtype, device=ref.device)
     if n_pos == table.numel() and full_denoise:
         own = table
-    elif spec.get("type") in _REBUILDABLE and n_pos >= 2 and sig[0] > 2 * float(table[-1]):
-        from .schedules import schedule_sigmas
+    elif spec.get("type") in REBUILDABLE and n_pos >= 2 and sig[0] > 2 * float(table[-1]):
         rebuilt = {k: v for k, v in spec.items() if k != "sigmas"}
         rebuilt.update(sigma_min=float(table[-1]), sigma_max=sig[0])
-        own = schedule_sigmas(rebuilt, n_pos)
+        own = sigmas_for(rebuilt, n_pos - 1)
     else:
         return None
     ref = torch.as_tensor(sigmas)
@@ -248,12 +92,6 @@ def table_schedule_for(params: EPDParams, sigmas):
     if np.allclose(own.numpy(), np.asarray(sig), rtol=1e-3, atol=0):
         return None  # already the table's own list
     return own.to(dtype=ref.dtype, device=ref.device)
-
-
-def _warn_once(key, msg, *args):
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
 
 
 def sample_epd(model, x, sigmas, params: EPDParams, extra_args=None, callback=None, disable=None, **opts):
@@ -283,7 +121,7 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
     if own_schedule is not False and not strict:
         own = table_schedule_for(params, sigmas)
         if own is not None:
-            _warn_once((id(params), len(sigmas), "own"), "EPD: this table samples on its own schedule (%s); the "
+            warn_once((id(params), len(sigmas), "own"), "EPD: this table samples on its own schedule (%s); the "
                        "scheduler's sigmas are replaced (%s)", params.describe(),
                        ", ".join(f"{float(v):.4g}" for v in own))
             callback = _rescaled_progress(callback, len(sigmas) - 1, len(own) - 1)
@@ -294,7 +132,7 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
         if strict:
             raise EPDSamplingError(f"the sigma list ({len(sigmas) - 1} steps) is not the schedule this table was "
                                    f"trained for ({params.describe()}); use EPD Sigmas for its exact schedule")
-        _warn_once((id(params), len(sigmas), mode), "EPD: sigmas differ from the table's training schedule; "
+        warn_once((id(params), len(sigmas), mode), "EPD: sigmas differ from the table's training schedule; "
                    "using rows %s (%s)", mode, params.describe())
     extra_args = extra_args or {}
     evaluate = evaluate or PointEvaluator(model, extra_args, max_batch=max_batch, sequential=sequential)
@@ -314,15 +152,3 @@ def _rescaled_progress(callback, total: int, steps: int):
     def rescaled(info):
         callback({**info, "i": (info["i"] + 1) * total // steps - 1})
     return rescaled
-
-
-def _is_oom(e: Exception) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(e, oom_type) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
-def _free_cache(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.empty_cache()

@@ -2,19 +2,17 @@
 
     python -m epd_core.train distill --model gmm --steps 4 --out gmm_4.safetensors
     python -m epd_core.train distill --model demo --steps 10 --out demo_10.safetensors --checkpoint-dir ckpt/
-    python -m epd_core.train distill --checkpoint sd15.safetensors --comfyui /path/to/ComfyUI --prompt "a cat" ...
     torchrun --standalone --nproc_per_node 2 -m epd_core.train distill ...   (gloo on CPU, nccl on CUDA)
 
-Every DistillConfig field has an option (see --help). The analytic mixture ('gmm') and the demo digits model
-('demo') need nothing but torch; a ComfyUI checkpoint needs a ComfyUI install (--comfyui or COMFYUI_PATH).
+Every DistillConfig field has an option (see --help). The analytic mixture ('gmm') and the demo models need
+nothing but torch. A ComfyUI checkpoint is trained through the pack's ComfyUI adapter, with the same options:
+    python nodes/train_cli.py distill --checkpoint sd15.safetensors --comfyui /path/to/ComfyUI --prompt "a cat" ...
 Under torchrun each rank trains on its slice of every batch and only rank 0 writes files.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -24,11 +22,10 @@ from pathlib import Path
 import torch
 
 from . import schedules
-from .checkpoint import folder_problem
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
+from .fileio import folder_problem
 from .params import EPDParams, EPDParamsError
 
-REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
 
 # DistillConfig fields with their own handling below (schedule/sigmas from the model, paths from --out...).
@@ -80,7 +77,7 @@ class Problem:
     sigma_min: float
     sigma_max: float
     family: str
-    model_sigmas: torch.Tensor | None = None  # the discrete sigma table of discrete models
+    model_sampling: object = None              # the model's noise schedule (.sigmas, .sigma_min, .sigma_max)
     default_schedule: str = "polynomial"
     start_scale: object = None                 # sigma_0 -> factor from unit noise to the starting state
     run: object = None                         # runs distill itself (ComfyUI models train inside a sampler)
@@ -136,71 +133,13 @@ def demo_problem(args) -> Problem:
     def extra_fn(g, n):
         return {"cond": torch.randint(0, demo_model.NUM_CLASSES, (n,), generator=g).to(device)}
     return Problem(den, lambda g, n: torch.randn(n, 1, size, size, generator=g).to(device), extra_fn, den.sigma_min,
-                   den.sigma_max, which["family"], den.sigmas.double(), "discrete",
+                   den.sigma_max, which["family"], den, "discrete",
                    start_scale=lambda s0: vp_start_scale(s0, den.sigma_max))
 
 
 def vp_start_scale(sigma0: float, sigma_max: float) -> float:
     """ComfyUI's EPS noise_scaling: noise * sqrt(1 + sigma^2) when starting at the model's sigma_max."""
     return (1 + sigma0 ** 2) ** 0.5 if sigma0 >= sigma_max * (1 - 1e-5) else sigma0
-
-
-def comfy_checkpoint_problem(args) -> Problem:
-    """A ComfyUI checkpoint: loaded with comfy.sd and trained inside ComfyUI's CFGGuider (the same code path as
-    the EPD Trainer node), conditioned on --prompt / --negative-prompt."""
-    comfy_path = args.comfyui or os.environ.get("COMFYUI_PATH")
-    if not comfy_path or not (Path(comfy_path) / "comfy" / "sd.py").is_file():
-        raise TrainCLIError("--checkpoint needs a ComfyUI install: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
-                            f"(got {comfy_path!r}). Supported without ComfyUI: --model gmm, --model demo.")
-    if str(comfy_path) not in sys.path:
-        sys.path.insert(0, str(comfy_path))
-    import comfy.cli_args
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True  # must happen before comfy.model_management is imported
-    import comfy.model_sampling
-    import comfy.sd
-    trainer = _import_pack_module("nodes.trainer_nodes")
-    if not Path(args.checkpoint).is_file():
-        raise TrainCLIError(f"checkpoint {args.checkpoint} not found")
-    with torch.inference_mode():  # as ComfyUI's executor loads it (the trainer handles inference tensors)
-        patcher, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=True)
-        if clip is None:
-            raise TrainCLIError(f"{args.checkpoint} has no text encoder; the CLI needs a full checkpoint")
-        positive = clip.encode_from_tokens_scheduled(clip.tokenize(args.prompt))
-        negative = clip.encode_from_tokens_scheduled(clip.tokenize(args.negative_prompt))
-    ms = patcher.get_model_object("model_sampling")
-    latent_format = patcher.get_model_object("latent_format")
-    ratio = getattr(latent_format, "spacial_downscale_ratio", 8)
-    shape = (1, latent_format.latent_channels, args.height // ratio, args.width // ratio)
-    scale = 7.5 if args.guidance_scale is None else args.guidance_scale
-    args.guidance_scale = scale
-
-    def run(cfg, **kw):
-        return trainer.distill_with_comfy_model(patcher, positive, negative, scale, shape, cfg, **kw)
-
-    def sigmas_fn(a):  # the node's schedules: what EPD Sigmas rebuilds, or a KSampler scheduler's list
-        flow = isinstance(ms, comfy.model_sampling.CONST)
-        name = a.comfy_scheduler or {"discrete": "epd_discrete", "flowmatch": "epd_flowmatch",
-                                     "polynomial": "epd_polynomial"}.get(a.schedule or "", None)
-        if name is None and a.schedule:
-            raise TrainCLIError(f"--schedule {a.schedule} is not available for a ComfyUI checkpoint; use discrete, "
-                                "flowmatch, polynomial or --comfy-scheduler NAME")
-        sig, spec = trainer.student_sigmas(patcher, name or ("epd_flowmatch" if flow else "epd_discrete"), a.steps)
-        return (sig if a.final_zero else sig[:-1]), spec
-    return Problem(None, None, None, float(ms.sigma_min), float(ms.sigma_max), trainer.model_family(patcher),
-                   run=run, sigmas_fn=sigmas_fn)
-
-
-def _import_pack_module(name: str):
-    """Import a module of the pack the way ComfyUI does (the repo as a package), so relative imports work
-    and ComfyUI's own top-level `nodes` module is not shadowed."""
-    pkg = "comfyui_epd_pack"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pkg, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 # ===================================================================================================== sigmas
@@ -215,26 +154,21 @@ def student_sigmas(args, problem: Problem) -> tuple[list[float], dict]:
         spec = {"type": "explicit"}
     else:
         kind = args.schedule or problem.default_schedule
-        lo = args.sigma_min or problem.sigma_min
-        hi = args.sigma_max or problem.sigma_max
-        n = args.steps + 1
-        if kind == "polynomial":
-            rho = 7.0 if args.rho is None else args.rho
-            pos, spec = schedules.polynomial(n, lo, hi, rho), {"rho": rho, "sigma_min": lo, "sigma_max": hi}
-        elif kind == "logsnr":
-            pos, spec = schedules.logsnr(n, lo, hi), {"sigma_min": lo, "sigma_max": hi}
-        elif kind == "time_uniform":
-            pos, spec = schedules.time_uniform(n, lo, hi), {"sigma_min": lo, "sigma_max": hi}
+        if kind in schedules.REBUILDABLE:
+            spec = {"type": kind, "sigma_min": args.sigma_min or problem.sigma_min,
+                    "sigma_max": args.sigma_max or problem.sigma_max}
+            if kind == "polynomial":
+                spec["rho"] = 7.0 if args.rho is None else args.rho
         elif kind == "discrete":
-            if problem.model_sigmas is None:
+            if problem.model_sampling is None:
                 raise TrainCLIError("--schedule discrete needs a discrete model (demo or an SD-style checkpoint)")
-            rho = 1.0 if args.rho is None else args.rho
-            pos, spec = schedules.discrete(n, problem.model_sigmas, rho), {"rho": rho}
+            spec = {"type": kind, "rho": 1.0 if args.rho is None else args.rho}
         elif kind == "flowmatch":
-            pos, spec = schedules.flowmatch(n, shift=args.shift), {"shift": args.shift}
+            spec = {"type": kind, "shift": args.shift}
         else:
             raise TrainCLIError(f"unknown schedule {kind!r}")
-        spec = {"type": kind, **spec}
+        model_sampling = problem.model_sampling if kind == "discrete" else None
+        pos = schedules.sigmas_for(spec, args.steps, model_sampling)
     sig = [float(s) for s in pos]
     return (sig + [0.0] if args.final_zero else sig), spec
 
@@ -347,8 +281,7 @@ def run_rl(args) -> EPDParams:
             raise TrainCLIError(f"{args.init} records no schedule sigmas; RL needs the table's own schedule")
         sigmas = [float(s) for s in sig] + ([0.0] if table.schedule.get("final_zero", True) else [])
     else:
-        from . import schedules as _sch
-        pos = _sch.discrete(args.steps + 1, problem.model_sigmas, 1.0)
+        pos = schedules.sigmas_for({"type": "discrete", "rho": 1.0}, args.steps, problem.model_sampling)
         sigmas = [float(s) for s in pos] + [0.0]
         cfg_d = DistillConfig(sigmas=sigmas, schedule={"type": "discrete", "rho": 1.0}, num_points=args.num_points,
                               iterations=args.distill_iterations, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -421,10 +354,15 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
-def run_distill(args) -> EPDParams:
+def run_distill(args, checkpoint_problem=None) -> EPDParams:
+    """`checkpoint_problem(args) -> Problem` loads --checkpoint; the ComfyUI adapter (nodes/train_cli.py) gives it."""
     rank, world = init_distributed()
     if args.checkpoint:
-        problem = comfy_checkpoint_problem(args)
+        if checkpoint_problem is None:
+            raise TrainCLIError("--checkpoint trains a ComfyUI model through the pack's ComfyUI adapter: run "
+                                "`python nodes/train_cli.py distill --checkpoint ...` from the pack's folder, with "
+                                "the same options (and --comfyui /path/to/ComfyUI)")
+        problem = checkpoint_problem(args)
     elif (args.model or "gmm") in ("demo", "mnist"):
         problem = demo_problem(args)
     else:
@@ -462,12 +400,13 @@ def run_distill(args) -> EPDParams:
     return params
 
 
-def main(argv=None) -> int:
+def main(argv=None, checkpoint_problem=None) -> int:
+    """The command line; `checkpoint_problem` (from the ComfyUI adapter) adds --checkpoint support."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     from .rl import RLError, RewardUnavailableError
     try:
-        run_rl(args) if args.command == "rl" else run_distill(args)
+        run_rl(args) if args.command == "rl" else run_distill(args, checkpoint_problem)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # ranks leave together: a rank tearing gloo down while rank 0 still writes the file can abort the
             # process ("terminate called without an active exception")

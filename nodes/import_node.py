@@ -18,7 +18,8 @@ from comfy_api.latest import io
 
 from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, EPDImportError, download_official,
                                       import_official_by_name, import_official_bytes, verify_official)
-from epd_core.params import EPDParams, EPDParamsError, atomic_write_bytes
+from epd_core.fileio import WriteError, atomic_write_bytes
+from epd_core.params import EPDParams, EPDParamsError
 
 from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
 from .tables import FOLDER, output_dir
@@ -85,7 +86,7 @@ def fetch_official(name: str) -> bytes:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache, data)
-    except (OSError, EPDParamsError) as e:  # the table can still be made; only the cache is lost
+    except (OSError, WriteError) as e:  # the table can still be made; only the cache is lost
         log.warning("EPD: could not cache the downloaded %s (%s)", shown, e)
     return data
 

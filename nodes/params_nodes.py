@@ -88,23 +88,10 @@ def with_model_schedule(params: EPDParams, model, sigmas) -> EPDParams:
 def table_sigmas(params: EPDParams, model_sampling) -> torch.Tensor:
     """The N+1 positive sigmas a table was trained on, rebuilt for the connected model (docs/method.md,
     "Schedules")."""
-    spec = dict(params.schedule)
-    n = params.num_steps + 1
-    kind = spec.get("type")
-    if kind == "discrete":
-        return schedules.discrete(n, model_sampling.sigmas, spec.get("rho") or 1.0)
-    if kind == "flowmatch":
-        shift = float(getattr(model_sampling, "shift", spec.get("shift", 3.0)))
-        t_min = 1.0 / model_sampling.sigmas.numel()  # the model's first training timestep (1/1000 SD3, 1/10000 Flux)
-        if "flux" in type(model_sampling).__name__.lower():
-            return schedules.flowmatch(n, mu=shift, t_min=t_min)
-        return schedules.flowmatch(n, shift=shift, t_min=t_min)
-    if kind is None and params.schedule_sigmas is None:
+    if params.schedule.get("type") is None and params.schedule_sigmas is None:
         raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
                              "of EPD Sigmas, or re-train the table")
-    if spec.get("sigma_min") is None:
-        spec.update(sigma_min=float(model_sampling.sigma_min), sigma_max=float(model_sampling.sigma_max))
-    return schedules.schedule_sigmas(spec, n)
+    return schedules.sigmas_for(params.schedule, params.num_steps, model_sampling)
 
 
 class EPDSigmas(io.ComfyNode):

@@ -28,7 +28,7 @@ from comfy_api.latest import io
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill, load_checkpoint
 from epd_core.params import EPDParams
 from epd_core.rl import RLConfig, RLError, RewardUnavailableError, rdpo
-from epd_core.solver import _is_oom
+from epd_core.runtime import is_oom
 
 from .compat import sequential_reasons
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
@@ -192,7 +192,7 @@ class _Chunks:
                 return torch.cat([fn(x[i:i + self.rows], sigma[i:i + self.rows])
                                   for i in range(0, x.shape[0], self.rows)])
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
-                if not _is_oom(e) or self.rows == 1:
+                if not is_oom(e) or self.rows == 1:
                     raise
                 self.rows = max(1, min(self.rows, x.shape[0]) // 2)
                 comfy.model_management.soft_empty_cache(True)

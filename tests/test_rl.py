@@ -6,7 +6,7 @@ import torch
 
 from epd_core.params import EPDParams
 from epd_core.rl import (DemoClassifierReward, LocalModelReward, ResidualDirichletPolicy, RewardUnavailableError,
-                         RLCancelled, RLConfig, RLError, TableDistanceReward, integrate_batched, rdpo, rloo_advantages)
+                         RLCancelled, RLConfig, RLError, TableDistanceReward, rdpo, rloo_advantages)
 from epd_core.rl.rdpo import ppo_loss
 
 torch.set_num_threads(1)
@@ -92,17 +92,22 @@ def test_rloo_advantages_hand_example():
     assert torch.allclose(adv.view(2, 4).sum(1), torch.zeros(2, dtype=torch.float64))
 
 
-def test_batched_integrator_matches_solver():
+def test_one_table_per_sample_in_the_same_loop():
+    """RL rollouts give every sample its own table: rows (B, steps, K) through the same integrate. Equal tables
+    reproduce the shared-table run; sample 0's result depends only on its own table."""
     from epd_core.gmm import GaussianMixtureDenoiser
     from epd_core.solver import integrate
     gmm = GaussianMixtureDenoiser(dim=8, num_components=4, seed=0)
-    t = make_table(3, 2, 0.05)
-    rows = {k: v.double() for k, v in t.activated().items()}
+    rows = {k: v.double() for k, v in make_table(3, 2, 0.05).activated().items()}
+    other = {k: v.double() for k, v in make_table(3, 2, 0.05, seed=9).activated().items()}
     sig = torch.tensor([8.0, 2.0, 0.6, 0.1, 0.0], dtype=torch.float64)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 8
-    ref = integrate(gmm, x, sig, rows, disable=True)
-    got = integrate_batched(gmm, x, sig, {k: v.expand(5, -1, -1) for k, v in rows.items()})
-    assert torch.allclose(got, ref, atol=1e-10)
+    shared = integrate(gmm, x, sig, rows, disable=True)
+    per_sample = integrate(gmm, x, sig, {k: v.expand(5, -1, -1) for k, v in rows.items()}, disable=True)
+    assert torch.allclose(per_sample, shared, atol=1e-10)
+    mixed = integrate(gmm, x, sig, {k: torch.stack([rows[k]] + [other[k]] * 4) for k in rows}, disable=True)
+    assert torch.allclose(mixed[0], shared[0], atol=1e-10)
+    assert not torch.allclose(mixed[1:], shared[1:], atol=1e-6)
 
 
 def _toy_setup():

@@ -62,4 +62,4 @@ def test_bad_schedules_are_refused():
     with pytest.raises(ValueError):
         schedules.explicit([1.0, 2.0])
     with pytest.raises(ValueError, match="MODEL"):
-        schedules.schedule_sigmas({"type": "discrete"}, 5)
+        schedules.sigmas_for({"type": "discrete"}, 4)

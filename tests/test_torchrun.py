@@ -52,7 +52,12 @@ def test_cli_errors_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "epd_core.train", "rl"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--out" in proc.stderr  # rl needs an output file
+    # a ComfyUI checkpoint goes through the pack's adapter (epd_core never imports ComfyUI) ...
     proc = subprocess.run([sys.executable, "-m", "epd_core.train", "distill", "--checkpoint", "x.safetensors",
+                           "--out", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "python nodes/train_cli.py distill --checkpoint" in proc.stderr
+    # ... which needs a ComfyUI install
+    proc = subprocess.run([sys.executable, "nodes/train_cli.py", "distill", "--checkpoint", "x.safetensors",
                            "--out", out], cwd=REPO, env=dict(env, COMFYUI_PATH=str(tmp_path)), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "needs a ComfyUI install" in proc.stderr

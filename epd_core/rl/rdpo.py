@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..distill import _all_mean, _any_rank, _check_checkpoint_folder, _dist, batch_seed
-from ..checkpoint import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
+from ..epd import EPDSamplingError, check_sigmas, integrate, positive_steps
+from ..fileio import adam_state_tensors, check_checkpoint_folder, load_adam_state, read_checkpoint, write_checkpoint
 from ..params import EPDParams, EPDParamsError
-from ..solver import EPDSamplingError, adams_bashforth, check_sigmas
+from ..runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
 from .policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
@@ -80,53 +80,6 @@ class RLConfig:
         need(self.resume in (False, True, "auto"), f"resume={self.resume!r}: use False, True or 'auto'")
 
 
-# ============================================================================================== sampling
-
-def integrate_batched(model, x, sigmas, rows, extra_args=None, max_order: int = 1, afs: bool = False,
-                      to_zero: bool = False):
-    """EPD / EPD-Plugin like solver.integrate, but every sample b has its own table: rows {'r','w','c','a'} of
-    shape (B, steps, K). The K points of all samples go through ONE model call of batch K*B (point-major, as
-    PointEvaluator) with a per-sample sigma vector. A final sigma 0 is the usual Euler step x = D(x, sigma);
-    `to_zero` as in solver.integrate (the last row steps to 0, anchored at the last sigma)."""
-    extra_args = extra_args or {}
-    sig = check_sigmas(sigmas)
-    n_pos = sum(1 for s in sig[1:] if s > 0)
-    if rows["r"].shape[1] != n_pos:
-        raise EPDSamplingError(f"tables have {rows['r'].shape[1]} rows for {n_pos} steps")
-    b = x.shape[0]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    rows = {k: v.to(device=x.device, dtype=acc) for k, v in rows.items()}
-    sigmas = sigmas.to(device=x.device, dtype=acc)
-    s_in = x.new_ones([b])
-    shape = (rows["r"].shape[2], b) + (1,) * (x.dim() - 1)
-    history: list[torch.Tensor] = []
-    for i in range(len(sig) - 1):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        if afs and i == 0 and sig[1] > 0:
-            d_cur = x / torch.sqrt(1 + t_cur ** 2)
-            denoised = x - t_cur * d_cur
-        else:
-            denoised = model(x, t_cur * s_in, **extra_args)
-            d_cur = (x - denoised) / t_cur
-        if sig[i + 1] == 0:
-            x = denoised
-            continue
-        d_pred = adams_bashforth(d_cur, history, max_order) if max_order > 1 else d_cur
-        r, w, c, a = (rows[n][:, i].T for n in "rwca")          # (K, B)
-        t_k = t_next ** r * t_cur ** (1 - r)
-        x_k = x.unsqueeze(0) + (t_k - t_cur).view(shape).to(x.dtype) * d_pred.unsqueeze(0)
-        k = x_k.shape[0]
-        den_k = model(x_k.reshape(k * b, *x.shape[1:]), (a * t_k).reshape(-1).to(x.dtype), **extra_args).reshape(x_k.shape)
-        d_k = (x_k.to(acc) - den_k.to(acc)) / t_k.view(shape)
-        t_end = 0.0 if to_zero and i == len(sig) - 2 else t_next
-        x = (x.to(acc) + (t_end - t_cur) * ((w * c).view(shape) * d_k).sum(0)).to(x.dtype)
-        if max_order > 1:
-            history = (history + [d_cur])[-(max_order - 1):]
-    if not torch.isfinite(x).all():
-        raise EPDSamplingError("the model produced NaN/inf during an RL rollout; check the model and its precision")
-    return x
-
-
 # ============================================================================================== advantages
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -170,10 +123,7 @@ def _prepare_checkpoint(cfg: RLConfig, base: EPDParams, rank: int):
             raise RLError("resume was requested but no checkpoint path is set")
         return None, None
     if rank == 0:
-        try:
-            _check_checkpoint_folder(path)
-        except Exception as e:  # noqa: BLE001 - DistillError text is fine, re-raise as RLError
-            raise RLError(str(e)) from None
+        check_checkpoint_folder(path, RLError)
     if not path.exists():
         if cfg.resume is True:
             raise RLError(f"no checkpoint to resume at {path}. Run without resume to start.")
@@ -200,22 +150,6 @@ def _prepare_checkpoint(cfg: RLConfig, base: EPDParams, rank: int):
 
 # ============================================================================================== training
 
-def _comm_device():
-    """Collectives run on CUDA under nccl (the policy itself lives on the CPU)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _sum_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum of a CPU tensor over all ranks (itself when world == 1)."""
-    if world == 1:
-        return t
-    dev = _comm_device()
-    return (_all_mean(t.to(dev), world) * world).to(t.device)
-
-
 def _default_extra_args(prompts):
     if all(isinstance(p, int) or (torch.is_tensor(p) and p.dim() == 0) for p in prompts):
         return {"cond": torch.as_tensor([int(p) for p in prompts])}
@@ -233,7 +167,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     progress(iteration, stats) with stats {reward, reward_std, entropy, grad_norm, loss, kl, clip_frac}."""
     cfg = dataclasses.replace(config or RLConfig())
     cfg.validate()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     prompts = list(prompts)
     if not prompts:
         raise RLError("no prompts given")
@@ -249,7 +183,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         sig_list = check_sigmas(sig)
     except EPDSamplingError as e:
         raise RLError(f"bad sigmas: {e}") from None
-    n_pos = sum(1 for s in sig_list[1:] if s > 0)
+    n_pos = positive_steps(sig_list)
     if n_pos != base_table.num_steps:
         raise RLError(f"the table has {base_table.num_steps} steps but the sigmas give {n_pos}; use the table's "
                       "own schedule")
@@ -272,7 +206,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     per_rank = P // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     for it in range(start, cfg.iterations):
-        if should_stop is not None and _any_rank(bool(should_stop()), world, _comm_device()):
+        if should_stop is not None and any_rank(bool(should_stop()), world):
             raise RLCancelled(f"RL cancelled before iteration {it}; nothing new was written"
                               + (f"; the last checkpoint ({ckpt_path}, iteration {last_saved}) is intact"
                                  if last_saved else ""))
@@ -293,9 +227,12 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
             extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra.items()}
             with torch.no_grad():
                 try:
-                    to_zero = base_table.to_zero and float(sig[-1]) > 0
-                    images = integrate_batched(model, x0, sig.to(x0.device), rows, extra, max_order, base_table.afs,
-                                               to_zero)
+                    # every rollout has its own table: rows (B, steps, K), all K*B points in one model call
+                    acc = torch.promote_types(x0.dtype, torch.float32)
+                    images = integrate(model, x0, sig.to(x0.device, acc), {k: v.to(x0.device, acc)
+                                                                           for k, v in rows.items()},
+                                       extra, disable=True, max_order=max_order, afs=base_table.afs,
+                                       to_zero=base_table.to_zero and float(sig[-1]) > 0)
                 except EPDSamplingError as e:
                     raise RLError(f"iteration {it}: {e}") from None
         with torch.no_grad():
@@ -303,7 +240,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         if not torch.isfinite(rewards).all():
             raise RLError(f"the reward returned NaN/inf at iteration {it}; check the reward model")
         adv = rloo_advantages(rewards, G)
-        stats_t = _sum_ranks(torch.stack([rewards.sum(), rewards.square().sum(), adv.square().sum(),
+        stats_t = sum_over_ranks(torch.stack([rewards.sum(), rewards.square().sum(), adv.square().sum(),
                                           torch.tensor(float(rewards.numel()), dtype=torch.float64)]), world)
         total = stats_t[3]
         r_mean = float(stats_t[0] / total)
@@ -322,7 +259,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
                 loss = loss + cfg.kl_coef * policy.kl_to_reference(p) / world
             loss.backward()
             flat = torch.cat([q.grad.reshape(-1) for q in params])
-            flat = _sum_ranks(flat, world)
+            flat = sum_over_ranks(flat, world)
             off = 0
             for q in params:
                 q.grad.copy_(flat[off:off + q.numel()].view_as(q))
