@@ -4,8 +4,9 @@ at one latency NFE, next to the best ComfyUI built-in at that NFE (chosen on fit
     .venv/bin/python bench/ablation.py --model mnist --nfe 4      # writes bench/results/ablation_mnist_nfe4.md
     .venv/bin/python bench/ablation.py --model demo --nfe 4       # the 8x8 digits model (CFG 2)
 
-The shipped recipe (quality_vs_nfe.shipped_recipe, as scripts/make_pretrained.sh): K = 2, learned schedule, last row steps to 0 (to_zero),
-end-to-end objective, Adam lr 0.03 (schedule 0.02), polynomial rho-7 start ending at 0.1, Heun teacher.
+The shipped recipe (quality_vs_nfe.shipped_recipe, as scripts/make_pretrained.sh): K = 2, learned schedule,
+last row steps to 0 (to_zero), end-to-end objective, Adam lr 0.03 (schedule 0.02), polynomial rho-7 start ending
+at 0.1, Heun teacher (100 fine steps).
 RMSE is to a 500-step Heun reference on held-out noises (seed 202, as bench/quality_vs_nfe.py).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import quality_vs_nfe as Q  # noqa: E402
 from epd_core.distill import distill  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
+from epd_core.teachers import teacher_calls  # noqa: E402
 
 FIELD = [(s, c) for s in ("uni_pc_bh2", "uni_pc", "ipndm_v", "dpmpp_2m", "deis", "res_multistep")
          for c in ("karras", "normal", "exponential", "ays_sd1", "gits_1.20", "sgm_uniform")]
@@ -39,6 +41,10 @@ LEVERS = {
     "K = 1": {"num_points": 1},
     "K = 3": {"num_points": 3},
     "EPD-Plugin (Adams-Bashforth predictor)": {"solver": "epd_plugin"},
+    # the teacher's cost: it runs once per noise batch, before training can use that batch
+    "teacher Heun, 50 steps (half the calls)": {"teacher_steps": 50},
+    "teacher DPM++(2M), 100 steps (half the calls)": {"teacher": "dpmpp"},
+    "teacher DPM++(2M), 50 steps (a quarter)": {"teacher": "dpmpp", "teacher_steps": 50},
 }
 
 
@@ -105,18 +111,22 @@ def main(argv=None):
         fn = sample_epd if config.solver == "epd" else sample_epd_plugin
         calls, e = rmse(lambda m, x: fn(m, x, own.to(x.dtype), table, disable=True), x_test)
         assert calls == args.nfe, (lever, calls)
-        rows.append({"lever": lever, "rmse": e, "over_best": e / b_rmse, "seconds": round(time.time() - t0)})
+        t_sig = config.sigmas + ([0.0] if config.sigmas[-1] > 0 else [])  # the teacher runs on to sigma 0
+        rows.append({"lever": lever, "rmse": e, "over_best": e / b_rmse, "seconds": round(time.time() - t0),
+                     "teacher_calls": teacher_calls(t_sig, config.teacher, config.inserted_steps,
+                                                    config.teacher_steps, config.teacher_sigma_min)})
         print(f"{lever}: {e:.4f} (÷ best {e / b_rmse:.2f}, {rows[-1]['seconds']} s)", flush=True)
 
     base = next((r for r in rows if r["lever"] == "shipped recipe"), None)
     lines = [f"### Ablation on {args.model} at latency NFE {args.nfe} ({args.samples} held-out samples, "
              f"{args.ref_steps}-step reference, CFG {cfg_scale}); best built-in {b_sampler} ({b_sched}): "
              f"RMSE {b_rmse:.4f}", "",
-             "| lever (one change to the shipped recipe) | EPD RMSE | EPD ÷ best built-in | change vs recipe |",
-             "|---|---|---|---|"]
+             "| lever (one change to the shipped recipe) | EPD RMSE | EPD ÷ best built-in | change vs recipe | "
+             "teacher calls per batch |",
+             "|---|---|---|---|---|"]
     for r in rows:
         delta = f"{r['over_best'] - base['over_best']:+.2f}" if base and r is not base else "—"
-        lines.append(f"| {r['lever']} | {r['rmse']:.4f} | {r['over_best']:.2f} | {delta} |")
+        lines.append(f"| {r['lever']} | {r['rmse']:.4f} | {r['over_best']:.2f} | {delta} | {r['teacher_calls']} |")
     lines.append("")
     lines.append(f"Command: `.venv/bin/python bench/ablation.py --model {args.model} --nfe {args.nfe}`")
     args.out.mkdir(parents=True, exist_ok=True)

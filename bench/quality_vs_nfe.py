@@ -320,7 +320,8 @@ def report(results) -> str:
     fd = any("fd_best_builtin" in r for r in results["nfe"].values())
     lines = [f"### {results['model']}: RMSE to a {results.get('ref_steps', 500)}-step Heun reference, "
              f"{results['samples']} held-out samples (CFG {results.get('cfg', 1)}; schedulers chosen on "
-             f"{results.get('fit_samples', '?')} fit samples)" + (f"; FD on {results['fd_samples']} samples" if fd else ""),
+             f"{results.get('fit_samples', '?')} fit samples)"
+             + (f"; FD on {results['fd_samples']} samples" if fd else ""),
              "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE mean / median | EPD mean / median "
              "| EPD ÷ best | EPD-Plugin mean / median | Plugin ÷ best |" + (" FD best / EPD / Plugin |" if fd else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if fd else "")]

@@ -1,4 +1,5 @@
-"""RDPO fine-tuning (docs/method.md, "RL fine-tuning") of the shipped demo-digits table on the classifier reward: reward gain versus
+"""RDPO fine-tuning (docs/method.md, "RL fine-tuning") of the shipped demo-digits table on the classifier reward:
+reward gain versus
 image quality, for a few settings.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rl_demo.py            # 7 runs, ~3 min on 1 busy CPU core

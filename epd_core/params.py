@@ -44,7 +44,7 @@ def _default_metadata() -> dict:
         "max_order": 1,             # Adams-Bashforth order of the EPD-Plugin predictor (1..4)
         "afs": False,               # analytic first step (saves one model call)
         "fix_last_dir_scale": False,  # c_k = 1 on the last step ('fcn' in the official files)
-        "schedule": {},             # e.g. {"type": "polynomial", "rho": 7, "sigma_min":.., "sigma_max":.., "sigmas": [...]}
+        "schedule": {},             # e.g. {"type": "polynomial", "rho": 7, "sigma_min": .., "sigmas": [...]}
         "guidance_scale": None,     # CFG scale used in training
         "model_family": None,       # e.g. 'sd15', 'sdxl', 'sd3', 'flux', 'epd_demo_digits', 'gmm'
         "provenance": {},           # who/what produced the table
@@ -267,7 +267,8 @@ class EPDParams:
         meta_str = header.get("__metadata__") or {}
         if "epd_format_version" not in meta_str:
             fail("not an EPD parameter file (no 'epd_format_version' in its metadata)",
-                 "Official .pkl predictors must be converted first: python -m epd_core.import_official IN.pkl OUT.safetensors.")
+                 "Official .pkl predictors must be converted first: "
+                 "python -m epd_core.import_official IN.pkl OUT.safetensors.")
         version = meta_str["epd_format_version"]
         if version != str(FORMAT_VERSION):
             fail(f"format version {version!r} is not supported (this pack reads version {FORMAT_VERSION})",

@@ -160,3 +160,14 @@ def teacher_states(model, x, sigmas, teacher: str = "heun", inserted: int = 3, e
         if poll is not None:
             poll()
     return states
+
+
+CALLS_PER_STEP = {"heun": 2, "dpm2": 2, "dpmpp": 1, "ipndm": 1, "euler": 1}  # the step into sigma 0 takes one
+
+
+def teacher_calls(sigmas, teacher: str = "heun", inserted: int = 3, fine_steps: int = 0,
+                  sigma_end: float | None = None) -> int:
+    """Model calls of one teacher trajectory (each of batch B, CFG inside the model) on its fine grid."""
+    fine, _ = teacher_grid(sigmas, inserted, fine_steps, sigma_end)
+    positive = int((fine[1:] > 0).sum())
+    return CALLS_PER_STEP[teacher] * positive + (len(fine) - 1 - positive)

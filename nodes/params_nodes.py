@@ -29,9 +29,11 @@ class EPDSampler(io.ComfyNode):
                         "model at K learned points in ONE batched call, so an image needs about half the "
                         "sequential model calls. Pair it with EPD Sigmas for the table's exact schedule.",
             inputs=[
-                EPDParamsType.Input("params", tooltip="A parameter table (Load EPD Params, EPD Trainer, Import EPD Predictor)."),
+                EPDParamsType.Input("params", tooltip="A parameter table (Load EPD Params, EPD Trainer, Import EPD "
+                                                      "Predictor)."),
                 io.Combo.Input("solver", options=["auto", "epd", "epd_plugin"], default="auto",
-                               tooltip="auto: the solver the table was trained for. epd_plugin adds an Adams-Bashforth predictor."),
+                               tooltip="auto: the solver the table was trained for. epd_plugin adds an "
+                                       "Adams-Bashforth predictor."),
                 io.Int.Input("max_order", default=0, min=0, max=4,
                              tooltip="EPD-Plugin predictor order (1-4); 0 = the table's own."),
                 io.Combo.Input("afs", options=["auto", "on", "off"], default="auto",
@@ -105,7 +107,8 @@ class EPDSigmas(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model you sample with."),
                 EPDParamsType.Input("params", tooltip="The parameter table whose schedule to reproduce."),
                 io.Boolean.Input("append_zero", default=True,
-                                 tooltip="End with sigma 0 (a final Euler step, one more model call), as ComfyUI's schedulers do."),
+                                 tooltip="End with sigma 0 (a final Euler step, one more model call), as "
+                                         "ComfyUI's schedulers do."),
             ],
             outputs=[io.Sigmas.Output(display_name="SIGMAS")],
         )
@@ -124,8 +127,10 @@ class LoadEPDParams(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="LoadEPDParams", display_name="Load EPD Params", category=CATEGORY,
-            description="Load a parameter table (.safetensors) from models/epd_params/ or the pack's pretrained_params/.",
-            inputs=[io.Combo.Input("name", options=table_files(), tooltip="Parameter file; press R to refresh the list.")],
+            description="Load a parameter table (.safetensors) from models/epd_params/ or the pack's "
+                        "pretrained_params/.",
+            inputs=[io.Combo.Input("name", options=table_files(),
+                                   tooltip="Parameter file; press R to refresh the list.")],
             outputs=[EPDParamsType.Output(display_name="EPD_PARAMS")],
         )
 

@@ -63,7 +63,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
   transformers tokenizers sentencepiece torchsde alembic SQLAlchemy av "pydantic~=2.0" "pydantic-settings~=2.0" \
   comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1
 # Our own needs: tests, plots, the demo data set, the browser test driver.
-"${PIP[@]}" install pytest pytest-timeout hypothesis matplotlib scikit-learn websocket-client selenium mlxtend ruff
+"${PIP[@]}" install pytest pytest-timeout hypothesis matplotlib scikit-learn websocket-client selenium mlxtend ruff==0.17.6
 # open_clip: the HPSv2 reward back-end (tests/test_rl_rewards.py builds a tiny one; no weights downloaded)
 "${PIP[@]}" install "open_clip_torch==3.3.0"
 if [[ ! -d "$ROOT/.comfyui" ]]; then

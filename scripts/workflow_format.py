@@ -104,7 +104,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """Back to API format (what the web UI sends when you press Queue)."""
-    links = {l[0]: l for l in ui["links"]}
+    links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
         info = object_info[node["type"]]

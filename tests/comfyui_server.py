@@ -133,7 +133,8 @@ class ComfyServer:
             messages = []
         if messages is not None:
             import websocket  # websocket-client
-            ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+            ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}",
+                                             timeout=timeout)
         try:
             pid = self.queue(prompt)
             if ws is not None:

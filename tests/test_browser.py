@@ -59,7 +59,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.browser]
 # A combo value that names a model file the server does not have is a missing model, not a broken workflow.
 MODEL_FILE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|sft|gguf|onnx)$", re.I)
 # Console lines that are environment noise, not about the workflow: the registry is offline in tests, the
-# frontend probes thumbnail variants the pack does not ship (<name>-1.jpg ...), and a fresh user has no user.css / saved workflows.
+# frontend probes thumbnail variants the pack does not ship (<name>-1.jpg ...), and a fresh user has no user.css /
+# saved workflows.
 CONSOLE_NOISE = [
     re.compile(r"https://api\.comfy\.org/"),
     re.compile(r"/api/workflow_templates/ComfyUI-EPD/[\w.-]+\.(jpg|jpeg|png|webp)"),
@@ -266,7 +267,9 @@ class Page:
           const frame = () => new Promise(r => requestAnimationFrame(r));
           const view = () => JSON.stringify([app.canvas.ds.scale, ...app.canvas.ds.offset]);
           let last = view(), same = 0;
-          for (let i = 0; i < 300 && same < 5; i++) { await frame(); const v = view(); same = v === last ? same + 1 : 0; last = v; }
+          for (let i = 0; i < 300 && same < 5; i++) {
+            await frame(); const v = view(); same = v === last ? same + 1 : 0; last = v;
+          }
           app.canvas.setDirty(true, true);""")
 
     def close_toasts(self):

@@ -221,7 +221,7 @@ def test_older_branch_files_say_what_they_are(tmp_path, capsys):
 
 
 # ---- the Import node in a real ComfyUI server ---------------------------------------------------------
-HASH_PATCH_NODE = """# test only: the fixtures' SHA-256 become the expected ones (written by tests/test_official_tables.py)
+HASH_PATCH_NODE = """# test only: the fixtures' SHA-256 become the expected ones (by tests/test_official_tables.py)
 import sys
 if {repo!r} not in sys.path:
     sys.path.append({repo!r})

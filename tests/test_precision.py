@@ -120,7 +120,8 @@ class ShapeRecorder:
         return self.model(x, sigma, **kw)
 
 
-@pytest.mark.parametrize("variant,K,dtype", [(v, k, torch.float32) for v in ("epd", "epd_afs", "plugin") for k in (2, 3)]
+@pytest.mark.parametrize("variant,K,dtype", [(v, k, torch.float32) for v in ("epd", "epd_afs", "plugin")
+                                             for k in (2, 3)]
                          + [("epd", 3, torch.bfloat16), ("plugin", 2, torch.bfloat16)])  # bf16 convs are slow on CPU
 def test_model_sees_exactly_two_batch_sizes_every_step(variant, K, dtype):
     """ComfyUI's case (fp32 latents) and an all-bf16 model: the d_cur call has batch B, the K-point call B*K,

@@ -246,7 +246,8 @@ from epd_core.rl import RLConfig, TableDistanceReward, rdpo
 rank, world = init_distributed()
 n = 3
 base = EPDParams.from_values(torch.tensor([[0.2, 0.6]] * n), torch.tensor([[0.5, 0.5]] * n))
-target = {"r": torch.tensor([[0.4, 0.9]] * n, dtype=torch.float64), "w": torch.tensor([[0.2, 0.8]] * n, dtype=torch.float64)}
+target = {"r": torch.tensor([[0.4, 0.9]] * n, dtype=torch.float64),
+          "w": torch.tensor([[0.2, 0.8]] * n, dtype=torch.float64)}
 out = rdpo(None, torch.tensor([4.0, 2.0, 1.0, 0.5]), base, TableDistanceReward(target), [0, 1, 2, 3],
            config=RLConfig(iterations=5, group_size=4, lr=3e-3, seed=0))
 if rank == 0:

@@ -50,7 +50,8 @@ def test_flowmatch_matches_sd3_and_flux_model_sampling(model_sampling, n):
     assert math.isclose(schedules.flowmatch(n, shift=3.0, t_min=1e-3)[-1].item(), float(sd3.sigma_min), rel_tol=1e-5)
     flux = model_sampling["flux"]
     t = torch.linspace(1.0, 1e-4, n, dtype=torch.float64)
-    torch.testing.assert_close(schedules.flowmatch(n, mu=1.15, t_min=1e-4), flux.sigma(t).double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(schedules.flowmatch(n, mu=1.15, t_min=1e-4), flux.sigma(t).double(),
+                               rtol=1e-6, atol=1e-7)
     assert math.isclose(schedules.flowmatch(n, mu=1.15, t_min=1e-4)[-1].item(), float(flux.sigma_min), rel_tol=1e-5)
 
 

@@ -72,7 +72,8 @@ def reference(ref, solver, params, steps, seed, scheduler="karras", denoise=1.0,
         sigmas = ref["samplers"].KSampler(ref["stub"], steps, "cpu", solver, scheduler, denoise).sigmas
     latent = torch.zeros(BATCH, 1, 8, 8) if latent is None else latent
     noise = ref["sample"].prepare_noise(latent, seed)
-    max_denoise = math.isclose(float(ms.sigma_max), float(sigmas[0]), rel_tol=1e-5) or float(sigmas[0]) > float(ms.sigma_max)
+    max_denoise = (math.isclose(float(ms.sigma_max), float(sigmas[0]), rel_tol=1e-5)
+                   or float(sigmas[0]) > float(ms.sigma_max))
     x = ms.noise_scaling(sigmas[0], noise, latent, max_denoise)
     fn = sample_epd if solver == "epd" else sample_epd_plugin
     with torch.no_grad():

@@ -87,7 +87,8 @@ class ResidualDirichletPolicy(nn.Module):
         self.register_buffer("base_mu_a", rows["a"].log())
         # log-std of log c / log a: a fraction of the bound (the log of a scale within 1 +- b is about +- b)
         self.register_buffer("base_log_sigma_c", torch.full((n, k), math.log(max(scale_sigma * self.scale_dir, 1e-12))))
-        self.register_buffer("base_log_sigma_a", torch.full((n, k), math.log(max(scale_sigma * self.scale_time, 1e-12))))
+        log_sigma_a = math.log(max(scale_sigma * self.scale_time, 1e-12))
+        self.register_buffer("base_log_sigma_a", torch.full((n, k), log_sigma_a))
         self.out_sizes = [k + 1, k] + [k, k] * self.use_c + [k, k] * self.use_a
         g = torch.Generator().manual_seed(int(seed))
         self.embed = nn.Parameter(torch.randn(n, hidden, generator=g, dtype=torch.float64))
@@ -112,7 +113,8 @@ class ResidualDirichletPolicy(nn.Module):
     def dist_params(self) -> dict:
         """alpha_r (N, K+1), alpha_w (N, K) and (mu, sigma) of log c / log a when learned."""
         res = list(self._residuals())
-        p = {"alpha_r": (self.base_log_alpha_r + res.pop(0)).exp(), "alpha_w": (self.base_log_alpha_w + res.pop(0)).exp()}
+        p = {"alpha_r": (self.base_log_alpha_r + res.pop(0)).exp(),
+             "alpha_w": (self.base_log_alpha_w + res.pop(0)).exp()}
         if self.use_c:
             p["mu_c"] = self.base_mu_c + res.pop(0)
             p["sigma_c"] = (self.base_log_sigma_c + res.pop(0)).exp()
@@ -208,7 +210,8 @@ class ResidualDirichletPolicy(nn.Module):
     def mean_rows(self) -> dict:
         """The policy mean as rows (N, K): Dirichlet means -> r, w; log-normal medians -> c, a."""
         p = self.dist_params()
-        s = {"seg": p["alpha_r"] / p["alpha_r"].sum(-1, keepdim=True), "w": p["alpha_w"] / p["alpha_w"].sum(-1, keepdim=True)}
+        s = {"seg": p["alpha_r"] / p["alpha_r"].sum(-1, keepdim=True),
+             "w": p["alpha_w"] / p["alpha_w"].sum(-1, keepdim=True)}
         for name in "ca":
             if f"mu_{name}" in p:
                 s[name] = p[f"mu_{name}"].exp()

@@ -113,7 +113,8 @@ def load_checkpoint(path) -> dict:
                 "history": json.loads(meta["history"]), "base": bytes.fromhex(meta["base_table"]),
                 "tensors": tensors}
     except Exception as e:  # noqa: BLE001 - missing fields: a damaged or foreign file
-        raise RLError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}). Delete it to start over.") from None
+        raise RLError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}). Delete it to start "
+                      "over.") from None
 
 
 def _prepare_checkpoint(cfg: RLConfig, base: EPDParams, rank: int):

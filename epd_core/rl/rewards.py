@@ -104,8 +104,8 @@ class LocalModelReward(Reward):
     def __init__(self, kind: str, path=None, device="cpu"):
         kind = str(kind).lower()
         if kind not in LOCAL_KINDS:
-            raise RewardUnavailableError(f"unknown reward {kind!r}; use one of {sorted(LOCAL_KINDS)} (or 'demo_classifier'"
-                                         " for the demo digits model)")
+            raise RewardUnavailableError(f"unknown reward {kind!r}; use one of {sorted(LOCAL_KINDS)} (or "
+                                         "'demo_classifier' for the demo digits model)")
         packages, what = LOCAL_KINDS[kind]
         self.kind, self.name, self.device = kind, kind, device
         if path is None or not Path(path).exists():
