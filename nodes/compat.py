@@ -1,16 +1,49 @@
-"""When may the K points of a step share ONE model call? Only when nothing in the graph reads a single
-sigma for the whole batch or needs the batch to be the sample batch (docs/comfyui.md).
-Otherwise the sampler runs each point as its own call with a uniform sigma, which is always correct."""
+"""What differs between the ComfyUI versions the pack runs on, decided by looking at the objects themselves
+(never at a version string), and when the K points of a step may share ONE model call. docs/compatibility.md
+lists what each check is for and which ComfyUI changed it.
+
+Batching: only when nothing in the graph reads a single sigma for the whole batch or needs the batch to be the
+sample batch (docs/comfyui.md). Otherwise the sampler runs each point as its own call with a uniform sigma,
+which is always correct."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import logging
 
 log = logging.getLogger("epd")
 
+# ===================================================================================== comfy_api version
+# v0_0_2 is the first numbered API: in ComfyUI 0.3.75 and in the newest ComfyUI (next to v0_0_3 there);
+# `latest` is the one still being changed. The fallback keeps the pack loading on a ComfyUI without it.
+PINNED_API, FALLBACK_API = "comfy_api.v0_0_2", "comfy_api.latest"
+
+
+def load_comfy_api(preferred: str = PINNED_API, fallback: str = FALLBACK_API):
+    """The module that provides `io` and `ComfyExtension`: the pinned API version, else `latest`."""
+    try:
+        api = importlib.import_module(preferred)
+        if hasattr(api, "io") and hasattr(api, "ComfyExtension"):
+            return api
+        problem = "has no io / ComfyExtension"
+    except ImportError as e:
+        problem = f"is not importable ({e})"
+    log.warning("EPD: %s %s; using %s", preferred, problem, fallback)
+    return importlib.import_module(fallback)
+
+
+_API = load_comfy_api()
+io = _API.io
+ComfyExtension = _API.ComfyExtension
+
+
+# ============================================================================================ batching
+
 # transformer_options["patches"] entries known to read transformer_options["sigmas"][0] (PatchModelAddDownscale).
 _SIGMA0_PATCHES = ("input_block_patch_after_skip", "input_block_patch")
 # wrappers that cache or skip by step and compare against one sigma (EasyCache, LazyCache).
-_STEP_CACHE_WORDS = ("easycache", "lazycache", "teacache", "firstblockcache")
+_STEP_CACHE_WORDS = ("easycache", "lazycache", "teacache", "firstblockcache", "magcache")
 
 
 def sequential_reasons(model, extra_args: dict) -> list[str]:
@@ -44,6 +77,82 @@ def sequential_reasons(model, extra_args: dict) -> list[str]:
                     break
                 control = getattr(control, "previous_controlnet", None)
     return sorted(set(reasons))
+
+
+# ==================================================================== models that read the sigma list
+# HunyuanVideo 1.5's step-distilled ("meanflow") models embed a second time r, found by looking the call's sigma
+# up in transformer_options["sample_sigmas"] and taking the NEXT entry. EPD evaluates between the entries, so
+# the lookup finds nothing and the model silently runs without that embedding: a different network. Neither
+# batching nor sequential calls can fix that, so EPD refuses such a model.
+
+def _diffusion_model(model):
+    """The torch diffusion model behind a sampler model / CFGGuider / BaseModel / ModelPatcher (or None)."""
+    for _ in range(4):
+        if model is None or hasattr(model, "diffusion_model"):
+            break
+        model = getattr(model, "inner_model", None) or getattr(model, "model", None)
+    return getattr(model, "diffusion_model", None)
+
+
+def sigma_list_reader(model) -> str | None:
+    """A message when the model reads its step from the sampler's sigma list in a way EPD cannot serve."""
+    net = _diffusion_model(model)
+    if net is not None and getattr(net, "time_r_in", None) is not None:
+        return (f"{type(net).__name__} is a step-distilled (meanflow) model: it reads the next sigma of the "
+                "sampler's own list (transformer_options['sample_sigmas']) to embed a second time, and EPD "
+                "evaluates between the list's sigmas, where that lookup finds nothing and the model would "
+                "silently run without it. Sample this model with a sampler that steps on its sigma list "
+                "(e.g. euler with the model's own step count); EPD tables cannot be used or trained for it.")
+    return None
+
+
+# ============================================================================================ training
+
+def is_dynamic(model_patcher) -> bool:
+    """Dynamic VRAM (ModelPatcherDynamic, the default on NVIDIA in new ComfyUI): weights are streamed to the
+    device per call and the patcher keeps per-weight state (pins, cast buffers, the weight's model dtype)."""
+    check = getattr(model_patcher, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
+def multigpu_problem(model_patcher, model_options: dict | None = None) -> str | None:
+    """A message when the model is set up to split sampling over GPUs: ComfyUI computes the conds of that path
+    under torch.no_grad, so distillation would get no gradient. Sampling and RL rollouts are not affected."""
+    options = model_options if model_options is not None else getattr(model_patcher, "model_options", {}) or {}
+    extra = getattr(model_patcher, "get_additional_models_with_key", None)
+    if "multigpu_clones" in options or (callable(extra) and extra("multigpu")):
+        return ("the model is set up for multi-GPU sampling (MultiGPU CFG Split), whose model calls run without "
+                "gradients, so distillation cannot learn from them. Connect the model to the EPD Trainer without "
+                "the MultiGPU CFG Split node (the table it saves works with the multi-GPU model afterwards).")
+    return None
+
+
+@contextlib.contextmanager
+def training_mode():
+    """comfy.model_management.in_training = True for the block, restored afterwards (also on errors and Cancel).
+    New model code picks in-place fused kernels (no backward) unless it is set; ComfyUI without the flag: no-op."""
+    import comfy.model_management as mm
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
+def fix_empty_latent(model_patcher, latent: dict):
+    """The latent KSampler samples for `latent`: comfy.sample.fix_empty_latent_channels, passing the latent's
+    downscale ratios where this ComfyUI's function takes them (newer ComfyUI resizes an empty latent made for
+    another spatial ratio to the model's own)."""
+    import comfy.sample
+    fix = comfy.sample.fix_empty_latent_channels
+    params = inspect.signature(fix).parameters
+    kwargs = {k: latent[k] for k in ("downscale_ratio_spacial", "downscale_ratio_temporal")
+              if k in params and latent.get(k) is not None}
+    return fix(model_patcher, latent["samples"], **kwargs)
 
 
 _logged: set = set()

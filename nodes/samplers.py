@@ -10,7 +10,7 @@ import comfy.samplers
 
 from epd_core.solver import sample_epd, sample_epd_plugin
 
-from .compat import log_path_once, sequential_reasons
+from .compat import log_path_once, sequential_reasons, sigma_list_reader
 from .tables import find_preset, model_family, neutral_table
 
 log = logging.getLogger("epd")
@@ -22,6 +22,9 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
             execution: str = "auto", **opts):
     """Run EPD / EPD-Plugin with `params` on a ComfyUI model, choosing the batched or sequential path."""
     extra_args = extra_args or {}
+    problem = sigma_list_reader(model)
+    if problem:
+        raise RuntimeError(f"EPD: {problem}")
     reasons = sequential_reasons(model, extra_args) if execution == "auto" else []
     sequential = execution == "sequential" or bool(reasons)
     path = ("sequential (" + ", ".join(reasons) + ")") if reasons else ("sequential" if sequential else "batched")
@@ -46,14 +49,31 @@ def _dropdown_sampler(solver: str):
         log_path_once((solver, family, steps, source), f"EPD: {solver} on {family} with {steps} steps uses {source}")
         return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **opts)
     sample.__name__ = f"sample_{solver}"
+    sample.epd_solver = solver  # marks our own function (re-registration keeps it)
     return sample
 
 
+def sampler_name_lists() -> list[list]:
+    """The name lists the sampler dropdowns are built from: KSAMPLER_NAMES, SAMPLER_NAMES (KSamplerSelect) and
+    KSampler.SAMPLERS (KSampler, KSamplerAdvanced). In ComfyUI the last two are one object, but a pack that
+    replaced one of them by a copy splits them, so each distinct list counts."""
+    found = []
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES,
+                  getattr(comfy.samplers.KSampler, "SAMPLERS", None)):
+        if isinstance(names, list) and not any(names is f for f in found):
+            found.append(names)
+    return found
+
+
 def register_dropdown_samplers() -> None:
-    """Add `epd` / `epd_plugin` to KSampler and KSamplerSelect. The name lists are shared objects (KSampler.SAMPLERS
-    IS comfy.samplers.SAMPLER_NAMES), so append in place, once, and never reload modules."""
+    """Add `epd` / `epd_plugin` to KSampler and KSamplerSelect: the sampler functions ComfyUI finds by name
+    (comfy.k_diffusion.sampling.sample_<name>) and the names, appended in place to every list the dropdowns read
+    (never reloading modules). Idempotent: called again before each prompt (nodes/__init__.py), it puts the names
+    back into lists another pack replaced after this pack loaded (custom nodes load in directory order)."""
     for name in SAMPLER_NAMES:
-        setattr(comfy.k_diffusion.sampling, f"sample_{name}", _dropdown_sampler(name))
-        for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        fn = getattr(comfy.k_diffusion.sampling, f"sample_{name}", None)
+        if getattr(fn, "epd_solver", None) != name:
+            setattr(comfy.k_diffusion.sampling, f"sample_{name}", _dropdown_sampler(name))
+        for names in sampler_name_lists():
             if name not in names:
                 names.append(name)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import time
 import types
 from pathlib import Path
 
@@ -23,14 +24,21 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill, load_checkpoint
 from epd_core.params import EPDParams
-from epd_core.rl import RLConfig, RLError, RewardUnavailableError, rdpo
+from epd_core.rl import RewardUnavailableError, RLConfig, RLError, rdpo
 from epd_core.runtime import is_oom
 
-from .compat import sequential_reasons
+from .compat import (
+    fix_empty_latent,
+    io,
+    is_dynamic,
+    multigpu_problem,
+    sequential_reasons,
+    sigma_list_reader,
+    training_mode,
+)
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
 from .reward_nodes import EPDRewardType
@@ -62,13 +70,14 @@ class _TrainInsideGuider(comfy.samplers.Sampler):
         return noise  # the guider wants a latent back; it is discarded
 
 
-def make_autograd_safe(module: torch.nn.Module) -> int:
+def make_autograd_safe(module: torch.nn.Module, keep=frozenset()) -> int:
     """Weights loaded under the executor's inference_mode are 'inference tensors', which autograd refuses to
-    save for backward. Swap them for normal copies (same values; harmless for later sampling). Returns how many."""
+    save for backward. Swap them for normal copies (same values; harmless for later sampling), except the
+    qualified names in `keep`. Returns how many."""
     swapped = 0
-    for sub in module.modules():
+    for prefix, sub in module.named_modules():
         for name, p in list(sub._parameters.items()):
-            if p is not None and p.is_inference():
+            if p is not None and p.is_inference() and f"{prefix}.{name}".lstrip(".") not in keep:
                 sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
                 swapped += 1
         for name, b in list(sub._buffers.items()):
@@ -76,6 +85,34 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
                 sub._buffers[name] = b.clone()
                 swapped += 1
     return swapped
+
+
+# Dynamic VRAM (what upstream's LoRA trainer does on that path: it never replaces the base weights and hooks its
+# trainable parts in through the patcher). The patcher streams each comfy.ops weight to the device per call and
+# keeps state on the weight objects (pins, cast buffers, the weight's model dtype), so those Parameters must not
+# be swapped; instead a weight wrapper hands each op a normal copy when the streamed weight is an inference tensor.
+
+def _autograd_copy(weight: torch.Tensor) -> torch.Tensor:
+    return weight.clone() if weight.is_inference() else weight
+
+
+def _streamed_weights(model_patcher) -> set[str]:
+    """Qualified names of the weights a dynamic patcher streams per call: comfy.ops layers (they take weight
+    functions) whose weight the patcher did not replace by a resident copy of its own (those sit in `backup`)."""
+    backup = getattr(model_patcher, "backup", {}) or {}
+    return {f"{n}.{p}".lstrip(".") for n, m in model_patcher.model.named_modules() if hasattr(m, "weight_function")
+            for p in ("weight", "bias") if getattr(m, p, None) is not None and f"{n}.{p}".lstrip(".") not in backup}
+
+
+def with_autograd_safe_weights(model_patcher):
+    """A clone of a dynamic patcher whose comfy.ops layers get each weight as a tensor autograd can save."""
+    patcher = model_patcher.clone()
+    for n, m in patcher.model.named_modules():
+        if hasattr(m, "weight_function"):
+            for p in ("weight", "bias"):
+                if getattr(m, p, None) is not None:
+                    patcher.add_weight_wrapper(f"{n}.{p}".lstrip("."), _autograd_copy)
+    return patcher
 
 
 def fresh_tensors(obj):
@@ -93,18 +130,29 @@ def fresh_tensors(obj):
     return obj
 
 
-def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_shape, sigmas, seed: int, train):
+def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_shape, sigmas, seed: int, train,
+                  needs_gradient: bool = True):
     """Run `train(ctx)` inside ComfyUI's CFGGuider.sample, i.e. with the model loaded, patches applied and the
-    conditioning prepared, with autograd allowed. ctx: guider (the k-diffusion model D(x, sigma) with CFG),
-    extra_args (pass to every guider call), noise_fn(generator, n) (starting noises scaled like KSampler's),
-    sequential (reasons the K points must not share one call). Returns what `train` returns."""
+    conditioning prepared, with autograd allowed and comfy.model_management.in_training set. ctx: guider (the
+    k-diffusion model D(x, sigma) with CFG), extra_args (pass to every guider call), noise_fn(generator, n)
+    (starting noises scaled like KSampler's), sequential (reasons the K points must not share one call).
+    needs_gradient: back-propagates through the model (distillation; RL only samples). Returns what `train` does."""
+    problem = sigma_list_reader(model_patcher) or (needs_gradient and multigpu_problem(model_patcher))
+    if problem:
+        raise RuntimeError(f"EPD Trainer: {problem}")
+    dynamic = is_dynamic(model_patcher)
+    if dynamic:
+        model_patcher = with_autograd_safe_weights(model_patcher)
     guider = comfy.samplers.CFGGuider(model_patcher)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg_scale)
     sigmas = torch.tensor(sigmas, dtype=torch.float32)
 
     def run(guider_inner, extra_args):
-        make_autograd_safe(guider_inner.inner_model)
+        problem = needs_gradient and multigpu_problem(None, extra_args.get("model_options"))
+        if problem:  # set up by the guider itself in ComfyUI versions that split conds over GPUs
+            raise RuntimeError(f"EPD Trainer: {problem}")
+        make_autograd_safe(guider_inner.inner_model, _streamed_weights(model_patcher) if dynamic else ())
         guider_inner.conds = fresh_tensors(guider_inner.conds)
         ms = guider_inner.inner_model.model_sampling
         device = model_patcher.load_device
@@ -119,7 +167,7 @@ def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_sh
                                            sequential=reasons, device=device))
 
     runner = _TrainInsideGuider(run)
-    with torch.inference_mode(False), torch.enable_grad():
+    with training_mode(), torch.inference_mode(False), torch.enable_grad():
         latent = torch.zeros(latent_shape)
         guider.sample(latent.clone(), latent, runner, sigmas, seed=seed)
     return runner.result
@@ -127,24 +175,33 @@ def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_sh
 
 def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float, latent_shape, config: DistillConfig,
                              progress=None, should_stop=None, init: EPDParams | None = None, history=None,
-                             seed: int = 0) -> EPDParams:
+                             seed: int = 0, on_teacher=None) -> EPDParams:
     """Distill a table for a ComfyUI MODEL with CFG on (positive, negative). latent_shape (B, C, H, W) only sets
-    the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling)."""
+    the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling).
+    on_teacher(batch, num_batches): just before the teacher solves a batch (epd_core.distill)."""
     def train(ctx):
         def model(x, sigma, **_):
             return ctx.guider(x, sigma, **ctx.extra_args)
         cfg = dataclasses.replace(config, sequential_points=config.sequential_points or bool(ctx.sequential))
         return distill(model, None, ctx.noise_fn, cfg, None, progress=progress, should_stop=should_stop, init=init,
-                       history=history)
+                       history=history, on_teacher=on_teacher)
     return inside_guider(model_patcher, positive, negative, cfg_scale, latent_shape, config.sigmas, seed, train)
 
 
 def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], cfg_scale: float, latent_shape,
                         sigmas, table: EPDParams, reward, config: RLConfig, progress=None, should_stop=None,
-                        history=None, seed: int = 0) -> EPDParams:
+                        history=None, seed: int = 0, on_rollouts=None) -> EPDParams:
     """RDPO for a ComfyUI MODEL: prompts[i] (the text the reward sees) is sampled with conds[i] = (positive,
     negative). The rollouts of one step are one batch; each prompt's rows go through the guider with that
-    prompt's prepared conditioning (one guider call per distinct prompt in the batch)."""
+    prompt's prepared conditioning (one guider call per distinct prompt in the batch). on_rollouts(): at the first
+    model call of each update (its rollouts start; the policy update after them calls no model)."""
+    rolling = [False]
+
+    def report(it, stats):
+        rolling[0] = False
+        if progress is not None:
+            progress(it, stats)
+
     def train(ctx):
         if ctx.sequential:
             raise RuntimeError(f"EPD Trainer rl: cannot train with {', '.join(ctx.sequential)} in the model; "
@@ -160,6 +217,10 @@ def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], c
         chunk = _Chunks(RL_MAX_ROWS_PER_CALL)
 
         def model(x, sigma, prompt_index):
+            if not rolling[0]:
+                rolling[0] = True
+                if on_rollouts is not None:
+                    on_rollouts()
             index = prompt_index.to(x.device).repeat(x.shape[0] // prompt_index.shape[0])  # point-major tiling
             out = torch.empty_like(x)
             for p in index.unique().tolist():
@@ -172,9 +233,9 @@ def rl_with_comfy_model(model_patcher, prompts: list[str], conds: list[tuple], c
         def extra_args_fn(batch_prompts):
             return {"prompt_index": torch.tensor([lookup[p] for p in batch_prompts])}
         return rdpo(model, sigmas, table, reward.for_model(ctx.guider.inner_model), prompts, ctx.noise_fn, config,
-                    progress=progress, should_stop=should_stop, extra_args_fn=extra_args_fn, history=history)
+                    progress=report, should_stop=should_stop, extra_args_fn=extra_args_fn, history=history)
     pos, neg = conds[0]
-    return inside_guider(model_patcher, pos, neg, cfg_scale, latent_shape, sigmas, seed, train)
+    return inside_guider(model_patcher, pos, neg, cfg_scale, latent_shape, sigmas, seed, train, needs_gradient=False)
 
 
 class _Chunks:
@@ -191,7 +252,7 @@ class _Chunks:
                     return fn(x, sigma)
                 return torch.cat([fn(x[i:i + self.rows], sigma[i:i + self.rows])
                                   for i in range(0, x.shape[0], self.rows)])
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, below
                 if not is_oom(e) or self.rows == 1:
                     raise
                 self.rows = max(1, min(self.rows, x.shape[0]) // 2)
@@ -281,7 +342,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
     stem = table_stem(name)
-    shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
+    shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
     check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
                  f"{steps + 2} states of shape {list(shape[1:])})", teacher_pool_bytes(batch, steps, shape),
                  "Lower batch or steps, or train on a smaller latent (the table works at any size).")
@@ -294,7 +355,8 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
     history: list[float] = []
     try:
         table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), config, progress=progress,
-                                         should_stop=_should_stop, history=history, seed=seed)
+                                         should_stop=_should_stop, history=history, seed=seed,
+                                         on_teacher=progress.on_teacher)
     except DistillError as e:
         raise RuntimeError(f"EPD Trainer: {e}") from None
     return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}")
@@ -326,7 +388,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
     stem = table_stem(name)
-    shape = tuple(comfy.sample.fix_empty_latent_channels(model, latent["samples"]).shape)
+    shape = tuple(fix_empty_latent(model, latent).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
     per_update = (settings["prompts_per_update"] or len(prompts)) * settings["group_size"]
     k = init_params.num_points if init_params is not None else num_points
@@ -346,11 +408,12 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         d_iter = settings["distill_iterations"]
         dcfg = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, d_iter,
                                learning_rate, batch, seed, cfg, objective, folder / CHECKPOINT_FILE)
-        _progress_text(f"distilling the starting table ({d_iter} iterations)", node_id)
+        _progress_text(f"cold-start distillation: the starting table ({d_iter} iterations), then {iterations} RL "
+                       "updates", node_id)
+        cold = _Progress(d_iter, [], node_id, f"{stem} (cold start)", prefix="cold-start distillation, ")
         try:
-            table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), dcfg,
-                                             progress=_Progress(d_iter, [], node_id, f"{stem} (cold start)"),
-                                             should_stop=_should_stop, seed=seed)
+            table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), dcfg, progress=cold,
+                                             should_stop=_should_stop, seed=seed, on_teacher=cold.on_teacher)
         except DistillError as e:
             raise RuntimeError(f"EPD Trainer: {e}") from None
         sigmas = dcfg.sigmas
@@ -360,12 +423,12 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
                       lr=settings["learning_rate"], clip_eps=settings["clip"], kl_coef=settings["kl_coef"],
                       kappa=settings["kappa"], seed=seed, checkpoint_path=str(ckpt),
                       checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto")
-    progress = _Progress(iterations, _rewards_so_far(ckpt), node_id, stem, label="mean reward")
+    progress = _Progress(iterations, _rewards_so_far(ckpt), node_id, stem, label="mean reward", rl=True)
     history: list[dict] = []
     try:
         result = rl_with_comfy_model(model, prompts, conds, cfg, (1, *shape[1:]), sigmas, table, reward, config,
                                      progress=lambda it, st: progress(it, st["reward"]), should_stop=_should_stop,
-                                     history=history, seed=seed)
+                                     history=history, seed=seed, on_rollouts=progress.on_rollouts)
     except (RLError, RewardUnavailableError) as e:
         raise RuntimeError(f"EPD Trainer: {e}") from None
     result.metadata["guidance_scale"] = float(cfg)
@@ -402,28 +465,101 @@ def _reward_chart(rewards, title):
     return line_chart({"mean reward": list(rewards)}, f"EPD RL (RDPO) reward: {title}", log_y=False)
 
 
-class _Progress:
-    """Progress bar (value = iteration, with a live loss-curve preview) and a text line under the node."""
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    def __init__(self, total, losses, node_id, title, label="loss"):
+
+class _Progress:
+    """Progress bar (value = iteration, with a live loss-curve preview) and a text line under the node naming the
+    stage and the time left, estimated from the measured iteration times.
+
+    Distillation: the teacher solves one noise batch inside each of the first num_batches iterations (on_teacher
+    marks it), so those 'teacher' iterations are slower than the 'training' ones after them. Until a training
+    iteration was measured, the total can only be bounded: a training iteration is a teacher iteration without
+    the teacher. RL (rl=True): each update is rollouts (on_rollouts marks their first model call) and a policy
+    update. `losses` holds the values of the iterations done before (a resumed run starts after them)."""
+
+    TEXT_EVERY_S = 10.0  # a text line at least this often too, whatever the iteration count
+
+    def __init__(self, total, losses, node_id, title, label="loss", prefix="", rl=False, clock=time.monotonic):
         self.total, self.losses, self.node_id, self.title, self.label = total, losses, node_id, title, label
+        self.prefix, self.rl, self.clock = prefix, rl, clock
         self.bar = comfy.utils.ProgressBar(total)
         self.every = max(1, total // 20)
+        self.it = len(losses)  # iterations done
+        self.started = None  # when the running iteration started (None: not known yet, e.g. the model loads)
+        self.last_text = -math.inf
+        self.teacher_now = False  # the running iteration includes a teacher batch
+        self.teacher_total = self.teacher_started = 0
+        self.teacher_s: list[float] = []  # seconds per iteration with a teacher batch
+        self.train_s: list[float] = []  # seconds per iteration without one (per RL update)
+
+    def on_teacher(self, batch, num_batches):
+        self.started = self.started or self.clock()
+        self.teacher_now, self.teacher_total = True, num_batches
+        self.teacher_started += 1
+        self._text(f"teacher: solving noise batch {self.teacher_started}/{num_batches} (one in each of the first "
+                   f"{num_batches} iterations), {self.eta()}", force=True)
+
+    def on_rollouts(self):
+        self.started = self.started or self.clock()
+        self._text(f"RL update {self.it + 1}/{self.total}: rollouts, {self.eta()}", force=self.it == 0)
+
+    def eta(self) -> str:
+        """The time left, from the mean time of the iterations measured so far (teacher ones separately)."""
+        remaining = self.total - self.it
+        teacher_left = min(remaining, max(0, self.teacher_total - self.teacher_started + self.teacher_now))
+        train_left = remaining - teacher_left
+        t = sum(self.teacher_s) / len(self.teacher_s) if self.teacher_s else None
+        recent = self.train_s[-20:]  # recent ones: the end-to-end stage is slower than the per-step one
+        s = sum(recent) / len(recent) if recent else None
+        if remaining <= 0:
+            return "done"
+        if (teacher_left and t is None) or (train_left and s is None and t is None):
+            return "ETA after the first iteration"
+        if train_left and s is None:  # bounded by teacher iterations, which include a training step
+            bound = f"at most {_duration(remaining * t)} (training iterations are faster than teacher ones)"
+            return f"ETA teacher {_duration(teacher_left * t)}, all {bound}" if teacher_left else f"ETA {bound}"
+        return f"ETA {_duration(teacher_left * (t or 0) + train_left * (s or 0))}"
 
     def __call__(self, it, loss):
+        now = self.clock()
+        if self.started is not None:
+            (self.teacher_s if self.teacher_now else self.train_s).append(now - self.started)
+        self.started = now  # the next iteration starts where this one ended
+        was_teacher, self.teacher_now, self.it = self.teacher_now, False, it
         self.losses.append(loss)
         show = it % self.every == 0 or it == self.total
-        chart = _loss_chart if self.label == "loss" else _reward_chart
+        chart = _reward_chart if self.rl else _loss_chart
         preview = ("PNG", chart(self.losses, self.title), 512) if show else None
         self.bar.update_absolute(it, self.total, preview)
-        if show:
-            _progress_text(f"iteration {it}/{self.total}  {self.label} {loss:.4g}", self.node_id)
+        teacher_done = was_teacher and self.teacher_started >= self.teacher_total
+        if self.rl:
+            stage = f"RL update {it}/{self.total} done"
+        elif was_teacher and not teacher_done:
+            stage = f"teacher (batch {self.teacher_started}/{self.teacher_total}) + training: iteration {it}/{self.total}"
+        else:
+            stage = f"training: iteration {it}/{self.total}"
+        self._text(f"{stage}  {self.label} {loss:.4g}, {self.eta()}", force=show or teacher_done)
+
+    def _text(self, text, force=False):
+        now = self.clock()
+        if force or now - self.last_text >= self.TEXT_EVERY_S:
+            self.last_text = now
+            _progress_text(self.prefix + text, self.node_id)
 
 
 def _progress_text(text, node_id):
+    if node_id is None:
+        return
     try:
         from server import PromptServer
-        if node_id is not None and PromptServer.instance is not None:
+        if PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(text, node_id)
     except (ImportError, AttributeError):
         pass  # no server (e.g. the CLI): the progress bar is enough
