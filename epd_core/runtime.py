@@ -6,14 +6,19 @@ import logging
 import torch
 
 log = logging.getLogger("epd")
-_warned: set = set()
+_logged: set = set()
 
 
-def warn_once(key, msg, *args) -> None:
-    """log.warning the first time `key` is seen in this process (a sampler runs once per image)."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
+def log_once(key, level: int, msg: str, *args) -> None:
+    """Log the first time `key` is seen in this process: a sampler runs once per image, and its notes (which
+    rows, which evaluation path, a skipped table) matter once, not per image."""
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, msg, *args)
+
+
+def warn_once(key, msg: str, *args) -> None:
+    log_once(key, logging.WARNING, msg, *args)
 
 
 def is_oom(e: Exception) -> bool:

@@ -2,14 +2,18 @@
 dropdowns and the epd_params model folder; `comfy_entrypoint` returns the extension with all nodes."""
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
 from .compat import ComfyExtension, io
+from .demo_nodes import DEMO_NODES
+from .import_node import IMPORT_NODES
 from .params_nodes import PARAMS_NODES
+from .preview_nodes import PREVIEW_NODES
+from .reward_nodes import REWARD_NODES
 from .samplers import register_dropdown_samplers
 from .tables import register_folder
+from .trainer_nodes import TRAINER_NODES
 
 log = logging.getLogger("epd")
 register_folder()
@@ -36,22 +40,9 @@ def _install_prompt_hook() -> bool:
 
 _install_prompt_hook()
 
-# Node modules that may be absent in a partial checkout are optional; each exports one list of nodes.
-_OPTIONAL = {"demo_nodes": "DEMO_NODES", "import_node": "IMPORT_NODES", "trainer_nodes": "TRAINER_NODES",
-             "preview_nodes": "PREVIEW_NODES", "reward_nodes": "REWARD_NODES"}
-
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    nodes = list(PARAMS_NODES)
-    for module, attr in _OPTIONAL.items():
-        try:
-            mod = importlib.import_module(f".{module}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(module):
-                continue
-            raise
-        nodes += getattr(mod, attr)
-    return nodes
+    return [*PARAMS_NODES, *DEMO_NODES, *IMPORT_NODES, *TRAINER_NODES, *PREVIEW_NODES, *REWARD_NODES]
 
 
 class EPDExtension(ComfyExtension):

@@ -24,9 +24,9 @@ def load_comfy_api(preferred: str = PINNED_API, fallback: str = FALLBACK_API):
     """The module that provides `io` and `ComfyExtension`: the pinned API version, else `latest`."""
     try:
         api = importlib.import_module(preferred)
-        if hasattr(api, "io") and hasattr(api, "ComfyExtension"):
+        if all(hasattr(api, name) for name in ("io", "ui", "ComfyExtension")):
             return api
-        problem = "has no io / ComfyExtension"
+        problem = "lacks io, ui or ComfyExtension"
     except ImportError as e:
         problem = f"is not importable ({e})"
     log.warning("EPD: %s %s; using %s", preferred, problem, fallback)
@@ -35,6 +35,7 @@ def load_comfy_api(preferred: str = PINNED_API, fallback: str = FALLBACK_API):
 
 _API = load_comfy_api()
 io = _API.io
+ui = _API.ui
 ComfyExtension = _API.ComfyExtension
 
 
@@ -153,12 +154,3 @@ def fix_empty_latent(model_patcher, latent: dict):
     kwargs = {k: latent[k] for k in ("downscale_ratio_spacial", "downscale_ratio_temporal")
               if k in params and latent.get(k) is not None}
     return fix(model_patcher, latent["samples"], **kwargs)
-
-
-_logged: set = set()
-
-
-def log_path_once(key, message: str) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.info(message)

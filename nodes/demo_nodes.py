@@ -16,7 +16,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
-from comfy_api.latest import io
+from .compat import io
 
 from epd_core.demo_model import (DEMO_MODELS, LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
                                  label_context, load_demo_model)

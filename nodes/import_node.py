@@ -14,13 +14,13 @@ from pathlib import Path
 
 import folder_paths
 import torch
-from comfy_api.latest import io
 
 from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, EPDImportError, download_official,
                                       import_official_by_name, import_official_bytes, verify_official)
 from epd_core.fileio import WriteError, atomic_write_bytes
 from epd_core.params import EPDParams, EPDParamsError
 
+from .compat import io
 from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
 from .tables import FOLDER, output_dir
 

@@ -6,11 +6,11 @@ import re
 
 import comfy.samplers
 import torch
-from comfy_api.latest import io
 
 from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
 
+from .compat import io
 from .samplers import run_epd
 from .tables import (PRESET_LIST, is_protected, load_table, model_family, output_dir, pretrained_names,
                      table_files)

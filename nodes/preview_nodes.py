@@ -1,8 +1,8 @@
 """Preview EPD Params: a picture of what a table learned."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
 
+from .compat import io, ui
 from .params_nodes import EPDParamsType, table_sigmas
 from .plotting import table_picture, to_image_tensor
 

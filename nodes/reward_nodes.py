@@ -12,11 +12,11 @@ from pathlib import Path
 
 import folder_paths
 import torch
-from comfy_api.latest import io
 
 from epd_core.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward,
                                  RewardUnavailableError)
 
+from .compat import io
 from .tables import register_model_folder
 
 CATEGORY = "training/epd/rewards"

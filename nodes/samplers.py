@@ -8,9 +8,11 @@ import logging
 import comfy.k_diffusion.sampling
 import comfy.samplers
 
+from epd_core.runtime import log_once
+from epd_core.epd import positive_steps
 from epd_core.solver import sample_epd, sample_epd_plugin
 
-from .compat import log_path_once, sequential_reasons, sigma_list_reader
+from .compat import sequential_reasons, sigma_list_reader
 from .tables import find_preset, model_family, neutral_table
 
 log = logging.getLogger("epd")
@@ -28,8 +30,8 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     reasons = sequential_reasons(model, extra_args) if execution == "auto" else []
     sequential = execution == "sequential" or bool(reasons)
     path = ("sequential (" + ", ".join(reasons) + ")") if reasons else ("sequential" if sequential else "batched")
-    log_path_once((solver, path), f"EPD: {solver} runs the {params.num_points} points of each step {path}"
-                  + ("" if sequential else " in one model call"))
+    log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {params.num_points} points of each step {path}"
+             + ("" if sequential else " in one model call"))
     return _SAMPLE_FNS[solver](model, x, sigmas, params, extra_args=extra_args, callback=callback,
                                disable=disable, sequential=sequential, **opts)
 
@@ -37,7 +39,7 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
 def _dropdown_sampler(solver: str):
     """KSampler entry: the best table for the connected model and step count, else the neutral one."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
-        steps = int((sigmas[1:] > 0).sum())
+        steps = positive_steps(sigmas)
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
@@ -46,7 +48,8 @@ def _dropdown_sampler(solver: str):
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:
             params, source = found
-        log_path_once((solver, family, steps, source), f"EPD: {solver} on {family} with {steps} steps uses {source}")
+        log_once((solver, family, steps, source), logging.INFO,
+                 f"EPD: {solver} on {family} with {steps} steps uses {source}")
         return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **opts)
     sample.__name__ = f"sample_{solver}"
     sample.epd_solver = solver  # marks our own function (re-registration keeps it)

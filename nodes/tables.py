@@ -25,6 +25,7 @@ import folder_paths
 import torch
 
 from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
+from epd_core.runtime import log_once
 
 log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -38,7 +39,8 @@ _PRESET_LIST_BYTES = 64 * 1024
 # ComfyUI model_config class names -> the family names tables carry in their metadata.
 FAMILIES = {"sd15": "sd15", "sd20": "sd2", "sd21unclipl": "sd2", "sdxl": "sdxl", "sdxlrefiner": "sdxl",
             "ssd1b": "sdxl", "segmind_vega": "sdxl", "sd3": "sd3", "flux": "flux", "fluxschnell": "flux",
-            "fluxinpaint": "flux", "flux2": "flux2", "wan21_t2v": "wan", "wan21_i2v": "wan", "hunyuanvideo": "hunyuan_video"}
+            "fluxinpaint": "flux", "flux2": "flux2", "wan21_t2v": "wan", "wan21_i2v": "wan",
+            "hunyuanvideo": "hunyuan_video"}
 
 
 def register_model_folder(name: str, extensions, *extra_paths) -> None:
@@ -138,21 +140,12 @@ def model_family(model_patcher_or_base) -> str:
         kind, own_kind = prediction_type(active), prediction_type(own)
         if active is not own and kind and kind != own_kind:
             family = f"{family}_{kind}"
-            _log_once(("family", family), f"EPD: the model's sampling is patched to '{kind}' prediction "
-                      f"({type(active).__name__}); tables are matched for family '{family}'")
+            log_once(("family", family), logging.INFO, f"EPD: the model's sampling is patched to '{kind}' "
+                     f"prediction ({type(active).__name__}); tables are matched for family '{family}'")
     return family
 
 
 # ---- tables KSampler may pick by itself -------------------------------------------------------------------
-_logged: set = set()
-
-
-def _log_once(key, message: str, level=logging.INFO) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.log(level, message)
-
-
 def _header_metadata(path: str) -> dict:
     """Only a file's JSON metadata (cheap, bounded) to decide whether it is a candidate; raises ValueError."""
     try:
@@ -196,8 +189,8 @@ def allowed_user_tables(folder: Path) -> list[str]:
         if not name.endswith(".safetensors"):
             name += ".safetensors"
         if "/" in name or "\\" in name or name.startswith("."):
-            _log_once(("list", folder, name), f"EPD: {PRESET_LIST}: '{name[:80]}' is not a plain file name; ignored",
-                      logging.WARNING)
+            log_once(("list", folder, name), logging.WARNING,
+                     f"EPD: {PRESET_LIST}: '{name[:80]}' is not a plain file name; ignored")
             continue
         names.append(name)
     return names
@@ -273,7 +266,7 @@ def _skip(path, shown: str, problem: str) -> None:
         mtime = os.path.getmtime(path)
     except OSError:
         mtime = None
-    _log_once(("skip", str(path), mtime), f"EPD: KSampler skips the table {shown}: {problem}", logging.WARNING)
+    log_once(("skip", str(path), mtime), logging.WARNING, f"EPD: KSampler skips the table {shown}: {problem}")
 
 
 def neutral_table(solver: str, steps: int) -> EPDParams:

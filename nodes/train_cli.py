@@ -41,7 +41,7 @@ def import_pack(comfy_path: str):
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACKAGE] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACKAGE}.nodes.trainer_nodes")
+    return importlib.import_module(f"{PACKAGE}.nodes.training")
 
 
 def checkpoint_problem(args):
@@ -80,9 +80,10 @@ def checkpoint_problem(args):
         if name is None and a.schedule:
             raise TrainCLIError(f"--schedule {a.schedule} is not available for a ComfyUI checkpoint; use discrete, "
                                 "flowmatch, polynomial or --comfy-scheduler NAME")
-        sig, spec = trainer.student_sigmas(patcher, name or ("epd_flowmatch" if flow else "epd_discrete"), a.steps)
+        sig, spec = trainer.training_sigmas(patcher, name or ("epd_flowmatch" if flow else "epd_discrete"), a.steps)
         return (sig if a.final_zero else sig[:-1]), spec
-    return Problem(None, None, None, float(ms.sigma_min), float(ms.sigma_max), trainer.model_family(patcher),
+    family = importlib.import_module(f"{PACKAGE}.nodes.tables").model_family(patcher)
+    return Problem(None, None, None, float(ms.sigma_min), float(ms.sigma_max), family,
                    run=run, sigmas_fn=sigmas_fn)
 
 

@@ -34,8 +34,8 @@ def pack():
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
             sys.modules[name] = pkg
-    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compat", "samplers", "trainer_nodes",
-                                                                      "demo_nodes")}
+    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compat", "samplers", "training",
+                                                                      "trainer_nodes", "demo_nodes")}
     return types.SimpleNamespace(**mods)
 
 
@@ -70,12 +70,12 @@ def conds(pack):
 
 def distill_small(pack, patcher, **kw):
     from epd_core.distill import DistillConfig
-    sigmas, spec = pack.trainer_nodes.student_sigmas(patcher, "epd_discrete", 2)
+    sigmas, spec = pack.training.training_sigmas(patcher, "epd_discrete", 2)
     config = DistillConfig(sigmas=sigmas, schedule=spec, num_points=2, inserted_steps=1, iterations=3, batch=2,
                            num_batches=2, lr=0.05, seed=1)
     pos, neg = conds(pack)
     history = []
-    table = pack.trainer_nodes.distill_with_comfy_model(patcher, pos, neg, 2.0, (1, 1, 8, 8), config, history=history,
+    table = pack.training.distill_with_comfy_model(patcher, pos, neg, 2.0, (1, 1, 8, 8), config, history=history,
                                                         **kw)
     return table, history
 
@@ -183,7 +183,7 @@ def test_multigpu_model_is_refused_for_distillation_with_the_fix(pack, one_threa
     assert pack.compat.multigpu_problem(demo_patcher(pack)) is None
     # RL only samples through the model: its guider run is allowed
     pos, neg = conds(pack)
-    out = pack.trainer_nodes.inside_guider(patcher, pos, neg, 2.0, (1, 1, 8, 8), [14.6, 1.0, 0.0], 0,
+    out = pack.training.inside_guider(patcher, pos, neg, 2.0, (1, 1, 8, 8), [14.6, 1.0, 0.0], 0,
                                            lambda ctx: "sampled", needs_gradient=False)
     assert out == "sampled"
 
@@ -298,7 +298,8 @@ def test_pinned_api_version_and_its_fallback(pack, monkeypatch, caplog):
 
 # ====================================================================================== real server
 
-RIVAL_PACK = '''"""Test-only pack: rebuilds ComfyUI's sampler name lists from scratch, dropping every name it did not make."""
+RIVAL_PACK = '''"""Test-only pack: rebuilds ComfyUI's sampler name lists from scratch, dropping every name it did
+not make."""
 import comfy.samplers
 base = [n for n in comfy.samplers.KSAMPLER_NAMES if not n.startswith("epd")]
 comfy.samplers.KSAMPLER_NAMES = base + ["rival"]

@@ -341,7 +341,7 @@ spec = importlib.util.spec_from_file_location("ComfyUI_EPD", repo / "__init__.py
                                               submodule_search_locations=[str(repo)])
 pack = importlib.util.module_from_spec(spec); sys.modules["ComfyUI_EPD"] = pack; spec.loader.exec_module(pack)
 import torch
-from ComfyUI_EPD.nodes.trainer_nodes import _Chunks, RL_MAX_ROWS_PER_CALL
+from ComfyUI_EPD.nodes.training import _Chunks, RL_MAX_ROWS_PER_CALL
 sizes = []
 def fn(x, s):  # a device that fits at most 24 samples per call
     sizes.append(x.shape[0])
