@@ -321,8 +321,10 @@ class EPDTrainer(io.ComfyNode):
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),
-                io.Combo.Input("teacher", options=list(TEACHERS), default="heun",
-                               tooltip="The accurate solver the student learns to imitate on the finer grid."),
+                io.Combo.Input("teacher", options=list(TEACHERS), default="dpmpp",
+                               tooltip="The accurate solver the student learns to imitate on a finer grid (100 "
+                                       "steps). dpmpp (DPM++ 2M) takes one model call per step, half of heun's, "
+                                       "and trained tables as good (docs/method.md, 'Distillation')."),
                 io.Int.Input("inserted_steps", default=3, min=0, max=16,
                              tooltip="M teacher steps inserted between student sigmas (3 is near exact)."),
                 io.Int.Input("iterations", default=DistillConfig.iterations, min=1, max=100000,
