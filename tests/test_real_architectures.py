@@ -11,7 +11,8 @@ exactly as ComfyUI saves them, seeded, built once and cached), CLIPTextEncode, V
   * a flow model (ModelSamplingSD3 on top) with a flowmatch table and EPD Sigmas;
   * a one-iteration EPD Trainer run at 64x64, whose table then samples.
 
-A 64x64 image (an 8x8 latent) keeps a UNet call on two CPU cores around a second. The SDXL test (ADM `y`
+A 64x64 image (an 8x8 latent) keeps a UNet call on one CPU thread around 1.5 s (the server runs with one
+thread; EPD_REAL_THREADS=n changes that). The SDXL test (ADM `y`
 conditioning tiled like the text conditioning) runs only with EPD_SDXL_TEST=1: see its docstring for why."""
 import os
 import re
@@ -48,7 +49,9 @@ def start_server(base, arch: str, tables: dict[str, EPDParams], args=()) -> Comf
     t0 = time.time()
     ckpt = ensure_checkpoint(arch)
     built = time.time() - t0
-    server = ComfyServer(base, args=args)
+    # One thread: on two cores shared with anything else (the test process, a CI neighbour) OpenMP threads that
+    # spin-wait make every UNet call 5-7x slower (measured: 9 s instead of 1.4 s for a batch-2 call).
+    server = ComfyServer(base, args=args, env={"OMP_NUM_THREADS": os.environ.get("EPD_REAL_THREADS", "1")})
     (server.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (server.base / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt)
     folder = server.base / "models" / "epd_params"
