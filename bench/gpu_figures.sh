@@ -6,8 +6,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #
 # Run from the repository root on the GPU machine (no internet; python3 with torch + CUDA):
 #     OUT=/path/to/results bash bench/gpu_figures.sh
-# Needs, besides the tracked files: .whl/ (wheels of what the machine lacks, from `pip download`: torchsde,
-# trampoline, torchvision) and ComfyUI's code in .comfyui/ (comfy/, comfy_api/, comfy_execution/,
+# Needs, besides the tracked files: .whl/ (wheels of what the machine lacks, from `pip download`: torchsde and
+# trampoline; torchvision 0.26.0 if the machine has none) and ComfyUI's code in .comfyui/ (comfy/, comfy_api/, comfy_execution/,
 # folder_paths.py, node_helpers.py, protocol.py; or set COMFYUI_PATH). The random SD1.5 checkpoint is built in
 # memory there (tests/real_checkpoints.py), not carried.
 set -uo pipefail
@@ -67,9 +67,11 @@ PY
   done
 }
 if ! python3 -c "import torchvision" 2>>"$OUT/gpu_figures.log"; then
-  log "torchvision does not import (see the log); using an import stand-in"
-  rm -rf /tmp/site/torchvision /tmp/site/torchvision-*.dist-info
-  make_shim torchvision transforms/functional ops io utils
+  rm -rf /tmp/site/torchvision /tmp/site/torchvision-*.dist-info  # a carried wheel may not match: the machine's?
+  if ! python3 -c "import torchvision" 2>>"$OUT/gpu_figures.log"; then
+    log "torchvision does not import (see the log); using an import stand-in"
+    make_shim torchvision transforms/functional ops io utils
+  fi
 fi
 if ! python3 -c "import av" 2>/dev/null; then
   log "PyAV is not installed; using an import stand-in (no video is read or written)"
