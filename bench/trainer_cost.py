@@ -30,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -129,7 +130,8 @@ def run(opts) -> dict:
                                  progress=progress)
     except Exception as e:  # noqa: BLE001 - out-of-memory (or anything else) is a figure to report
         result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(f"distillation stopped: {result['error']}")
+        result["traceback"] = traceback.format_exc()
+        log(f"distillation stopped: {result['traceback']}")
     total = time.perf_counter() - start
 
     # per iteration: calls by kind, teacher seconds (first to last teacher call), the rest is the training step
