@@ -8,7 +8,7 @@ The values are seeded random numbers with a variance-preserving scale (N(0, 1/fa
 norm scales): activations stay O(1) through the deep networks, so outputs are finite and depend on the input,
 which is all the tests need. The same seed gives the same bytes on every machine.
 
-    path = ensure_checkpoint("sd15")  # built once (~1 min), then reused from the cache folder
+    path = ensure_checkpoint("sd15")  # built once (15 s; SDXL 40 s), then reused from the cache folder
     model, clip, vae = load_in_process("sd15")  # no file at all: for a GPU machine (bench/trainer_cost.py)
 
 The cache folder is $EPD_TEST_MODEL_CACHE, else .comfyui/epd-test-models/ in the repo (git-ignored, and not a
@@ -17,6 +17,7 @@ models/ folder, so no ComfyUI instance lists these files as real checkpoints).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,8 +123,17 @@ def random_state_dict(arch: str, dtype=torch.float16) -> dict[str, torch.Tensor]
     return out
 
 
-def ensure_checkpoint(arch: str = "sd15", verbose: bool = True) -> Path:
-    """The cached random checkpoint, built (and written atomically) when missing."""
+def ensure_checkpoint(arch: str = "sd15") -> Path:
+    """The cached random checkpoint, built when missing in a child process: building holds the whole state dict
+    (8 GiB for SDXL), which the allocator would keep in the caller's resident memory after it is freed."""
+    path = checkpoint_path(arch)
+    if not path.is_file():
+        subprocess.run([sys.executable, __file__, arch], check=True, env={**os.environ, "COMFYUI_PATH": str(COMFYUI)})
+    return path
+
+
+def build_checkpoint(arch: str, verbose: bool = True) -> Path:
+    """Build and write the random checkpoint (atomically: concurrent builders never see a half file)."""
     path = checkpoint_path(arch)
     if path.is_file():
         return path
@@ -131,7 +141,7 @@ def ensure_checkpoint(arch: str = "sd15", verbose: bool = True) -> Path:
     t0 = time.time()
     sd = random_state_dict(arch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent builders never see a half file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(sd, str(tmp), metadata={"epd_test": f"random {arch} weights, seed {SEEDS[arch]}, v{FORMAT_VERSION}"})
     os.replace(tmp, path)
     if verbose:
@@ -152,4 +162,4 @@ def load_in_process(arch: str = "sd15", dtype=torch.float16):
 
 if __name__ == "__main__":
     for a in sys.argv[1:] or ["sd15"]:
-        print(ensure_checkpoint(a))
+        print(build_checkpoint(a))
