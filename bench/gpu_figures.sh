@@ -3,6 +3,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   1. bench/speed.py on CUDA: the EPD step with an fp16 SD1.5 UNet at 512x512 (latent 64x64), batches 1 and 4;
 #   2. bench/trainer_cost.py on CUDA at 512x512: the EPD Trainer's distillation with the node's defaults
 #      (batch 8) for 2 iterations (one per stage of per_step+end_to_end), and with batch 1 when that fails.
+# Exit status 0 when every step gave its figures (speed, and the trainer at batch 8 or else batch 1).
+# Measured on an H200 (torch 2.11 + CUDA 13.0): 4.5 minutes in all.
 #
 # Run from the repository root on the GPU machine (no internet; python3 with torch + CUDA):
 #     OUT=/path/to/results bash bench/gpu_figures.sh
@@ -96,11 +98,15 @@ if [[ $rc != 0 ]]; then status=1; log "speed.py failed (exit $rc; 124 = timeout)
 log "trainer_cost.py --device cuda --size 512 (EPD Trainer defaults: batch 8), 2 iterations"
 if ! timeout 200 python3 bench/trainer_cost.py --device cuda --size 512 --iterations 2 --out "$OUT" \
      2> "$OUT/trainer_cost_b8.log"; then
-  status=1
+  # measured on an H200 (139 GiB): batch 8 runs out of memory in the first iteration (a figure, not a failure)
   log "batch 8 did not finish (out of memory or timeout; see trainer_cost_cuda_512_b8.md / the log); batch 1:"
-  tail -n 5 "$OUT/trainer_cost_b8.log" >&2
-  timeout 120 python3 bench/trainer_cost.py --device cuda --size 512 --iterations 2 --batch 1 --out "$OUT" \
-    2> "$OUT/trainer_cost_b1.log" || { log "batch 1 failed too"; tail -n 15 "$OUT/trainer_cost_b1.log" >&2; }
+  tail -n 3 "$OUT/trainer_cost_b8.log" >&2
+  if ! timeout 120 python3 bench/trainer_cost.py --device cuda --size 512 --iterations 2 --batch 1 --out "$OUT" \
+       2> "$OUT/trainer_cost_b1.log"; then
+    status=1
+    log "batch 1 failed too"
+    tail -n 15 "$OUT/trainer_cost_b1.log" >&2
+  fi
 fi
 log "done; results in $OUT:"
 ls -la "$OUT" >&2
