@@ -26,7 +26,7 @@ import quality_vs_nfe as Q  # noqa: E402
 from epd_core.distill import distill  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
-from epd_core.teachers import teacher_calls  # noqa: E402
+from epd_core.teachers import teacher_calls, teacher_states  # noqa: E402
 
 FIELD = [(s, c) for s in ("uni_pc_bh2", "uni_pc", "ipndm_v", "dpmpp_2m", "deis", "res_multistep")
          for c in ("karras", "normal", "exponential", "ays_sd1", "gits_1.20", "sgm_uniform")]
@@ -112,9 +112,13 @@ def main(argv=None):
         calls, e = rmse(lambda m, x: fn(m, x, own.to(x.dtype), table, disable=True), x_test)
         assert calls == args.nfe, (lever, calls)
         t_sig = config.sigmas + ([0.0] if config.sigmas[-1] > 0 else [])  # the teacher runs on to sigma 0
+        t_args = (config.teacher, config.inserted_steps)
+        t_kw = {"fine_steps": config.teacher_steps, "sigma_end": config.teacher_sigma_min}
+        with torch.no_grad():  # the teacher's own error: its end point against the reference, held-out noises
+            t_end = teacher_states(model, x_test, torch.tensor(t_sig), *t_args, extra_for(len(x_test)), **t_kw)[-1]
         rows.append({"lever": lever, "rmse": e, "over_best": e / b_rmse, "seconds": round(time.time() - t0),
-                     "teacher_calls": teacher_calls(t_sig, config.teacher, config.inserted_steps,
-                                                    config.teacher_steps, config.teacher_sigma_min)})
+                     "teacher_calls": teacher_calls(t_sig, *t_args, **t_kw),
+                     "teacher_rmse": float(Q.per_sample_rmse(t_end, refs[id(x_test)]).mean())})
         print(f"{lever}: {e:.4f} (÷ best {e / b_rmse:.2f}, {rows[-1]['seconds']} s)", flush=True)
 
     base = next((r for r in rows if r["lever"] == "shipped recipe"), None)
@@ -122,11 +126,12 @@ def main(argv=None):
              f"{args.ref_steps}-step reference, CFG {cfg_scale}); best built-in {b_sampler} ({b_sched}): "
              f"RMSE {b_rmse:.4f}", "",
              "| lever (one change to the shipped recipe) | EPD RMSE | EPD ÷ best built-in | change vs recipe | "
-             "teacher calls per batch |",
-             "|---|---|---|---|---|"]
+             "teacher calls per batch | teacher's own RMSE |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{r['over_best'] - base['over_best']:+.2f}" if base and r is not base else "—"
-        lines.append(f"| {r['lever']} | {r['rmse']:.4f} | {r['over_best']:.2f} | {delta} | {r['teacher_calls']} |")
+        lines.append(f"| {r['lever']} | {r['rmse']:.4f} | {r['over_best']:.2f} | {delta} | {r['teacher_calls']} | "
+                     f"{r['teacher_rmse']:.4f} |")
     lines.append("")
     lines.append(f"Command: `.venv/bin/python bench/ablation.py --model {args.model} --nfe {args.nfe}`")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def refine_sigmas(sigmas, inserted: int) -> tuple[torch.Tensor, list[int]]:
     log sigma (t_j = a^(1-j/(M+1)) b^(j/(M+1))). A final step to 0 is kept as ONE step (a geometric grid cannot
     reach 0); every teacher takes it as the same Euler step the student takes, x = D(x, sigma_N).
     Returns the fine sigmas and the fine index of each student sigma."""
-    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).cpu()  # a few floats; the caller moves the grid to x
     pos = sig[sig > 0]
     frac = torch.arange(inserted + 1, dtype=torch.float64) / (inserted + 1)
     pieces = [a * (b / a) ** frac for a, b in zip(pos[:-1], pos[1:])]
@@ -41,7 +41,7 @@ def teacher_grid(sigmas, inserted: int, fine_steps: int = 0, sigma_end: float | 
     O(sigma_N^2) and is a floor no student can beat when sigma_N is not tiny)."""
     if fine_steps <= 0:
         return refine_sigmas(sigmas, inserted)
-    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).cpu()  # the grid is built from Python floats (CPU)
     pos = sig[sig > 0]
     final_zero = bool(sig[-1] == 0)
     end = min(float(sigma_end), float(pos[-1])) if (final_zero and sigma_end) else float(pos[-1])

@@ -26,9 +26,10 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: Path, with_test_nodes: bool = True, python: str = sys.executable,
-                 env: dict | None = None):
+                 env: dict | None = None, args: list[str] | tuple = ()):
         self.base = Path(base_dir).resolve()  # the server runs with cwd=ComfyUI: relative paths would move
         self.extra_env = dict(env or {})  # added to (or replacing in) the server's environment, e.g. a URL override
+        self.extra_args = list(args)  # more main.py options, e.g. --fp16-unet to halve a big model's memory
         self.repo = REPO
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,7 +48,8 @@ class ComfyServer:
     # ---- life cycle ------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         cmd = [self.python, str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+               "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+               *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "EPD_TEST_LOG_DIR": str(self.base / "calls"), **self.extra_env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=str(COMFYUI), stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -1,5 +1,6 @@
 """Test-only ComfyUI nodes (never shipped to users): a MODEL patch that logs every diffusion-model call
-(batch size and sigmas) to $EPD_TEST_LOG_DIR/<tag>.jsonl, so tests can count calls through a real server."""
+(batch size, sigmas, and the batch of each tensor condition) to $EPD_TEST_LOG_DIR/<tag>.jsonl, so tests can
+count calls through a real server."""
 import json
 import os
 
@@ -22,8 +23,12 @@ class EPDTestCallLogger(io.ComfyNode):
         def wrapper(apply_model, args):
             x, t = args["input"], args["timestep"]
             with open(path, "a") as f:
+                # cond_batches: the batch of every tensor condition (c_crossattn, SDXL's y, ...), which must
+                # follow x when the K points share one call
+                cond_batches = {k: int(v.shape[0]) for k, v in args["c"].items() if hasattr(v, "shape") and v.ndim}
                 f.write(json.dumps({"batch": int(x.shape[0]), "sigmas": [float(s) for s in t.flatten()],
-                                    "cond_or_uncond": list(args.get("cond_or_uncond", []))}) + "\n")
+                                    "cond_or_uncond": list(args.get("cond_or_uncond", [])),
+                                    "cond_batches": cond_batches}) + "\n")
             return apply_model(x, t, **args["c"])
 
         patched = model.clone()

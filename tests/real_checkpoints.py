@@ -1,0 +1,165 @@
+"""Random-weight checkpoints with the real SD1.5 / SDXL architectures, for tests and benchmarks that need the
+real networks (UNet + CLIP + VAE, as CheckpointLoaderSimple loads them) but no downloaded weights.
+
+The layout (every key name and shape) comes from ComfyUI's own classes: the UNet, text encoders and VAE are
+constructed on the meta device (no memory) and their state dicts are converted with the model config's own
+"for saving" functions, so the file is exactly what ComfyUI writes for such a checkpoint (CheckpointSave).
+The values are seeded random numbers with a variance-preserving scale (N(0, 1/fan_in) for weights, ones for
+norm scales): activations stay O(1) through the deep networks, so outputs are finite and depend on the input,
+which is all the tests need. The same seed gives the same bytes on every machine.
+
+    path = ensure_checkpoint("sd15")  # built once (15 s; SDXL 40 s), then reused from the cache folder
+    model, clip, vae = load_in_process("sd15")  # no file at all: for a GPU machine (bench/trainer_cost.py)
+
+The cache folder is $EPD_TEST_MODEL_CACHE, else .comfyui/epd-test-models/ in the repo (git-ignored, and not a
+models/ folder, so no ComfyUI instance lists these files as real checkpoints).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
+CACHE = Path(os.environ.get("EPD_TEST_MODEL_CACHE", REPO / ".comfyui" / "epd-test-models"))
+FORMAT_VERSION = 1  # bump when the values or the layout change: the cached file name changes with it
+
+# The complete UNet configs ComfyUI's model detection derives from real checkpoints
+# (comfy/model_detection.py, unet_config_from_diffusers_unet); dtype is added per build.
+UNET_CONFIGS = {
+    "sd15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "sdxl": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+}
+# The SD / SDXL VAE (comfy/sd.py, VAE.__init__ for AutoencoderKL checkpoints)
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+SEEDS = {"sd15": 1515, "sdxl": 2020}
+
+
+def import_comfy(cpu: bool = True):
+    """ComfyUI's package, imported in-process. `cpu` must be decided before comfy.model_management is imported."""
+    if str(COMFYUI) not in sys.path:
+        sys.path.append(str(COMFYUI))
+    import comfy.cli_args
+    if cpu:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_detection
+    import comfy.sd
+    return comfy
+
+
+def checkpoint_path(arch: str) -> Path:
+    return CACHE / f"epd-random-{arch}-fp16-v{FORMAT_VERSION}.safetensors"
+
+
+# ---- layout ----------------------------------------------------------------------------------------------
+def model_config(arch: str, dtype=torch.float16):
+    comfy = import_comfy()
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[arch], dtype=dtype))
+    if config is None or type(config).__name__.lower() != arch:
+        raise RuntimeError(f"ComfyUI does not recognise the {arch} UNet config (got {type(config).__name__})")
+    return config
+
+
+def checkpoint_layout(arch: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as ComfyUI saves it, on the meta device (names, shapes, dtypes only)."""
+    comfy = import_comfy()
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    config = model_config(arch)
+    with torch.device("meta"):
+        base = config.get_model({}, device=torch.device("meta"))
+        clip_model = config.clip_target().clip(device="meta", dtype=torch.float16)
+        vae = AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+    # the same prefixes the CLIP / VAE objects give their state dicts (comfy.sd.CLIP.get_sd, VAE.get_sd)
+    clip_sd = clip_model.state_dict()
+    vae_sd = vae.state_dict()
+    del comfy
+    return base.state_dict_for_saving(clip_sd, vae_sd)
+
+
+# ---- values ----------------------------------------------------------------------------------------------
+def random_value(name: str, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A seeded value for one tensor: N(0, 1/fan_in) weights keep every layer's output at the scale of its
+    input; norm scales are 1 and biases small, as in a trained network."""
+    shape = tuple(like.shape)
+    if not like.dtype.is_floating_point:  # e.g. CLIP position_ids
+        return torch.arange(shape[-1], dtype=like.dtype).expand(shape).clone() if shape else torch.zeros(())
+    if name.endswith("logit_scale"):
+        return torch.full(shape, 4.6052)
+    if len(shape) <= 1:
+        if name.endswith("weight"):  # a 1-d weight is always a norm's scale (linear / conv weights are >= 2-d)
+            return torch.ones(shape)
+        return torch.randn(shape, generator=gen) * 0.02
+    fan_in = 1
+    for n in shape[1:]:
+        fan_in *= n
+    return torch.randn(shape, generator=gen) * fan_in ** -0.5
+
+
+def random_state_dict(arch: str, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict with seeded random values (keys in sorted order draw from one generator)."""
+    layout = checkpoint_layout(arch)
+    gen = torch.Generator().manual_seed(SEEDS[arch])
+    out = {}
+    for name in sorted(layout):
+        value = random_value(name, layout[name], gen)
+        out[name] = value.to(dtype) if value.dtype.is_floating_point else value
+    return out
+
+
+def ensure_checkpoint(arch: str = "sd15") -> Path:
+    """The cached random checkpoint, built when missing in a child process: building holds the whole state dict
+    (8 GiB for SDXL), which the allocator would keep in the caller's resident memory after it is freed."""
+    path = checkpoint_path(arch)
+    if not path.is_file():
+        subprocess.run([sys.executable, __file__, arch], check=True, env={**os.environ, "COMFYUI_PATH": str(COMFYUI)})
+    return path
+
+
+def build_checkpoint(arch: str, verbose: bool = True) -> Path:
+    """Build and write the random checkpoint (atomically: concurrent builders never see a half file)."""
+    path = checkpoint_path(arch)
+    if path.is_file():
+        return path
+    from safetensors.torch import save_file
+    t0 = time.time()
+    sd = random_state_dict(arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata={"epd_test": f"random {arch} weights, seed {SEEDS[arch]}, v{FORMAT_VERSION}"})
+    os.replace(tmp, path)
+    if verbose:
+        n = sum(t.numel() for t in sd.values())
+        print(f"built {path.name}: {n / 1e6:.0f}M parameters, {path.stat().st_size / 2 ** 30:.2f} GiB in "
+              f"{time.time() - t0:.1f}s", file=sys.stderr)
+    return path
+
+
+def load_in_process(arch: str = "sd15", dtype=torch.float16):
+    """(ModelPatcher, CLIP, VAE) of a random checkpoint built in memory, loaded by ComfyUI's own checkpoint
+    loader (no file written): what a benchmark on a machine without the cached file uses."""
+    comfy = import_comfy(cpu=False)  # the caller decides the device (set comfy.cli_args.args.cpu before)
+    sd = random_state_dict(arch, dtype)
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+if __name__ == "__main__":
+    for a in sys.argv[1:] or ["sd15"]:
+        print(build_checkpoint(a))
