@@ -61,18 +61,28 @@ def _positive(sigmas):
 
 
 def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, to_zero=False):
+                    feature_fn=None, to_zero=False, backward=None):
     """One loss per table row: step i starts from the student's OWN previous state, detached, so row i's
     loss reaches only row i. The last row's loss is on the final output (through the final Euler step to 0
-    when the list ends in 0), with `feature_fn` distances if given."""
+    when the list ends in 0), with `feature_fn` distances if given.
+    `backward(loss)` is called on each row's loss as soon as it exists, and the losses come back detached: then
+    the activations of one step at a time are alive instead of all N (what lets a big model train)."""
     extra_args = extra_args or {}
-    states: list[torch.Tensor] = []
-    integrate(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order, afs=afs,
-              evaluate=evaluate, detach_steps=True, states=states, to_zero=to_zero)
-    n = len(states) - 1
-    losses = [mse(states[i + 1], targets[i + 1]) for i in range(n - 1)]
-    final = _final_state(model, states[-1], sigmas, extra_args)
-    losses.append(_final_loss(final, targets[-1], feature_fn))
+    last_row = rows["r"].shape[-2] - 1
+    losses = []
+
+    def done(loss):
+        if backward is not None:
+            backward(loss)
+            loss = loss.detach()
+        losses.append(loss)
+
+    def on_step(info):
+        if info["i"] < last_row:  # the last row's loss is on the final output, below
+            done(mse(info["x_next"], targets[info["i"] + 1]))
+    x_last = integrate(model, x, _positive(sigmas), rows, extra_args, on_step, disable=True, max_order=max_order,
+                       afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
+    done(_final_loss(_final_state(model, x_last, sigmas, extra_args), targets[-1], feature_fn))
     return losses
 
 
@@ -315,11 +325,16 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
     evaluate = PointEvaluator(model, extra, sequential=cfg.sequential_points)
     kw = dict(extra_args=extra, max_order=cfg.effective_order, afs=cfg.afs, evaluate=evaluate, feature_fn=feature_fn,
               to_zero=cfg.to_zero)
-    if name == "per_step":
-        loss = torch.stack(per_step_losses(model, x0, sig, rows, targets, **kw)).sum()
+    if name == "per_step":  # each row's loss back-propagated at once into the rows, then the rows into theta
+        leaves = {k: v.detach().requires_grad_(True) for k, v in rows.items()}
+        loss = torch.stack(per_step_losses(model, x0, sig, leaves, targets, **kw,
+                                           backward=lambda row_loss: row_loss.backward(inputs=list(leaves.values())))
+                           ).sum()
+        grads = torch.autograd.grad(list(rows.values()), theta, allow_unused=True,
+                                    grad_outputs=[_grad_or_zero(leaves[k]) for k in rows])
     else:
         loss = end_to_end_loss(model, x0, sig, rows, targets[-1], checkpointed=cfg.grad_checkpointing, **kw)
-    grads = torch.autograd.grad(loss, theta, allow_unused=True)
+        grads = torch.autograd.grad(loss, theta, allow_unused=True)
     flat = torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(grads, theta)]
                      + [loss.detach().to(torch.float64).reshape(1)])
     flat = mean_over_ranks(flat, world)
@@ -328,6 +343,10 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
         t.grad = flat[offset:offset + t.numel()].view_as(t).clone()
         offset += t.numel()
     return float(flat[-1])
+
+
+def _grad_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
 def _prepare_checkpoint(cfg: DistillConfig, path: Path | None, rank: int) -> dict | None:

@@ -102,8 +102,9 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
             x_next, d_cur, denoised = grad_checkpoint(step, i, x, *history, use_reentrant=False)
         else:
             x_next, d_cur, denoised = step(i, x, *history)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if callback is not None:  # k-diffusion's keys, plus the step's result for trainers
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised,
+                      "x_next": x_next})
         x = x_next
         if max_order > 1:
             history = (history + [d_cur])[-(max_order - 1):]

@@ -144,6 +144,28 @@ def test_checkpointed_end_to_end_has_the_same_gradients(gmm):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
+def test_per_step_losses_backpropagated_row_by_row_give_the_same_gradient(gmm):
+    """The memory-light form the trainer uses: each row's loss back-propagated as soon as it exists, into the
+    activated rows, then once from the rows into the logits; equal to one backward of the summed loss."""
+    sigmas = ksampler_sigmas(3)
+    x = held_out(4)
+    targets = D.teacher_states(gmm, x, sigmas, "heun", 1)
+    theta = [t.clone().double().requires_grad_(True) for t in EPDParams.neutral(3, 2, spread=1.0).tensors()]
+    rows = activate(*theta, 0.05, 0.05)
+    summed = torch.stack(D.per_step_losses(gmm, x, sigmas, rows, targets, max_order=3, afs=True)).sum()
+    expected = torch.autograd.grad(summed, theta)
+
+    rows = activate(*theta, 0.05, 0.05)  # afresh: the backward above freed the first graph
+    leaves = {k: v.detach().requires_grad_(True) for k, v in rows.items()}
+    losses = D.per_step_losses(gmm, x, sigmas, leaves, targets, max_order=3, afs=True,
+                               backward=lambda loss: loss.backward(inputs=list(leaves.values())))
+    assert all(not loss.requires_grad for loss in losses)  # nothing of the trajectory is kept alive
+    got = torch.autograd.grad(list(rows.values()), theta, grad_outputs=[leaves[k].grad for k in rows])
+    torch.testing.assert_close(torch.stack(losses).sum(), summed.detach(), rtol=1e-12, atol=0)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_k2_points_do_not_collapse_with_the_spread_init(gmm):
     sigmas = ksampler_sigmas(3)
     spread = distill(gmm, None, noise_fn, config(sigmas, iterations=40, spread=1.0))
