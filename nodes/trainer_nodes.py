@@ -52,8 +52,8 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
         seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
         resume="auto", guidance_scale=cfg, model_family=model_family(model),
         teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min),  # not below what it knows
-        # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way);
-        # an SD1.5 at 512x512 then fits where it took 56 GiB at batch 1 (README, "Trainer cost")
+        # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way):
+        # 0.18x the peak memory on the MNIST demo model (bench/train_memory.py)
         grad_checkpointing=True)
 
 
