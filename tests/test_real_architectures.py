@@ -381,3 +381,24 @@ def test_real_checkpoint_layout_is_what_comfyui_detects():
     config = comfy.model_detection.model_config_from_unet(shapes, "model.diffusion_model.")
     assert type(config).__name__ == "SD15"
     assert re.fullmatch(r"epd-random-sd15-fp16-v\d+\.safetensors", checkpoint_path("sd15").name)
+
+
+def test_command_line_trains_a_comfyui_checkpoint(tmp_path):
+    """`python nodes/train_cli.py distill --checkpoint ...`: the checkpoint loaded by ComfyUI's loader, trained
+    inside its CFGGuider (the node's code path), the table written with the model's family and schedule."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cli.safetensors"
+    cmd = [sys.executable, "nodes/train_cli.py", "distill", "--checkpoint", str(ensure_checkpoint("sd15")),
+           "--comfyui", str(repo / ".comfyui"), "--prompt", "a cat", "--width", "64", "--height", "64",
+           "--steps", "2", "-K", "2", "--iterations", "1", "--batch", "1", "--num-batches", "1",
+           "--teacher", "euler", "--teacher-steps", "0", "-M", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = EPDParams.load(out)
+    assert (table.num_steps, table.num_points, table.metadata["model_family"]) == (2, 2, "sd15")
+    assert table.schedule["type"] == "discrete" and len(table.schedule["sigmas"]) == 3
+    assert all(torch.isfinite(t).all() for t in table.tensors())
