@@ -1,4 +1,4 @@
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#!/usr/bin/env bash
 # GPU figures in one run of about 7 minutes, results under $OUT:
 #   1. bench/speed.py on CUDA: the EPD step with an fp16 SD1.5 UNet at 512x512 (latent 64x64), batches 1 and 4;
 #   2. bench/trainer_cost.py on CUDA at 512x512: the EPD Trainer's distillation with the node's defaults
@@ -14,6 +14,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # memory there (tests/real_checkpoints.py), not carried.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# wheels of what the machine lacks (.whl/, see above), installed outside the system site-packages
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
 START=$SECONDS
