@@ -24,6 +24,7 @@ from pathlib import Path
 import folder_paths
 import torch
 
+from epd_core.fileio import read_safetensors_header
 from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
 
@@ -149,16 +150,13 @@ def model_family(model_patcher_or_base) -> str:
 def _header_metadata(path: str) -> dict:
     """Only a file's JSON metadata (cheap, bounded) to decide whether it is a candidate; raises ValueError."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 1024 * 1024:
-                raise ValueError("not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-            meta = json.loads(header["__metadata__"]["epd_metadata"])
-    except RecursionError:
-        raise ValueError("its metadata is nested far too deeply") from None
+        header = read_safetensors_header(path)  # its ValueError says what is wrong with the header
     except OSError as e:
         raise ValueError(f"cannot read it ({e.strerror})") from None
+    try:
+        meta = json.loads(header["__metadata__"]["epd_metadata"])
+    except RecursionError:
+        raise ValueError("its metadata is nested far too deeply") from None
     except (KeyError, TypeError, ValueError):
         raise ValueError("not an EPD table (no readable epd_metadata)") from None
     if not isinstance(meta, dict):
