@@ -18,6 +18,7 @@ import folder_paths
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, load_checkpoint
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
+from epd_core.runtime import is_oom
 
 from .compat import fix_empty_latent, io
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
@@ -84,6 +85,16 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
                                          on_teacher=progress.on_teacher)
     except DistillError as e:
         raise RuntimeError(f"EPD Trainer: {e}") from None
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is translated, everything else re-raised
+        if not is_oom(e):
+            raise
+        comfy.model_management.soft_empty_cache(True)
+        kept = (f"its checkpoint (iteration {len(_losses_so_far(ckpt))}) is kept for a run with the same settings"
+                if ckpt.exists() else "no checkpoint had been written")
+        raise RuntimeError(f"EPD Trainer: out of memory while training {steps} steps at batch {batch} on latents of "
+                           f"shape {list(shape[1:])}. Lower batch or the latent size (a table trained on a small "
+                           f"latent works at any size; training keeps one step's activations at a time, so batch "
+                           f"and latent size are what count), and use a new name: '{stem}' {kept}.") from None
     return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}")
 
 

@@ -251,6 +251,32 @@ def test_trainer_latent_uses_the_downscale_ratio_where_comfyui_takes_it(pack, mo
                                        3, 0.05, 2, 0, 2.0, "per_step", "shape_probe")
 
 
+def test_trainer_splits_the_points_on_out_of_memory_and_else_names_the_fix(pack, monkeypatch, tmp_path, one_thread,
+                                                                          caplog):
+    """A device too small for training (as an SD1.5 at 512x512 and batch 8 on a GPU): when the K-point call does
+    not fit, the points are evaluated in smaller calls and training goes on; when not even one call fits, the node
+    says what ran out and what to lower, instead of a bare allocator error."""
+    import folder_paths
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd_params", ([str(tmp_path)], {".safetensors"}))
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def train(name, most_samples_per_call):
+        patcher = demo_patcher(pack)
+
+        def small_device(apply_model, args):
+            if torch.is_grad_enabled() and args["input"].shape[0] > most_samples_per_call:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return apply_model(args["input"], args["timestep"], **args["c"])
+        patcher.set_model_unet_function_wrapper(small_device)
+        return pack.trainer_nodes.run_distill(None, patcher, *conds(pack), latent, 2, 2, "epd", "epd_discrete",
+                                              "euler", 0, 2, 0.05, 2, 0, 2.0, "per_step", name)
+    # batch 2 x (cond, uncond): one point's call has 4 samples, the two points' call 8
+    table = train("oom_points", 4).result[0]
+    assert table.num_steps == 2 and "retrying 1 point(s) per call" in caplog.text
+    with pytest.raises(RuntimeError, match=r"out of memory while training 2 steps at batch 2 .*Lower batch"):
+        train("oom_probe", 2)
+
+
 # ============================================================= 5. models that look their step up in the list
 
 def test_meanflow_model_reading_the_sigma_list_is_refused_clearly(pack, one_thread):
