@@ -257,7 +257,7 @@ class _Progress:
         if remaining <= 0:
             return "done"
         if (teacher_left and t is None) or (train_left and s is None and t is None):
-            return "ETA after the first iteration"
+            return f"ETA after the first {'update' if self.rl else 'iteration'}"
         if train_left and s is None:  # bounded by teacher iterations, which include a training step
             bound = f"at most {_duration(remaining * t)} (training iterations are faster than teacher ones)"
             return f"ETA teacher {_duration(teacher_left * t)}, all {bound}" if teacher_left else f"ETA {bound}"

@@ -453,6 +453,6 @@ def test_rl_progress_names_cold_start_rollouts_and_updates(server):
     assert any(t.startswith("cold-start distillation, teacher: solving noise batch 2/8") and ETA.search(t)
                for t in texts)
     assert any(t.startswith("cold-start distillation, training: iteration 10/10") for t in texts)
-    assert "RL update 1/3: rollouts, ETA after the first iteration" in texts
+    assert "RL update 1/3: rollouts, ETA after the first update" in texts
     done = [t for t in texts if re.match(r"RL update \d/3 done  mean reward", t)]
     assert done and done[-1].startswith("RL update 3/3 done") and any(ETA.search(t) for t in done[:-1])
