@@ -57,11 +57,12 @@ def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a, t_end=None):
 
 def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=None, max_order: int = 1,
               afs: bool = False, evaluate=None, detach_steps: bool = False, checkpoint_steps: bool = False,
-              states: list | None = None, to_zero: bool = False):
+              to_zero: bool = False):
     """Run EPD (max_order 1) or EPD-Plugin (max_order > 1) over `sigmas` with table rows {'r','w','c','a'}:
     tensors (steps, K), one row per step to a positive sigma, or (B, steps, K) for one table per sample.
     `detach_steps` cuts the graph between steps (per-step distillation); `checkpoint_steps` recomputes each step
-    in backward (memory of one step instead of all, for big models); `states` collects x at every sigma.
+    in backward (memory of one step instead of all, for big models). `callback` gets k-diffusion's keys and the
+    step's result `x_next` after every step.
     `to_zero` (positive sigmas only): the last row steps to sigma 0, its points anchored at the last sigma
     (`epd_step`'s t_end), so the result is denoised without a final model call."""
     extra_args = extra_args or {}
@@ -93,8 +94,6 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
 
     history: list[torch.Tensor] = []
     bad_steps = [~torch.isfinite(x).all()]  # entry 0: the input itself (e.g. a NaN latent from upstream)
-    if states is not None:
-        states.append(x)
     for i in trange(len(sig) - 1, disable=disable):
         if detach_steps:
             x, history = x.detach(), [h.detach() for h in history]
@@ -109,8 +108,6 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         if max_order > 1:
             history = (history + [d_cur])[-(max_order - 1):]
         bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
-        if states is not None:
-            states.append(x)
     _check_finite(torch.stack(bad_steps), sig)
     return x
 

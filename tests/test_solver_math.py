@@ -123,8 +123,8 @@ def test_cfg_conditioning_is_tiled_point_major():
 def test_history_of_plugin_counts_afs_estimate():
     model, sigmas, x = setup(steps=6)
     rows = {k: v for k, v in table(5, [0.4], [1.0]).activated().items()}
-    states = []
-    integrate(model, x, sigmas, rows, max_order=4, afs=True, states=states)
+    states = [x]
+    integrate(model, x, sigmas, rows, max_order=4, afs=True, callback=lambda info: states.append(info["x_next"]))
     assert len(states) == len(sigmas)
     assert all(torch.isfinite(s).all() for s in states)
 
