@@ -49,7 +49,7 @@ def epd_step(evaluate, x, d_pred, t_cur, t_next, r, w, c, a, t_end=None):
     denoised_k = evaluate(x_k, a * t_k)
     acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
     # x_k upcast before subtracting (a no-op for fp32/fp64 x): x_k - D(x_k) rounded to bf16 costs ~10 ulps of x'
-    d_k = (x_k.to(acc) - denoised_k).to(acc) / per_point(t_k).to(acc)  # divide by t_k, not a_k t_k (spec §2)
+    d_k = (x_k.to(acc) - denoised_k).to(acc) / per_point(t_k).to(acc)  # t_k, not a_k t_k (docs/method.md)
     d_mix = (per_point(w * c).to(acc) * d_k).sum(0)
     t_end = t_next if t_end is None else t_end
     return (x.to(acc) + (t_end - t_cur).to(acc) * d_mix).to(x.dtype)

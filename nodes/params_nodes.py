@@ -69,7 +69,7 @@ def with_model_schedule(params: EPDParams, model, sigmas) -> EPDParams:
     """A table whose schedule is defined through the model (discrete / flowmatch: no recorded sigmas) gets the
     sigmas EPD Sigmas computes for this model written into a copy, when `sigmas` are exactly those; then the
     solver sees its own schedule and does not report 'sigmas differ'. Otherwise the table is returned as is."""
-    if params.schedule_sigmas is not None or params.schedule.get("type") not in ("discrete", "flowmatch"):
+    if params.schedule_sigmas is not None or params.schedule.get("type") not in schedules.MODEL_DEFINED:
         return params
     patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
     if patcher is None:
