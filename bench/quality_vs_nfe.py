@@ -1,5 +1,5 @@
-"""Quality against the number of sequential model calls: EPD / EPD-Plugin versus every deterministic ComfyUI
-built-in sampler, each with its best scheduler.
+"""Quality against the number of sequential model calls: EPD / EPD-Plugin / EPD-MS versus every deterministic
+ComfyUI built-in sampler, each with its best scheduler, and versus the paper's baselines.
 
     .venv/bin/python bench/quality_vs_nfe.py --model mnist --out bench/results     # the 28x28 MNIST demo model
     .venv/bin/python bench/quality_vs_nfe.py --model demo  --out bench/results     # the 8x8 digits demo model
@@ -12,13 +12,17 @@ sigmas); the best built-in per NFE is the one with the lowest FIT error. NFE is 
 (not computed from formulas); the K points of an EPD step are one call. EPD tables: demo / mnist -> the shipped
 pretrained_params/ of that model on their own (learned) schedules; gmm -> distilled here on training noises.
 On mnist, a Frechet distance (FD) in the feature space of the shipped MNIST classifier, between --fd-samples
-generated digits and the 5,000 real ones, is reported for the best built-in, EPD and EPD-Plugin at every NFE.
+generated digits and the 5,000 real ones, is reported for the best built-in, EPD, EPD-Plugin and EPD-MS at every
+NFE, and a second FD to the reference solver's own samples from the same noises (--fd-ref-steps Heun steps): the
+model's distribution at this seed set, which no sampler can beat, so it measures only the solver's error.
+The paper's baselines: ipndm / dpmpp_2m on karras (EDM rho 7), exponential (logSNR-uniform) or normal
+(time-uniform), the best on the FIT noises. --reuse-builtins FILE takes the built-in rows from an earlier run
+with the same samples, seeds and reference (they are deterministic) and computes everything else.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,10 +35,12 @@ from conftest import import_comfy_sampling  # noqa: E402
 
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
+from epd_core.solvers import variant  # noqa: E402
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation"]
+PAPER_BASELINES = [(s, sch) for s in ("ipndm", "dpmpp_2m") for sch in ("karras", "exponential", "normal")]
+SOLVER_KEYS = (("epd", "epd"), ("epd_plugin", "plugin"), ("epd_ms", "ms"))
 NODE_SCHEDULERS = ["ays_sd1", "gits_0.80", "gits_1.00", "gits_1.20", "gits_1.40"]  # SD1.5-sigma models only
 TABLE_PREFIX = {"demo": "demo_digits_", "mnist": "demo_mnist_"}
 
@@ -128,9 +134,10 @@ class FrechetMetric:
         with torch.no_grad():
             return torch.cat([self.net.features(c.float()) for c in images.split(500)])
 
-    def __call__(self, images) -> float:
+    def __call__(self, images, against=None) -> float:
+        """FD to the real digits, or to the statistics `against` (e.g. the reference solver's samples)."""
         from epd_core.digit_classifier import frechet_distance
-        return frechet_distance(self.stats(self.features(images)), self.real)
+        return frechet_distance(self.stats(self.features(images)), self.real if against is None else against)
 
 
 def run(args):
@@ -151,6 +158,14 @@ def run(args):
         schedulers += NODE_SCHEDULERS
     fd = FrechetMetric() if args.model == "mnist" and args.fd_samples else None
     x_fd = noise(303, args.fd_samples) if fd else None
+    fd_ref = None
+    if fd:
+        fd_sig = with_final_zero(polynomial(args.fd_ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
+        with torch.no_grad():
+            ref_fd = torch.cat([k.sample_heun(Counted(model, extra_for(len(c))), c, fd_sig, disable=True)
+                                for c in x_fd.split(250)])
+        fd_ref = fd.stats(fd.features(ref_fd))
+        print(f"FD reference done ({time.time() - t0:.0f}s)", flush=True)
 
     def evaluate(fn, x, ref):
         m = Counted(model, extra_for(len(x)))
@@ -161,14 +176,20 @@ def run(args):
         return m.calls, e, wrong
 
     def frechet(fn):
+        """(FD to the real digits, FD to the reference solver's samples) of fn's samples on the FD noises."""
         with torch.no_grad():
-            outs = [fn(Counted(model, extra_for(len(c))), c) for c in x_fd.split(250)]
-        return fd(torch.cat(outs))
+            outs = torch.cat([fn(Counted(model, extra_for(len(c))), c) for c in x_fd.split(250)])
+        return fd(outs), fd(outs, fd_ref)
 
+    samplers = args.samplers.split(",") if args.samplers else DETERMINISTIC
+    reused = json.loads(Path(args.reuse_builtins).read_text()) if args.reuse_builtins else None
+    if reused is not None:
+        for key in ("samples", "fit_samples", "cfg", "ref_steps"):
+            if reused.get(key) != getattr(args, key):
+                raise SystemExit(f"--reuse-builtins: {key} is {reused.get(key)} there, {getattr(args, key)} here")
     # best (scheduler, steps) per sampler and NFE, chosen on the fit noises
     best = {}  # (sampler, nfe) -> (fit_mean, scheduler, steps)
-    samplers = args.samplers.split(",") if args.samplers else DETERMINISTIC
-    for sampler in samplers:
+    for sampler in ([] if reused else samplers):
         run_fn = builtin_sampler(k, sampler)
         for sched in schedulers:
             for steps in range(1, args.max_nfe + 1):
@@ -186,28 +207,33 @@ def run(args):
 
     results = {"model": args.model, "samples": args.samples, "fit_samples": args.fit_samples, "cfg": args.cfg,
                "ref_steps": args.ref_steps, "fd_samples": args.fd_samples if fd else 0,
-               "schedulers": schedulers, "nfe": {}}
+               "fd_ref_steps": args.fd_ref_steps if fd else 0, "schedulers": schedulers, "nfe": {},
+               "builtins_from": args.reuse_builtins}
     for nfe in nfes:
-        row = {}
-        for sampler in samplers:
-            if (sampler, nfe) not in best:
-                continue
-            fit, sched, steps = best[(sampler, nfe)]
-            sig = comfy_sigmas(ms, sampler, sched, steps).to(dtype)
-            fn = builtin_sampler(k, sampler)
-            _, e, wrong = evaluate(lambda m, x: fn(m, x, sig), x_test, ref_test)
-            row[sampler] = {"scheduler": sched, "steps": steps, "fit": fit, "mean": float(e.mean()),
-                            "median": float(e.median()), "wrong_mode": wrong}
+        if reused is not None:
+            row = reused["nfe"].get(str(nfe), {}).get("builtins", {})
+        else:
+            row = {}
+            for sampler in samplers:
+                if (sampler, nfe) not in best:
+                    continue
+                fit, sched, steps = best[(sampler, nfe)]
+                sig = comfy_sigmas(ms, sampler, sched, steps).to(dtype)
+                fn = builtin_sampler(k, sampler)
+                _, e, wrong = evaluate(lambda m, x: fn(m, x, sig), x_test, ref_test)
+                row[sampler] = {"scheduler": sched, "steps": steps, "fit": fit, "mean": float(e.mean()),
+                                "median": float(e.median()), "wrong_mode": wrong}
         entry = results["nfe"][nfe] = {"builtins": row}
+        entry["paper_baseline"] = paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test)
         if fd and row:
             name = min(row, key=lambda s: row[s]["fit"])
             sig = comfy_sigmas(ms, name, row[name]["scheduler"], row[name]["steps"]).to(dtype)
             fn = builtin_sampler(k, name)
-            entry["fd_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
+            entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
     for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit).items():
-        fn_sample = sample_epd if solver == "epd" else sample_epd_plugin
+        fn_sample = variant(solver).sample_fn()
         for params, sig in tables:
             calls, e, wrong = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_test, ref_test)
             entry = results["nfe"].setdefault(calls, {"builtins": {}})
@@ -216,9 +242,28 @@ def run(args):
                              "first_samples": e[:16].tolist(), "sigmas": sig.tolist(),
                              "schedule": {k: params.schedule.get(k) for k in ("type", "rho", "sigma_min", "learned")}}
             if fd:
-                entry[f"fd_{solver}"] = frechet(lambda m, x: fn_sample(m, x, sig, params, disable=True))
+                entry[f"fd_{solver}"], entry[f"fd_ref_{solver}"] = frechet(
+                    lambda m, x: fn_sample(m, x, sig, params, disable=True))
     results["summary"] = summary(results)
     return results
+
+
+def paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test) -> dict | None:
+    """The paper's comparison at this NFE: ipndm / dpmpp_2m on EDM rho 7 (karras), logSNR-uniform (exponential)
+    or time-uniform (normal) sigmas, the one with the lowest FIT error, scored on the test noises."""
+    fits = []
+    for sampler, sched in PAPER_BASELINES:
+        sig = comfy_sigmas(ms, sampler, sched, nfe).to(dtype)
+        fn = builtin_sampler(k, sampler)
+        calls, e, _ = evaluate(lambda m, x: fn(m, x, sig), x_fit, ref_fit)
+        if calls == nfe and torch.isfinite(e).all():
+            fits.append((float(e.mean()), sampler, sched, sig))
+    if not fits:
+        return None
+    fit, sampler, sched, sig = min(fits, key=lambda f: f[0])
+    fn = builtin_sampler(k, sampler)
+    _, e, _ = evaluate(lambda m, x: fn(m, x, sig), x_test, ref_test)
+    return {"name": f"{sampler} ({sched})", "fit": fit, "mean": float(e.mean())}
 
 
 def summary(results) -> list[dict]:
@@ -232,13 +277,19 @@ def summary(results) -> list[dict]:
         name = min(b, key=lambda s: b[s]["fit"])
         row = {"nfe": int(nfe), "best_builtin": f"{name} ({b[name]['scheduler']}, {b[name]['steps']} steps)",
                "best_builtin_rmse": b[name]["mean"]}
-        for solver, key in (("epd", "epd"), ("epd_plugin", "plugin")):
+        paper = r.get("paper_baseline")
+        if paper:
+            row["paper_baseline"], row["paper_baseline_rmse"] = paper["name"], paper["mean"]
+        for solver, key in SOLVER_KEYS:
             if solver in r:
                 row[f"{key}_rmse"] = r[solver]["mean"]
                 row[f"{key}_over_best"] = r[solver]["mean"] / b[name]["mean"]
-        for key in ("fd_best_builtin", "fd_epd", "fd_epd_plugin"):
-            if key in r:
-                row[key] = r[key]
+                if paper:
+                    row[f"{key}_over_paper"] = r[solver]["mean"] / paper["mean"]
+        for solver in ("best_builtin", "epd", "epd_plugin", "epd_ms"):
+            for key in (f"fd_{solver}", f"fd_ref_{solver}"):
+                if key in r:
+                    row[key] = r[key]
         rows.append(row)
     return rows
 
@@ -260,7 +311,7 @@ def shipped_recipe(nfe: int, sigma_min: float, sigma_max: float, last: float = 0
 
 def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None):
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
-    out = {"epd": [], "epd_plugin": []}
+    out = {"epd": [], "epd_plugin": [], "epd_ms": []}
     if args.model in TABLE_PREFIX:
         pattern = TABLE_PREFIX[args.model] + "*_nfe*.safetensors"  # the current tables (8x8: not the older s3..s6)
         while len(list((REPO / "pretrained_params").glob(pattern))) < args.wait_for_tables:
@@ -268,7 +319,11 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
         for path in sorted((REPO / "pretrained_params").glob(pattern)):
             p = EPDParams.load(path)
             own = p.schedule_sigmas
-            out[p.solver].append((p, (with_final_zero(own) if p.schedule.get("final_zero", True) else own).to(dtype)))
+            if p.solver == "epd_ms":  # the list a user's scheduler would give: its positive sigmas, then 0
+                own = with_final_zero(own[:-1])
+            elif p.schedule.get("final_zero", True):
+                own = with_final_zero(own)
+            out[p.solver].append((p, own.to(dtype)))
         return out
     from epd_core.distill import DistillConfig, distill
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
@@ -289,11 +344,12 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
 
     if args.recipe == "to_zero":  # the shipped demo tables' recipe: learned sigmas, last row to sigma 0
         for nfe in range(args.min_nfe, args.max_nfe + 1):
-            for solver in out:
+            for solver in ("epd", "epd_plugin"):
                 cfg = shipped_recipe(nfe, smin, smax, solver=solver, iterations=args.iterations, model_family="gmm")
                 params = distill(model, None, train_noise, cfg)
                 out[solver].append((params, torch.tensor(params.schedule["sigmas"], dtype=dtype)))
         return out
+    out.pop("epd_ms")  # the mixture: EPD / EPD-Plugin only (tests/test_multistep.py trains EPD-MS on it)
     for nfe in range(max(args.min_nfe, 4), args.max_nfe + 1):
         rows, afs = (nfe // 2, True) if nfe % 2 == 0 else ((nfe - 1) // 2, False)
         if rows < 2:
@@ -305,7 +361,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
                 params, sig = train(solver, rows, afs, last, rho)
                 if len(grid) > 1:
                     with torch.no_grad():
-                        fn = sample_epd if solver == "epd" else sample_epd_plugin
+                        fn = variant(solver).sample_fn()
                         fit = float(per_sample_rmse(fn(model, fit_noise, sig, params, disable=True), fit_ref).mean())
                 else:
                     fit = 0.0
@@ -317,37 +373,35 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
 
 
 def report(results) -> str:
-    fd = any("fd_best_builtin" in r for r in results["nfe"].values())
+    """Markdown: per NFE the best built-in and each EPD variant (RMSE, ratio to the best built-in and to the paper's
+    baseline), and on mnist both Frechet distances."""
+    rows = results.get("summary") or summary(results)
+    fd = any("fd_best_builtin" in r for r in rows)
     lines = [f"### {results['model']}: RMSE to a {results.get('ref_steps', 500)}-step Heun reference, "
              f"{results['samples']} held-out samples (CFG {results.get('cfg', 1)}; schedulers chosen on "
              f"{results.get('fit_samples', '?')} fit samples)"
              + (f"; FD on {results['fd_samples']} samples" if fd else ""),
-             "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE mean / median | EPD mean / median "
-             "| EPD ÷ best | EPD-Plugin mean / median | Plugin ÷ best |" + (" FD best / EPD / Plugin |" if fd else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if fd else "")]
-    nfe_rows = results["nfe"]
-    for nfe in sorted(nfe_rows, key=int):
-        r = nfe_rows[nfe]
-        b = r["builtins"]
-        if not b:
-            continue
-        name = min(b, key=lambda s: b[s]["fit"])
-        bm = b[name]
-
-        def cell(s):
-            if s not in r:
-                return "—", "—"
-            e = r[s]
-            wrong = "" if math.isnan(e["wrong_mode"]) else f", wrong mode {e['wrong_mode']:.0%}"
-            return f"{e['mean']:.4f} / {e['median']:.4f}{wrong}", f"**{e['mean'] / bm['mean']:.2f}**"
-        (epd, epd_ratio), (plug, plug_ratio) = cell("epd"), cell("epd_plugin")
-        bw = "" if math.isnan(bm["wrong_mode"]) else f", wrong mode {bm['wrong_mode']:.0%}"
-        fds = ""
-        if fd:
-            fds = " " + " / ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("fd_best_builtin", "fd_epd",
-                                                                               "fd_epd_plugin")) + " |"
-        lines.append(f"| {nfe} | {name} ({bm['scheduler']}, {bm['steps']} steps) | {bm['mean']:.4f} / "
-                     f"{bm['median']:.4f}{bw} | {epd} | {epd_ratio} | {plug} | {plug_ratio} |{fds}")
+             "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE | paper's baseline, RMSE "
+             "| EPD RMSE (÷ best, ÷ paper) | EPD-Plugin RMSE (÷ best, ÷ paper) | EPD-MS RMSE (÷ best, ÷ paper) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(key):
+            if f"{key}_rmse" not in r:
+                return "—"
+            paper = f", {r[f'{key}_over_paper']:.2f}" if f"{key}_over_paper" in r else ""
+            return f"{r[f'{key}_rmse']:.4f} (**{r[f'{key}_over_best']:.2f}**{paper})"
+        paper = f"{r['paper_baseline']}, {r['paper_baseline_rmse']:.4f}" if "paper_baseline" in r else "—"
+        lines.append(f"| {r['nfe']} | {r['best_builtin']} | {r['best_builtin_rmse']:.4f} | {paper} | {cell('epd')} | "
+                     f"{cell('plugin')} | {cell('ms')} |")
+    if fd:
+        lines += ["", "Frechet distance in the MNIST classifier's features: to the 5,000 real digits / to the "
+                  f"reference solver's own samples from the same noises ({results.get('fd_ref_steps')}-step Heun; "
+                  "what the solver alone adds).", "",
+                  "| latency NFE | best built-in | EPD | EPD-Plugin | EPD-MS |", "|---|---|---|---|---|"]
+        for r in rows:
+            cells = [" / ".join(f"{r[k]:.2f}" if k in r else "—" for k in (f"fd_{s}", f"fd_ref_{s}"))
+                     for s in ("best_builtin", "epd", "epd_plugin", "epd_ms")]
+            lines.append(f"| {r['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -356,7 +410,7 @@ def plot(results, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results.get("summary") or summary(results)
-    fd = [r for r in rows if "fd_best_builtin" in r]
+    fd = [r for r in rows if "fd_ref_best_builtin" in r]
     fig, axes = plt.subplots(1, 2 if fd else 1, figsize=(14 if fd else 8, 5), squeeze=False)
     ax = axes[0, 0]
     nfes = sorted(results["nfe"], key=int)
@@ -365,7 +419,7 @@ def plot(results, path: Path):
                if sampler in results["nfe"][n]["builtins"]]
         if pts:
             ax.plot(*zip(*pts), color="0.75", lw=1, marker=".")
-    for solver, color in (("epd", "tab:red"), ("epd_plugin", "tab:blue")):
+    for solver, color in (("epd", "tab:red"), ("epd_plugin", "tab:blue"), ("epd_ms", "tab:green")):
         pts = [(int(n), results["nfe"][n][solver]["mean"]) for n in nfes if solver in results["nfe"][n]]
         if pts:
             ax.plot(*zip(*pts), color=color, lw=2.5, marker="o", label=solver.replace("_", "-").upper())
@@ -379,16 +433,17 @@ def plot(results, path: Path):
     ax.legend()
     if fd:
         ax = axes[0, 1]
-        for key, color, label in (("fd_best_builtin", "black", "best built-in (by fit RMSE)"),
-                                  ("fd_epd", "tab:red", "EPD"), ("fd_epd_plugin", "tab:blue", "EPD-PLUGIN")):
+        for key, color, label in (("fd_ref_best_builtin", "black", "best built-in (by fit RMSE)"),
+                                  ("fd_ref_epd", "tab:red", "EPD"), ("fd_ref_epd_plugin", "tab:blue", "EPD-PLUGIN"),
+                                  ("fd_ref_epd_ms", "tab:green", "EPD-MS")):
             pts = [(r["nfe"], r[key]) for r in fd if key in r]
             if pts:
-                ax.plot(*zip(*pts), color=color, lw=2 if key != "fd_best_builtin" else 1.5, marker="o",
-                        ls="--" if key == "fd_best_builtin" else "-", label=label)
+                ax.plot(*zip(*pts), color=color, lw=2 if key != "fd_ref_best_builtin" else 1.5, marker="o",
+                        ls="--" if key == "fd_ref_best_builtin" else "-", label=label)
         ax.set_yscale("log")
         ax.set_xlabel("latency NFE")
-        ax.set_ylabel(f"Frechet distance to real digits ({results.get('fd_samples')} samples, classifier features)")
-        ax.set_title("Distribution quality (FID-like, lower is better)")
+        ax.set_ylabel(f"Frechet distance to the reference solver's samples ({results.get('fd_samples')} samples)")
+        ax.set_title("Distribution error the solver adds (FID-like, lower is better)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -403,6 +458,8 @@ def main(argv=None):
     ap.add_argument("--fit-samples", type=int, default=32, help="noises on which schedulers are chosen")
     ap.add_argument("--fd-samples", type=int, default=1000, help="mnist: generated digits per Frechet distance")
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: demo 2, mnist 1)")
+    ap.add_argument("--fd-ref-steps", type=int, default=100, help="Heun steps of the FD reference samples")
+    ap.add_argument("--reuse-builtins", default=None, help="take the built-in rows from this earlier results JSON")
     ap.add_argument("--wait-for-tables", type=int, default=0, help="wait until this many shipped tables exist")
     ap.add_argument("--recipe", choices=("to_zero", "final_euler"), default="final_euler",
                     help="gmm: tables trained like the shipped demo tables (learned sigmas, last row to 0, every NFE "

@@ -28,7 +28,8 @@ from .distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, Distill
 from .epd import EPDSamplingError, integrate, positive_steps
 from .fileio import (adam_state_tensors, check_checkpoint_folder, load_adam_state, read_checkpoint,
                      write_checkpoint)
-from .params import EPDParams, activate
+from .multistep import integrate_ms, ms_table
+from .params import HISTORY_TENSOR, TENSOR_NAMES, EPDParams, activate, activate_ms
 from .points import PointEvaluator
 from .runtime import any_rank, batch_seed, mean_over_ranks, rank_and_world
 from .schedules import schedule_logits, sigmas_from_logits
@@ -60,8 +61,18 @@ def _positive(sigmas):
     return sigmas[:-1] if float(sigmas[-1].detach()) == 0.0 else sigmas
 
 
+def _loop(solver: str):
+    """The loop that runs `solver`'s rows (epd.integrate, or multistep.integrate_ms for epd_ms)."""
+    if solver != "epd_ms":
+        return integrate
+
+    def run_ms(model, x, sigmas, rows, extra_args, callback=None, disable=None, max_order=1, afs=False, **kw):
+        return integrate_ms(model, x, sigmas, rows, extra_args, callback, disable, **kw)
+    return run_ms
+
+
 def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, to_zero=False, backward=None):
+                    feature_fn=None, to_zero=False, backward=None, solver="epd"):
     """One loss per table row: step i starts from the student's OWN previous state, detached, so row i's
     loss reaches only row i. The last row's loss is on the final output (through the final Euler step to 0
     when the list ends in 0), with `feature_fn` distances if given.
@@ -80,19 +91,19 @@ def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=
     def on_step(info):
         if info["i"] < last_row:  # the last row's loss is on the final output, below
             done(mse(info["x_next"], targets[info["i"] + 1]))
-    x_last = integrate(model, x, _positive(sigmas), rows, extra_args, on_step, disable=True, max_order=max_order,
-                       afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
+    x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, on_step, disable=True,
+                           max_order=max_order, afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
     done(_final_loss(_final_state(model, x_last, sigmas, extra_args), targets[-1], feature_fn))
     return losses
 
 
 def end_to_end_loss(model, x, sigmas, rows, target, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, checkpointed=False, to_zero=False):
+                    feature_fn=None, checkpointed=False, to_zero=False, solver="epd"):
     """Error of the final state through the whole student trajectory: every row gets gradient. `checkpointed`
     recomputes each step in backward (activations of one step at a time: big models)."""
     extra_args = extra_args or {}
-    x_last = integrate(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order, afs=afs,
-                       evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
+    x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order,
+                           afs=afs, evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
     return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn)
 
 
@@ -124,7 +135,7 @@ def save_checkpoint(path, theta, optimizer, iteration: int, losses: list, cfg: D
     """Logits, Adam moments and steps, loss history, iteration and config in one safetensors file, written
     atomically (temp + fsync + rename): a crash or a full disk leaves the previous checkpoint untouched.
     Noise needs no RNG state: batch j is always drawn from batch_seed(seed, j)."""
-    tensors = {n: t.detach().cpu().contiguous() for n, t in zip(_LEAF_NAMES, theta)}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in zip(_leaf_names(cfg), theta)}
     tensors.update(adam_state_tensors(optimizer))
     tensors["loss_history"] = torch.tensor(losses, dtype=torch.float64)
     meta = {"format": CHECKPOINT_FORMAT, "iteration": str(iteration), "config": json.dumps(cfg.to_json()),
@@ -147,7 +158,9 @@ def load_checkpoint(path) -> dict:
 
 def _check_resumable(ckpt: dict, cfg: DistillConfig, path) -> None:
     saved, now = ckpt["config"], cfg.to_json()
-    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESULT_FIELDS if saved.get(k) != now.get(k)]
+    default = DistillConfig().to_json()  # a field newer than the checkpoint had its default value then
+    diffs = [f"{k}: {saved.get(k, default[k])!r} -> {now.get(k)!r}" for k in RESULT_FIELDS
+             if saved.get(k, default[k]) != now.get(k)]
     if diffs:
         raise DistillError(f"checkpoint {path} was made with different settings ({'; '.join(diffs[:4])}). Use the "
                            "original settings to resume, or delete the checkpoint / choose another name to start over.")
@@ -175,10 +188,15 @@ def _stage_at(cfg, it):
 def initial_logits(cfg: DistillConfig, init: EPDParams | None, steps: int, device):
     """Logits (float64 leaves) and scale bounds. A given table must have the right shape; its own bounds are
     kept (the logits mean nothing without them)."""
-    if init is None:
+    if init is None and cfg.solver == "epd_ms":  # starts as its built-in on the student's sigmas, exactly
+        init = ms_table(cfg.sigmas, cfg.builtin, cfg.num_points, spread=cfg.spread)
+    elif init is None:
         init = EPDParams.neutral(steps, cfg.num_points, spread=cfg.spread, scale_dir=cfg.scale_dir,
                                  scale_time=cfg.scale_time)
-    elif (init.num_steps, init.num_points) != (steps, cfg.num_points):
+    elif init.solver != cfg.solver:
+        raise DistillError(f"the initial table is an {init.solver} table, the run trains {cfg.solver}. Use a table "
+                           "of the same solver or none.")
+    if (init.num_steps, init.num_points) != (steps, cfg.num_points):
         raise DistillError(f"the initial table has {init.num_steps} steps x K={init.num_points}, the run needs "
                            f"{steps} x K={cfg.num_points}. Use a matching table or none.")
     theta = [t.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for t in init.tensors()]
@@ -273,10 +291,10 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
 
     if history is not None:
         history[:] = losses
-    if len(theta) > 4:  # the learned schedule becomes the table's own
+    if cfg.learn_schedule:  # the learned schedule becomes the table's own
         with torch.no_grad():
             cfg.sigmas = learned_sigmas(theta, sig.double(), cfg).tolist()
-    return _result_table(theta[:4], scales, cfg, losses, steps, world)
+    return _result_table(_table_leaves(theta, cfg), scales, cfg, losses, steps, world)
 
 
 def _starting_state(cfg, init, ckpt, steps, device):
@@ -289,28 +307,42 @@ def _starting_state(cfg, init, ckpt, steps, device):
     if ckpt is None:
         return theta, scales, optimizer, 0, []
     with torch.no_grad():
-        for name, t in zip(_LEAF_NAMES, theta):
+        for name, t in zip(_leaf_names(cfg), theta):
             t.copy_(ckpt["tensors"][name])
     load_adam_state(optimizer, ckpt["tensors"], theta)
     return theta, tuple(ckpt["scales"]), optimizer, ckpt["iteration"], list(ckpt["losses"])
 
 
-_LEAF_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a", "schedule_logits")
+def _leaf_names(cfg: DistillConfig) -> tuple[str, ...]:
+    """The trained leaves in order: the table's tensors, then the schedule logits when the schedule is learned."""
+    table = TENSOR_NAMES + ((HISTORY_TENSOR,) if cfg.solver == "epd_ms" else ())
+    return table + (("schedule_logits",) if cfg.learn_schedule else ())
+
+
+def _table_leaves(theta, cfg: DistillConfig):
+    return theta[:-1] if cfg.learn_schedule else theta
+
+
+def _rows(theta, scales, cfg: DistillConfig) -> dict:
+    table = _table_leaves(theta, cfg)
+    if cfg.solver == "epd_ms":
+        return activate_ms(table[0], table[1], table[4])
+    return activate(*table, *scales)
 
 
 def _adam(theta, cfg: DistillConfig):
     """Adam over the table logits (lr) and, when learned, the schedule logits (schedule_lr)."""
-    groups = [{"params": theta[:4], "base_lr": cfg.lr}]
-    if len(theta) > 4:
-        groups.append({"params": theta[4:], "base_lr": cfg.schedule_lr})
+    groups = [{"params": list(_table_leaves(theta, cfg)), "base_lr": cfg.lr}] if cfg.learn_table else []
+    if cfg.learn_schedule:
+        groups.append({"params": theta[-1:], "base_lr": cfg.schedule_lr})
     return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
 
 
 def learned_sigmas(theta, sig, cfg: DistillConfig, train_schedule: bool = True):
-    """The student's sigma list: fixed, or built from the learned schedule logits (theta[4])."""
-    if len(theta) <= 4:
+    """The student's sigma list: fixed, or built from the learned schedule logits (theta[-1])."""
+    if not cfg.learn_schedule:
         return sig
-    logits = theta[4] if train_schedule else theta[4].detach()
+    logits = theta[-1] if train_schedule else theta[-1].detach()
     pos = sigmas_from_logits(sig[0], cfg.schedule_floor, logits).to(sig.dtype)
     return torch.cat([pos, sig.new_zeros(1)]) if float(sig[-1]) == 0 else pos
 
@@ -321,10 +353,10 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
     trained by the end-to-end objective only: the per-step targets sit at the initial student sigmas."""
     x0, extra, targets = batch
     sig = learned_sigmas(theta, sig, cfg, train_schedule=name != "per_step")
-    rows = {k: v.to(sig.dtype) for k, v in activate(*theta[:4], *scales).items()}
+    rows = {k: v.to(sig.dtype) for k, v in _rows(theta, scales, cfg).items()}
     evaluate = PointEvaluator(model, extra, sequential=cfg.sequential_points)
     kw = dict(extra_args=extra, max_order=cfg.effective_order, afs=cfg.afs, evaluate=evaluate, feature_fn=feature_fn,
-              to_zero=cfg.to_zero)
+              to_zero=cfg.to_zero, solver=cfg.solver)
     if name == "per_step":  # each row's loss back-propagated at once into the rows, then the rows into theta
         leaves = {k: v.detach().requires_grad_(True) for k, v in rows.items()}
         loss = torch.stack(per_step_losses(model, x0, sig, leaves, targets, **kw,
@@ -399,7 +431,7 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
     schedule.setdefault("type", "explicit")
     schedule["sigmas"] = positive
     schedule["final_zero"] = cfg.sigmas[-1] == 0
-    if cfg.override_sigmas or cfg.learn_schedule:
+    if cfg.override_sigmas or cfg.learn_schedule or cfg.solver == "epd_ms":
         schedule["override_sigmas"] = True
     if cfg.learn_schedule:
         schedule.update(type="explicit", learned=True, floor=cfg.schedule_floor)
@@ -413,7 +445,9 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta = {"solver": cfg.solver, "max_order": cfg.effective_order, "afs": cfg.afs, "schedule": schedule,
             "guidance_scale": cfg.guidance_scale, "model_family": cfg.model_family, "provenance": provenance,
-            "num_points": cfg.num_points,
-            "latency_nfe": 2 * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}  # to_zero: no final call
+            "num_points": cfg.num_points,  # to_zero: no final call
+            "latency_nfe": cfg.calls_per_step * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}
+    if cfg.solver == "epd_ms":
+        meta["initial_builtin"] = cfg.builtin
     t = [p.detach().to("cpu", torch.float32) for p in theta]
-    return EPDParams(*t, scales[0], scales[1], meta)
+    return EPDParams(*t[:4], scales[0], scales[1], meta, theta_h=t[4] if len(t) > 4 else None)

@@ -10,6 +10,8 @@ import torch
 
 from .epd import EPDSamplingError, check_sigmas, positive_steps
 from .params import SCHEDULE_TYPES
+from .solvers import NAMES as SOLVER_NAMES
+from .solvers import predictor_order, variant
 from .teachers import TEACHERS
 
 OBJECTIVES = ("per_step", "end_to_end", "per_step+end_to_end")
@@ -17,7 +19,7 @@ OBJECTIVES = ("per_step", "end_to_end", "per_step+end_to_end")
 RESULT_FIELDS = ("sigmas", "num_points", "solver", "max_order", "afs", "teacher", "inserted_steps", "objective",
                  "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch",
                  "num_batches", "seed", "spread", "scale_dir", "scale_time", "learn_schedule", "schedule_floor",
-                 "schedule_lr", "to_zero")
+                 "schedule_lr", "to_zero", "builtin", "learn_table")
 
 
 class DistillError(RuntimeError):
@@ -35,7 +37,7 @@ class DistillConfig:
     sigmas: list = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # type info for the table, e.g. {"type": "polynomial", "rho": 7}
     num_points: int = 2                            # K
-    solver: str = "epd"                            # 'epd' | 'epd_plugin'
+    solver: str = "epd"                            # a name of solvers.SOLVERS: 'epd' | 'epd_plugin' | 'epd_ms'
     max_order: int = 3                             # Adams-Bashforth order of EPD-Plugin (EPD always uses 1)
     afs: bool = False                              # analytic first step
     teacher: str = "heun"
@@ -66,9 +68,12 @@ class DistillConfig:
     learn_schedule: bool = False
     schedule_floor: float = 0.002
     schedule_lr: float = 0.05                      # Adam rate of the schedule logits (cosine-decayed like lr)
+    learn_table: bool = True                       # False: only the schedule is learned (an ablation: LD3/AYS-like)
     # A list of positive sigmas only: the last row steps to sigma 0 with its points anchored at the last sigma
     # (solver.integrate's to_zero): a denoised result with no final model call. Needs the teacher's end point.
     to_zero: bool = False
+    # epd_ms: the ComfyUI sampler its untrained table reproduces, where training starts (multistep.BUILTINS)
+    builtin: str = "gradient_estimation"
     grad_checkpointing: bool = False               # recompute each student step in backward (end-to-end, big models)
     sequential_points: bool = False                # one model call per point (graphs that cannot batch K points)
     checkpoint_path: str | None = None             # a single file, written atomically
@@ -81,8 +86,12 @@ class DistillConfig:
     model_family: str | None = None                # metadata only
 
     @property
+    def calls_per_step(self) -> int:
+        return variant(self.solver).calls_per_step
+
+    @property
     def effective_order(self) -> int:
-        return self.max_order if self.solver == "epd_plugin" else 1
+        return predictor_order(self.solver, self.max_order)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -100,7 +109,12 @@ class DistillConfig:
              "Use steps >= 2 (a sigma list with at least 3 positive sigmas).")
         need(isinstance(self.num_points, int) and 1 <= self.num_points <= 64,
              f"K (num_points) must be 1..64, got {self.num_points!r}", "Use K = 1..3 as in the paper.")
-        need(self.solver in ("epd", "epd_plugin"), f"unknown solver {self.solver!r}", "Use 'epd' or 'epd_plugin'.")
+        need(self.solver in SOLVER_NAMES, f"unknown solver {self.solver!r}", f"Use one of {SOLVER_NAMES}.")
+        if self.solver == "epd_ms":
+            from .multistep import BUILTINS
+            need(self.builtin in BUILTINS, f"unknown starting built-in {self.builtin!r}", f"Use one of {BUILTINS}.")
+            need(self.to_zero and not self.afs, "epd_ms steps to 0 on its last row and has its first call anyway",
+                 "Use to_zero=True (positive sigmas, the last one anchoring the step to 0) and afs=False.")
         need(isinstance(self.max_order, int) and 1 <= self.max_order <= 4, f"max_order={self.max_order!r}",
              "EPD-Plugin supports Adams-Bashforth orders 1..4.")
         need(self.teacher in TEACHERS, f"unknown teacher {self.teacher!r}", f"Use one of {TEACHERS}.")
@@ -127,6 +141,8 @@ class DistillConfig:
              f"Use one of {SCHEDULE_TYPES} ('explicit' for any other sigma list).")
         need(not (self.to_zero and sig[-1] == 0), "to_zero with a sigma list ending in 0",
              "Give the positive sigmas only: the last one anchors the final step to 0.")
+        need(self.learn_table or self.learn_schedule, "learn_table=False with a fixed schedule learns nothing",
+             "Use learn_schedule=True with it, or learn_table=True.")
         if self.learn_schedule:
             need(0 < self.schedule_floor < min(s for s in sig if s > 0), f"schedule_floor={self.schedule_floor}",
                  "Use a positive floor below the student's last positive sigma (e.g. 0.002).")

@@ -108,11 +108,11 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         if max_order > 1:
             history = (history + [d_cur])[-(max_order - 1):]
         bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
-    _check_finite(torch.stack(bad_steps), sig)
+    check_finite(torch.stack(bad_steps), sig)
     return x
 
 
-def _check_finite(bad: torch.Tensor, sig: list[float]) -> None:
+def check_finite(bad: torch.Tensor, sig: list[float]) -> None:
     if bool(bad.any()):
         first = int(bad.float().argmax()) - 1
         if first < 0:

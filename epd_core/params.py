@@ -19,10 +19,11 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from .fileio import WriteError, atomic_write_bytes, read_safetensors_header
+from .solvers import NAMES as SOLVERS
 
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a")
-SOLVERS = ("epd", "epd_plugin")
+HISTORY_TENSOR = "theta_h"  # epd_ms only: (steps, 3) coefficients of the last 3 directions
 SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "explicit")
 MAX_STEPS, MAX_POINTS = 4096, 64
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a real table is a few kB; refuse to read anything absurd
@@ -40,7 +41,7 @@ class EPDParamsError(ValueError):
 
 def _default_metadata() -> dict:
     return {
-        "solver": "epd",            # 'epd' or 'epd_plugin'
+        "solver": "epd",            # a name of solvers.SOLVERS: 'epd', 'epd_plugin' or 'epd_ms'
         "max_order": 1,             # Adams-Bashforth order of the EPD-Plugin predictor (1..4)
         "afs": False,               # analytic first step (saves one model call)
         "fix_last_dir_scale": False,  # c_k = 1 on the last step ('fcn' in the official files)
@@ -62,6 +63,7 @@ class EPDParams:
     scale_dir: float = 0.0
     scale_time: float = 0.0
     metadata: dict = field(default_factory=_default_metadata)
+    theta_h: torch.Tensor | None = None  # epd_ms: history coefficients (steps, 3); None for the paper's solvers
 
     def __post_init__(self):
         meta = _default_metadata()
@@ -122,7 +124,10 @@ class EPDParams:
         return None if sig is None else torch.tensor(sig, dtype=torch.float64)
 
     def activated(self) -> dict[str, torch.Tensor]:
-        """r, w, c, a as tensors of shape (N, K); c is 1 on the last step if the table says so."""
+        """r, w, c, a as tensors of shape (N, K); c is 1 on the last step if the table says so.
+        epd_ms: r (N, K-1) look-ahead positions, w (N, K) and g (N, 3) free coefficients."""
+        if self.solver == "epd_ms":
+            return activate_ms(self.theta_r, self.theta_w, self.theta_h)
         return activate(*self.tensors(), self.scale_dir, self.scale_time,
                         bool(self.metadata.get("fix_last_dir_scale")))
 
@@ -160,23 +165,34 @@ class EPDParams:
         return cls(theta_r, zeros.clone(), zeros.clone(), zeros.clone(), sd, st, metadata)
 
     def clone(self) -> "EPDParams":
-        return EPDParams(*(t.detach().clone() for t in self.tensors()), self.scale_dir, self.scale_time,
-                         copy.deepcopy(self.metadata))
+        return self.with_tensors([t.detach().clone() for t in self.tensors()], copy.deepcopy(self.metadata))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.theta_r, self.theta_w, self.theta_c, self.theta_a)
+        """The learned tensors: theta_r, theta_w, theta_c, theta_a, and theta_h for epd_ms."""
+        base = (self.theta_r, self.theta_w, self.theta_c, self.theta_a)
+        return base if self.theta_h is None else (*base, self.theta_h)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return TENSOR_NAMES if self.theta_h is None else (*TENSOR_NAMES, HISTORY_TENSOR)
+
+    def with_tensors(self, tensors, metadata: dict | None = None) -> "EPDParams":
+        """A table of the same kind and scale bounds with other tensors (as `tensors()` orders them)."""
+        t = list(tensors)
+        return EPDParams(*t[:4], self.scale_dir, self.scale_time,
+                         copy.deepcopy(self.metadata) if metadata is None else metadata,
+                         theta_h=t[4] if len(t) > 4 else None)
 
     # ---- validation -----------------------------------------------------------------------------------
     def validate(self, source: str = "parameter table") -> None:
         def fail(problem, fix):
             raise EPDParamsError(f"{source}: {problem}. {fix}")
 
-        for name, t in zip(TENSOR_NAMES, self.tensors()):
+        for name, t in zip(self.tensor_names(), self.tensors()):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 fail(f"'{name}' must be a floating-point tensor", "Re-export the table with EPDParams.save().")
             if t.dim() != 2:
                 fail(f"'{name}' has shape {tuple(t.shape)}, expected (steps, K)", "Re-export the table.")
-            if t.shape != self.theta_r.shape:
+            if t.shape != self.theta_r.shape and name != HISTORY_TENSOR:
                 fail(f"'{name}' has shape {tuple(t.shape)} but 'theta_r' has {tuple(self.theta_r.shape)}",
                      "All four tensors must share one (steps, K) shape; re-export the table.")
             if not torch.isfinite(t).all():
@@ -189,7 +205,7 @@ class EPDParams:
                 fail(f"{name}={s!r} is not a bound in [0, 1)", "Use a small bound such as 0.05, or 0 to disable.")
         m = self.metadata
         if m["solver"] not in SOLVERS:
-            fail(f"unknown solver {m['solver']!r}", f"Use one of {SOLVERS}.")
+            fail(f"unknown solver {str(m['solver'])[:40]!r}", f"Use one of {SOLVERS}.")
         if not (isinstance(m["max_order"], int) and 1 <= m["max_order"] <= 4):
             fail(f"max_order={m['max_order']!r}", "EPD-Plugin supports Adams-Bashforth orders 1..4.")
         sched = m["schedule"]
@@ -211,6 +227,16 @@ class EPDParams:
                 type(family).__name__
             fail(f"model_family {shown} is not a plain name", "Use letters, digits and '_', '.', '+', '-' only, "
                  "at most 64 characters (e.g. 'sd15').")
+        if m["solver"] == "epd_ms":
+            if self.theta_h is None or tuple(self.theta_h.shape) != (n, 3):
+                shape = None if self.theta_h is None else tuple(self.theta_h.shape)
+                fail(f"an epd_ms table needs '{HISTORY_TENSOR}' of shape ({n}, 3), got {shape}",
+                     "Re-export the table with EPDParams.save() or re-run the trainer.")
+            if not (self.scale_dir == 0 and self.scale_time == 0 and self.to_zero):
+                fail("an epd_ms table has no direction / time scales and steps to 0 on its last row",
+                     "Build it with multistep.ms_table or the trainer (scale bounds 0, schedule to_zero).")
+        elif self.theta_h is not None:
+            fail(f"'{HISTORY_TENSOR}' belongs to epd_ms tables, not {m['solver']}", "Re-export the table.")
         problem = metadata_problem(m)
         if problem:
             fail(f"metadata {problem}", "Keep metadata to plain JSON values: strings, numbers, lists and objects.")
@@ -231,7 +257,8 @@ class EPDParams:
             "epd_scale_time": repr(float(self.scale_time)),
             "epd_metadata": json.dumps(meta, sort_keys=True),
         }
-        tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in zip(TENSOR_NAMES, self.tensors())}
+        tensors = {n: t.detach().to("cpu", torch.float32).contiguous()
+                   for n, t in zip(self.tensor_names(), self.tensors())}
         return st_save_bytes(tensors, metadata=header)
 
     def save(self, path) -> Path:
@@ -298,7 +325,12 @@ class EPDParams:
         except (_SafetensorError, RuntimeError, ValueError) as e:
             fail(f"tensor data is corrupt ({e})")
         t = [tensors[n].to(torch.float32) for n in TENSOR_NAMES]
-        return _checked(cls, t, scale_dir, scale_time, meta, source)
+        extra = tensors.get(HISTORY_TENSOR)
+        if extra is not None and (extra.dim() != 2 or not extra.is_floating_point()):
+            fail(f"tensor '{HISTORY_TENSOR}' has shape {list(extra.shape)} / dtype {extra.dtype}, expected "
+                 "(steps, 3) floats")
+        return _checked(cls, t, scale_dir, scale_time, meta, source,
+                        None if extra is None else extra.to(torch.float32))
 
     def describe(self) -> str:
         m = self.metadata
@@ -307,10 +339,11 @@ class EPDParams:
                 f"family={m.get('model_family')}")
 
 
-def _checked(cls, t, scale_dir, scale_time, meta, source):
+def _checked(cls, t, scale_dir, scale_time, meta, source, theta_h=None):
     """Construct without __post_init__ so validation errors name the file."""
     obj = cls.__new__(cls)
     obj.theta_r, obj.theta_w, obj.theta_c, obj.theta_a = t
+    obj.theta_h = theta_h
     obj.scale_dir, obj.scale_time = scale_dir, scale_time
     merged = _default_metadata()
     merged.update(meta)
@@ -361,6 +394,12 @@ def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: f
         c = torch.cat([c[:-1], torch.ones_like(c[-1:])])
     return {"r": torch.sigmoid(theta_r), "w": torch.softmax(theta_w, dim=-1), "c": c,
             "a": bounded_scale(theta_a, scale_time)}
+
+
+def activate_ms(theta_r, theta_w, theta_h) -> dict[str, torch.Tensor]:
+    """EPD-MS logits -> rows: r (N, K-1) look-ahead positions (column 0 of theta_r, the current point at r = 0,
+    carries nothing), w (N, K) and g (N, 3) as they are (free coefficients). Differentiable."""
+    return {"r": torch.sigmoid(theta_r[:, 1:]), "w": theta_w, "g": theta_h}
 
 
 def bounded_scale(theta: torch.Tensor, bound: float) -> torch.Tensor:

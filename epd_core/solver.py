@@ -1,4 +1,5 @@
-"""EPD-Solver and EPD-Plugin as ComfyUI / k-diffusion samplers: `sample_epd(model, x, sigmas, params)`.
+"""EPD-Solver and EPD-Plugin as ComfyUI / k-diffusion samplers: `sample_epd(model, x, sigmas, params)`
+(EPD-MS, this pack's one-call variant: `sample_epd_ms`, in multistep.py; every variant: solvers.SOLVERS).
 
 The step and the loop are in `epd.py`; this module decides which rows of a table a sigma list gets
 (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how options reach
@@ -14,9 +15,10 @@ from .params import EPDParams
 from .points import PointEvaluator
 from .runtime import warn_once
 from .schedules import REBUILDABLE, sigmas_for
+from .solvers import predictor_order
 
-__all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas", "table_schedule_for", "integrate", "epd_step",
-           "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
+__all__ = ["sample_epd", "sample_epd_plugin", "sample_epd_ms", "rows_for_sigmas", "table_schedule_for", "integrate",
+           "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
     """The table rows to use for a sigma list, and how they were chosen:
@@ -49,8 +51,8 @@ def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32)
             u = np.linspace(0, 1, n_pos) if n_pos > 1 else np.zeros(n_pos)
         picked = [torch.from_numpy(np.stack([np.interp(u, u_table, th[:, k].numpy())
                                              for k in range(th.shape[1])], axis=1)) for th in thetas]
-    resampled = EPDParams(*(p.float() for p in picked), params.scale_dir, params.scale_time,
-                          {k: v for k, v in params.metadata.items() if k not in ("schedule", "num_steps")})
+    resampled = params.with_tensors([p.float() for p in picked],
+                                    {k: v for k, v in params.metadata.items() if k not in ("schedule", "num_steps")})
     rows = {k: v.to(device=device, dtype=dtype) for k, v in resampled.activated().items()}
     return rows, mode
 
@@ -105,8 +107,8 @@ def sample_epd(model, x, sigmas, params: EPDParams, extra_args=None, callback=No
 def sample_epd_plugin(model, x, sigmas, params: EPDParams, extra_args=None, callback=None, disable=None, **opts):
     """EPD-Plugin: EPD with an Adams-Bashforth (iPNDM) predictor. Extra option: max_order (1..4, default:
     the table's own when it is an epd_plugin table, else 3)."""
-    default_order = params.max_order if params.solver == "epd_plugin" else 3
-    order = int(opts.pop("max_order", None) or default_order)
+    own = params.max_order if params.solver == "epd_plugin" else None
+    order = predictor_order("epd_plugin", opts.pop("max_order", None) or own)
     if not 1 <= order <= 4:
         raise EPDSamplingError(f"max_order={order}: EPD-Plugin supports orders 1..4")
     return _sample(model, x, sigmas, params, extra_args, callback, disable, max_order=order, **opts)
@@ -116,6 +118,9 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
             sequential=False, strict=False, evaluate=None, own_schedule=None):
     if not isinstance(params, EPDParams):
         raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
+    if params.solver == "epd_ms":
+        raise EPDSamplingError(f"this is an EPD-MS table ({params.describe()}): sample it with epd_ms "
+                               "(KSampler's epd_ms, or EPD Sampler with solver auto / epd_ms)")
     if len(sigmas) < 2:
         return x
     if own_schedule is not False and not strict:
@@ -152,3 +157,10 @@ def _rescaled_progress(callback, total: int, steps: int):
     def rescaled(info):
         callback({**info, "i": (info["i"] + 1) * total // steps - 1})
     return rescaled
+
+
+def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None, disable=None,
+                  **opts):
+    """EPD-MS (multistep.py): one model call per step; without a table, exactly ComfyUI's gradient_estimation."""
+    from .multistep import sample_epd_ms as run
+    return run(model, x, sigmas, params, extra_args, callback, disable, **opts)

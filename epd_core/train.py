@@ -24,7 +24,9 @@ import torch
 from . import schedules
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
 from .fileio import folder_problem
+from .multistep import BUILTINS
 from .params import EPDParams, EPDParamsError
+from .solvers import NAMES as SOLVER_NAMES
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
 
@@ -32,7 +34,9 @@ CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetenso
 _SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family"}
 _HELP = {
     "num_points": "K, parallel points per step (1-3 in the paper)",
-    "solver": "epd or epd_plugin (Adams-Bashforth predictor)",
+    "solver": "epd, epd_plugin (Adams-Bashforth predictor) or epd_ms (one call per step; implies --to-zero, "
+              "the last positive sigma anchoring the step to 0; try --lr 0.01 --learn-schedule)",
+    "builtin": "epd_ms: the ComfyUI sampler its untrained table reproduces, where training starts",
     "max_order": "EPD-Plugin predictor order 1..4",
     "afs": "analytic first step (saves one model call)",
     "teacher": f"teacher solver: {', '.join(TEACHERS)}",
@@ -58,8 +62,8 @@ _HELP = {
     "schedule_lr": "Adam learning rate of the learned schedule",
     "to_zero": "the last row steps to sigma 0 (no final model call; implies --no-final-zero)",
 }
-_CHOICES = {"solver": ("epd", "epd_plugin"), "teacher": TEACHERS, "objective": OBJECTIVES,
-            "lr_schedule": ("cosine", "constant")}
+_CHOICES = {"solver": SOLVER_NAMES, "teacher": TEACHERS, "objective": OBJECTIVES,
+            "lr_schedule": ("cosine", "constant"), "builtin": BUILTINS}
 
 
 class TrainCLIError(RuntimeError):
@@ -367,6 +371,8 @@ def run_distill(args, checkpoint_problem=None) -> EPDParams:
         problem = demo_problem(args)
     else:
         problem = gmm_problem(args)
+    if args.solver == "epd_ms":  # its last row always steps to 0; a paper-style analytic first step has no use
+        args.to_zero, args.afs = True, False
     if args.to_zero:  # the last row steps to 0 itself: no final Euler step
         args.final_zero = False
     sigmas, spec = student_sigmas(args, problem)

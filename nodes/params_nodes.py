@@ -9,6 +9,7 @@ import torch
 
 from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
+from epd_core.solvers import NAMES as SOLVER_NAMES
 
 from .compat import io
 from .samplers import run_epd
@@ -31,9 +32,10 @@ class EPDSampler(io.ComfyNode):
             inputs=[
                 EPDParamsType.Input("params", tooltip="A parameter table (Load EPD Params, EPD Trainer, Import EPD "
                                                       "Predictor)."),
-                io.Combo.Input("solver", options=["auto", "epd", "epd_plugin"], default="auto",
+                io.Combo.Input("solver", options=["auto", *SOLVER_NAMES], default="auto",
                                tooltip="auto: the solver the table was trained for. epd_plugin adds an "
-                                       "Adams-Bashforth predictor."),
+                                       "Adams-Bashforth predictor; epd_ms (one call per step) needs an epd_ms "
+                                       "table."),
                 io.Int.Input("max_order", default=0, min=0, max=4,
                              tooltip="EPD-Plugin predictor order (1-4); 0 = the table's own."),
                 io.Combo.Input("afs", options=["auto", "on", "off"], default="auto",

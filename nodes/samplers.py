@@ -1,6 +1,6 @@
-"""The ComfyUI-facing sampler functions: the KSampler dropdown entries `epd` / `epd_plugin` and the
-function behind the EPD Sampler node. Both pick the execution path (batched / sequential) and delegate
-the math to epd_core.solver."""
+"""The ComfyUI-facing sampler functions: the KSampler dropdown entries (`epd`, `epd_plugin`, `epd_ms`: every
+variant of epd_core.solvers) and the function behind the EPD Sampler node. Both pick the execution path
+(batched / sequential) and delegate the math to epd_core."""
 from __future__ import annotations
 
 import logging
@@ -10,19 +10,19 @@ import comfy.samplers
 
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
-from epd_core.solver import sample_epd, sample_epd_plugin
+from epd_core.solvers import NAMES, variant
 
 from .compat import sequential_reasons, sigma_list_reader
 from .tables import find_preset, model_family, neutral_table
 
 log = logging.getLogger("epd")
-SAMPLER_NAMES = ("epd", "epd_plugin")
-_SAMPLE_FNS = {"epd": sample_epd, "epd_plugin": sample_epd_plugin}
+SAMPLER_NAMES = NAMES
 
 
 def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=None, disable=None,
             execution: str = "auto", **opts):
-    """Run EPD / EPD-Plugin with `params` on a ComfyUI model, choosing the batched or sequential path."""
+    """Run a solver variant with `params` (epd_ms: None = its built-in) on a ComfyUI model, choosing the batched
+    or sequential path."""
     extra_args = extra_args or {}
     problem = sigma_list_reader(model)
     if problem:
@@ -30,9 +30,10 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     reasons = sequential_reasons(model, extra_args) if execution == "auto" else []
     sequential = execution == "sequential" or bool(reasons)
     path = ("sequential (" + ", ".join(reasons) + ")") if reasons else ("sequential" if sequential else "batched")
-    log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {params.num_points} points of each step {path}"
+    points = params.num_points if params is not None else 1
+    log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {points} points of each step {path}"
              + ("" if sequential else " in one model call"))
-    return _SAMPLE_FNS[solver](model, x, sigmas, params, extra_args=extra_args, callback=callback,
+    return variant(solver).sample_fn()(model, x, sigmas, params, extra_args=extra_args, callback=callback,
                                disable=disable, sequential=sequential, **opts)
 
 
@@ -44,7 +45,9 @@ def _dropdown_sampler(solver: str):
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
         found = find_preset(family, solver, steps, calls)
-        if found is None:
+        if found is None and solver == "epd_ms":
+            params, source = None, "no trained table for this model: exactly gradient_estimation"
+        elif found is None:
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:
             params, source = found
@@ -69,10 +72,11 @@ def sampler_name_lists() -> list[list]:
 
 
 def register_dropdown_samplers() -> None:
-    """Add `epd` / `epd_plugin` to KSampler and KSamplerSelect: the sampler functions ComfyUI finds by name
-    (comfy.k_diffusion.sampling.sample_<name>) and the names, appended in place to every list the dropdowns read
-    (never reloading modules). Idempotent: called again before each prompt (nodes/__init__.py), it puts the names
-    back into lists another pack replaced after this pack loaded (custom nodes load in directory order)."""
+    """Add every solver variant (`epd`, `epd_plugin`, `epd_ms`) to KSampler and KSamplerSelect: the sampler
+    functions ComfyUI finds by name (comfy.k_diffusion.sampling.sample_<name>) and the names, appended in place to
+    every list the dropdowns read (never reloading modules). Idempotent: called again before each prompt
+    (nodes/__init__.py), it puts the names back into lists another pack replaced after this pack loaded (custom
+    nodes load in directory order)."""
     for name in SAMPLER_NAMES:
         fn = getattr(comfy.k_diffusion.sampling, f"sample_{name}", None)
         if getattr(fn, "epd_solver", None) != name:

@@ -16,17 +16,20 @@ import comfy.utils
 import folder_paths
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, load_checkpoint
+from epd_core.multistep import ANCHOR_RATIO
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
+from epd_core.solvers import NAMES as SOLVER_NAMES
+from epd_core.solvers import variant
 
 from .compat import fix_empty_latent, io
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
-from .training import (CHECKPOINT_FILE, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model, rl_with_comfy_model,
-                       rollout_bytes, schedule_names, teacher_pool_bytes, training_sigmas)
+from .training import (CHECKPOINT_FILE, EPD_SCHEDULES, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model,
+                       rl_with_comfy_model, rollout_bytes, schedule_names, teacher_pool_bytes, training_sigmas)
 
 log = logging.getLogger("epd")
 CATEGORY = "training/epd"
@@ -46,6 +49,9 @@ def _should_stop():
 
 def _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations, learning_rate,
                     batch, seed, cfg, objective, ckpt: Path) -> DistillConfig:
+    if solver == "epd_ms":
+        return _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate,
+                          batch, seed, cfg, ckpt)
     sigmas, spec = training_sigmas(model, schedule, steps)
     return DistillConfig(
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
@@ -56,6 +62,25 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
         # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way):
         # 0.18x the peak memory on the MNIST demo model (bench/train_memory.py)
         grad_checkpointing=True)
+
+
+def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate, batch, seed,
+               cfg, ckpt: Path) -> DistillConfig:
+    """EPD-MS: `steps` model calls on the scheduler's list (KSampler's `steps`), its positive sigmas plus the last
+    step's anchor, learned end to end with the schedule from gradient_estimation's coefficients."""
+    if schedule in EPD_SCHEDULES:
+        raise ValueError(f"EPD Trainer: epd_ms starts from a ComfyUI scheduler's list (e.g. sgm_uniform, karras, "
+                         f"beta), not {schedule!r}; pick one in 'schedule'")
+    sigmas, spec = training_sigmas(model, schedule, steps - 1)
+    positive = sigmas[:-1] + [sigmas[-2] * ANCHOR_RATIO]
+    sigma_min = float(model.get_model_object("model_sampling").sigma_min)
+    return DistillConfig(
+        sigmas=positive, schedule=spec, num_points=num_points, solver="epd_ms", builtin="gradient_estimation",
+        to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25, objective="end_to_end",
+        teacher=teacher, inserted_steps=inserted_steps, iterations=iterations,
+        lr=learning_rate * variant("epd_ms").lr_scale, schedule_lr=learning_rate * 0.2, batch=batch, seed=seed,
+        checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto",
+        guidance_scale=cfg, model_family=model_family(model), teacher_sigma_min=sigma_min, grad_checkpointing=True)
 
 
 def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.NodeOutput:
@@ -120,6 +145,11 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
            iterations, learning_rate, batch, seed, cfg, objective, name, reward=None, rl_settings=None,
            init_params=None, clip=None, **_):
     """RDPO (docs/method.md, "RL fine-tuning") from `init_params`, or from a table distilled first."""
+    table_solver = init_params.solver if init_params is not None else solver
+    if not variant(table_solver).rl:
+        raise ValueError(f"EPD Trainer mode 'rl' fine-tunes the paper's solvers (epd, epd_plugin); {table_solver} "
+                         "tables have free coefficients, not the weights RDPO's Dirichlet policy samples. Use "
+                         "mode 'distill' for epd_ms")
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
@@ -330,8 +360,12 @@ class EPDTrainer(io.ComfyNode):
                              tooltip="Table rows = student steps to a positive sigma. With a ComfyUI scheduler, "
                                      "use the table in KSampler with steps + 1 steps."),
                 io.Int.Input("num_points", default=2, min=1, max=8, tooltip="K parallel points per step."),
-                io.Combo.Input("solver", options=["epd", "epd_plugin"], default="epd",
-                               tooltip="epd_plugin adds an Adams-Bashforth predictor to the parallel points."),
+                io.Combo.Input("solver", options=list(SOLVER_NAMES), default="epd",
+                               tooltip="epd_plugin adds an Adams-Bashforth predictor to the parallel points. "
+                                       "epd_ms (this pack's own, distill only): one model call per step, starts "
+                                       "as gradient_estimation on the chosen ComfyUI scheduler and learns its "
+                                       "coefficients with the schedule; steps = KSampler steps = model calls, "
+                                       "K counts the current point, learning rate x0.1."),
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),

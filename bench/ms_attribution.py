@@ -1,0 +1,134 @@
+"""Where EPD-MS's gain comes from: the same recipe with one lever at a time, on held-out noises, plus oracle rows.
+
+    .venv/bin/python bench/ms_attribution.py --model mnist --nfe 4,6 --out bench/results
+
+Rows at each latency NFE (RMSE to the benchmark's 500-step Heun reference on its 128 test noises, seed 202, and
+the ratio to the best built-in of bench/results/quality_vs_nfe_<model>.json):
+  (a) schedule only      the starting built-in's coefficients, only its sigmas learned (LD3 / AYS-like)
+  (b) coefficients, K=1  learned multistep coefficients + schedule, no look-ahead point (S4S-like)
+  (c) EPD-MS K=2, K=3    + 1 or 2 look-ahead points in the same call
+  (d) epd, epd_plugin    the paper's solvers (shipped tables)
+and "oracle" copies of (a)-(c): trained on the 128 test noises themselves (16 batches of 8), the best any training
+of that step could do on them - so a miss is the step's capacity when the oracle misses too, else the training's.
+(b) and (c, K=2) are the candidates scripts/make_ms_tables.py trained (bench/results/ms_candidates/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests"), str(REPO / "scripts")]
+from make_ms_tables import CFG, PREFIX, starting_builtin  # noqa: E402
+from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+
+from epd_core.distill import DistillConfig, distill  # noqa: E402
+from epd_core.multistep import ANCHOR_RATIO, sample_epd_ms  # noqa: E402
+from epd_core.params import EPDParams  # noqa: E402
+from epd_core.runtime import batch_seed  # noqa: E402
+from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.solvers import variant  # noqa: E402
+from epd_core.train import demo_problem  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=tuple(PREFIX), default="mnist")
+    ap.add_argument("--nfe", default="4,6")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    bench = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
+    model, ms, noise, extra_for, _, k = problem(args.model, CFG[args.model])
+    train = demo_problem(argparse.Namespace(model=args.model, demo_weights=None, device=None,
+                                            guidance_scale=CFG[args.model]))
+    x_test = noise(202, bench["samples"])
+    labels = extra_for(len(x_test))
+    ref_sig = with_final_zero(polynomial(bench["ref_steps"], float(ms.sigma_min), float(ms.sigma_max))).double()
+    t0 = time.time()
+    with torch.no_grad():
+        ref = k.sample_heun(lambda x, s, **kw: model(x, s, **labels, **kw), x_test, ref_sig.to(x_test.dtype),
+                            disable=True)
+    print(f"reference done ({time.time() - t0:.0f}s)", flush=True)
+
+    def score(fn) -> float:
+        with torch.no_grad():
+            return float(per_sample_rmse(fn(lambda x, s, **kw: model(x, s, **labels, **kw), x_test), ref).mean())
+
+    out = {"model": args.model, "samples": bench["samples"], "iterations": args.iterations, "nfe": {}}
+    for nfe in (int(v) for v in args.nfe.split(",")):
+        builtin, scheduler, steps = starting_builtin(bench, nfe)
+        sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
+        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        summary = next(r for r in bench["summary"] if r["nfe"] == nfe)
+        best = summary["best_builtin_rmse"]
+        rows = {"best built-in: " + summary["best_builtin"]: best,
+                f"start: {builtin} ({scheduler})": score(lambda m, x: sample_epd_ms(m, x, sig, None, builtin=builtin,
+                                                                                     disable=True))}
+
+        def trained(num_points, learn_table=True, oracle=False):
+            cfg = DistillConfig(sigmas=positive, solver="epd_ms", builtin=builtin, num_points=num_points,
+                                to_zero=True, objective="end_to_end", learn_schedule=True, learn_table=learn_table,
+                                schedule_floor=0.005, lr=0.01, schedule_lr=0.02, iterations=args.iterations, batch=8,
+                                num_batches=16, teacher="heun", teacher_steps=100, seed=0, model_family=train.family,
+                                teacher_sigma_min=float(ms.sigma_min))
+            noise_fn, extra_fn = train.noise_fn(positive[0]), train.extra_args_fn
+            if oracle:  # batch j = test noises 8j..8j+7 with their labels (make_batch draws batch j from this seed)
+                index = {batch_seed(cfg.seed, j): j for j in range(cfg.num_batches)}
+                noise_fn = lambda g, n: x_test[8 * index[g.initial_seed()]:][:n].clone()  # noqa: E731
+                extra_fn = lambda g, n: {"cond": labels["cond"][8 * index[g.initial_seed()]:][:n]}  # noqa: E731
+            table = distill(train.model, None, noise_fn, cfg, extra_fn)
+            return score(lambda m, x: sample_epd_ms(m, x, sig, table, disable=True))
+
+        cand = REPO / "bench" / "results" / "ms_candidates"
+        for label, fn in (
+                ("(a) schedule only", lambda: trained(1, learn_table=False)),
+                ("(b) coefficients + schedule, K=1", lambda: _candidate(cand, args.model, nfe, 1, sig, score)
+                 or trained(1)),
+                ("(c) EPD-MS K=2", lambda: _candidate(cand, args.model, nfe, 2, sig, score) or trained(2)),
+                ("(c) EPD-MS K=3", lambda: trained(3)),
+                ("(a) oracle: schedule only", lambda: trained(1, learn_table=False, oracle=True)),
+                ("(b) oracle: K=1", lambda: trained(1, oracle=True)),
+                ("(c) oracle: K=2", lambda: trained(2, oracle=True))):
+            if "oracle" in label and not args.oracle:
+                continue
+            t1 = time.time()
+            rows[label] = fn()
+            print(f"NFE {nfe} {label}: {rows[label]:.4f} (÷ best {rows[label] / best:.3f}, {time.time() - t1:.0f}s)",
+                  flush=True)
+        for solver in ("epd", "epd_plugin"):
+            path = REPO / "pretrained_params" / f"{PREFIX[args.model]}_{solver}_nfe{nfe}.safetensors"
+            if path.exists():
+                table = EPDParams.load(path)
+                own = table.schedule_sigmas
+                rows[f"(d) {solver} (shipped)"] = score(lambda m, x: variant(solver).sample_fn()(
+                    m, x, own.to(x.dtype), table, disable=True))
+        out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}}
+        (args.out / f"ms_attribution_{args.model}.json").write_text(json.dumps(out, indent=1))
+    lines = [f"### EPD-MS attribution, {args.model}: RMSE on {bench['samples']} held-out noises (÷ best built-in)", "",
+             "| row | " + " | ".join(f"NFE {n}" for n in out["nfe"]) + " |", "|---|" + "---|" * len(out["nfe"])]
+    for label in next(iter(out["nfe"].values()))["rmse"]:
+        cells = [f"{v['rmse'][label]:.4f} ({v['over_best'][label]:.2f})" if label in v["rmse"] else "—"
+                 for v in out["nfe"].values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    (args.out / f"ms_attribution_{args.model}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _candidate(folder: Path, model: str, nfe: int, num_points: int, sig, score) -> float | None:
+    path = folder / f"{PREFIX[model]}_epd_ms_k{num_points}_nfe{nfe}.safetensors"
+    if not path.exists():
+        return None
+    table = EPDParams.load(path)
+    return score(lambda m, x: sample_epd_ms(m, x, sig, table, disable=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""EPD-MS, this pack's one-call-per-step variant of EPD (docs/method.md, "EPD-MS"), in the k-diffusion / ComfyUI
+model convention. The paper's step spends two sequential calls (d_cur, then the K points); here the current point
+joins the K points' call, so latency NFE = steps:
+
+    d_ext = h_1, the previous step's d_cur (first step: the analytic x / sqrt(1 + t_cur^2))  - needs no d_cur
+    t_k   = t_next^r_k * t_cur^(1 - r_k),   x_k = x + (t_k - t_cur) * d_ext           k = 1..K-1 look-ahead points
+    D_0, D_k = D(x, t_cur), D(x_k, t_k)                                                ONE batched call of K points
+    d_cur = (x - D_0) / t_cur,   d_k = (x_k - D_k) / t_k
+    x'    = x + (t_end - t_cur) * (w_0 d_cur + sum_k w_k d_k + sum_j g_j h_j)          h_j: d_cur of step i - j
+
+w and g are free learned coefficients (no softmax), learned with the schedule. With the look-ahead weights at 0
+and (w_0, g) at a multistep method's values the step IS that method, so an untrained table reproduces ComfyUI's
+gradient_estimation, ipndm or euler exactly and training starts from the strongest built-in.
+The last row steps to sigma 0 (t_end = 0): its t_next, the table's last (positive) sigma, only anchors the
+look-ahead points. A sigma list that ends in 0 gets the anchor ANCHOR_RATIO * its last positive sigma.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+from tqdm.auto import trange
+
+from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas
+from .params import EPDParams
+from .points import PointEvaluator
+from .runtime import warn_once
+from .solver import table_schedule_for
+
+log = logging.getLogger("epd")
+HISTORY = 3                # past directions a row combines
+ANCHOR_RATIO = 0.5         # look-ahead anchor of a step to 0 on a list that has none
+BUILTINS = ("gradient_estimation", "ipndm", "euler")  # the ComfyUI samplers an untrained table reproduces
+
+
+def ms_step(evaluate, x, history, t_cur, t_next, r, w, g, t_end):
+    """(x at t_end, d_cur, denoised at x) for one row: r (K-1,) look-ahead positions, w (K,) coefficients of
+    d_cur and the look-ahead directions, g (HISTORY,) of the history (newest first)."""
+    acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
+    ts = t_cur.reshape(1)
+    xs = x.unsqueeze(0)
+    if r.numel():
+        d_ext = history[0] if history else x / torch.sqrt(1 + t_cur ** 2)
+        t_k = t_next ** r * t_cur ** (1 - r)
+        ts = torch.cat([ts, t_k.to(ts.dtype)])
+        shift = (t_k - t_cur).reshape(-1, *([1] * x.dim())).to(x.dtype)
+        xs = torch.cat([xs, x.unsqueeze(0) + shift * d_ext.unsqueeze(0)])
+    denoised = evaluate(xs, ts)
+    d = (xs.to(acc) - denoised.to(acc)) / ts.reshape(-1, *([1] * x.dim())).to(acc)
+    mix = (w.reshape(-1, *([1] * x.dim())).to(acc) * d).sum(0)
+    for coeff, h in zip(g, history):
+        mix = mix + coeff.to(acc) * h.to(acc)
+    return (x.to(acc) + (t_end - t_cur).to(acc) * mix).to(x.dtype), d[0], denoised[0]
+
+
+def integrate_ms(model, x, sigmas, rows, extra_args=None, callback=None, disable=None, evaluate=None,
+                 detach_steps: bool = False, checkpoint_steps: bool = False, to_zero: bool = False):
+    """Run EPD-MS over `sigmas` with rows {'r': (N, K-1), 'w': (N, K), 'g': (N, HISTORY)}, one row per step.
+    A list ending in 0 steps to 0 on its last row; `to_zero` does the same on a list of positive sigmas (the last
+    one is the anchor). Same callback / detach_steps / checkpoint_steps as epd.integrate."""
+    extra_args = extra_args or {}
+    sig = check_sigmas(sigmas)
+    sigmas = torch.as_tensor(sigmas)
+    if sig[-1] == 0:
+        if len(sig) < 2 or sig[-2] == 0:
+            raise EPDSamplingError("EPD-MS needs a sigma list with at least one positive sigma before the 0")
+        sigmas = torch.cat([sigmas[:-1], sigmas[-2:-1] * ANCHOR_RATIO])
+        to_zero = True
+    steps = len(sigmas) - 1
+    if rows["w"].shape[0] != steps:
+        raise EPDSamplingError(f"table has {rows['w'].shape[0]} rows for {steps} steps")
+    evaluate = evaluate or PointEvaluator(model, extra_args)
+
+    def step(i, x, *history):
+        t_end = sigmas.new_zeros(()) if to_zero and i == steps - 1 else sigmas[i + 1]
+        return ms_step(evaluate, x, history, sigmas[i], sigmas[i + 1], rows["r"][i], rows["w"][i], rows["g"][i],
+                       t_end)
+
+    history: list[torch.Tensor] = []  # newest first
+    bad_steps = [~torch.isfinite(x).all()]
+    for i in trange(steps, disable=disable):
+        if detach_steps:
+            x, history = x.detach(), [h.detach() for h in history]
+        if checkpoint_steps:
+            x_next, d_cur, denoised = grad_checkpoint(step, i, x, *history, use_reentrant=False)
+        else:
+            x_next, d_cur, denoised = step(i, x, *history)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised,
+                      "x_next": x_next})
+        x = x_next
+        history = [d_cur, *history][:HISTORY]
+        bad_steps.append(~torch.isfinite(x).all())
+    check_finite(torch.stack(bad_steps), [float(s) for s in sigmas.detach()] + ([0.0] if to_zero else []))
+    return x
+
+
+# ---- tables ---------------------------------------------------------------------------------------------------
+def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_0 (steps,), g (steps, HISTORY)) with which EPD-MS is exactly ComfyUI's `builtin` sampler (its step
+    to 0 being x = denoised, as in ComfyUI)."""
+    if builtin not in BUILTINS:
+        raise EPDSamplingError(f"EPD-MS starts from one of {BUILTINS}, not {builtin!r}")
+    w0, g = torch.ones(steps, dtype=torch.float64), torch.zeros(steps, HISTORY, dtype=torch.float64)
+    for i in range(steps):
+        if last_to_zero and i == steps - 1:
+            continue  # plain denoised output
+        if builtin == "gradient_estimation" and i > 0:  # 2 d_cur - d_prev (ComfyUI's ge_gamma = 2)
+            w0[i], g[i, 0] = 2.0, -1.0
+        elif builtin == "ipndm":  # Adams-Bashforth of order min(4, i + 1), fixed coefficients as in ComfyUI
+            coeffs = AB_COEFFS[min(4, i + 1)]
+            w0[i] = coeffs[0]
+            g[i, :len(coeffs) - 1] = torch.tensor(coeffs[1:], dtype=torch.float64)
+    return w0, g
+
+
+def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, spread: float = 1.0,
+             anchor: float | None = None, **metadata) -> EPDParams:
+    """An untrained EPD-MS table on `sigmas`, a list ending in 0 as ComfyUI's schedulers give (the last step's
+    anchor: `anchor` (default ANCHOR_RATIO) times the last positive sigma), or N + 1 positive sigmas whose last
+    one is that anchor. `builtin`'s coefficients, look-ahead points spread around the geometric midpoint with
+    weight 0: it samples exactly as the built-in does on that list."""
+    sig = check_sigmas(sigmas)
+    if len(sig) < 3 or sig[-2] == 0:
+        raise EPDSamplingError("an EPD-MS table needs at least 2 steps (3 sigmas)")
+    if sig[-1] == 0:
+        sig = sig[:-1] + [sig[-2] * (ANCHOR_RATIO if anchor is None else anchor)]
+    steps, k = len(sig) - 1, num_points
+    if not 1 <= k <= 8:
+        raise EPDSamplingError(f"EPD-MS uses K = 1..8 points per call (the current point included), got {k}")
+    w0, g = builtin_coefficients(builtin, steps)
+    theta_w = torch.zeros(steps, k, dtype=torch.float64)
+    theta_w[:, 0] = w0
+    theta_r = torch.zeros(steps, k)
+    if k > 1:
+        theta_r[:, 1:] = torch.linspace(-spread, spread, k - 1) if k > 2 else 0.0
+    positive = sig
+    schedule = dict(metadata.pop("schedule", {}) or {})
+    schedule.setdefault("type", "explicit")
+    schedule.update(sigmas=positive, to_zero=True, final_zero=False, override_sigmas=True)
+    provenance = metadata.pop("provenance", None) or {"source": f"untrained: {builtin}'s coefficients"}
+    meta = {"solver": "epd_ms", "schedule": schedule, "latency_nfe": steps, "initial_builtin": builtin,
+            "provenance": provenance, **metadata}
+    # float64 in memory: exactly the built-in's coefficients (a file stores float32)
+    return EPDParams(theta_r.double(), theta_w, torch.zeros(steps, k, dtype=torch.float64),
+                     torch.zeros(steps, k, dtype=torch.float64), 0.0, 0.0, meta, theta_h=g)
+
+
+def ms_rows(params: EPDParams, device=None, dtype=torch.float32) -> dict:
+    return {k: v.to(device=device, dtype=dtype) for k, v in params.activated().items()}
+
+
+def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None, disable=None,
+                  builtin: str = "gradient_estimation", max_batch=None, sequential=False, strict=False, evaluate=None,
+                  own_schedule=None, **_ignored):
+    """EPD-MS. With a table: on its own schedule when the list is a full denoise (the table was trained with its
+    schedule), else row i for step i when the step counts agree. Without a table, or when they do not agree,
+    the untrained table of `builtin` on the given sigmas: exactly that ComfyUI sampler."""
+    if len(sigmas) < 2:
+        return x
+    if params is not None and not isinstance(params, EPDParams):
+        raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
+    if params is not None and params.solver != "epd_ms":
+        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); EPD-MS needs an epd_ms "
+                               "table (train one with solver epd_ms), or sample it with its own solver")
+    to_zero = params is not None and float(sigmas[-1]) > 0  # a positive list: its last sigma is the anchor
+    if params is not None and own_schedule is not False and not strict:
+        own = table_schedule_for(params, sigmas)
+        if own is not None:
+            sigmas, to_zero = own, True
+    steps = len(sigmas) - 1
+    if params is not None and not to_zero and params.num_steps != steps:
+        if strict:
+            raise EPDSamplingError(f"the sigma list has {steps} steps, this EPD-MS table {params.num_steps}; use "
+                                   "its own schedule (EPD Sigmas) or a table for this step count")
+        warn_once((id(params), steps, "ms"), "EPD-MS: no table row for each of the %d steps (%s); sampling as the "
+                  "untrained %s instead", steps, params.describe(), builtin)
+        params = None
+    if params is None:
+        if float(sigmas[-1]) != 0:
+            raise EPDSamplingError("EPD-MS without a table needs a sigma list ending in 0")
+        params = ms_table(sigmas, builtin)
+    rows = ms_rows(params, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    evaluate = evaluate or PointEvaluator(model, extra_args or {}, max_batch=max_batch, sequential=sequential)
+    return integrate_ms(model, x, sigmas, rows, extra_args, callback, disable, evaluate=evaluate, to_zero=to_zero)

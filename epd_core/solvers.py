@@ -1,0 +1,62 @@
+"""The solver variants this pack knows, in one place: a new variant is one entry here plus its loop function.
+
+Everything that lists or branches on solvers reads this registry: table validation (params.py), distillation
+(distill_config.py), RL, the command line, the node dropdowns and KSampler's sampler names. Imports nothing from
+the package (params.py imports it); the loop and front-end functions are looked up lazily by name.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SolverVariant:
+    name: str
+    title: str
+    description: str
+    default_order: int          # Adams-Bashforth order of the predictor direction (1: plain d_cur)
+    calls_per_step: int         # sequential model calls one step costs (its latency), the K points being one call
+    learns: tuple[str, ...]     # the table tensors a trainer optimises
+    rl: bool                    # RDPO can fine-tune it (a Dirichlet policy over softmax weights)
+    own_last_step: bool         # the table's last row is the step to sigma 0 (no separate final Euler call)
+    sampler: str                # "module:function" of the front-end sample_<name>(model, x, sigmas, params, ...)
+    paper: bool                 # the published method (official tables use it); False for this pack's own
+    lr_scale: float = 1.0       # the EPD Trainer's learning rate times this (free coefficients move less than logits)
+
+    def sample_fn(self):
+        module, fn = self.sampler.split(":")
+        return getattr(importlib.import_module(module, __package__), fn)
+
+
+_PAPER_TENSORS = ("theta_r", "theta_w", "theta_c", "theta_a")
+
+SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
+    SolverVariant("epd", "EPD-Solver", "the paper's step: d_cur, then K parallel points in one call", 1, 2,
+                  _PAPER_TENSORS, True, False, ".solver:sample_epd", True),
+    SolverVariant("epd_plugin", "EPD-Plugin", "EPD with an Adams-Bashforth (iPNDM) predictor for the K points", 3, 2,
+                  _PAPER_TENSORS, True, False, ".solver:sample_epd_plugin", True),
+    SolverVariant("epd_ms", "EPD-MS", "one call per step: the current point and K-1 look-ahead points in one call, "
+                  "combined with the last 3 directions by learned coefficients on a learned schedule", 1, 1,
+                  ("theta_r", "theta_w", "theta_h"), False, True, ".solver:sample_epd_ms", False, 0.1),
+)}
+NAMES = tuple(SOLVERS)
+
+
+class UnknownSolver(ValueError):
+    pass
+
+
+def variant(name: str) -> SolverVariant:
+    if name not in SOLVERS:
+        raise UnknownSolver(f"unknown solver {name!r}: use one of {', '.join(NAMES)}")
+    return SOLVERS[name]
+
+
+def predictor_order(solver: str, max_order: int | None) -> int:
+    """The predictor order a run of `solver` uses: the given order for variants with a multistep predictor
+    (default: the variant's), 1 for the others."""
+    v = variant(solver)
+    if v.default_order == 1:
+        return 1
+    return int(max_order or v.default_order)

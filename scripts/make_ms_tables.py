@@ -1,0 +1,114 @@
+"""Train the shipped EPD-MS tables for the demo models, one per latency NFE (seeded, CPU).
+
+    .venv/bin/python scripts/make_ms_tables.py --model mnist --nfe 3-10 --points 1,2
+    .venv/bin/python scripts/make_ms_tables.py --model demo --nfe 3-10 --points 1,2
+
+Per NFE the starting point is the best built-in that EPD-MS reproduces exactly (gradient_estimation, ipndm or
+euler), on the scheduler the benchmark chose for it on FIT noises (bench/results/quality_vs_nfe_<model>.json, same
+seeds); an untrained table samples exactly as that built-in. Training learns the coefficients, look-ahead
+positions and the schedule end to end against a Heun teacher on training noises (seed 0). With several K, the
+table with the lowest error on the FIT noises ships as pretrained_params/<prefix>_epd_ms_nfe<N>.safetensors;
+every candidate is kept in bench/results/ms_candidates/ for the attribution table (docs/results.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
+from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+
+from epd_core.distill import DistillConfig, distill  # noqa: E402
+from epd_core.multistep import BUILTINS, ANCHOR_RATIO, sample_epd_ms  # noqa: E402
+from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.train import demo_problem  # noqa: E402
+
+PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
+CFG = {"mnist": 1.0, "demo": 2.0}
+
+
+def nfe_list(text: str) -> list[int]:
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(v) for v in text.split(",")]
+
+
+def starting_builtin(results: dict, nfe: int) -> tuple[str, str, int]:
+    """(sampler, scheduler, steps) of the reproducible built-in with the lowest FIT error at this NFE."""
+    row = results["nfe"][str(nfe)]["builtins"]
+    name = min((s for s in BUILTINS if s in row), key=lambda s: row[s]["fit"])
+    return name, row[name]["scheduler"], row[name]["steps"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=tuple(PREFIX), default="mnist")
+    ap.add_argument("--nfe", default="3-10")
+    ap.add_argument("--points", default="1,2", help="K values to train (the current point included)")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--schedule-lr", type=float, default=0.02)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--num-batches", type=int, default=16)
+    ap.add_argument("--fit-samples", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
+    model_eval, ms, noise, extra_for, _, k = problem(args.model, CFG[args.model])
+    train = demo_problem(argparse.Namespace(model=args.model, demo_weights=None, device=None,
+                                            guidance_scale=CFG[args.model]))
+    x_fit = noise(101, args.fit_samples)  # the benchmark's fit noises (its test noises are seed 202)
+    ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).double()
+    with torch.no_grad():
+        ref_fit = k.sample_heun(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
+                                ref_sig.to(x_fit.dtype), disable=True)
+    cand_dir = REPO / "bench" / "results" / "ms_candidates"
+    cand_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for nfe in nfe_list(args.nfe):
+        builtin, scheduler, steps = starting_builtin(results, nfe)
+        sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
+        if len(sig) - 1 != nfe:
+            print(f"NFE {nfe}: {builtin} {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
+            continue
+        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        best = None
+        for kk in (int(v) for v in args.points.split(",")):
+            t0 = time.time()
+            cfg = DistillConfig(sigmas=positive, solver="epd_ms", builtin=builtin, num_points=kk, to_zero=True,
+                                objective="end_to_end", learn_schedule=True, schedule_floor=0.005, lr=args.lr,
+                                schedule_lr=args.schedule_lr, iterations=args.iterations, batch=args.batch,
+                                num_batches=args.num_batches, teacher="heun", inserted_steps=3, teacher_steps=100,
+                                teacher_sigma_min=float(ms.sigma_min), seed=0, guidance_scale=CFG[args.model],
+                                model_family=train.family,
+                                schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"})
+            params = distill(train.model, None, train.noise_fn(positive[0]), cfg, train.extra_args_fn)
+            with torch.no_grad():
+                out = sample_epd_ms(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
+                                    sig.to(x_fit.dtype), params, disable=True)
+                start = sample_epd_ms(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
+                                      sig.to(x_fit.dtype), None, builtin=builtin, disable=True)
+            fit, fit0 = float(per_sample_rmse(out, ref_fit).mean()), float(per_sample_rmse(start, ref_fit).mean())
+            params.metadata["provenance"]["fit_rmse"] = fit
+            params.metadata["provenance"]["fit_rmse_start"] = fit0
+            name = f"{PREFIX[args.model]}_epd_ms_k{kk}_nfe{nfe}.safetensors"
+            params.save(cand_dir / name)
+            print(f"NFE {nfe} K={kk} from {builtin} ({scheduler}): fit RMSE {fit0:.4f} -> {fit:.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+            summary[f"{nfe}_k{kk}"] = {"builtin": builtin, "scheduler": scheduler, "fit_start": fit0, "fit": fit}
+            if best is None or fit < best[0]:
+                best = (fit, params)
+        best[1].save(args.out / f"{PREFIX[args.model]}_epd_ms_nfe{nfe}.safetensors")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
