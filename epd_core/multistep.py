@@ -165,8 +165,8 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
         raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); EPD-MS needs an epd_ms "
                                "table (train one with solver epd_ms), or sample it with its own solver")
     to_zero = params is not None and float(sigmas[-1]) > 0  # a positive list: its last sigma is the anchor
-    if params is not None and own_schedule is not False and not strict:
-        own = table_schedule_for(params, sigmas)
+    if params is not None and own_schedule is not False and not strict and len(sigmas) - 1 == params.num_steps:
+        own = table_schedule_for(params, sigmas)  # its own learned sigmas for a full denoise of its step count
         if own is not None:
             sigmas, to_zero = own, True
     steps = len(sigmas) - 1

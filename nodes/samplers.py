@@ -45,8 +45,10 @@ def _dropdown_sampler(solver: str):
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
         found = find_preset(family, solver, steps, calls)
+        if found is not None and solver == "epd_ms" and found[0].num_steps != calls:
+            found = None  # its rows are per step: a table of another step count is not used (its built-in is)
         if found is None and solver == "epd_ms":
-            params, source = None, "no trained table for this model: exactly gradient_estimation"
+            params, source = None, f"no epd_ms table of {calls} steps for this model: exactly gradient_estimation"
         elif found is None:
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:

@@ -64,3 +64,30 @@ def gmm32():
     """The exact 32-d Gaussian-mixture denoiser of the distillation tests."""
     from epd_core.gmm import GaussianMixtureDenoiser
     return GaussianMixtureDenoiser(dim=32, seed=0)
+
+
+# ---- the 8x8 demo model's in-process reference for the server tests: ComfyUI's own scheduler / noise code ----
+@pytest.fixture(scope="module")
+def comfy_ref(comfy_sampling):
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+
+    from epd_core.demo_model import DemoDenoiser, load_demo_model
+
+    class Settings:
+        sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012}
+
+    class DemoSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    class ModelStub:  # what KSampler needs to compute sigmas
+        def __init__(self, ms):
+            self.ms = ms
+
+        def get_model_object(self, name):
+            return self.ms
+
+    ms = DemoSampling(Settings())
+    return {"ms": ms, "stub": ModelStub(ms), "samplers": comfy.samplers, "sample": comfy.sample,
+            "denoiser": DemoDenoiser(load_demo_model(), cfg=2.0)}  # the server tests' CFG

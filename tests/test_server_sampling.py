@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_server import PromptRejected, error_message
-from epd_core.demo_model import DemoDenoiser, load_demo_model
 from epd_core.params import EPDParams
 from epd_core.solver import sample_epd, sample_epd_plugin
 
@@ -41,31 +40,7 @@ def read_latent(server, entry, node):
     return load_file(str(server.output_path(entry["outputs"][node]["latents"][0])))["latent_tensor"]
 
 
-# ---- in-process reference, built from ComfyUI's own scheduler / noise code and epd_core -------------------
-@pytest.fixture(scope="module")
-def comfy_ref(comfy_sampling):
-    import comfy.model_sampling
-    import comfy.sample
-    import comfy.samplers
-
-    class Settings:
-        sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012}
-
-    class DemoSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
-        pass
-
-    class ModelStub:  # what KSampler needs to compute sigmas
-        def __init__(self, ms):
-            self.ms = ms
-
-        def get_model_object(self, name):
-            return self.ms
-
-    ms = DemoSampling(Settings())
-    return {"ms": ms, "stub": ModelStub(ms), "samplers": comfy.samplers, "sample": comfy.sample,
-            "denoiser": DemoDenoiser(load_demo_model(), cfg=CFG)}
-
-
+# ---- in-process reference (the `comfy_ref` fixture in conftest.py) ----------------------------------------
 def reference(ref, solver, params, steps, seed, scheduler="karras", denoise=1.0, latent=None, sigmas=None, **opts):
     ms = ref["ms"]
     if sigmas is None:

@@ -1,0 +1,81 @@
+"""EPD-MS inside a real ComfyUI server (main.py --cpu) on the 8x8 demo model: KSampler `epd_ms` picks the shipped
+table of its step count and matches epd_core, spends exactly one model call per step; without a table of that
+step count it IS gradient_estimation; the EPD Trainer trains an epd_ms table that EPD Sampler then uses."""
+import math
+
+import pytest
+import torch
+
+from comfyui_server import error_message
+from epd_core.multistep import sample_epd_ms
+from epd_core.params import EPDParams
+from test_server_sampling import (BATCH, DIGIT, base_graph, batches, chosen_table,
+                                  ksampler, read_latent, save_latent)
+
+pytestmark = pytest.mark.server
+
+
+def ms_reference(ref, params, steps, seed):
+    """What epd_core computes for KSampler's noise and karras sigmas (ComfyUI's own code for both)."""
+    ms = ref["ms"]
+    sigmas = ref["samplers"].KSampler(ref["stub"], steps, "cpu", "epd_ms", "karras", 1.0).sigmas
+    noise = ref["sample"].prepare_noise(torch.zeros(BATCH, 1, 8, 8), seed)
+    x = ms.noise_scaling(sigmas[0], noise, torch.zeros(BATCH, 1, 8, 8),
+                         math.isclose(float(ms.sigma_max), float(sigmas[0]), rel_tol=1e-5))
+    with torch.no_grad():
+        out = sample_epd_ms(ref["denoiser"], x, sigmas, params, extra_args={"cond": [DIGIT]}, disable=True)
+    return ms.inverse_noise_scaling(sigmas[-1], out)
+
+
+def test_ksampler_epd_ms_uses_its_table_with_one_call_per_step(comfy_server, comfy_ref):
+    steps, seed, tag = 6, 99, "ks_epd_ms"
+    g = base_graph(tag)
+    g["ks"] = ksampler(("empty", 0), "epd_ms", steps, seed)
+    g["save"] = save_latent("ks", tag)
+    entry = comfy_server.run(g)
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    family, params = chosen_table(comfy_server, "epd_ms", steps)
+    assert family == "epd_demo_digits" and params.solver == "epd_ms" and params.num_steps == steps
+    torch.testing.assert_close(read_latent(comfy_server, entry, "save"), ms_reference(comfy_ref, params, steps, seed),
+                               rtol=1e-4, atol=1e-4)
+    # one call per step: the current point and K - 1 look-ahead points, cond + uncond, all in one batch
+    assert batches(comfy_server, tag) == [2 * BATCH * params.num_points] * steps
+
+
+def test_ksampler_epd_ms_without_a_table_of_that_step_count_is_gradient_estimation(comfy_server):
+    steps, seed = 13, 5  # the shipped 8x8 tables cover 3..10 steps
+    g = base_graph("ks_ms_fallback")
+    g["ms"] = ksampler(("empty", 0), "epd_ms", steps, seed)
+    g["ge"] = ksampler(("empty", 0), "gradient_estimation", steps, seed)
+    g["save_ms"], g["save_ge"] = save_latent("ms", "ms_fallback"), save_latent("ge", "ge_fallback")
+    entry = comfy_server.run(g)
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    torch.testing.assert_close(read_latent(comfy_server, entry, "save_ms"), read_latent(comfy_server, entry, "save_ge"),
+                               rtol=0, atol=1e-5)
+    assert f"no epd_ms table of {steps} steps" in comfy_server.log_path.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
+    steps, name = 4, "srv_epd_ms"
+    g = base_graph("trained_ms")
+    g["trainer"] = {"class_type": "EPDTrainer", "inputs": {
+        "mode": "distill", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
+        "latent": ["empty", 0], "steps": steps, "num_points": 2, "solver": "epd_ms", "schedule": "sgm_uniform",
+        "teacher": "dpmpp", "inserted_steps": 1, "iterations": 30, "learning_rate": 0.1, "batch": 4, "seed": 3,
+        "cfg": 2.0, "objective": "end_to_end", "name": name}}
+    g["sampler"] = {"class_type": "EPDSampler", "inputs": {"params": ["trainer", 0], "solver": "auto", "max_order": 0,
+                                                           "afs": "auto", "execution": "auto", "max_batch": 0}}
+    g["sigmas"] = {"class_type": "BasicScheduler", "inputs": {"model": ["logged", 0], "scheduler": "sgm_uniform",
+                                                              "steps": steps, "denoise": 1.0}}
+    g["custom"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["logged", 0], "add_noise": True, "noise_seed": 1, "cfg": 2.0, "positive": ["cond", 0],
+        "negative": ["cond", 1], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0], "latent_image": ["empty", 0]}}
+    g["save"] = save_latent("custom", "trained_ms")
+    entry = comfy_server.run(g, timeout=600)
+    assert entry["status"]["status_str"] == "success", error_message(entry) + comfy_server.log_tail()
+    table = EPDParams.load(comfy_server.base / "models" / "epd_params" / f"{name}.safetensors")
+    assert table.solver == "epd_ms" and table.num_steps == steps and table.metadata["latency_nfe"] == steps
+    assert table.metadata["initial_builtin"] == "gradient_estimation" and table.schedule["learned"]
+    # the trained table samples on its own learned sigmas: still one call of K points per step
+    assert batches(comfy_server, "trained_ms") == [2 * BATCH * 2] * steps
