@@ -93,9 +93,8 @@ def main(argv=None):
 
     problem_noise = lambda g, n: (1 + smax ** 2) ** 0.5 * torch.randn(n, *x_test.shape[1:], generator=g)  # noqa: E731
     labels = lambda g, n: {"cond": torch.randint(0, 10, (n,), generator=g)}  # noqa: E731
-    from epd_core.train import demo_problem  # the same network, with gradients for distillation
-    grad_model = demo_problem(argparse.Namespace(model=args.model, demo_weights=None, device=None,
-                                                 guidance_scale=cfg_scale)).model
+    from epd_core.problems import demo_problem  # the same network, with gradients for distillation
+    grad_model = demo_problem(args.model, guidance_scale=cfg_scale).model
     rows = []
     chosen = [int(i) for i in args.levers.split(",")] if args.levers else range(len(LEVERS))
     for i, (lever, change) in enumerate(LEVERS.items()):

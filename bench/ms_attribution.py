@@ -33,7 +33,7 @@ from epd_core.params import EPDParams  # noqa: E402
 from epd_core.runtime import batch_seed  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.solvers import variant  # noqa: E402
-from epd_core.train import demo_problem  # noqa: E402
+from epd_core.problems import demo_problem  # noqa: E402
 
 
 def main(argv=None):
@@ -47,8 +47,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     bench = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
     model, ms, noise, extra_for, _, k = problem(args.model, CFG[args.model])
-    train = demo_problem(argparse.Namespace(model=args.model, demo_weights=None, device=None,
-                                            guidance_scale=CFG[args.model]))
+    train = demo_problem(args.model, guidance_scale=CFG[args.model])
     x_test = noise(202, bench["samples"])
     labels = extra_for(len(x_test))
     ref_sig = with_final_zero(polynomial(bench["ref_steps"], float(ms.sigma_min), float(ms.sigma_max))).double()

@@ -27,8 +27,8 @@ def measure(form: str, batch: int, steps: int, device: str) -> float:
     from epd_core import distill as D
     from epd_core.params import EPDParams, activate
     from epd_core.schedules import sigmas_for
-    from epd_core.train import demo_problem
-    problem = demo_problem(argparse.Namespace(model="mnist", demo_weights=None, device=device, guidance_scale=None))
+    from epd_core.problems import demo_problem
+    problem = demo_problem("mnist", device=device)
     sig = torch.cat([sigmas_for({"type": "discrete", "rho": 1.0}, steps, problem.model_sampling).float(),
                      torch.zeros(1)]).to(device)
     g = torch.Generator().manual_seed(0)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import schedules
+from . import problems, schedules
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
 from .fileio import folder_problem
 from .multistep import BUILTINS
 from .params import EPDParams, EPDParamsError
+from .problems import Problem, vp_start_scale  # noqa: F401 - re-exported for existing imports
 from .solvers import NAMES as SOLVER_NAMES
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
@@ -72,78 +73,15 @@ class TrainCLIError(RuntimeError):
 
 # ===================================================================================================== models
 
-@dataclasses.dataclass
-class Problem:
-    """A model in k-diffusion convention plus how to draw its starting states and conditioning."""
-    model: object
-    unit_noise: object                         # (generator, n) -> n standard-normal latents
-    extra_args_fn: object
-    sigma_min: float
-    sigma_max: float
-    family: str
-    model_sampling: object = None              # the model's noise schedule (.sigmas, .sigma_min, .sigma_max)
-    default_schedule: str = "polynomial"
-    start_scale: object = None                 # sigma_0 -> factor from unit noise to the starting state
-    run: object = None                         # runs distill itself (ComfyUI models train inside a sampler)
-    sigmas_fn: object = None                   # (args) -> (sigmas, spec): a ComfyUI model's own schedules
-
-    def noise_fn(self, sigma0: float):
-        scale = self.start_scale(sigma0) if self.start_scale else sigma0
-        return lambda g, n: self.unit_noise(g, n) * scale
-
-
 def gmm_problem(args) -> Problem:
-    from .gmm import GaussianMixtureDenoiser, cfg_model
-    gmm = GaussianMixtureDenoiser(dim=args.gmm_dim, num_components=args.gmm_components, seed=args.gmm_seed)
-    model, extra_fn = gmm, None
-    if args.guidance_scale is not None:  # class-conditional with CFG: labels drawn with the noise
-        model = cfg_model(gmm, args.guidance_scale)
-        extra_fn = lambda g, n: {"cond": torch.randint(0, args.gmm_components, (n,), generator=g).to(  # noqa: E731
-            args.device or "cpu")}
-    device = args.device or "cpu"
-    unit_noise = lambda g, n: torch.randn(n, args.gmm_dim, generator=g, dtype=torch.float64).to(device)  # noqa: E731
-    return Problem(model, unit_noise, extra_fn, gmm.sigma_min, gmm.sigma_max, "gmm")
+    return problems.gmm_problem(dim=args.gmm_dim, components=args.gmm_components, seed=args.gmm_seed,
+                                guidance_scale=args.guidance_scale, device=args.device or "cpu")
 
 
 def demo_problem(args) -> Problem:
-    """The embedded demo models: --model mnist (28x28) or demo (8x8 digits)."""
-    from . import demo_model
-    which = demo_model.DEMO_MODELS["mnist" if args.model == "mnist" else "digits"]
-    net = demo_model.load_demo_model(args.demo_weights or which["weights"], device=args.device or "cpu")
-    size = which["size"]
-
-    class GradDemoDenoiser(demo_model.DemoDenoiser):
-        # eps_denoise may be wrapped in torch.no_grad for sampling; distillation needs its gradients
-        eps_denoise = getattr(demo_model.DemoDenoiser.eps_denoise, "__wrapped__", demo_model.DemoDenoiser.eps_denoise)
-
-        def timestep(self, sigma):
-            """The rounded index ComfyUI uses (forward), with the gradient of the fractional index (backward):
-            without it a learned schedule or time scale never sees how the network's output moves with its
-            time input, only the explicit sigma terms (straight-through estimator)."""
-            rounded = super().timestep(sigma).to(sigma.dtype)
-            if not sigma.requires_grad:
-                return rounded
-            log_table = self.log_sigmas.to(sigma.device, sigma.dtype)
-            s = sigma.log().clamp(float(log_table[0]), float(log_table[-1]))
-            hi = torch.searchsorted(log_table, s.detach()).clamp(1, len(log_table) - 1)
-            lo = hi - 1
-            frac = lo.to(s.dtype) + (s - log_table[lo]) / (log_table[hi] - log_table[lo])
-            return frac + (rounded - frac).detach()
-
-    scale = 1.0 if args.guidance_scale is None else args.guidance_scale
-    den = GradDemoDenoiser(net, cfg=scale)
-    device = args.device or "cpu"
-
-    def extra_fn(g, n):
-        return {"cond": torch.randint(0, demo_model.NUM_CLASSES, (n,), generator=g).to(device)}
-    return Problem(den, lambda g, n: torch.randn(n, 1, size, size, generator=g).to(device), extra_fn, den.sigma_min,
-                   den.sigma_max, which["family"], den, "discrete",
-                   start_scale=lambda s0: vp_start_scale(s0, den.sigma_max))
-
-
-def vp_start_scale(sigma0: float, sigma_max: float) -> float:
-    """ComfyUI's EPS noise_scaling: noise * sqrt(1 + sigma^2) when starting at the model's sigma_max."""
-    return (1 + sigma0 ** 2) ** 0.5 if sigma0 >= sigma_max * (1 - 1e-5) else sigma0
+    """--model mnist (28x28) or demo (8x8 digits)."""
+    return problems.demo_problem(args.model, weights=args.demo_weights, device=args.device or "cpu",
+                                 guidance_scale=args.guidance_scale)
 
 
 # ===================================================================================================== sigmas
@@ -275,9 +213,7 @@ def run_rl(args) -> EPDParams:
         reward = DemoClassifierReward()
     else:
         reward = LocalModelReward(args.reward, args.reward_path, device=args.device or "cpu")
-    dargs = argparse.Namespace(model=args.model, demo_weights=args.demo_weights, device=args.device,
-                               guidance_scale=args.guidance_scale)
-    problem = demo_problem(dargs)
+    problem = demo_problem(args)
     if args.init:
         table = EPDParams.load(args.init)
         sig = table.schedule_sigmas

@@ -47,7 +47,8 @@ def import_pack(comfy_path: str):
 def checkpoint_problem(args):
     """A ComfyUI checkpoint as an epd_core.train Problem, conditioned on --prompt / --negative-prompt."""
     import torch
-    from epd_core.train import Problem, TrainCLIError
+    from epd_core.problems import Problem
+    from epd_core.train import TrainCLIError
     comfy_path = args.comfyui or os.environ.get("COMFYUI_PATH")
     if not comfy_path or not (Path(comfy_path) / "comfy" / "sd.py").is_file():
         raise TrainCLIError("--checkpoint needs a ComfyUI install: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "

@@ -27,7 +27,7 @@ from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
 from epd_core.distill import DistillConfig, distill  # noqa: E402
 from epd_core.multistep import BUILTINS, ANCHOR_RATIO, sample_epd_ms  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.train import demo_problem  # noqa: E402
+from epd_core.problems import demo_problem  # noqa: E402
 
 PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
 CFG = {"mnist": 1.0, "demo": 2.0}
@@ -63,8 +63,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     results = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
     model_eval, ms, noise, extra_for, _, k = problem(args.model, CFG[args.model])
-    train = demo_problem(argparse.Namespace(model=args.model, demo_weights=None, device=None,
-                                            guidance_scale=CFG[args.model]))
+    train = demo_problem(args.model, guidance_scale=CFG[args.model])
     x_fit = noise(101, args.fit_samples)  # the benchmark's fit noises (its test noises are seed 202)
     ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).double()
     with torch.no_grad():

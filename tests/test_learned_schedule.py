@@ -123,13 +123,11 @@ def test_bad_learned_schedule_settings_are_refused():
 def test_demo_model_training_sees_how_the_network_moves_with_its_time_input():
     """The demo models' training wrapper rounds the timestep exactly like ComfyUI in the forward pass, but lets
     the gradient through the fractional index (straight-through): a learned sigma gets the network's part."""
-    import argparse
 
     from epd_core.demo_model import DemoDenoiser
-    from epd_core.train import demo_problem
+    from epd_core.problems import demo_problem
     with default_dtype(torch.float32):
-        grad_model = demo_problem(argparse.Namespace(model="demo", demo_weights=None, device=None,
-                                                     guidance_scale=1.0)).model
+        grad_model = demo_problem("digits", guidance_scale=1.0).model
         plain = DemoDenoiser(grad_model.net)
         x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
         sigma = torch.tensor([0.3, 2.0], requires_grad=True)

@@ -188,7 +188,7 @@ def test_demo_model_rl_raises_held_out_reward():
     from epd_core import demo_model, schedules
     from epd_core.distill import DistillConfig, distill
     from epd_core.solver import sample_epd
-    from epd_core.train import vp_start_scale
+    from epd_core.problems import vp_start_scale
 
     net = demo_model.load_demo_model()
     den = demo_model.DemoDenoiser(net, cfg=2.0)
