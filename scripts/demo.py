@@ -1,5 +1,5 @@
-"""The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD vs euler
-vs dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE benchmark of the same
+"""The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD-MS, EPD, the
+best built-in, euler and dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE benchmark of the same
 model is plotted. Everything lands in out/demo/ (override with --out)."""
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def main():
         # included), a 200-step reference, no Frechet distance (bench/quality_vs_nfe.py --model mnist has it)
         quality_vs_nfe.main(["--model", "mnist", "--samples", str(args.samples), "--fit-samples", "8",
                              "--schedulers", "karras,normal,ays_sd1", "--fd-samples", "0",
-                             "--samplers", "euler,dpmpp_2m,ipndm_v,uni_pc,uni_pc_bh2",
+                             "--samplers", "euler,dpmpp_2m,ipndm,uni_pc,gradient_estimation",
                              "--ref-steps", "200", "--out", str(args.out)])
         shutil.copy(args.out / "quality_vs_nfe_mnist.png", args.out / "quality_vs_nfe.png")
         shutil.copy(args.out / "quality_vs_nfe_mnist.md", args.out / "quality_vs_nfe.md")

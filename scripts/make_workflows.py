@@ -51,13 +51,23 @@ def demo_txt2img():
 
 
 def demo_side_by_side():
+    """Equal latency NFE: epd_ms, epd, the best built-in on the MNIST model at this NFE (gradient_estimation on
+    AlignYourSteps, bench/results/quality_vs_nfe_mnist.md; through SamplerCustom, since AYS is a scheduler node),
+    and euler / dpmpp_2m on karras as what most users run."""
     g = demo_head()
-    runs = [("epd", DEMO_NFE), ("euler", DEMO_NFE), ("dpmpp_2m", DEMO_NFE)]
+    runs = [("epd_ms", DEMO_NFE), ("epd", DEMO_NFE), ("euler", DEMO_NFE), ("dpmpp_2m", DEMO_NFE)]
     for i, (sampler, steps) in enumerate(runs):
         s, d, v = str(4 + 3 * i), str(5 + 3 * i), str(6 + 3 * i)
         g[s] = demo_sampler(sampler, steps, title=f"{sampler}: {DEMO_NFE} sequential model calls")
         g[d] = node("EPDDemoDecode", samples=[s, 0], scale=MNIST["scale"])
         g[v] = node("SaveImage", images=[d, 0], filename_prefix=f"epd_demo/side_by_side_{sampler}")
+    g["30"] = node("KSamplerSelect", sampler_name="gradient_estimation")
+    g["31"] = node("AlignYourStepsScheduler", model_type="SD1", steps=DEMO_NFE, denoise=1.0)
+    g["32"] = node("SamplerCustom", f"gradient_estimation + AlignYourSteps: {DEMO_NFE} model calls (best built-in)",
+                   model=["1", 0], add_noise=True, noise_seed=2026, cfg=DEMO_CFG, positive=["2", 0],
+                   negative=["2", 1], sampler=["30", 0], sigmas=["31", 0], latent_image=["3", 0])
+    g["33"] = node("EPDDemoDecode", samples=["32", 0], scale=MNIST["scale"])
+    g["34"] = node("SaveImage", images=["33", 0], filename_prefix="epd_demo/side_by_side_gradient_estimation_ays")
     return g
 
 
