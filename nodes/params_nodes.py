@@ -10,6 +10,7 @@ import torch
 from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.solvers import NAMES as SOLVER_NAMES
+from epd_core.solvers import variant
 
 from .compat import io
 from .samplers import run_epd
@@ -58,7 +59,7 @@ class EPDSampler(io.ComfyNode):
             opts["afs"] = afs == "on"
         if max_batch:
             opts["max_batch"] = max_batch
-        if max_order and solver == "epd_plugin":
+        if max_order and variant(solver).default_order > 1:  # a variant with a multistep predictor
             opts["max_order"] = max_order
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):

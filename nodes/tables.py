@@ -27,6 +27,7 @@ import torch
 from epd_core.fileio import read_safetensors_header
 from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
+from epd_core.solvers import predictor_order
 
 log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -271,5 +272,5 @@ def neutral_table(solver: str, steps: int) -> EPDParams:
     """Used when no table exists for the model: one point at the geometric midpoint, i.e. exactly ComfyUI's
     dpm_2 (EPD) or an iPNDM-predicted midpoint (EPD-Plugin). Honest, never worse than that baseline."""
     return EPDParams.from_values(torch.full((max(steps, 1), 1), 0.5), torch.ones(max(steps, 1), 1), solver=solver,
-                                 max_order=3 if solver == "epd_plugin" else 1,
+                                 max_order=predictor_order(solver, None),
                                  provenance={"source": "neutral fallback (no trained table for this model)"})

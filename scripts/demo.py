@@ -1,6 +1,6 @@
-"""The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD-MS, EPD, the
-best built-in, euler and dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE benchmark of the same
-model is plotted. Everything lands in out/demo/ (override with --out)."""
+"""The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD-MS, EPD,
+the best built-in, euler and dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE
+benchmark of the same model is plotted. Everything lands in out/demo/ (override with --out)."""
 from __future__ import annotations
 
 import argparse

@@ -24,6 +24,7 @@ from ..epd import EPDSamplingError, check_sigmas, integrate, positive_steps
 from ..fileio import adam_state_tensors, check_checkpoint_folder, load_adam_state, read_checkpoint, write_checkpoint
 from ..params import EPDParams, EPDParamsError
 from ..runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
+from ..solvers import predictor_order, variant
 from .policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
@@ -168,6 +169,9 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     progress(iteration, stats) with stats {reward, reward_std, entropy, grad_norm, loss, kl, clip_frac}."""
     cfg = dataclasses.replace(config or RLConfig())
     cfg.validate()
+    if not variant(base_table.solver).rl:
+        raise RLError(f"RDPO fine-tunes the paper's solvers' softmax weights; this is an {base_table.solver} table "
+                      "(free coefficients). Distill it instead, or fine-tune an epd / epd_plugin table")
     rank, world = rank_and_world()
     prompts = list(prompts)
     if not prompts:
@@ -188,7 +192,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     if n_pos != base_table.num_steps:
         raise RLError(f"the table has {base_table.num_steps} steps but the sigmas give {n_pos}; use the table's "
                       "own schedule")
-    max_order = base_table.max_order if base_table.solver == "epd_plugin" else 1
+    max_order = predictor_order(base_table.solver, base_table.max_order)
     extra_args_fn = extra_args_fn or _default_extra_args
 
     ckpt_path, ckpt = _prepare_checkpoint(cfg, base_table, rank)
