@@ -122,6 +122,8 @@ class EPDSigmas(io.ComfyNode):
         if trained and trained != family:
             log.warning("EPD: table trained for '%s' is used with a '%s' model; expect lower quality", trained, family)
         sigmas = table_sigmas(params, model.get_model_object("model_sampling")).float()
+        if append_zero and variant(params.solver).own_last_step:  # its last sigma only anchors the step to 0:
+            sigmas = sigmas[:-1]                                  # the list a scheduler would give, N steps
         return io.NodeOutput(schedules.with_final_zero(sigmas) if append_zero else sigmas)
 
 

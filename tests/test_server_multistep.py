@@ -66,8 +66,8 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
         "cfg": 2.0, "objective": "end_to_end", "name": name}}
     g["sampler"] = {"class_type": "EPDSampler", "inputs": {"params": ["trainer", 0], "solver": "auto", "max_order": 0,
                                                            "afs": "auto", "execution": "auto", "max_batch": 0}}
-    g["sigmas"] = {"class_type": "BasicScheduler", "inputs": {"model": ["logged", 0], "scheduler": "sgm_uniform",
-                                                              "steps": steps, "denoise": 1.0}}
+    g["sigmas"] = {"class_type": "EPDSigmas", "inputs": {"model": ["logged", 0], "params": ["trainer", 0],
+                                                         "append_zero": True}}
     g["custom"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["logged", 0], "add_noise": True, "noise_seed": 1, "cfg": 2.0, "positive": ["cond", 0],
         "negative": ["cond", 1], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0], "latent_image": ["empty", 0]}}
@@ -77,5 +77,5 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
     table = EPDParams.load(comfy_server.base / "models" / "epd_params" / f"{name}.safetensors")
     assert table.solver == "epd_ms" and table.num_steps == steps and table.metadata["latency_nfe"] == steps
     assert table.metadata["initial_builtin"] == "gradient_estimation" and table.schedule["learned"]
-    # the trained table samples on its own learned sigmas: still one call of K points per step
+    # EPD Sigmas gives its N learned sigmas and 0; it samples on them: still one call of K points per step
     assert batches(comfy_server, "trained_ms") == [2 * BATCH * 2] * steps
