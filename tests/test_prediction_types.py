@@ -259,3 +259,28 @@ def test_few_step_distilled_models_get_one_warning_line(pack, one_thread, monkey
     caplog.clear()
     distill_small(pack, cut)  # the trainer says it too, and still trains
     assert any(line.startswith("EPD Trainer: this model looks like a few-step") for line in few_step_warnings(caplog))
+
+
+# ===================================================== docs/compatibility.md says what the code does
+
+def test_compatibility_doc_matches_the_code(pack):
+    """Sections 7 to 9 of docs/compatibility.md name every kind the pack recognises, every model config it warns
+    about, the API version it pins and the ComfyUI version it declares; a change to one must change the other."""
+    import tomllib
+    doc = (newest.REPO / "docs" / "compatibility.md").read_text()
+    section = lambda n: doc.split(f"### {n}.", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]  # noqa: E731
+    kinds, distilled, api = section(7), section(8), section(9)
+    for cls, _ in pack.compat.PREDICTIONS:
+        assert f"`{cls}`" in kinds, cls
+    for kind in pack.compat.IMAGE_TO_IMAGE:
+        assert kind.replace("img2img", "IMG_TO_IMG").upper() in kinds.replace("`", "")
+    assert "**refused**" in kinds
+    for config in pack.compat._DISTILLED_CONFIGS:
+        assert f"`{config}`" in distilled
+    assert f"fewer than {pack.compat._FEW_SIGMAS} sigmas" in distilled
+    pinned = pack.compat.PINNED_API.removeprefix("comfy_api.")
+    assert f"The nodes stay on `comfy_api.{pinned}`" in api and "`custom_sampler`" in api
+    for capability in ("denoise", "noise_like", "preview", "schedule_parameters"):
+        assert f"`{capability}`" in api
+    declared = tomllib.loads((newest.REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
+    assert f"today {declared.removeprefix('>=')}" in api
