@@ -134,7 +134,8 @@ def model_family(model_patcher_or_base) -> str:
     variant = sampling_variant(active, own)
     if variant:
         family = f"{family}_{variant}"
-        log_once(("family", family), logging.INFO, f"EPD: the model's sampling is patched to '{variant}' "
+        what = f"'{variant}' prediction" if not variant.startswith("noise") else f"noise scale {variant[5:]}"
+        log_once(("family", family), logging.INFO, f"EPD: the model's sampling is patched to {what} "
                  f"({type(active).__name__}); tables are matched for family '{family}'")
     return family
 
