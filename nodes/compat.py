@@ -107,6 +107,107 @@ def sigma_list_reader(model) -> str | None:
     return None
 
 
+# ===================================================================================== prediction types
+# ComfyUI's model_sampling mix-ins (comfy/model_sampling.py) by class name, subclasses before their bases (the
+# first name found in the class's MRO wins). Newer ComfyUI added X0, V_PREDICTION_DDPM (CogVideoX), the
+# image-to-image kinds and ModelSamplingAV (CONST with a separate audio shift); CONST gained a noise_scale.
+PREDICTIONS = (("IMG_TO_IMG_FLOW", "img2img_flow"), ("IMG_TO_IMG_VELOCITY", "img2img_velocity"),
+               ("IMG_TO_IMG", "img2img"), ("V_PREDICTION_DDPM", "v_ddpm"), ("COSMOS_RFLOW", "cosmos_rflow"),
+               ("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
+# Image-to-image models (Marigold-style depth/normals, one-step editors) start from the input latent and add no
+# noise (noise_scaling returns the latent): there is no noise-to-image ODE for a table to solve.
+IMAGE_TO_IMAGE = ("img2img", "img2img_flow", "img2img_velocity")
+
+
+def prediction_type(model_sampling) -> str | None:
+    """The prediction kind of a model_sampling object ('eps', 'v', 'edm', 'x0', 'flow', 'v_ddpm', 'cosmos_rflow',
+    or one of IMAGE_TO_IMAGE), None when it has none of ComfyUI's mix-ins."""
+    names = {c.__name__ for c in type(model_sampling).__mro__}
+    return next((kind for cls, kind in PREDICTIONS if cls in names), None)
+
+
+def noise_scale(model_sampling) -> float:
+    """CONST's absolute noise scale (ModelNoiseScale, HiDream-O1); 1.0 where the model has none."""
+    return float(getattr(model_sampling, "noise_scale", 1.0) or 1.0)
+
+
+def sampling_variant(active, own) -> str | None:
+    """The family suffix for a model whose model_sampling was patched into another ODE than its own (None: the
+    same): another prediction type ('flow' for SD1.5 behind ModelSamplingSD3), or another noise scale."""
+    if active is None or own is None or active is own:
+        return None
+    kind, own_kind = prediction_type(active), prediction_type(own)
+    if kind and kind != own_kind:
+        return kind
+    scale = noise_scale(active)
+    if scale != noise_scale(own):
+        return f"noise{scale:g}"
+    return None
+
+
+def _model_sampling(model):
+    """The model_sampling in effect: a ModelPatcher's (patches included), else the one on the BaseModel behind
+    a sampler model / CFGGuider (ComfyUI applies the object patches there while sampling)."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    for _ in range(4):
+        if model is None or hasattr(model, "model_sampling"):
+            break
+        model = getattr(model, "inner_model", None) or getattr(model, "model", None)
+    return getattr(model, "model_sampling", None)
+
+
+def prediction_problem(model) -> str | None:
+    """A message when the model's sampling is not a noise-to-data ODE an EPD table can step (image-to-image)."""
+    ms = _model_sampling(model)
+    kind = prediction_type(ms) if ms is not None else None
+    if kind in IMAGE_TO_IMAGE:
+        return (f"the model samples image-to-image ({type(ms).__name__}, prediction '{kind}'): it starts from the "
+                "input image and adds no noise, so there is no noise-to-image ODE for an EPD table to solve. Sample "
+                "it with the sampler and sigmas its workflow was made for (e.g. euler); EPD tables cannot be used "
+                "or trained for it.")
+    return None
+
+
+def model_problem(model) -> str | None:
+    """Why EPD cannot sample or train this model at all (None: it can)."""
+    return prediction_problem(model) or sigma_list_reader(model)
+
+
+# ============================================================================= few-step distilled models
+# Step-distilled models are trained to land on their own few sigmas; a learned solver has nothing to add there.
+# Recognisable: the model config of a step-distilled checkpoint, or a model_sampling whose sigma table was cut to
+# the distillation's few timesteps (ComfyUI's ModelSamplingDiscrete "lcm": ModelSamplingDiscreteDistilled, 50).
+# LoRA-distilled models (SDXL-Lightning, Qwen-Image-Lightning, Wan lightx2v) and checkpoints that share their
+# base model's config (Z-Image Turbo, SDXL Turbo) cannot be told apart; docs/compatibility.md lists them.
+_DISTILLED_CONFIGS = {"FluxSchnell": "FLUX.1 schnell"}
+_FEW_SIGMAS = 100  # ComfyUI's own schedules keep 1000 (10000 for Flux); the LCM sampling keeps 50
+
+
+def few_step_hint(model) -> str | None:
+    """One line when the model looks like a few-step distilled model (EPD then gives it nothing), else None."""
+    ms = _model_sampling(model)
+    base = model
+    for _ in range(4):
+        if base is None or hasattr(base, "model_config"):
+            break
+        base = getattr(base, "inner_model", None) or getattr(base, "model", None)
+    config = type(getattr(base, "model_config", None)).__name__
+    why = None
+    if config in _DISTILLED_CONFIGS:
+        why = f"{_DISTILLED_CONFIGS[config]} is step-distilled"
+    elif ms is not None and "LCM" in {c.__name__ for c in type(ms).__mro__}:
+        why = "its sampling is LCM (a consistency-distilled model)"
+    else:
+        sigmas = getattr(ms, "sigmas", None)
+        if sigmas is not None and getattr(sigmas, "ndim", 0) == 1 and 1 < len(sigmas) < _FEW_SIGMAS:
+            why = f"its sampling keeps only {len(sigmas)} sigmas (a distilled timestep table)"
+    if why is None:
+        return None
+    return (f"this model looks like a few-step distilled model ({why}); it was trained for its own few sigmas and "
+            "EPD cannot make it faster or better: use the sampler and step count it was distilled for.")
+
+
 # ============================================================================================ training
 
 def is_dynamic(model_patcher) -> bool:

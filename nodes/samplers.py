@@ -12,7 +12,7 @@ from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
 from epd_core.solvers import NAMES, variant
 
-from .compat import sequential_reasons, sigma_list_reader
+from .compat import few_step_hint, model_problem, sequential_reasons
 from .tables import find_preset, model_family, neutral_table
 
 log = logging.getLogger("epd")
@@ -24,9 +24,12 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     """Run a solver variant with `params` (epd_ms: None = its built-in) on a ComfyUI model, choosing the batched
     or sequential path."""
     extra_args = extra_args or {}
-    problem = sigma_list_reader(model)
+    problem = model_problem(model)
     if problem:
         raise RuntimeError(f"EPD: {problem}")
+    hint = few_step_hint(model)
+    if hint:
+        log_once(("few-step", hint), logging.WARNING, f"EPD: {hint}")
     reasons = sequential_reasons(model, extra_args) if execution == "auto" else []
     sequential = execution == "sequential" or bool(reasons)
     path = ("sequential (" + ", ".join(reasons) + ")") if reasons else ("sequential" if sequential else "batched")

@@ -29,6 +29,8 @@ from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
 from epd_core.solvers import predictor_order
 
+from .compat import sampling_variant
+
 log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PACK_DIR / "pretrained_params"
@@ -112,19 +114,11 @@ def load_path(path, shown: str) -> EPDParams:
 
 
 # ---- which model family a MODEL is ------------------------------------------------------------------------
-_PREDICTIONS = (("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
-
-
-def prediction_type(model_sampling) -> str | None:
-    """'eps', 'v', 'edm', 'x0' or 'flow' (ComfyUI's model_sampling mix-in classes), None when unknown."""
-    names = {c.__name__ for c in type(model_sampling).__mro__}
-    return next((kind for cls, kind in _PREDICTIONS if cls in names), None)
-
-
 def model_family(model_patcher_or_base) -> str:
     """The family name tables are matched by. A model whose model_sampling was patched to another prediction
-    type (e.g. SD1.5 behind ModelSamplingSD3: flow instead of eps) is another family, '<family>_<type>', so
-    a table trained for the unpatched model is not picked for it silently."""
+    type (e.g. SD1.5 behind ModelSamplingSD3: flow instead of eps) or another noise scale is another family,
+    '<family>_<type>' / '<family>_noise<scale>', so a table trained for the unpatched model is not picked for it
+    silently (nodes/compat.py: the prediction types)."""
     base = getattr(model_patcher_or_base, "model", model_patcher_or_base)
     config = getattr(base, "model_config", None)
     explicit = getattr(config, "epd_family", None)
@@ -138,12 +132,12 @@ def model_family(model_patcher_or_base) -> str:
     active = (getattr(model_patcher_or_base, "object_patches", None) or {}).get("model_sampling")
     backup = (getattr(model_patcher_or_base, "object_patches_backup", None) or {}).get("model_sampling")
     own = backup if backup is not None else getattr(base, "model_sampling", None)
-    if active is not None and own is not None:
-        kind, own_kind = prediction_type(active), prediction_type(own)
-        if active is not own and kind and kind != own_kind:
-            family = f"{family}_{kind}"
-            log_once(("family", family), logging.INFO, f"EPD: the model's sampling is patched to '{kind}' "
-                     f"prediction ({type(active).__name__}); tables are matched for family '{family}'")
+    variant = sampling_variant(active, own)
+    if variant:
+        family = f"{family}_{variant}"
+        what = f"'{variant}' prediction" if not variant.startswith("noise") else f"noise scale {variant[5:]}"
+        log_once(("family", family), logging.INFO, f"EPD: the model's sampling is patched to {what} "
+                 f"({type(active).__name__}); tables are matched for family '{family}'")
     return family
 
 

@@ -27,7 +27,7 @@ from epd_core.params import EPDParams
 from epd_core.rl import RLConfig, rdpo
 from epd_core.runtime import is_oom
 
-from .compat import is_dynamic, multigpu_problem, sequential_reasons, sigma_list_reader, training_mode
+from .compat import few_step_hint, is_dynamic, model_problem, multigpu_problem, sequential_reasons, training_mode
 
 log = logging.getLogger("epd")
 RL_MAX_ROWS_PER_CALL = 64  # samples per model call in RL rollouts (halved on out-of-memory)
@@ -120,9 +120,12 @@ def inside_guider(model_patcher, positive, negative, cfg_scale: float, latent_sh
     k-diffusion model D(x, sigma) with CFG), extra_args (pass to every guider call), noise_fn(generator, n)
     (starting noises scaled like KSampler's), sequential (reasons the K points must not share one call).
     needs_gradient: back-propagates through the model (distillation; RL only samples). Returns what `train` does."""
-    problem = sigma_list_reader(model_patcher) or (needs_gradient and multigpu_problem(model_patcher))
+    problem = model_problem(model_patcher) or (needs_gradient and multigpu_problem(model_patcher))
     if problem:
         raise RuntimeError(f"EPD Trainer: {problem}")
+    hint = few_step_hint(model_patcher)
+    if hint:
+        log.warning("EPD Trainer: %s", hint)
     dynamic = is_dynamic(model_patcher)
     if dynamic:
         model_patcher = with_autograd_safe_weights(model_patcher)

