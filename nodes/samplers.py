@@ -36,8 +36,9 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     points = params.num_points if params is not None else 1
     log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {points} points of each step {path}"
              + ("" if sequential else " in one model call"))
-    return variant(solver).sample_fn()(model, x, sigmas, params, extra_args=extra_args, callback=callback,
-                               disable=disable, sequential=sequential, **opts)
+    sample = variant(solver).sample_fn()
+    return sample(model, x, sigmas, params, extra_args=extra_args, callback=callback, disable=disable,
+                  sequential=sequential, **opts)
 
 
 def _dropdown_sampler(solver: str):
