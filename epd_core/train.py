@@ -118,6 +118,7 @@ def student_sigmas(args, problem: Problem) -> tuple[list[float], dict]:
 # ======================================================================================================= CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from .rl.rdpo import RLConfig  # its defaults are the rl command's
     parser = argparse.ArgumentParser(prog="python -m epd_core.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a table from a teacher solver (docs/method.md)",
@@ -186,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reward-path", default=None, help="local reward weights (ComfyUI models/epd_rewards/...)")
     r.add_argument("--prompts", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated labels, one group each")
     r.add_argument("--iterations", type=int, default=100)
-    r.add_argument("--group-size", type=int, default=4)
+    r.add_argument("--group-size", type=int, default=RLConfig.group_size)
     r.add_argument("--prompts-per-update", type=int, default=0,
                    help="groups per update, cycling through --prompts (0: all)")
-    r.add_argument("--epochs", type=int, default=2)
-    r.add_argument("--lr", type=float, default=7e-5)
-    r.add_argument("--kappa", type=float, default=15.0)
-    r.add_argument("--kl-coef", type=float, default=0.1,
+    r.add_argument("--epochs", type=int, default=RLConfig.epochs)
+    r.add_argument("--lr", type=float, default=RLConfig.lr)
+    r.add_argument("--kappa", type=float, default=RLConfig.kappa)
+    r.add_argument("--kl-coef", type=float, default=RLConfig.kl_coef,
                    help="KL(policy || start): 0.1 halved the drift from the ODE solution on the demo (paper: 0)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="output table (.safetensors)")

@@ -204,8 +204,9 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
 
 
 MODES = {"distill": run_distill, "rl": run_rl}
-RL_DEFAULTS = {"prompts": "", "group_size": 4, "prompts_per_update": 0, "ppo_epochs": 2, "learning_rate": 1e-3,
-               "clip": 0.2, "kl_coef": 0.1, "kappa": 15.0, "distill_iterations": 200}
+RL_DEFAULTS = {"prompts": "", "group_size": RLConfig.group_size, "prompts_per_update": RLConfig.prompts_per_iteration,
+               "ppo_epochs": RLConfig.epochs, "learning_rate": RLConfig.lr, "clip": RLConfig.clip_eps,
+               "kl_coef": RLConfig.kl_coef, "kappa": RLConfig.kappa, "distill_iterations": DistillConfig.iterations}
 
 
 def _losses_so_far(ckpt: Path) -> list[float]:
@@ -369,7 +370,7 @@ class EPDTrainer(io.ComfyNode):
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),
-                io.Combo.Input("teacher", options=list(TEACHERS), default="dpmpp",
+                io.Combo.Input("teacher", options=list(TEACHERS), default=DistillConfig.teacher,
                                tooltip="The accurate solver the student learns to imitate on a finer grid (100 "
                                        "steps). dpmpp (DPM++ 2M) takes one model call per step, half of heun's, "
                                        "and trained tables as good (docs/method.md, 'Distillation')."),

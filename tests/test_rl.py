@@ -119,7 +119,7 @@ def _toy_setup():
 def test_rl_moves_table_toward_target():
     base, target, reward = _toy_setup()
     hist = []
-    cfg = RLConfig(iterations=60, group_size=8, epochs=2, lr=3e-3, kappa=15.0, seed=0)
+    cfg = RLConfig(iterations=60, group_size=8, epochs=2, lr=3e-3, kappa=15.0, kl_coef=0.0, seed=0)
     out = rdpo(None, torch.tensor([5.0, 2.0, 1.0, 0.5]), base, reward, list(range(4)), config=cfg, history=hist)
     d0 = float(reward.distance({k: v[None].double() for k, v in ResidualDirichletPolicy(base).mean_rows().items()}))
     d1 = float(reward.distance({k: v[None].double() for k, v in out.activated().items()}))
@@ -131,7 +131,7 @@ def test_rl_moves_table_toward_target():
 def test_checkpoint_resume_is_exact_and_cancel(tmp_path):
     base, _, reward = _toy_setup()
     sig = torch.tensor([5.0, 2.0, 1.0, 0.5])
-    cfg = RLConfig(iterations=6, group_size=4, lr=3e-3, seed=1)
+    cfg = RLConfig(iterations=6, group_size=4, lr=3e-3, kl_coef=0.0, seed=1)
     full = rdpo(None, sig, base, reward, [0, 1], config=cfg)
     ck = tmp_path / "rl.ckpt"
     calls = {"n": 0}
