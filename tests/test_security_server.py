@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as st_save
 
+import hostile_pickles
 from comfyui_server import COMFYUI, REPO, error_message
 from epd_core.params import EPDParams
 from official_pickle import official_pickle, random_tables, sd15_attrs
@@ -99,6 +100,29 @@ def test_pkl_memory_bomb_uploaded_to_input_is_refused_fast_and_server_keeps_serv
     assert "EPDImportError" in msg and "bomb.pkl" in msg and "refused" in msg and "'M'" in msg, msg
     assert_private(comfy_server, msg)
     assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before  # nothing written
+    still_serving(comfy_server)
+
+
+# ---- issue 21, item 1: pickles that crashed, froze or bloated the server ------------------------------------
+@pytest.mark.parametrize("name,build,words", [
+    ("deep_key.pkl", hostile_pickles.deep_tuple_key, "nesting depth 32"),            # was: ComfyUI died (SIGSEGV)
+    ("collide.pkl", hostile_pickles.colliding_int_keys, "10000 opcodes"),            # was: 16 s holding the GIL
+    ("sets.pkl", hostile_pickles.empty_sets, "10000 opcodes"),                       # was: +246 MB
+    ("views.pkl", hostile_pickles.stride_zero_views, "bytes of tensor data"),        # was: +600 MB, saved a table
+])
+def test_hostile_pickles_are_refused_fast_and_the_server_keeps_serving(comfy_server, name, build, words):
+    (comfy_server.base / "input" / name).write_bytes(build())
+    before = sorted(p.name for p in params_dir(comfy_server).iterdir())
+    start = time.monotonic()
+    msg = run_error(comfy_server, import_graph(pkl_path=name, output_name="hostile"))
+    assert time.monotonic() - start < 10, msg
+    assert "EPDImportError" in msg and f"{name}: refused" in msg and words in msg and "budget" in msg, msg
+    assert_private(comfy_server, msg)
+    assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before
+    assert comfy_server.proc.poll() is None
+    stats_start = time.monotonic()
+    comfy_server.get("/system_stats")
+    assert time.monotonic() - stats_start < 2
     still_serving(comfy_server)
 
 
