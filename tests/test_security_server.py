@@ -308,6 +308,30 @@ def test_teacher_pool_too_large_for_memory_is_refused_before_training(comfy_serv
     still_serving(comfy_server)
 
 
+# ---- issue 21, item 2: RL prompts are capped and their conditioning counted in the memory check -------------
+def rl_prompts_graph(prompts):
+    g = reward_graph("aesthetic", "x")
+    g["reward"] = {"class_type": "EPDRewardDemoClassifier", "inputs": {}}
+    g["init"] = {"class_type": "LoadEPDParams", "inputs": {"name": "demo_digits_epd_s3.safetensors"}}
+    g["settings"] = {"class_type": "EPDRLSettings", "inputs": {
+        "prompts": prompts, "group_size": 2, "prompts_per_update": 1, "ppo_epochs": 1, "learning_rate": 1e-3,
+        "clip": 0.2, "kl_coef": 0.0, "kappa": 15.0, "distill_iterations": 1}}
+    g["trainer"]["inputs"].update(rl_settings=["settings", 0], init_params=["init", 0], name="sec_prompts")
+    return g
+
+
+def test_rl_prompt_lines_are_capped_before_encoding(comfy_server):
+    for prompts in ("1\n" * 100_000, "1\n" * 1025, "1 " * 300_000):  # was: +423 MB for 100,000 lines, 2M killed
+        start = time.monotonic()
+        msg = run_error(comfy_server, rl_prompts_graph(prompts))
+        assert time.monotonic() - start < 30, msg
+        assert "at most 1024 prompts" in msg and "EPD RL Settings" in msg, msg
+    msg = run_error(comfy_server, rl_prompts_graph("1\nseven\n" * 500))
+    assert "got 500 other line(s), e.g. 'seven'" in msg and len(msg) < 1500, msg  # was: the whole list echoed
+    assert not (params_dir(comfy_server) / "sec_prompts.safetensors").exists()
+    still_serving(comfy_server)
+
+
 # ---- item 5: messages a user sees --------------------------------------------------------------------------
 def test_flow_patched_model_does_not_use_the_eps_tables(comfy_server):
     g = demo_ksampler(4, seed=4, model=("flow", 0))
@@ -392,3 +416,29 @@ def test_rl_rollout_model_calls_are_chunked_and_split_on_out_of_memory(tmp_path)
     res = json.loads(lines[0][len("RESULT"):])
     assert res["equal"] and res["again"] and res["rows"] == 16 and res["cap"] <= 64
     assert res["max_call"] <= res["cap"]
+
+
+# ---- issue 21, item 2: the conditioning of all RL prompts is counted before they are encoded ---------------
+CONDITIONING_SCRIPT = CHUNK_SCRIPT.split("import torch")[0] + r"""
+import torch
+from ComfyUI_EPD.nodes.trainer_nodes import _encode_all
+calls = []
+def encode(text):  # a text encoder whose output is 64 MiB a prompt (shapes only: meta tensors)
+    calls.append(text)
+    return [[torch.empty(1, 4096, 4096, device="meta"), {"pooled_output": torch.empty(1, 4096, device="meta")}]]
+try:
+    _encode_all(["a prompt"] * 1024, encode, None)
+    print("RESULT" + json.dumps({"error": None}))
+except ValueError as e:
+    print("RESULT" + json.dumps({"error": str(e), "calls": len(calls)}))
+"""
+
+
+def test_conditioning_of_all_rl_prompts_is_checked_against_memory_before_encoding_them(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CONDITIONING_SCRIPT, str(REPO), str(COMFYUI)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[0][len("RESULT"):])
+    assert res["error"] and "the conditioning of 1024 RL prompts" in res["error"] and "64.0 GiB" in res["error"], res
+    assert res["calls"] == 1  # only the first prompt was encoded
