@@ -39,6 +39,7 @@ import pickle
 import pickletools
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -111,7 +112,7 @@ OFFICIAL_BRANCH = "EPD-Solver++"
 OFFICIAL_COMMIT = "88a91f0914069afd700bfee1b590c7b61ceae240"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}"
 BASE_URL_ENV = "EPD_OFFICIAL_BASE_URL"  # e.g. a mirror; tests point it at a local server
-DOWNLOAD_TIMEOUT = 30.0                 # seconds, per socket operation and for the whole download
+DOWNLOAD_TIMEOUT = 30.0                 # seconds for the whole download (connecting included)
 MAX_DOWNLOAD_BYTES = 1024 * 1024        # the published files are ~7 kB
 # The published predictors (name, size, SHA-256), from the authors' repository at OFFICIAL_COMMIT.
 OFFICIAL_FILES: dict[str, OfficialFile] = {f.name: f for f in (
@@ -162,11 +163,35 @@ def verify_official(name: str, data: bytes, source: str) -> bytes:
     return data
 
 
+class DownloadCancelled(EPDImportError):
+    """The caller's `should_stop()` turned true during a download (e.g. ComfyUI's Cancel); nothing was written."""
+
+
+class _HttpsRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an https URL (urllib's default also follows http and ftp)."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        newurl = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if urllib.parse.urlsplit(newurl).scheme != "https":
+            raise EPDImportError(f"{req.full_url}: refused: the server redirects to {newurl[:200]}, and only "
+                                 "redirects to https URLs are followed; nothing was written. Check "
+                                 f"${BASE_URL_ENV} (a mirror must serve the file itself or redirect to https).")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_POLL_S = 0.1  # how often the caller checks the deadline and should_stop while the download runs
+
+
 def download_official(name: str, base_url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT,
-                      out_hint: str = "OUT.safetensors") -> bytes:
+                      out_hint: str = "OUT.safetensors", should_stop=None) -> bytes:
     """Download the published predictor `name` with the standard library and return its bytes, verified
-    (size and SHA-256). Bounded in time (`timeout`) and size (MAX_DOWNLOAD_BYTES). Writes nothing. Without a
-    connection the error gives the URL to fetch by hand and the command that converts the fetched file."""
+    (size and SHA-256). Bounded in time (`timeout` seconds in all, connecting included: a server that sends a
+    byte now and then is cut off), in size (MAX_DOWNLOAD_BYTES), and redirects go to https only. The transfer
+    runs in a daemon thread so that `should_stop()` (polled every 0.1 s) can cancel it: DownloadCancelled.
+    Writes nothing. Without a connection the error gives the URL to fetch by hand and the command that converts
+    the fetched file."""
     entry = official_file(name)
     url = official_url(name, base_url)
     scheme = urllib.parse.urlsplit(url).scheme
@@ -180,31 +205,54 @@ def download_official(name: str, base_url: str | None = None, timeout: float = D
             f"and convert it with: {convert_command(name, out=out_hint)}")
 
     deadline = time.monotonic() + timeout
-    chunks, total = [], 0
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-EPD"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
-                raise EPDImportError(f"{url}: refused: the server announces {int(length)} bytes, far more than an "
-                                     f"EPD predictor ({entry.size} bytes); nothing was written.")
-            while True:
-                chunk = response.read(64 * 1024)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise EPDImportError(f"{url}: refused: the download exceeds {MAX_DOWNLOAD_BYTES} bytes, far "
-                                         f"more than an EPD predictor ({entry.size} bytes); nothing was written.")
-                if time.monotonic() > deadline:
-                    offline(f"the download took longer than {timeout:g} s")
-                chunks.append(chunk)
-    except urllib.error.HTTPError as e:
-        offline(f"HTTP {e.code} {e.reason}")
-    except urllib.error.URLError as e:
-        offline(f"{e.reason}")
-    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, bad responses
-        offline(f"{type(e).__name__}: {_first_line(e)}")
+    chunks: list[bytes] = []
+    failure: list[BaseException] = []
+    done, stop = threading.Event(), threading.Event()
+
+    def fetch():
+        total = 0
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-EPD"})
+            opener = urllib.request.build_opener(_HttpsRedirectsOnly)
+            with opener.open(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.strip().isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+                    raise EPDImportError(f"{url}: refused: the server announces {int(length)} bytes, far more "
+                                         f"than an EPD predictor ({entry.size} bytes); nothing was written.")
+                while not stop.is_set():
+                    chunk = response.read1(64 * 1024)  # what has arrived: a trickle cannot hold a read open
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > MAX_DOWNLOAD_BYTES:
+                        raise EPDImportError(f"{url}: refused: the download exceeds {MAX_DOWNLOAD_BYTES} bytes, "
+                                             f"far more than an EPD predictor ({entry.size} bytes); nothing was "
+                                             "written.")
+                    chunks.append(chunk)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name=f"epd-download-{name}", daemon=True).start()
+    while not done.wait(_POLL_S):
+        if should_stop is not None and should_stop():
+            stop.set()
+            raise DownloadCancelled(f"{url}: the download was cancelled; nothing was written.")
+        if time.monotonic() > deadline:
+            stop.set()
+            offline(f"the download took longer than {timeout:g} s")
+    if failure:
+        e = failure[0]
+        if isinstance(e, EPDImportError):
+            raise e
+        if isinstance(e, urllib.error.HTTPError):
+            offline(f"HTTP {e.code} {e.reason}")
+        if isinstance(e, urllib.error.URLError):
+            offline(f"{e.reason}")
+        if isinstance(e, (OSError, http.client.HTTPException, ValueError)):  # timeouts, resets, bad responses
+            offline(f"{type(e).__name__}: {_first_line(e)}")
+        raise e
     return verify_official(name, b"".join(chunks), url)
 
 
