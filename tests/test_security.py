@@ -245,3 +245,37 @@ def test_opcode_walk_budgets(data, words):
     assert msg.startswith("hostile.pkl: "), msg
     for word in words:
         assert word in msg, msg
+
+
+# ---- issue 21, item 4: schedule numbers and flags of a table are checked at load ----------------------------
+@pytest.mark.parametrize("schedule,words", [
+    ("polynomial", "'schedule' must be an object"),
+    ({"type": "polynomial", "rho": 1e-320}, "schedule 'rho' is 1e-320"),                       # was: NaN sigmas
+    ({"type": "polynomial", "sigma_min": -1.0, "sigma_max": 80.0}, "schedule 'sigma_min' is -1.0"),
+    ({"type": "polynomial", "sigma_min": "0.002"}, "schedule 'sigma_min' is '0.002'"),          # was: TypeError
+    ({"type": "polynomial", "sigma_min": 80.0, "sigma_max": 1.0}, "is not below sigma_max"),
+    ({"type": "polynomial", "rho": True}, "schedule 'rho' is True"),
+    ({"type": "explicit", "to_zero": "yes"}, "schedule 'to_zero' is 'yes'"),
+])
+def test_table_schedules_with_bad_numbers_are_refused_at_load(schedule, words):
+    table = EPDParams.neutral(3)
+    table.metadata["schedule"] = schedule
+    with pytest.raises(EPDParamsError, match="my.safetensors: .*" + words.replace("(", r"\(").replace(".", r"\.")):
+        EPDParams.from_bytes(_raw_table_bytes(table), source="my.safetensors")
+
+
+@pytest.mark.parametrize("value", ["false", "no", 2, None])
+def test_afs_must_be_a_boolean(value):
+    table = EPDParams.neutral(3)
+    table.metadata["afs"] = value  # was: "false" turned AFS on (a non-empty string is true)
+    with pytest.raises(EPDParamsError, match="metadata 'afs' is .*expected true or false"):
+        EPDParams.from_bytes(_raw_table_bytes(table), source="my.safetensors")
+
+
+def _raw_table_bytes(table: EPDParams) -> bytes:
+    """The table's file as written by save(), but without the checks save() runs (a hand-edited header)."""
+    from safetensors.torch import save as st_save
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(table.metadata)}
+    return st_save({n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"),
+                                                       table.tensors())}, metadata=header)

@@ -189,6 +189,38 @@ def test_broken_listed_user_table_is_skipped_with_a_log_line(comfy_server):
             (folder / name).unlink(missing_ok=True)
 
 
+def raw_table(path, table, **meta):
+    """Write `table` with hand-edited metadata, as an attacker or a careless script would (no checks)."""
+    m = dict(table.metadata, **meta)
+    tensors = {n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), table.tensors())}
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(m)}
+    path.write_bytes(st_save(tensors, metadata=header))
+
+
+def test_listed_tables_with_a_string_schedule_or_a_false_latency_are_not_used(comfy_server):
+    folder = params_dir(comfy_server)
+    # a string schedule: was AttributeError in every KSampler epd run of the family
+    raw_table(folder / "str_sched.safetensors", EPDParams.neutral(5, model_family="epd_demo_digits"),
+              schedule="polynomial", num_steps=5, num_points=2)
+    # 200 rows to zero claiming a latency of 6 calls: was picked for KSampler 6 steps, and ran 200 steps
+    liar = EPDParams.neutral(200, num_points=8, model_family="epd_demo_digits")
+    sigmas = torch.logspace(1.2, -1, 201).tolist()
+    raw_table(folder / "liar.safetensors", liar, afs=True, latency_nfe=6, num_steps=200, num_points=8,
+              schedule={"type": "explicit", "to_zero": True, "override_sigmas": True, "sigmas": sigmas})
+    (folder / "ksampler_presets.txt").write_text("str_sched\nliar\n")
+    try:
+        run_ok(comfy_server, demo_ksampler(7, seed=4))  # 6 steps to a positive sigma (no other test uses 6)
+        log = comfy_server.log_path.read_text()
+        assert "KSampler skips the table str_sched.safetensors: 'schedule' is 'polynomial'" in log, log[-3000:]
+        assert chosen(comfy_server, "epd_demo_digits", 6) != "str_sched.safetensors"
+        run_ok(comfy_server, demo_ksampler(6, seed=5))
+        assert "liar" not in comfy_server.log_path.read_text()
+    finally:
+        for name in ("ksampler_presets.txt", "str_sched.safetensors", "liar.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+
+
 def save_graph(name, overwrite=None, source="demo_digits_epd_s3.safetensors"):
     inputs = {"params": ["p", 0], "name": name}
     if overwrite is not None:
