@@ -24,6 +24,7 @@ from epd_core.params import EPDParams, EPDParamsError
 
 from .compat import io
 from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
+from .privacy import private_errors
 from .tables import FOLDER, output_dir
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
@@ -202,6 +203,7 @@ class EPDImportPredictor(io.ComfyNode):
             return ""
 
     @classmethod
+    @private_errors
     def execute(cls, predictor, output_name, overwrite, pkl_path="") -> io.NodeOutput:
         official = None if (pkl_path or "").strip() else official_name(predictor)
         if official is not None:

@@ -11,6 +11,7 @@ from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
 
 from .compat import io
+from .privacy import private_errors
 from .samplers import run_epd
 from .tables import (PRESET_LIST, is_protected, load_table, model_family, output_dir, pretrained_names,
                      table_files)
@@ -197,6 +198,7 @@ class SaveEPDParams(io.ComfyNode):
         )
 
     @classmethod
+    @private_errors
     def execute(cls, params, name, overwrite=False) -> io.NodeOutput:
         path = save_table(params, name, overwrite=overwrite)
         return io.NodeOutput(ui={"text": [f"saved {path.name}: {params.describe()}"]})

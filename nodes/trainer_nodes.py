@@ -24,6 +24,7 @@ from epd_core.runtime import is_oom
 from .compat import fix_empty_latent, io
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
+from .privacy import private_errors
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
 from .training import (CHECKPOINT_FILE, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model, rl_with_comfy_model,
@@ -59,8 +60,15 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
         grad_checkpointing=True)
 
 
+def refuse_existing_table(stem: str) -> None:
+    """Before any training: the trainer never replaces a table (as Save EPD Params without overwrite)."""
+    if (output_dir() / f"{stem}.safetensors").exists():
+        raise ValueError(f"EPD Trainer: '{stem}.safetensors' already exists in models/epd_params/; nothing was "
+                         "trained. Choose another name, or delete or rename the existing table first.")
+
+
 def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.NodeOutput:
-    path = save_table(table, stem)
+    path = save_table(table, stem, overwrite=False)
     shutil.rmtree(folder, ignore_errors=True)  # finished: the table is saved, the checkpoints are no longer needed
     folder_paths.filename_list_cache.pop(FOLDER, None)  # Load EPD Params lists it without a restart
     return io.NodeOutput(table, to_image_tensor(chart), ui={"text": [f"saved {path.name}: {table.describe()}, {text}"]})
@@ -69,6 +77,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
     stem = table_stem(name)
+    refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
     check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
                  f"{steps + 2} states of shape {list(shape[1:])})", teacher_pool_bytes(batch, steps, shape),
@@ -161,6 +170,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
     stem = table_stem(name)
+    refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
     per_update = (settings["prompts_per_update"] or len(prompts)) * settings["group_size"]
@@ -409,6 +419,7 @@ class EPDTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @private_errors
     def execute(cls, mode, **inputs) -> io.NodeOutput:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; available: {list(MODES)}")

@@ -364,6 +364,51 @@ def test_rl_prompt_lines_are_capped_before_encoding(comfy_server):
     still_serving(comfy_server)
 
 
+# ---- issue 21, item 3: the trainer never replaces a table; errors never show the server's folders -----------
+def distill_graph(name, steps=3):
+    g = reward_graph("aesthetic", "x")
+    del g["reward"], g["trainer"]["inputs"]["reward"]
+    g["trainer"]["inputs"].update(mode="distill", steps=steps, iterations=2, name=name)
+    return g
+
+
+def test_trainer_refuses_to_replace_an_existing_table(comfy_server):
+    target = params_dir(comfy_server) / "sec_exists.safetensors"
+    EPDParams.neutral(3, model_family="epd_demo_digits").save(target)
+    before = target.read_bytes()
+    try:
+        start = time.monotonic()
+        msg = run_error(comfy_server, distill_graph("sec_exists"))  # was: trained, then silently replaced it
+        assert time.monotonic() - start < 30
+        assert "'sec_exists.safetensors' already exists in models/epd_params/; nothing was trained" in msg, msg
+        assert target.read_bytes() == before
+        assert not (params_dir(comfy_server) / "checkpoints" / "sec_exists").exists()
+        assert_private(comfy_server, msg)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_write_and_resume_errors_do_not_show_server_paths(comfy_server):
+    folder = params_dir(comfy_server)
+    (folder / "sec_dir.safetensors").mkdir()  # a folder where the table would go: the write fails
+    ckpt = folder / "checkpoints" / "sec_garbage" / "distill.distill-checkpoint"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    try:
+        msg = run_error(comfy_server, save_graph("sec_dir", overwrite=True))
+        assert "sec_dir.safetensors" in msg and "models/epd_params" in msg, msg
+        assert_private(comfy_server, msg)  # was: the absolute models/epd_params path
+        msg = run_error(comfy_server, distill_graph("sec_garbage"))
+        assert "checkpoint models/epd_params/checkpoints/sec_garbage/distill.distill-checkpoint is unreadable" in msg, \
+            msg
+        assert_private(comfy_server, msg)
+    finally:
+        (folder / "sec_dir.safetensors").rmdir()
+        ckpt.unlink()
+        ckpt.parent.rmdir()
+    still_serving(comfy_server)
+
+
 # ---- item 5: messages a user sees --------------------------------------------------------------------------
 def test_flow_patched_model_does_not_use_the_eps_tables(comfy_server):
     g = demo_ksampler(4, seed=4, model=("flow", 0))
