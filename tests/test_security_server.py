@@ -285,6 +285,25 @@ def test_reward_paths_outside_the_rewards_folder_are_refused_without_leaks(comfy
     still_serving(comfy_server)
 
 
+def test_links_inside_the_rewards_folder_leading_outside_are_refused_without_echoing(comfy_server, tmp_path):
+    secret = tmp_path / "secret_config.json"
+    secret.write_text(json.dumps({"model_type": "TOPSECRET-1234", "api_key": "TOPSECRET-5678"}))
+    folder = comfy_server.base / "models" / "epd_rewards" / "linky"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").symlink_to(secret)
+    (folder / "model.safetensors").write_bytes(st_save({"x": torch.zeros(4)}))
+    try:
+        msg = run_error(comfy_server, reward_graph("clip", "linky"))
+        assert "refused" in msg and "'config.json' inside it is a link leading outside models/epd_rewards/" in msg, msg
+        assert "TOPSECRET" not in msg, msg  # was: the outside file's content in the error
+        assert_private(comfy_server, msg)
+    finally:
+        (folder / "config.json").unlink()
+        (folder / "model.safetensors").unlink()
+        folder.rmdir()
+    still_serving(comfy_server)
+
+
 def test_small_config_with_huge_sizes_is_refused_before_allocating(comfy_server):
     folder = comfy_server.base / "models" / "epd_rewards" / "clip_bomb"
     folder.mkdir(parents=True, exist_ok=True)
