@@ -10,6 +10,7 @@ import comfy.samplers
 
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
+from epd_core.params import MAX_STEPS
 from epd_core.solver import sample_epd, sample_epd_plugin
 
 from .compat import sequential_reasons, sigma_list_reader
@@ -18,6 +19,11 @@ from .tables import find_preset, model_family, neutral_table
 log = logging.getLogger("epd")
 SAMPLER_NAMES = ("epd", "epd_plugin")
 _SAMPLE_FNS = {"epd": sample_epd, "epd_plugin": sample_epd_plugin}
+
+
+def solver_names() -> tuple[str, ...]:
+    """The solvers a table can be sampled with (EPD Sampler's `solver` choices besides 'auto')."""
+    return tuple(_SAMPLE_FNS)
 
 
 def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=None, disable=None,
@@ -43,6 +49,9 @@ def _dropdown_sampler(solver: str):
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
+        if steps > MAX_STEPS:  # no table, not even the neutral one, has more rows
+            raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "
+                             f"positive sigma were asked); use fewer steps")
         found = find_preset(family, solver, steps, calls)
         if found is None:
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"

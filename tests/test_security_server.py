@@ -465,6 +465,62 @@ def test_epd_sigmas_with_an_imported_discrete_table_is_exact(comfy_server):
         (params_dir(comfy_server) / "sec_discrete.safetensors").unlink(missing_ok=True)
 
 
+# ---- issue 21, item 4: misleading or unchecked inputs ------------------------------------------------------
+def epd_sampler_graph(table="demo_digits_epd_s3.safetensors", model=("model", 0), append_zero=True, **sampler):
+    g = demo_ksampler(4)
+    del g["ks"]
+    inputs = {"params": ["params", 0], "solver": "auto", "max_order": 0, "afs": "auto", "execution": "auto",
+              "max_batch": 0, **sampler}
+    g.update({
+        "params": {"class_type": "LoadEPDParams", "inputs": {"name": table}},
+        "sampler": {"class_type": "EPDSampler", "inputs": inputs},
+        "sigmas": {"class_type": "EPDSigmas", "inputs": {"model": list(model), "params": ["params", 0],
+                                                         "append_zero": append_zero}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "guider": {"class_type": "CFGGuider", "inputs": {"model": list(model), "positive": ["cond", 0],
+                                                         "negative": ["cond", 1], "cfg": 2.0}},
+        "ks": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["empty", 0]}},
+    })
+    return g
+
+
+@pytest.mark.parametrize("name,value", [("solver", "../../x"), ("afs", "x"), ("execution", "x")])
+def test_epd_sampler_dropdown_values_are_checked(comfy_server, name, value):
+    msg = run_error(comfy_server, epd_sampler_graph(**{name: value}))  # was: KeyError, or silently accepted
+    assert f"EPD Sampler: {name} '{value}' is not one of auto, " in msg, msg
+
+
+def test_ksampler_epd_with_more_steps_than_any_table_says_so(comfy_server):
+    g = demo_ksampler(5000, model=("flow", 0))  # a family without tables: the neutral table would need 4999 rows
+    g["flow"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 3.0}}
+    msg = run_error(comfy_server, g)
+    assert "KSampler 'epd' takes at most 4097 steps (4999 steps to a positive sigma were asked)" in msg, msg
+    assert "parameter table" not in msg  # was: the neutral table's internal validation message
+
+
+def test_epd_sigmas_with_an_imported_polynomial_table_is_exact(comfy_server):
+    (comfy_server.base / "input" / "poly.pkl").write_bytes(demo_predictor(num_steps=5, schedule_type="polynomial",
+                                                                          schedule_rho=7.0))
+    run_ok(comfy_server, import_graph(pkl_path="poly.pkl", output_name="sec_poly"))
+    try:
+        run_ok(comfy_server, epd_sampler_graph("sec_poly.safetensors"))
+        log = comfy_server.log_path.read_text()
+        assert not re.search(r"sigmas differ from the table's training schedule; using rows by_index "
+                             r"\(epd K=2 steps=4 schedule=polynomial", log), log[-3000:]
+    finally:
+        (params_dir(comfy_server) / "sec_poly.safetensors").unlink(missing_ok=True)
+
+
+def test_epd_sampler_warns_when_the_table_is_for_another_family(comfy_server):
+    g = epd_sampler_graph(model=("flow", 0))
+    g["flow"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 3.0}}
+    run_ok(comfy_server, g)
+    assert ("EPD Sampler: the table was trained for the model family 'epd_demo_digits', but the model is "
+            "'epd_demo_digits_flow'") in comfy_server.log_path.read_text()  # was: no word
+
+
 def test_node_descriptions_point_to_repository_docs(comfy_server):
     info = comfy_server.object_info()
     epd = {k: v for k, v in info.items() if v.get("python_module") == "custom_nodes.ComfyUI-EPD"}
