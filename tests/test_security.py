@@ -4,6 +4,7 @@ shared references, huge integers, BUILD on the OrderedDict stand-in, oversized n
 tests/test_security_server.py."""
 import io
 import json
+import re
 import resource
 import struct
 import sys
@@ -279,3 +280,14 @@ def _raw_table_bytes(table: EPDParams) -> bytes:
               "epd_metadata": json.dumps(table.metadata)}
     return st_save({n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"),
                                                        table.tensors())}, metadata=header)
+
+
+@pytest.mark.parametrize("attrs,words", [
+    (dict(schedule_type="polynomial", schedule_rho=1e-320), "schedule 'rho' is 1e-320"),
+    (dict(schedule_type="polynomial", schedule_rho=7.0, sigma_min=-1.0, sigma_max=80.0),
+     "schedule 'sigma_min' is -1.0"),
+])
+def test_predictors_with_bad_schedule_numbers_are_refused(attrs, words):
+    with pytest.raises(EPDImportError, match="p.pkl: the converted table is invalid .*" + re.escape(words)):
+        import_official_bytes(official_pickle(attrs=sd15_attrs(backend=None, backend_config={}, **attrs)),
+                              source="p.pkl")  # was: imported, then NaN or negative sigmas
