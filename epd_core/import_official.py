@@ -458,6 +458,7 @@ def _check_global(module: str, name: str):
                          f"pixel-space models such as CIFAR-10 (its training snapshot names the solver "
                          f"function '{module}.{name}'); no ComfyUI model uses those predictors, so it is "
                          f"not imported")
+    module, name = str(module)[:100], str(name)[:100]
     raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which the EPD "
                    f"predictors this importer reads never contain")
 
@@ -559,7 +560,6 @@ class _Val:
         self.kind, self.depth, self.size, self.value, self.used, self.strs = kind, depth, size, value, False, strs
 
 
-_MARK = object()
 _SCALARS = {"NONE": "none", "NEWTRUE": "bool", "NEWFALSE": "bool", "FLOAT": "float", "BINFLOAT": "float"}
 _INTS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
 _STRS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8")
@@ -577,7 +577,7 @@ _CALL_KINDS = {"torch_utils.persistence._reconstruct_persistent_obj": "record",
 
 class _Walk:
     """Runs the opcode stream on abstract values (pickletools.genops; nothing is built) and refuses the file as
-    soon as it exceeds a budget (PICKLE_BUDGETS). Every refusal names the budget."""
+    soon as it exceeds one of the PICKLE_MAX_* budgets. Every refusal names the budget."""
 
     def __init__(self, fail):
         self.fail = fail
@@ -635,7 +635,8 @@ class _Walk:
                       "Download the predictor again.")
         for k in keys:
             if not (k.kind == "str" and k.size <= PICKLE_MAX_KEY_CHARS):
-                self.over(f"uses a {k.kind if k.kind != 'str' else 'long string'} as a "
+                what = "long string" if k.kind == "str" else k.kind
+                self.over(f"uses {'an' if what[0] in 'aeiou' else 'a'} {what} as a "
                           f"{'dict key' if keyed else 'set item'}", f"{'dict keys' if keyed else 'set items'} are "
                           f"strings of at most {PICKLE_MAX_KEY_CHARS} characters")
         return self.nest(v, items)

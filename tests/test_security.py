@@ -203,7 +203,7 @@ def test_deep_tuple_key_is_refused_by_the_cli_instead_of_crashing_it(tmp_path, b
 
 def test_colliding_integer_keys_are_refused_before_hashing():
     # 3000 keys (under the opcode budget) are refused by the key rule; 40,000 took 16 s in one C call before
-    refused_fast(hostile_pickles.colliding_int_keys(3000), "uses a int as a dict key",
+    refused_fast(hostile_pickles.colliding_int_keys(3000), "uses an int as a dict key",
                  "dict keys are strings of at most 128 characters")
     refused_fast(hostile_pickles.colliding_int_keys(40_000), "10000 opcodes")
 
@@ -234,8 +234,8 @@ def test_memo_reused_codecs_encode_is_refused():
     (b"\x80\x04](" + b"N" * 1001 + b"e.", ["more than 1000 items"]),
     (b"\x80\x04}(X" + (200).to_bytes(4, "little") + b"a" * 200 + b"Nu.", ["long string as a dict key"]),
     (b"\x80\x04]\x94h\x00h\x00a.", ["changes a list after using it"]),                   # a list holding itself
-    (b"\x80\x04\x8f(J\x07\x00\x00\x00\x90.", ["int as a set item"]),
-    (b"\x80\x04(\x8a\x01\x07\x91.", ["int as a set item"]),                             # FROZENSET
+    (b"\x80\x04\x8f(J\x07\x00\x00\x00\x90.", ["an int as a set item"]),
+    (b"\x80\x04(\x8a\x01\x07\x91.", ["an int as a set item"]),                             # FROZENSET
     (b"\x80\x04" + hostile_pickles.global_("builtins", "set") + b"](K\x01e\x85R.", ["set from items"]),
     (b"\x80\x04\x82\x01.", ["EXT1"]),
     (b"\x80\x04" + hostile_pickles.global_("collections", "OrderedDict") + b")\x81.", ["NEWOBJ"]),
@@ -291,3 +291,9 @@ def test_predictors_with_bad_schedule_numbers_are_refused(attrs, words):
     with pytest.raises(EPDImportError, match="p.pkl: the converted table is invalid .*" + re.escape(words)):
         import_official_bytes(official_pickle(attrs=sd15_attrs(backend=None, backend_config={}, **attrs)),
                               source="p.pkl")  # was: imported, then NaN or negative sigmas
+
+
+def test_a_huge_global_name_is_refused_with_a_short_message():
+    data = b"\x80\x04c" + b"m" * 500_000 + b"\nx\n."
+    msg = str(pytest.raises(EPDImportError, import_official_bytes, data, source="hostile.pkl").value)
+    assert "asks for the Python global 'mmm" in msg and len(msg) < 600, len(msg)  # was: the 500 kB name echoed
