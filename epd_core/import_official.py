@@ -5,9 +5,12 @@ An official file is a plain pickle of {'model': <EPD_predictor>, ...} written wi
 meta carries the class's Python source (`module_src`) and the module's __dict__ (`state`). `pickle.load`
 would execute that source and anything else the file names, so this module never unpickles normally:
 
-1. `_prescan` walks the opcode stream with pickletools, building nothing: the file must be one complete
-   pickle with no persistent ids and sane memo indices (CPython's C unpickler pre-allocates its memo up to
-   the largest index it sees, a cheap memory bomb).
+1. `_prescan` runs the opcode stream on abstract values (pickletools.genops), building nothing: the file must
+   be one complete pickle with no persistent ids, sane memo indices (CPython's C unpickler pre-allocates its
+   memo up to the largest index it sees, a cheap memory bomb), only the allowed globals, and within explicit
+   budgets (PICKLE_MAX_*: opcodes, nesting depth, items per container, calls of each allowed global, bytes of
+   tensor data; dict keys and set items only short strings). So deep tuples that crash hashing, colliding
+   integer keys, memo-reused calls and floods of empty containers are refused in milliseconds.
 2. `_RestrictedUnpickler.find_class` resolves only the few names such a file uses, each to an inert
    stand-in defined here: the persistence hook just returns its meta, storages are read with
    `torch.load(weights_only=True)`, torch.nn activation modules become empty placeholders. Any other name is
@@ -36,6 +39,7 @@ import pickle
 import pickletools
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -50,9 +54,22 @@ import torch
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
 
 IMPORTER_VERSION = 1
-# An official predictor is a few tens of kB (mostly the embedded class source). The bound keeps the
-# pure-Python pre-scan fast and refuses anything absurd before it is read.
-MAX_PKL_BYTES = 16 * 1024 * 1024
+# What a predictor pickle may make the unpickler build, checked by an opcode walk before anything is built
+# (_prescan). A published predictor is 3-7 kB: a few hundred opcodes, a dozen levels deep, four 10 x 2 tables.
+MAX_PKL_BYTES = 1024 * 1024         # the file
+PICKLE_MAX_OPCODES = 10_000         # each builds at most one small object
+PICKLE_MAX_DEPTH = 32               # nesting of values (and of MARKs): deep tuples crash Python's hashing
+PICKLE_MAX_ITEMS = 1000             # items per list, tuple, dict or set
+PICKLE_MAX_KEY_CHARS = 128          # dict keys and set items: strings only (no hash-collision integers)
+PICKLE_MAX_TENSOR_BYTES = 1024 * 1024  # storages, tensor views (8 bytes an element) and encoded bytes, in all
+PICKLE_MAX_BUILDS = 16              # BUILD calls (state of a torch.nn activation placeholder)
+PICKLE_MAX_CALLS = {                # calls (REDUCE / NEWOBJ) of each allowed global
+    "torch_utils.persistence._reconstruct_persistent_obj": 8,
+    "torch._utils._rebuild_parameter": 16, "torch._utils._rebuild_tensor_v2": 16,
+    "torch.storage._load_from_bytes": 16, "_codecs.encode": 64, "builtins.set": 64, "__builtin__.set": 64,
+    "collections.OrderedDict": 256,
+    "torch.nn.modules.activation.Sigmoid": 16, "torch.nn.modules.activation.Softmax": 16,
+}
 _MAX_TENSOR_ELEMENTS = MAX_STEPS * MAX_POINTS
 # official parameter name -> ours (same activations, docs/method.md, "The table")
 _TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_params",
@@ -66,6 +83,9 @@ _SCHEDULE_NUMBERS = ("sigma_min", "sigma_max", "shift", "mu")  # copied when the
 PROVENANCE_MAX_VALUES, PROVENANCE_MAX_CHARS, PROVENANCE_MAX_DEPTH = 2000, 20000, 4
 _NAME = re.compile(r"[a-z0-9_-]{1,64}")  # dataset / backend names that become a table's model_family
 _MAX_EXACT_INT = 2 ** 53  # larger integers are no plausible hyperparameter (and overflow float())
+_FIX_BUDGET = ("An official EPD predictor is a few kB with a few dozen objects; this file is crafted or not an EPD "
+               "predictor. Nothing in it was built, run or written. Use the .pkl from the EPD authors' release "
+               "(Import EPD Predictor's 'official:' choices fetch and verify it).")
 _FIX_REFUSED = ("The file is not an official EPD predictor or has been tampered with; nothing in it was run. "
                 "Use the .pkl from the EPD authors' release.")
 
@@ -92,7 +112,7 @@ OFFICIAL_BRANCH = "EPD-Solver++"
 OFFICIAL_COMMIT = "88a91f0914069afd700bfee1b590c7b61ceae240"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}"
 BASE_URL_ENV = "EPD_OFFICIAL_BASE_URL"  # e.g. a mirror; tests point it at a local server
-DOWNLOAD_TIMEOUT = 30.0                 # seconds, per socket operation and for the whole download
+DOWNLOAD_TIMEOUT = 30.0                 # seconds for the whole download (connecting included)
 MAX_DOWNLOAD_BYTES = 1024 * 1024        # the published files are ~7 kB
 # The published predictors (name, size, SHA-256), from the authors' repository at OFFICIAL_COMMIT.
 OFFICIAL_FILES: dict[str, OfficialFile] = {f.name: f for f in (
@@ -143,11 +163,35 @@ def verify_official(name: str, data: bytes, source: str) -> bytes:
     return data
 
 
+class DownloadCancelled(EPDImportError):
+    """The caller's `should_stop()` turned true during a download (e.g. ComfyUI's Cancel); nothing was written."""
+
+
+class _HttpsRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an https URL (urllib's default also follows http and ftp)."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        newurl = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if urllib.parse.urlsplit(newurl).scheme != "https":
+            raise EPDImportError(f"{req.full_url}: refused: the server redirects to {newurl[:200]}, and only "
+                                 "redirects to https URLs are followed; nothing was written. Check "
+                                 f"${BASE_URL_ENV} (a mirror must serve the file itself or redirect to https).")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_POLL_S = 0.1  # how often the caller checks the deadline and should_stop while the download runs
+
+
 def download_official(name: str, base_url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT,
-                      out_hint: str = "OUT.safetensors") -> bytes:
+                      out_hint: str = "OUT.safetensors", should_stop=None) -> bytes:
     """Download the published predictor `name` with the standard library and return its bytes, verified
-    (size and SHA-256). Bounded in time (`timeout`) and size (MAX_DOWNLOAD_BYTES). Writes nothing. Without a
-    connection the error gives the URL to fetch by hand and the command that converts the fetched file."""
+    (size and SHA-256). Bounded in time (`timeout` seconds in all, connecting included: a server that sends a
+    byte now and then is cut off), in size (MAX_DOWNLOAD_BYTES), and redirects go to https only. The transfer
+    runs in a daemon thread so that `should_stop()` (polled every 0.1 s) can cancel it: DownloadCancelled.
+    Writes nothing. Without a connection the error gives the URL to fetch by hand and the command that converts
+    the fetched file."""
     entry = official_file(name)
     url = official_url(name, base_url)
     scheme = urllib.parse.urlsplit(url).scheme
@@ -161,31 +205,54 @@ def download_official(name: str, base_url: str | None = None, timeout: float = D
             f"and convert it with: {convert_command(name, out=out_hint)}")
 
     deadline = time.monotonic() + timeout
-    chunks, total = [], 0
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-EPD"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
-                raise EPDImportError(f"{url}: refused: the server announces {int(length)} bytes, far more than an "
-                                     f"EPD predictor ({entry.size} bytes); nothing was written.")
-            while True:
-                chunk = response.read(64 * 1024)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise EPDImportError(f"{url}: refused: the download exceeds {MAX_DOWNLOAD_BYTES} bytes, far "
-                                         f"more than an EPD predictor ({entry.size} bytes); nothing was written.")
-                if time.monotonic() > deadline:
-                    offline(f"the download took longer than {timeout:g} s")
-                chunks.append(chunk)
-    except urllib.error.HTTPError as e:
-        offline(f"HTTP {e.code} {e.reason}")
-    except urllib.error.URLError as e:
-        offline(f"{e.reason}")
-    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, bad responses
-        offline(f"{type(e).__name__}: {_first_line(e)}")
+    chunks: list[bytes] = []
+    failure: list[BaseException] = []
+    done, stop = threading.Event(), threading.Event()
+
+    def fetch():
+        total = 0
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-EPD"})
+            opener = urllib.request.build_opener(_HttpsRedirectsOnly)
+            with opener.open(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.strip().isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+                    raise EPDImportError(f"{url}: refused: the server announces {int(length)} bytes, far more "
+                                         f"than an EPD predictor ({entry.size} bytes); nothing was written.")
+                while not stop.is_set():
+                    chunk = response.read1(64 * 1024)  # what has arrived: a trickle cannot hold a read open
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > MAX_DOWNLOAD_BYTES:
+                        raise EPDImportError(f"{url}: refused: the download exceeds {MAX_DOWNLOAD_BYTES} bytes, "
+                                             f"far more than an EPD predictor ({entry.size} bytes); nothing was "
+                                             "written.")
+                    chunks.append(chunk)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name=f"epd-download-{name}", daemon=True).start()
+    while not done.wait(_POLL_S):
+        if should_stop is not None and should_stop():
+            stop.set()
+            raise DownloadCancelled(f"{url}: the download was cancelled; nothing was written.")
+        if time.monotonic() > deadline:
+            stop.set()
+            offline(f"the download took longer than {timeout:g} s")
+    if failure:
+        e = failure[0]
+        if isinstance(e, EPDImportError):
+            raise e
+        if isinstance(e, urllib.error.HTTPError):
+            offline(f"HTTP {e.code} {e.reason}")
+        if isinstance(e, urllib.error.URLError):
+            offline(f"{e.reason}")
+        if isinstance(e, (OSError, http.client.HTTPException, ValueError)):  # timeouts, resets, bad responses
+            offline(f"{type(e).__name__}: {_first_line(e)}")
+        raise e
     return verify_official(name, b"".join(chunks), url)
 
 
@@ -204,6 +271,10 @@ class _Bad(Exception):
 
 class _Refused(_Bad):
     """A forbidden global or persistent id."""
+
+
+class _OverBudget(_Refused):
+    """A budget that only a call can check (a tensor view larger than its storage)."""
 
 
 # ---- inert stand-ins for the names an official file uses ------------------------------------------------
@@ -273,6 +344,8 @@ def _load_from_bytes(data):
             raise _Bad(f"a tensor storage is a corrupt zip archive ({e})") from None
         if total > MAX_PKL_BYTES:
             raise _Bad(f"a tensor storage expands to {total} bytes, far more than an EPD table")
+    # A legacy-format storage's data is these bytes themselves; a larger size claimed inside them is only
+    # reserved (never touched) before torch refuses the short data.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation notices
         try:
@@ -299,6 +372,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise _Bad("a tensor has an invalid shape, stride or offset")
     if math.prod(size) > _MAX_TENSOR_ELEMENTS:  # checked before as_strided/clone allocate anything
         raise _Bad(f"a tensor of shape {size} is far larger than an EPD table")
+    available = storage.flat.numel() - storage_offset
+    if math.prod(size) > available:  # e.g. stride 0: a view that clone() would blow up
+        raise _OverBudget(f"refused: a tensor view of shape {size} claims {math.prod(size)} elements from a storage "
+                       f"of {max(available, 0)} (budget: a view never holds more elements than its storage)")
     try:
         return _Array(storage.flat.as_strided(size, stride, storage_offset).clone())
     except RuntimeError:
@@ -370,19 +447,25 @@ class _OldBranch(_Refused):
     """A snapshot from the authors' older EPD-Solver branch (recognised by its solver function globals)."""
 
 
+def _check_global(module: str, name: str):
+    """The stand-in for an allowed global; any other name raises _Refused (or _OldBranch) without importing it."""
+    try:
+        return _ALLOWED[(module, name)]
+    except (KeyError, TypeError):
+        pass
+    if module in _OLD_BRANCH_MODULES and name.endswith("_sampler"):  # never resolved, never imported
+        raise _OldBranch(f"this is a predictor from the EPD authors' older EPD-Solver branch, for EDM "
+                         f"pixel-space models such as CIFAR-10 (its training snapshot names the solver "
+                         f"function '{module}.{name}'); no ComfyUI model uses those predictors, so it is "
+                         f"not imported")
+    module, name = str(module)[:100], str(name)[:100]
+    raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which the EPD "
+                   f"predictors this importer reads never contain")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            pass
-        if module in _OLD_BRANCH_MODULES and name.endswith("_sampler"):  # never resolved, never imported
-            raise _OldBranch(f"this is a predictor from the EPD authors' older EPD-Solver branch, for EDM "
-                             f"pixel-space models such as CIFAR-10 (its training snapshot names the solver "
-                             f"function '{module}.{name}'); no ComfyUI model uses those predictors, so it is "
-                             f"not imported")
-        raise _Refused(f"refused: the pickle asks for the Python global '{module}.{name}', which the EPD "
-                       f"predictors this importer reads never contain") from None
+        return _check_global(module, name)
 
     def persistent_load(self, pid):
         # plain pickle.dump writes no persistent ids (torch's own ids live inside the storage bytes)
@@ -417,6 +500,8 @@ def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None
         top = _RestrictedUnpickler(io.BytesIO(data)).load()
     except _OldBranch as e:
         fail(str(e), _FIX_OLD_BRANCH)
+    except _OverBudget as e:
+        fail(str(e), _FIX_BUDGET.replace("built, run", "run"))  # the walk passed: small objects were built
     except _Refused as e:
         fail(str(e), _FIX_REFUSED)
     except _Bad as e:
@@ -447,25 +532,281 @@ def _check_magic(data: bytes, fail) -> None:
 
 
 def _prescan(data: bytes, fail) -> None:
-    """Check the opcode stream without building any object: one complete pickle, no persistent ids, memo
-    indices no larger than the number of opcodes so far (each PUT stores one object)."""
-    count, end = 0, 0
+    """Run the opcode stream on abstract values before anything is built (_Walk): one complete pickle, no
+    persistent ids, sane memo indices (CPython's C unpickler pre-allocates its memo up to the largest index it
+    sees), only allowed globals, and every budget in PICKLE_BUDGETS."""
     try:
-        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
-            count += 1
-            if op.name in ("PERSID", "BINPERSID"):
-                fail("refused: the pickle uses a persistent id, which an official EPD predictor never contains",
-                     _FIX_REFUSED)
-            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= count):
-                fail(f"the pickle uses memo index {arg} at byte {pos}, impossible in a real file (corrupt or "
-                     "crafted)", "Download the predictor again.")
-            end = pos + 1  # the last opcode genops yields is STOP, one byte long
+        end = _Walk(fail).run(data)
     except EPDImportError:
         raise
+    except _OldBranch as e:
+        fail(str(e), _FIX_OLD_BRANCH)
+    except _Refused as e:
+        fail(str(e), _FIX_REFUSED)
     except Exception as e:  # noqa: BLE001 - genops raises ValueError mostly, but corrupt input may do more
         fail(f"the file is truncated or corrupt ({_first_line(e)})", "Download the predictor again.")
     if end != len(data):
         fail(f"{len(data) - end} unexpected bytes follow the end of the pickle", "Download the predictor again.")
+
+
+# ---- the opcode walk: budgets checked before the restricted unpickler builds anything --------------------
+class _Val:
+    """What the walk knows about one value the unpickler would build: its kind, nesting depth, number of items,
+    literal value (small ints and strings, tuples of ints), and whether it is already an item of another
+    value (then it may no longer be changed: real pickles fill a container before they use it)."""
+    __slots__ = ("kind", "depth", "size", "value", "used", "strs")
+
+    def __init__(self, kind, depth=0, size=0, value=None, strs=True):
+        self.kind, self.depth, self.size, self.value, self.used, self.strs = kind, depth, size, value, False, strs
+
+
+_SCALARS = {"NONE": "none", "NEWTRUE": "bool", "NEWFALSE": "bool", "FLOAT": "float", "BINFLOAT": "float"}
+_INTS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
+_STRS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8")
+_BYTES = ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8")
+_EMPTY = {"EMPTY_LIST": "list", "EMPTY_DICT": "dict", "EMPTY_TUPLE": "tuple", "EMPTY_SET": "set"}
+_FROM_MARK = {"LIST": "list", "TUPLE": "tuple", "DICT": "dict", "FROZENSET": "frozenset"}
+_IGNORED = ("PROTO", "FRAME", "STOP")
+# what each allowed global's call returns, for the walk
+_CALL_KINDS = {"torch_utils.persistence._reconstruct_persistent_obj": "record",
+               "torch._utils._rebuild_parameter": "tensor", "torch._utils._rebuild_tensor_v2": "tensor",
+               "torch.storage._load_from_bytes": "storage", "collections.OrderedDict": "dict",
+               "torch.nn.modules.activation.Sigmoid": "module", "torch.nn.modules.activation.Softmax": "module",
+               "builtins.set": "set", "__builtin__.set": "set", "_codecs.encode": "bytes"}
+
+
+class _Walk:
+    """Runs the opcode stream on abstract values (pickletools.genops; nothing is built) and refuses the file as
+    soon as it exceeds one of the PICKLE_MAX_* budgets. Every refusal names the budget."""
+
+    def __init__(self, fail):
+        self.fail = fail
+        self.stack, self.marks, self.memo = [], [], {}
+        self.calls: dict[str, int] = {}
+        self.claimed = 0  # bytes that calls may allocate: storages, tensor views, encoded bytes
+
+    def over(self, what: str, budget: str):
+        self.fail(f"refused: the pickle {what} (budget: {budget})", _FIX_BUDGET)
+
+    def pop(self, n=1):
+        if len(self.stack) - (self.marks[-1] if self.marks else 0) < n:
+            self.fail("the pickle's opcodes do not fit together (stack underflow; corrupt or crafted)",
+                      "Download the predictor again.")
+        items = self.stack[len(self.stack) - n:]
+        del self.stack[len(self.stack) - n:]
+        return items
+
+    def pop_mark(self):
+        if not self.marks:
+            self.fail("the pickle's opcodes do not fit together (no MARK; corrupt or crafted)",
+                      "Download the predictor again.")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def top(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            self.fail("the pickle's opcodes do not fit together (stack underflow; corrupt or crafted)",
+                      "Download the predictor again.")
+        return self.stack[-1]
+
+    def nest(self, v: _Val, items) -> _Val:
+        """`items` become part of `v`: depth and size budgets, and the items may no longer change."""
+        for item in items:
+            item.used = True
+            if item.depth + 1 > v.depth:
+                v.depth = item.depth + 1
+            if not (item.kind == "str" and item.size <= PICKLE_MAX_KEY_CHARS):
+                v.strs = False
+        v.size += len(items)
+        if v.depth > PICKLE_MAX_DEPTH:
+            self.over(f"nests objects more than {PICKLE_MAX_DEPTH} levels deep", "nesting depth "
+                      f"{PICKLE_MAX_DEPTH}; a deep tuple used as a key or set item crashes Python's hashing")
+        if v.size > PICKLE_MAX_ITEMS:
+            self.over(f"builds a {v.kind} of more than {PICKLE_MAX_ITEMS} items",
+                      f"{PICKLE_MAX_ITEMS} items per container")
+        return v
+
+    def keys(self, v: _Val, items, keyed: bool):
+        keys = items[0::2] if keyed else items
+        if keyed and len(items) % 2:
+            self.fail("the pickle's opcodes do not fit together (odd number of dict items; corrupt or crafted)",
+                      "Download the predictor again.")
+        for k in keys:
+            if not (k.kind == "str" and k.size <= PICKLE_MAX_KEY_CHARS):
+                what = "long string" if k.kind == "str" else k.kind
+                self.over(f"uses {'an' if what[0] in 'aeiou' else 'a'} {what} as a "
+                          f"{'dict key' if keyed else 'set item'}", f"{'dict keys' if keyed else 'set items'} are "
+                          f"strings of at most {PICKLE_MAX_KEY_CHARS} characters")
+        return self.nest(v, items)
+
+    def mutate(self, target: _Val, kinds, op: str, items) -> _Val:
+        for item in items:  # first: a container added to itself is then already used
+            item.used = True
+        if target.kind not in kinds:
+            self.fail(f"refused: the pickle applies {op} to a {target.kind}, which an official EPD predictor never "
+                      "does", _FIX_REFUSED)
+        if target.used:
+            self.over(f"changes a {target.kind} after using it ({op})", "containers are complete before use; "
+                      "this is how shared references and cycles are built")
+        return target
+
+    def call(self, func: _Val, args: _Val, op: str) -> _Val:
+        if func.kind != "global":
+            self.fail(f"refused: the pickle calls a {func.kind} ({op}), which an official EPD predictor never does",
+                      _FIX_REFUSED)
+        name = func.value
+        self.count(name, op)
+        kind = _CALL_KINDS[name]
+        if args.kind != "tuple":
+            self.fail(f"refused: the pickle calls {name} with a {args.kind} of arguments", _FIX_REFUSED)
+        items = args.value if isinstance(args.value, list) else []
+        result = _Val(kind, depth=args.depth)
+        if name == "torch.storage._load_from_bytes" and items and items[0].kind == "bytes":
+            self.claim(items[0].size, name)
+        elif name == "_codecs.encode" and items and items[0].kind == "str":
+            self.claim(items[0].size, name)
+        elif name == "torch._utils._rebuild_tensor_v2":
+            size = _literal_ints(items[2]) if len(items) > 2 else None
+            if size is None or len(size) > 8 or any(n < 0 for n in size):
+                self.fail("a tensor's shape is not a tuple of at most 8 integers", "The file is damaged or not an "
+                          "official EPD predictor; download it again.")
+            self.claim(math.prod(size) * 8, f"a tensor view of shape {size}")
+        elif name in ("builtins.set", "__builtin__.set") and items:
+            if not (len(items) == 1 and items[0].kind in ("list", "tuple") and items[0].strs):
+                self.over("builds a set from items that are not short strings",
+                          f"set items are strings of at most {PICKLE_MAX_KEY_CHARS} characters")
+        self.nest(result, [args])
+        if kind == "bytes":  # what the walk knows of bytes is their length
+            result.size = items[0].size if items and items[0].kind == "str" else 0
+        else:
+            result.size = 0  # a call's result starts empty (OrderedDict, set) or holds no items
+        return result
+
+    def count(self, name: str, op: str):
+        key = f"{name} {op}"
+        self.calls[key] = self.calls.get(key, 0) + 1
+        limit = PICKLE_MAX_CALLS.get(name, 0) if op != "BUILD" else PICKLE_MAX_BUILDS
+        if self.calls[key] > limit:
+            self.over(f"calls {name} ({op}) more than {limit} times", f"{limit} {op} calls of {name}")
+
+    def claim(self, nbytes: int, what: str):
+        self.claimed += nbytes
+        if self.claimed > PICKLE_MAX_TENSOR_BYTES:
+            self.over(f"claims more than {PICKLE_MAX_TENSOR_BYTES} bytes of tensor data (reached at {what})",
+                      f"{PICKLE_MAX_TENSOR_BYTES} bytes of tensor data in all")
+
+    def run(self, data: bytes):
+        fail, stack, memo = self.fail, self.stack, self.memo
+        count, end = 0, 0
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            count += 1
+            if count > PICKLE_MAX_OPCODES:
+                self.over(f"has more than {PICKLE_MAX_OPCODES} opcodes", f"{PICKLE_MAX_OPCODES} opcodes")
+            name = op.name
+            end = pos + 1  # the last opcode genops yields is STOP, one byte long
+            if name in _IGNORED:
+                continue
+            if name in _SCALARS:
+                stack.append(_Val(_SCALARS[name]))
+            elif name in _INTS:
+                stack.append(_Val("int" if type(arg) is int else "bool", value=arg))
+            elif name in _STRS:
+                stack.append(_Val("str", size=len(arg), value=arg if len(arg) <= PICKLE_MAX_KEY_CHARS else None))
+            elif name in _BYTES:
+                stack.append(_Val("bytes", size=len(arg)))
+            elif name in _EMPTY:
+                stack.append(_Val(_EMPTY[name]))
+            elif name in _FROM_MARK:
+                items, v = self.pop_mark(), _Val(_FROM_MARK[name])
+                if name == "TUPLE":
+                    v.value = items
+                stack.append(self.keys(v, items, True) if name == "DICT" else
+                             self.keys(v, items, False) if name == "FROZENSET" else self.nest(v, items))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                items = self.pop(int(name[-1]))
+                stack.append(self.nest(_Val("tuple", value=items), items))
+            elif name == "MARK":
+                if len(self.marks) >= PICKLE_MAX_DEPTH:
+                    self.over(f"opens more than {PICKLE_MAX_DEPTH} nested MARKs", f"nesting depth "
+                              f"{PICKLE_MAX_DEPTH}")
+                self.marks.append(len(stack))
+            elif name == "POP":
+                if self.marks and self.marks[-1] == len(stack):
+                    self.marks.pop()
+                else:
+                    self.pop()
+            elif name == "POP_MARK":
+                self.pop_mark()
+            elif name == "DUP":
+                stack.append(self.top())
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if name == "MEMOIZE":
+                    arg = len(memo)
+                elif not (isinstance(arg, int) and 0 <= arg <= count):
+                    fail(f"the pickle uses memo index {arg} at byte {pos}, impossible in a real file (corrupt or "
+                         "crafted)", "Download the predictor again.")
+                memo[arg] = self.top()
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                if arg not in memo:
+                    fail(f"the pickle reads memo index {arg} at byte {pos}, which was never stored (corrupt or "
+                         "crafted)", "Download the predictor again.")
+                stack.append(memo[arg])
+            elif name in ("APPEND", "APPENDS"):
+                items = self.pop() if name == "APPEND" else self.pop_mark()
+                self.nest(self.mutate(self.top(), ("list",), name, items), items)
+            elif name in ("SETITEM", "SETITEMS"):
+                items = self.pop(2) if name == "SETITEM" else self.pop_mark()
+                self.keys(self.mutate(self.top(), ("dict",), name, items), items, True)
+            elif name == "ADDITEMS":
+                items = self.pop_mark()
+                self.keys(self.mutate(self.top(), ("set",), name, items), items, False)
+            elif name in ("GLOBAL", "STACK_GLOBAL"):
+                if name == "GLOBAL":
+                    module, _, attr = str(arg).partition(" ")
+                else:
+                    m, a = self.pop(2)
+                    module, attr = m.value, a.value
+                    if not (isinstance(module, str) and isinstance(attr, str)):
+                        fail("refused: the pickle names a global with something other than two short strings",
+                             _FIX_REFUSED)
+                _check_global(module, attr)
+                stack.append(_Val("global", value=f"{module}.{attr}"))
+            elif name == "REDUCE":
+                func, args = self.pop(2)
+                stack.append(self.call(func, args, "REDUCE"))
+            elif name in ("NEWOBJ", "NEWOBJ_EX"):
+                func, args = self.pop(2) if name == "NEWOBJ" else self.pop(3)[:2]
+                if func.kind != "global" or _CALL_KINDS[func.value] not in ("module", "set"):
+                    fail(f"refused: the pickle creates an object with {name} from a "
+                         f"{func.value if func.kind == 'global' else func.kind}, which an official EPD predictor "
+                         "never does", _FIX_REFUSED)
+                stack.append(self.call(func, args, name))
+            elif name == "BUILD":
+                state, = self.pop()
+                target = self.mutate(self.top(), ("module",), "BUILD", [state])
+                self.count("torch.nn module", "BUILD")
+                self.nest(target, [state])
+            elif name in ("PERSID", "BINPERSID"):
+                fail("refused: the pickle uses a persistent id, which an official EPD predictor never contains",
+                     _FIX_REFUSED)
+            else:  # INST, OBJ, EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER and anything newer
+                if name == "INST":  # names its class like GLOBAL: say which, if it is a forbidden one
+                    _check_global(*str(arg).partition(" ")[::2])
+                fail(f"refused: the pickle uses the opcode {name}, which an official EPD predictor never contains",
+                     _FIX_REFUSED)
+        return end
+
+
+def _literal_ints(v: _Val):
+    """The integers of a tuple written literally in the pickle (as torch writes shapes), else None."""
+    if v.kind != "tuple":
+        return None
+    items = v.value or []
+    if not all(x.kind == "int" for x in items):
+        return None
+    return tuple(x.value for x in items)
 
 
 def _extract(top, data: bytes, name: str, fail) -> EPDParams:

@@ -32,6 +32,10 @@ _WEIGHT_LOGIT_FLOOR = -30.0  # log of a zero weight; keeps logits finite
 # Metadata is plain JSON of modest size and depth: the safetensors header a table is saved in must stay under
 # the 1 MiB the loader accepts, and deeply nested values break json / copy.deepcopy with a RecursionError.
 MAX_METADATA_BYTES, MAX_METADATA_DEPTH = 512 * 1024, 16
+# Plain numbers a table's schedule may give (outside these, sigmas come out NaN, negative or inverted)
+SCHEDULE_NUMBER_RANGES = {"rho": (0.01, 1000.0), "sigma_min": (1e-8, 1e8), "sigma_max": (1e-8, 1e8),
+                          "floor": (0.0, 1e8), "shift": (1e-3, 1e3), "mu": (-100.0, 100.0),
+                          "t_min": (1e-8, 1.0)}
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # model_family: what KSampler matches tables by
 
 
@@ -213,6 +217,22 @@ class EPDParams:
             fail("metadata 'schedule' must be an object", "Re-export the table.")
         if sched.get("type") not in (None, *SCHEDULE_TYPES):
             fail(f"unknown schedule type {sched.get('type')!r}", f"Use one of {SCHEDULE_TYPES}.")
+        for key, (lo, hi) in SCHEDULE_NUMBER_RANGES.items():
+            v = sched.get(key)
+            if v is not None and not (type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi):
+                fail(f"schedule '{key}' is {repr(v)[:40]}, expected a number in [{lo:g}, {hi:g}]",
+                     "Re-export the table with its training schedule.")
+        if sched.get("sigma_min") is not None and sched.get("sigma_max") is not None \
+                and not sched["sigma_min"] < sched["sigma_max"]:
+            fail(f"schedule sigma_min={sched['sigma_min']!r} is not below sigma_max={sched['sigma_max']!r}",
+                 "Re-export the table with its training schedule.")
+        for key in ("to_zero", "override_sigmas", "final_zero", "learned"):
+            if sched.get(key) is not None and type(sched[key]) is not bool:
+                fail(f"schedule '{key}' is {repr(sched[key])[:40]}, expected true or false", "Re-export the table.")
+        for key in ("afs", "fix_last_dir_scale"):
+            if type(m.get(key)) is not bool and m.get(key) not in (0, 1):
+                fail(f"metadata '{key}' is {repr(m.get(key))[:40]}, expected true or false (a string such as "
+                     "'false' would count as true)", "Re-export the table.")
         sig = sched.get("sigmas")
         if sig is not None:
             ok = (isinstance(sig, list) and len(sig) == n + 1

@@ -12,16 +12,19 @@ import os
 import re
 from pathlib import Path
 
+import comfy.model_management
 import folder_paths
 import torch
 
-from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, EPDImportError, download_official,
+from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, DownloadCancelled, EPDImportError,
+                                      download_official,
                                       import_official_by_name, import_official_bytes, verify_official)
 from epd_core.fileio import WriteError, atomic_write_bytes
 from epd_core.params import EPDParams, EPDParamsError
 
 from .compat import io
 from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
+from .privacy import private_errors
 from .tables import FOLDER, output_dir
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
@@ -78,7 +81,11 @@ def fetch_official(name: str) -> bytes:
             log.warning("EPD: the cached %s is not the published file (size or SHA-256 differ); downloading it "
                         "again", shown)
     try:
-        data = download_official(name, out_hint=f"models/epd_params/{name}.safetensors")
+        data = download_official(name, out_hint=f"models/epd_params/{name}.safetensors",
+                                 should_stop=comfy.model_management.processing_interrupted)
+    except DownloadCancelled:
+        comfy.model_management.throw_exception_if_processing_interrupted()  # ComfyUI's Cancel, as for sampling
+        raise
     except EPDImportError as e:
         raise EPDImportError(
             f"{e} Or put the fetched file at {shown} (the node checks its SHA-256) and run the node again."
@@ -196,6 +203,7 @@ class EPDImportPredictor(io.ComfyNode):
             return ""
 
     @classmethod
+    @private_errors
     def execute(cls, predictor, output_name, overwrite, pkl_path="") -> io.NodeOutput:
         official = None if (pkl_path or "").strip() else official_name(predictor)
         if official is not None:

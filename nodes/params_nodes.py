@@ -9,15 +9,18 @@ import torch
 
 from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
+from epd_core.runtime import log_once
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
 from .compat import io
+from .privacy import private_errors
 from .samplers import run_epd
 from .tables import (PRESET_LIST, is_protected, load_table, model_family, output_dir, pretrained_names,
                      table_files)
 
 log = logging.getLogger("epd")
+AFS_CHOICES, EXECUTION_CHOICES = ("auto", "on", "off"), ("auto", "batched", "sequential")
 EPDParamsType = io.Custom("EPD_PARAMS")
 CATEGORY = "sampling/epd"
 
@@ -39,9 +42,9 @@ class EPDSampler(io.ComfyNode):
                                        "table."),
                 io.Int.Input("max_order", default=0, min=0, max=4,
                              tooltip="EPD-Plugin predictor order (1-4); 0 = the table's own."),
-                io.Combo.Input("afs", options=["auto", "on", "off"], default="auto",
+                io.Combo.Input("afs", options=list(AFS_CHOICES), default="auto",
                                tooltip="Analytic first step (saves one model call); auto = as trained."),
-                io.Combo.Input("execution", options=["auto", "batched", "sequential"], default="auto",
+                io.Combo.Input("execution", options=list(EXECUTION_CHOICES), default="auto",
                                tooltip="auto: one batched call for the K points, sequential when the graph needs "
                                        "it (inpainting, timestep ranges, ControlNet ranges...)."),
                 io.Int.Input("max_batch", default=0, min=0, max=4096,
@@ -53,6 +56,11 @@ class EPDSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, params, solver, max_order, afs, execution, max_batch) -> io.NodeOutput:
+        # ComfyUI 0.3.75 does not check V3 dropdown values: a queued graph can send any string
+        for name, value, options in (("solver", solver, ("auto", *SOLVER_NAMES)), ("afs", afs, AFS_CHOICES),
+                                     ("execution", execution, EXECUTION_CHOICES)):
+            if value not in options:
+                raise ValueError(f"EPD Sampler: {name} {str(value)[:40]!r} is not one of {', '.join(options)}")
         solver = params.solver if solver == "auto" else solver
         opts = {"execution": execution}
         if afs != "auto":
@@ -63,16 +71,32 @@ class EPDSampler(io.ComfyNode):
             opts["max_order"] = max_order
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
+            warn_other_family(params, model)
             table = with_model_schedule(params, model, sigmas)
             return run_epd(solver, model, x, sigmas, table, extra_args, callback, disable, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
 
+def warn_other_family(params: EPDParams, model) -> None:
+    """Log once when a table trained for one model family samples another (e.g. an eps table on a model patched
+    to flow prediction): allowed, as the user connected it, but rarely what was meant."""
+    trained = params.metadata.get("model_family")
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    if not trained or patcher is None:
+        return
+    family = model_family(patcher)
+    if family != trained:
+        log_once(("other family", trained, family), logging.WARNING,
+                 f"EPD Sampler: the table was trained for the model family '{trained}', but the model is "
+                 f"'{family}'; its rows may not fit this model (use a table trained for '{family}')")
+
+
 def with_model_schedule(params: EPDParams, model, sigmas) -> EPDParams:
-    """A table whose schedule is defined through the model (discrete / flowmatch: no recorded sigmas) gets the
-    sigmas EPD Sigmas computes for this model written into a copy, when `sigmas` are exactly those; then the
+    """A table that records a schedule type but no sigmas (discrete / flowmatch through the model; an imported
+    polynomial table's range comes from the model too) gets the sigmas EPD Sigmas computes for this model
+    written into a copy, when `sigmas` are exactly those; then the
     solver sees its own schedule and does not report 'sigmas differ'. Otherwise the table is returned as is."""
-    if params.schedule_sigmas is not None or params.schedule.get("type") not in schedules.MODEL_DEFINED:
+    if params.schedule_sigmas is not None or params.schedule.get("type") is None:
         return params
     patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
     if patcher is None:
@@ -202,6 +226,7 @@ class SaveEPDParams(io.ComfyNode):
         )
 
     @classmethod
+    @private_errors
     def execute(cls, params, name, overwrite=False) -> io.NodeOutput:
         path = save_table(params, name, overwrite=overwrite)
         return io.NodeOutput(ui={"text": [f"saved {path.name}: {params.describe()}"]})

@@ -6,6 +6,7 @@ user placed in ComfyUI's models/epd_rewards/ folder; a missing file is a clear e
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,41 @@ def resolve_reward_path(kind: str, path: str) -> str:
         except (OSError, RuntimeError):
             continue
         if real.is_relative_to(folder):
+            # the loaders also read files next to a weight file or inside a model folder (config.json,
+            # tokenizer/ ...): none of them may be a link leading out of the rewards folders either
+            escape = _link_leaving(real if real.is_dir() else real.parent, reward_folders())
+            if escape is not None:
+                raise RewardUnavailableError(
+                    f"reward path {name[:120]!r} is refused: '{escape}' inside it is a link leading outside "
+                    f"{REWARD_FOLDER}/. Copy the model files themselves into {REWARD_FOLDER}/ instead of linking "
+                    "them from elsewhere")
             return str(real)
     packages, what = LOCAL_KINDS.get(str(kind).lower(), ((), "the model files"))
     raise RewardUnavailableError(f"reward model '{kind}': {name[:120]!r} was not found inside {where}. Place {what} "
                                  f"there; EPD never downloads reward weights.")
+
+
+_MAX_ENTRIES = 5000  # files and folders looked at under one reward model's folder
+
+
+def _link_leaving(folder: Path, roots: list[Path]) -> str | None:
+    """The first entry under `folder` (relative name) that is a symlink whose target lies outside every one of
+    `roots`, else None. Bounded: a folder with more than _MAX_ENTRIES entries counts as leaving."""
+    seen = 0
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        for entry in dirs + files:
+            seen += 1
+            if seen > _MAX_ENTRIES:
+                return f"(more than {_MAX_ENTRIES} entries)"
+            path = Path(top) / entry
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    return str(path.relative_to(folder))
+                if not any(target.is_relative_to(root) for root in roots):
+                    return str(path.relative_to(folder))
+    return None
 
 
 _ABS_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s'\"(),:;\[\]{}]+[/\\])+[^\s'\"(),:;\[\]{}]*")

@@ -10,6 +10,7 @@ import comfy.samplers
 
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
+from epd_core.params import MAX_STEPS
 from epd_core.solvers import NAMES, variant
 
 from .compat import few_step_hint, model_problem, sequential_reasons
@@ -48,6 +49,9 @@ def _dropdown_sampler(solver: str):
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
         patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
         family = model_family(patcher) if patcher is not None else "unknown"
+        if steps > MAX_STEPS:  # no table, not even the neutral one, has more rows
+            raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "
+                             f"positive sigma were asked); use fewer steps")
         found = find_preset(family, solver, steps, calls)
         if found is not None and solver == "epd_ms" and found[0].num_steps != calls:
             found = None  # its rows are per step: a table of another step count is not used (its built-in is)

@@ -27,7 +27,7 @@ import torch
 from epd_core.fileio import read_safetensors_header
 from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
-from epd_core.solvers import predictor_order
+from epd_core.solvers import predictor_order, variant
 
 from .compat import sampling_variant
 
@@ -216,8 +216,11 @@ def _rank(meta: dict, steps: int, pretrained: bool, name: str, calls: int | None
     """Sort key among matching tables: the closest size first, the operator's before the pack's, then by name.
     Size is the step count, except for tables whose last row steps to sigma 0 (schedule "to_zero", with their
     own learned sigmas): KSampler's steps mean their latency NFE (model calls per image) instead."""
-    if calls is not None and (meta.get("schedule") or {}).get("to_zero") is True and "latency_nfe" in meta:
-        return (abs(meta["latency_nfe"] - calls), pretrained, name)
+    if calls is not None and meta["schedule"].get("to_zero") is True:
+        # derived from the rows, never the header's "latency_nfe": N rows to zero cost N times the solver's calls
+        # per step (epd: 2N), one less with AFS
+        per_step = variant(meta["solver"]).calls_per_step
+        return (abs(per_step * meta["num_steps"] - int(meta.get("afs") is True) - calls), pretrained, name)
     return (abs(meta["num_steps"] - steps), pretrained, name)
 
 
@@ -234,17 +237,18 @@ def find_preset(family: str, solver: str, steps: int, calls: int | None = None) 
                 continue
             meta = dict(meta, num_steps=_count(meta, "num_steps", PRESET_MAX_STEPS))
             _count(meta, "num_points", PRESET_MAX_POINTS)
-            if "latency_nfe" in meta:
-                _count(meta, "latency_nfe", 2 * PRESET_MAX_STEPS + 1)
-        except ValueError as e:
-            _skip(path, shown, str(e))
+            if not isinstance(meta.setdefault("schedule", {}), dict):
+                raise ValueError(f"'schedule' is {str(meta['schedule'])[:40]!r}, expected an object")
+            rank = _rank(meta, steps, pretrained, shown, calls)
+        except Exception as e:  # noqa: BLE001 - any broken header skips this table, never the sampling
+            _skip(path, shown, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:120]}")
             continue
-        candidates.append((_rank(meta, steps, pretrained, shown, calls), path, shown))
+        candidates.append((rank, path, shown))
     for _, path, shown in sorted(candidates, key=lambda c: c[0]):
         try:
             params = load_path(path, shown)
-        except EPDParamsError as e:  # a broken file must not break sampling with the others
-            _skip(path, shown, str(e))
+        except Exception as e:  # noqa: BLE001 - a broken file must not break sampling with the others
+            _skip(path, shown, str(e) if isinstance(e, EPDParamsError) else f"{type(e).__name__}: {str(e)[:120]}")
             continue
         if params.num_points > PRESET_MAX_POINTS or params.num_steps > PRESET_MAX_STEPS:
             _skip(path, shown, f"{params.num_steps} steps x K={params.num_points} exceeds the limits "

@@ -14,6 +14,7 @@ from pathlib import Path
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, load_checkpoint
 from epd_core.multistep import ANCHOR_RATIO
@@ -26,6 +27,7 @@ from epd_core.solvers import variant
 from .compat import fix_empty_latent, io
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
+from .privacy import private_errors
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
 from .training import (CHECKPOINT_FILE, EPD_SCHEDULES, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model,
@@ -83,8 +85,15 @@ def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iter
         guidance_scale=cfg, model_family=model_family(model), teacher_sigma_min=sigma_min, grad_checkpointing=True)
 
 
+def refuse_existing_table(stem: str) -> None:
+    """Before any training: the trainer never replaces a table (as Save EPD Params without overwrite)."""
+    if (output_dir() / f"{stem}.safetensors").exists():
+        raise ValueError(f"EPD Trainer: '{stem}.safetensors' already exists in models/epd_params/; nothing was "
+                         "trained. Choose another name, or delete or rename the existing table first.")
+
+
 def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.NodeOutput:
-    path = save_table(table, stem)
+    path = save_table(table, stem, overwrite=False)
     shutil.rmtree(folder, ignore_errors=True)  # finished: the table is saved, the checkpoints are no longer needed
     folder_paths.filename_list_cache.pop(FOLDER, None)  # Load EPD Params lists it without a restart
     return io.NodeOutput(table, to_image_tensor(chart), ui={"text": [f"saved {path.name}: {table.describe()}, {text}"]})
@@ -93,6 +102,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
     stem = table_stem(name)
+    refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
     check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
                  f"{steps + 2} states of shape {list(shape[1:])})", teacher_pool_bytes(batch, steps, shape),
@@ -123,18 +133,54 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
     return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}")
 
 
+def rl_prompt_lines(text: str) -> list[str]:
+    """The non-empty lines of the RL prompts, refused (before any is split or encoded) beyond RL_MAX_PROMPTS
+    lines or RL_MAX_PROMPT_CHARS characters."""
+    if not isinstance(text, str):
+        raise ValueError("EPD RL Settings: 'prompts' must be text, one prompt per line")
+    if len(text) > RL_MAX_PROMPT_CHARS or text.count("\n") >= 4 * RL_MAX_PROMPTS:
+        raise ValueError(f"EPD RL Settings: the prompts are {len(text)} characters in {text.count(chr(10)) + 1} "
+                         f"lines; at most {RL_MAX_PROMPTS} prompts and {RL_MAX_PROMPT_CHARS} characters are "
+                         "accepted. Use a shorter list (prompts_per_update cycles through it).")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > RL_MAX_PROMPTS:
+        raise ValueError(f"EPD RL Settings: {len(lines)} prompts; at most {RL_MAX_PROMPTS} prompts are accepted. "
+                         "Use a shorter list (prompts_per_update cycles through it).")
+    return lines
+
+
+def conditioning_bytes(cond) -> int:
+    """Bytes of the tensors in one CONDITIONING ([[tensor, {name: tensor or value}], ...])."""
+    total = 0
+    for item in cond if isinstance(cond, list) else []:
+        for part in item if isinstance(item, (list, tuple)) else []:
+            values = part.values() if isinstance(part, dict) else [part]
+            total += sum(v.numel() * v.element_size() for v in values if hasattr(v, "element_size"))
+    return total
+
+
+def _encode_all(lines: list[str], encode, negative) -> list[tuple]:
+    """Encode the first prompt, refuse when all of them would not fit in memory, then encode the rest."""
+    first = encode(lines[0])
+    check_memory(torch.device("cpu"), f"the conditioning of {len(lines)} RL prompts",
+                 conditioning_bytes(first) * len(lines), "Use fewer prompt lines in EPD RL Settings.")
+    return [(first, negative)] + [(encode(t), negative) for t in lines[1:]]
+
+
 def prompt_conditioning(model, settings: dict, positive, negative, clip) -> tuple[list[str], list[tuple]]:
     """The RL prompts (text the reward sees) and their (positive, negative) conditioning."""
-    lines = [line.strip() for line in settings["prompts"].splitlines() if line.strip()]
+    lines = rl_prompt_lines(settings["prompts"])
     if not lines:
         return [""], [(positive, negative)]
     if clip is not None:
-        return lines, [(clip.encode_from_tokens_scheduled(clip.tokenize(t)), negative) for t in lines]
+        return lines, _encode_all(lines, lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)), negative)
     if model_family(model) == "epd_demo_digits":
         from .demo_nodes import demo_conditioning
-        if not all(t.isdigit() and int(t) < 10 for t in lines):
-            raise ValueError(f"the demo model's RL prompts are digits 0-9, one per line; got {lines}")
-        return lines, [(demo_conditioning(int(t)), negative) for t in lines]
+        bad = [t for t in lines if not (t.isdigit() and int(t) < 10)]
+        if bad:
+            raise ValueError(f"the demo model's RL prompts are digits 0-9, one per line; got {len(bad)} other "
+                             f"line(s), e.g. {bad[0][:40]!r}")
+        return lines, _encode_all(lines, lambda t: demo_conditioning(int(t)), negative)
     if len(lines) == 1:
         return lines, [(positive, negative)]
     raise ValueError(f"{len(lines)} RL prompts need the trainer's 'clip' input to encode them: connect your "
@@ -154,6 +200,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
     stem = table_stem(name)
+    refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
     per_update = (settings["prompts_per_update"] or len(prompts)) * settings["group_size"]
@@ -204,6 +251,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
 
 
 MODES = {"distill": run_distill, "rl": run_rl}
+RL_MAX_PROMPTS, RL_MAX_PROMPT_CHARS = 1024, 256 * 1024  # prompt lines and characters of EPD RL Settings
 RL_DEFAULTS = {"prompts": "", "group_size": RLConfig.group_size, "prompts_per_update": RLConfig.prompts_per_iteration,
                "ppo_epochs": RLConfig.epochs, "learning_rate": RLConfig.lr, "clip": RLConfig.clip_eps,
                "kl_coef": RLConfig.kl_coef, "kappa": RLConfig.kappa, "distill_iterations": DistillConfig.iterations}
@@ -406,6 +454,7 @@ class EPDTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @private_errors
     def execute(cls, mode, **inputs) -> io.NodeOutput:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; available: {list(MODES)}")

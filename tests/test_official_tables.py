@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,31 @@ class FileServer:
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.requests = dict(files), []
+        self.redirects: dict[str, str] = {}  # url path -> Location of a 302
+        self.drip: dict[str, float] = {}     # url path -> seconds between single bytes (a hostile slow mirror)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.requests.append(self.path)
+                if self.path in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[self.path])
+                    self.end_headers()
+                    return
                 data = outer.files.get(self.path)
+                if self.path in outer.drip and data is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    try:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(outer.drip[self.path])
+                    except OSError:  # the client gave up
+                        pass
+                    return
                 if data is None:
                     self.send_error(404)
                     return
@@ -204,6 +224,33 @@ def test_http_errors_and_bad_base_urls_are_clear(served, monkeypatch):
         imp.download_official("sd15-best")
 
 
+# ---- issue 21, item 2: an overall deadline, Cancel, https-only redirects ----------------------------------
+def test_a_trickling_mirror_is_cut_off_at_the_overall_deadline(served):
+    served.drip[f"/{imp.official_file('sd15-best').path}"] = 0.2  # a byte every 0.2 s: 7177 bytes in 24 min
+    start = time.monotonic()
+    with pytest.raises(EPDImportError, match="the download took longer than 1.5 s"):
+        imp.download_official("sd15-best", timeout=1.5)  # was: kept reading, each byte within the socket timeout
+    assert time.monotonic() - start < 3
+
+
+def test_should_stop_cancels_a_download_at_once(served):
+    served.drip[f"/{imp.official_file('sd15-best').path}"] = 0.2
+    start = time.monotonic()
+    with pytest.raises(imp.DownloadCancelled, match="cancelled; nothing was written"):
+        imp.download_official("sd15-best", should_stop=lambda: time.monotonic() - start > 0.5)
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:9/x.pkl", "file:///etc/passwd", "/exps/sd15/sd15-best.pkl",
+                                    "http://127.0.0.1:9/x.pkl"])
+def test_redirects_are_followed_only_to_https(served, target):
+    served.redirects[f"/{imp.official_file('sd15-start').path}"] = target  # was: ftp:// followed
+    with pytest.raises(EPDImportError) as err:
+        imp.download_official("sd15-start")
+    msg = str(err.value)
+    assert "refused: the server redirects to" in msg and "only redirects to https URLs are followed" in msg, msg
+
+
 # ---- the authors' older branch ------------------------------------------------------------------------
 def test_older_branch_files_say_what_they_are(tmp_path, capsys):
     with pytest.raises(EPDImportError) as e:
@@ -313,3 +360,26 @@ def test_node_refuses_a_wrong_hash_and_explains_offline_use(official_server):
     assert "put the fetched file at models/epd_params/official/sd3-512-best.pkl" in err
     assert str(server.base) not in err and str(REPO) not in err  # no server folders in a client's error
     assert not (models / "sd3-512-best.safetensors").exists()
+
+
+@pytest.mark.server
+def test_cancel_stops_a_trickling_download_and_the_next_prompt_runs(official_server):
+    server, files = official_server
+    path = f"/{imp.official_file('sd3-1024-best').path}"
+    files.files[path], files.drip[path] = FIXTURES["sd15-best"], 0.2  # 24 min at this rate, far past any deadline
+    sent = []
+
+    def cancel_when_it_runs(msg):
+        if msg["type"] == "executing" and msg.get("data", {}).get("node") == "imp" and not sent:
+            sent.append(time.monotonic())
+            threading.Timer(1.0, server.interrupt).start()
+    start = time.monotonic()
+    entry = server.run(import_graph("official: sd3-1024-best"), timeout=120, on_message=cancel_when_it_runs)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, entry["status"]  # was: ran on past Cancel, the next prompt waited
+    assert sent and time.monotonic() - sent[0] < 5, time.monotonic() - start
+    models = server.base / "models" / "epd_params"
+    assert not (models / "sd3-1024-best.safetensors").exists() and not (models / "official" / "sd3-1024-best.pkl"
+                                                                          ).exists()
+    status, err = run(server, import_graph("official: sd15-best", "after cancel"))  # the server takes the next one
+    assert status == "success", err

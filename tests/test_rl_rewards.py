@@ -4,6 +4,8 @@ a LAION-style aesthetic head on top of it, (if open_clip is installed) a tiny op
 ImageReward-shaped BLIP state dict (real key names) checked against a hand-written forward pass."""
 import importlib.util
 import json
+import resource
+import time
 
 import pytest
 import torch
@@ -440,3 +442,16 @@ def test_imagereward_bad_files_give_clear_errors(tmp_path):
         LocalModelReward("imagereward", folder)
     with pytest.raises(RewardUnavailableError, match=r"not found .*epd_rewards/imagereward"):
         LocalModelReward("imagereward", tmp_path / "missing")
+
+
+def test_hpsv2_checks_keys_and_shapes_before_building_vit_h_14(tmp_path):
+    """issue 21: a wrong file was found out only after the real ~4 GB ViT-H-14 had been built."""
+    pytest.importorskip("open_clip")
+    torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "small.pt")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(RewardUnavailableError, match=r"small\.pt does not match open_clip's ViT-H-14 .*found before "
+                                                     r"building it: 685 missing keys"):
+        LocalModelReward("hpsv2", tmp_path / "small.pt")
+    assert time.monotonic() - start < 20
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 500  # MB; was ~4 GB

@@ -4,6 +4,7 @@ shared references, huge integers, BUILD on the OrderedDict stand-in, oversized n
 tests/test_security_server.py."""
 import io
 import json
+import re
 import resource
 import struct
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from epd_core.import_official import EPDImportError, import_official_bytes
 from epd_core.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
+import hostile_pickles
 from official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +154,7 @@ def test_metadata_depth_limit_is_enforced_on_construction_and_save(tmp_path):
 
 # ---- item 4: names --------------------------------------------------------------------------------------
 def test_multi_megabyte_dataset_name_is_refused_at_import(tmp_path):
-    data = official_pickle(attrs=sd15_attrs(backend=None, dataset_name="a" * 3_000_000))
+    data = official_pickle(attrs=sd15_attrs(backend=None, dataset_name="a" * 900_000))  # under the 1 MB file budget
     with pytest.raises(EPDImportError) as err:  # was: imported, then the saved file could not be loaded
         timed_import(data)
     msg = str(err.value)
@@ -170,3 +172,128 @@ def test_model_family_plain_names_still_work(tmp_path):
         EPDParams.neutral(2, model_family=family)
     params = import_official_bytes(official_pickle(attrs=sd15_attrs(backend=None, dataset_name="LSUN_Bedroom-256")))
     assert params.metadata["model_family"] == "lsun_bedroom-256"
+
+
+# ---- issue 21, item 1: the opcode walk bounds what unpickling builds ----------------------------------------
+def refused_fast(data: bytes, *words, limit_s: float = 1.0, max_growth_mb: float = 20):
+    """The importer refuses `data` within `limit_s` seconds and `max_growth_mb` MB of peak memory; returns the
+    message, which must name the file and the budget."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(EPDImportError) as err:
+        import_official_bytes(data, source="hostile.pkl")
+    assert time.monotonic() - start < limit_s
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < max_growth_mb
+    msg = str(err.value)
+    assert msg.startswith("hostile.pkl: refused") and "budget" in msg and "Nothing in it was" in msg, msg
+    for word in words:
+        assert word in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("build", [hostile_pickles.deep_tuple_key, hostile_pickles.deep_tuple_set_item])
+def test_deep_tuple_key_is_refused_by_the_cli_instead_of_crashing_it(tmp_path, build):
+    src = tmp_path / "deep.pkl"
+    src.write_bytes(build())  # 200 kB
+    proc, seconds, _ = hostile_pickles.run_cli(src, tmp_path / "out.safetensors")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])  # was -11: SIGSEGV while hashing the key
+    assert f"error: {src}: refused" in proc.stderr and "nesting depth 32" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+def test_colliding_integer_keys_are_refused_before_hashing():
+    # 3000 keys (under the opcode budget) are refused by the key rule; 40,000 took 16 s in one C call before
+    refused_fast(hostile_pickles.colliding_int_keys(3000), "uses an int as a dict key",
+                 "dict keys are strings of at most 128 characters")
+    refused_fast(hostile_pickles.colliding_int_keys(40_000), "10000 opcodes")
+
+
+def test_a_megabyte_of_empty_sets_is_refused_with_near_baseline_memory():
+    refused_fast(hostile_pickles.empty_sets(1_000_000), "more than 10000 opcodes")  # was +246 MB
+
+
+def test_memo_reused_stride_zero_views_are_refused_before_any_is_built():
+    # 50 calls: was +100 MB (2 MiB per call from 6 bytes of file); a single one already claims 2 MiB
+    refused_fast(hostile_pickles.stride_zero_views(50), "1048576 bytes of tensor data", "shape (4096, 64)")
+    refused_fast(hostile_pickles.stride_zero_views(20, shape=(8, 8)), "_rebuild_tensor_v2 (REDUCE) more than 16")
+
+
+def test_a_view_larger_than_its_storage_is_refused_not_materialised():
+    msg = refused_fast(hostile_pickles.stride_zero_views(1, shape=(64, 64)), "claims 4096 elements from a "
+                       "storage of 1", "a view never holds more elements than its storage")
+    assert "file corrupt" not in msg  # was: cloned into a 4096-element tensor (larger shapes: 'file corrupt')
+
+
+def test_memo_reused_codecs_encode_is_refused():
+    refused_fast(hostile_pickles.codecs_encode_copies(200), "_codecs.encode")  # was 20 MB of copies, 1 MB -> 3 GB
+
+
+@pytest.mark.parametrize("data,words", [
+    (b"\x80\x04" + b"]" * 40 + b"a" * 39 + b".", ["32 levels deep"]),                  # nested lists
+    (b"\x80\x04" + b"(" * 40 + b".", ["nested MARKs"]),
+    (b"\x80\x04](" + b"N" * 1001 + b"e.", ["more than 1000 items"]),
+    (b"\x80\x04}(X" + (200).to_bytes(4, "little") + b"a" * 200 + b"Nu.", ["long string as a dict key"]),
+    (b"\x80\x04]\x94h\x00h\x00a.", ["changes a list after using it"]),                   # a list holding itself
+    (b"\x80\x04\x8f(J\x07\x00\x00\x00\x90.", ["an int as a set item"]),
+    (b"\x80\x04(\x8a\x01\x07\x91.", ["an int as a set item"]),                             # FROZENSET
+    (b"\x80\x04" + hostile_pickles.global_("builtins", "set") + b"](K\x01e\x85R.", ["set from items"]),
+    (b"\x80\x04\x82\x01.", ["EXT1"]),
+    (b"\x80\x04" + hostile_pickles.global_("collections", "OrderedDict") + b")\x81.", ["NEWOBJ"]),
+    (b"\x80\x04}N\x85R.", ["calls a dict"]),
+])
+def test_opcode_walk_budgets(data, words):
+    msg = str(pytest.raises(EPDImportError, import_official_bytes, data, source="hostile.pkl").value)
+    assert msg.startswith("hostile.pkl: "), msg
+    for word in words:
+        assert word in msg, msg
+
+
+# ---- issue 21, item 4: schedule numbers and flags of a table are checked at load ----------------------------
+@pytest.mark.parametrize("schedule,words", [
+    ("polynomial", "'schedule' must be an object"),
+    ({"type": "polynomial", "rho": 1e-320}, "schedule 'rho' is 1e-320"),                       # was: NaN sigmas
+    ({"type": "polynomial", "sigma_min": -1.0, "sigma_max": 80.0}, "schedule 'sigma_min' is -1.0"),
+    ({"type": "polynomial", "sigma_min": "0.002"}, "schedule 'sigma_min' is '0.002'"),          # was: TypeError
+    ({"type": "polynomial", "sigma_min": 80.0, "sigma_max": 1.0}, "is not below sigma_max"),
+    ({"type": "polynomial", "rho": True}, "schedule 'rho' is True"),
+    ({"type": "explicit", "to_zero": "yes"}, "schedule 'to_zero' is 'yes'"),
+])
+def test_table_schedules_with_bad_numbers_are_refused_at_load(schedule, words):
+    table = EPDParams.neutral(3)
+    table.metadata["schedule"] = schedule
+    with pytest.raises(EPDParamsError, match="my.safetensors: .*" + words.replace("(", r"\(").replace(".", r"\.")):
+        EPDParams.from_bytes(_raw_table_bytes(table), source="my.safetensors")
+
+
+@pytest.mark.parametrize("value", ["false", "no", 2, None])
+def test_afs_must_be_a_boolean(value):
+    table = EPDParams.neutral(3)
+    table.metadata["afs"] = value  # was: "false" turned AFS on (a non-empty string is true)
+    with pytest.raises(EPDParamsError, match="metadata 'afs' is .*expected true or false"):
+        EPDParams.from_bytes(_raw_table_bytes(table), source="my.safetensors")
+
+
+def _raw_table_bytes(table: EPDParams) -> bytes:
+    """The table's file as written by save(), but without the checks save() runs (a hand-edited header)."""
+    from safetensors.torch import save as st_save
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(table.metadata)}
+    return st_save({n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"),
+                                                       table.tensors())}, metadata=header)
+
+
+@pytest.mark.parametrize("attrs,words", [
+    (dict(schedule_type="polynomial", schedule_rho=1e-320), "schedule 'rho' is 1e-320"),
+    (dict(schedule_type="polynomial", schedule_rho=7.0, sigma_min=-1.0, sigma_max=80.0),
+     "schedule 'sigma_min' is -1.0"),
+])
+def test_predictors_with_bad_schedule_numbers_are_refused(attrs, words):
+    with pytest.raises(EPDImportError, match="p.pkl: the converted table is invalid .*" + re.escape(words)):
+        import_official_bytes(official_pickle(attrs=sd15_attrs(backend=None, backend_config={}, **attrs)),
+                              source="p.pkl")  # was: imported, then NaN or negative sigmas
+
+
+def test_a_huge_global_name_is_refused_with_a_short_message():
+    data = b"\x80\x04c" + b"m" * 500_000 + b"\nx\n."
+    msg = str(pytest.raises(EPDImportError, import_official_bytes, data, source="hostile.pkl").value)
+    assert "asks for the Python global 'mmm" in msg and len(msg) < 600, len(msg)  # was: the 500 kB name echoed

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as st_save
 
+import hostile_pickles
 from comfyui_server import COMFYUI, REPO, error_message
 from epd_core.params import EPDParams
 from official_pickle import official_pickle, random_tables, sd15_attrs
@@ -102,6 +103,29 @@ def test_pkl_memory_bomb_uploaded_to_input_is_refused_fast_and_server_keeps_serv
     still_serving(comfy_server)
 
 
+# ---- issue 21, item 1: pickles that crashed, froze or bloated the server ------------------------------------
+@pytest.mark.parametrize("name,build,words", [
+    ("deep_key.pkl", hostile_pickles.deep_tuple_key, "nesting depth 32"),            # was: ComfyUI died (SIGSEGV)
+    ("collide.pkl", hostile_pickles.colliding_int_keys, "10000 opcodes"),            # was: 16 s holding the GIL
+    ("sets.pkl", hostile_pickles.empty_sets, "10000 opcodes"),                       # was: +246 MB
+    ("views.pkl", hostile_pickles.stride_zero_views, "bytes of tensor data"),        # was: +600 MB, saved a table
+])
+def test_hostile_pickles_are_refused_fast_and_the_server_keeps_serving(comfy_server, name, build, words):
+    (comfy_server.base / "input" / name).write_bytes(build())
+    before = sorted(p.name for p in params_dir(comfy_server).iterdir())
+    start = time.monotonic()
+    msg = run_error(comfy_server, import_graph(pkl_path=name, output_name="hostile"))
+    assert time.monotonic() - start < 10, msg
+    assert "EPDImportError" in msg and f"{name}: refused" in msg and words in msg and "budget" in msg, msg
+    assert_private(comfy_server, msg)
+    assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before
+    assert comfy_server.proc.poll() is None
+    stats_start = time.monotonic()
+    comfy_server.get("/system_stats")
+    assert time.monotonic() - stats_start < 2
+    still_serving(comfy_server)
+
+
 # ---- item 3: pkl_path restricted, tables cannot poison KSampler, overwrite choice -------------------------
 def test_import_pkl_path_only_reads_input_and_model_folders(comfy_server, tmp_path):
     outside = tmp_path / "outside.pkl"
@@ -162,6 +186,38 @@ def test_broken_listed_user_table_is_skipped_with_a_log_line(comfy_server):
         assert chosen(comfy_server, "epd_demo_digits", 4) == "demo_digits_epd_nfe5.safetensors"
     finally:
         for name in ("ksampler_presets.txt", "broken_three.safetensors", "huge_k.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+
+
+def raw_table(path, table, **meta):
+    """Write `table` with hand-edited metadata, as an attacker or a careless script would (no checks)."""
+    m = dict(table.metadata, **meta)
+    tensors = {n: t.contiguous() for n, t in zip(("theta_r", "theta_w", "theta_c", "theta_a"), table.tensors())}
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(m)}
+    path.write_bytes(st_save(tensors, metadata=header))
+
+
+def test_listed_tables_with_a_string_schedule_or_a_false_latency_are_not_used(comfy_server):
+    folder = params_dir(comfy_server)
+    # a string schedule: was AttributeError in every KSampler epd run of the family
+    raw_table(folder / "str_sched.safetensors", EPDParams.neutral(5, model_family="epd_demo_digits"),
+              schedule="polynomial", num_steps=5, num_points=2)
+    # 200 rows to zero claiming a latency of 6 calls: was picked for KSampler 6 steps, and ran 200 steps
+    liar = EPDParams.neutral(200, num_points=8, model_family="epd_demo_digits")
+    sigmas = torch.logspace(1.2, -1, 201).tolist()
+    raw_table(folder / "liar.safetensors", liar, afs=True, latency_nfe=6, num_steps=200, num_points=8,
+              schedule={"type": "explicit", "to_zero": True, "override_sigmas": True, "sigmas": sigmas})
+    (folder / "ksampler_presets.txt").write_text("str_sched\nliar\n")
+    try:
+        run_ok(comfy_server, demo_ksampler(7, seed=4))  # 6 steps to a positive sigma (no other test uses 6)
+        log = comfy_server.log_path.read_text()
+        assert "KSampler skips the table str_sched.safetensors: 'schedule' is 'polynomial'" in log, log[-3000:]
+        assert chosen(comfy_server, "epd_demo_digits", 6) != "str_sched.safetensors"
+        run_ok(comfy_server, demo_ksampler(6, seed=5))
+        assert "liar" not in comfy_server.log_path.read_text()
+    finally:
+        for name in ("ksampler_presets.txt", "str_sched.safetensors", "liar.safetensors"):
             (folder / name).unlink(missing_ok=True)
 
 
@@ -229,6 +285,25 @@ def test_reward_paths_outside_the_rewards_folder_are_refused_without_leaks(comfy
     still_serving(comfy_server)
 
 
+def test_links_inside_the_rewards_folder_leading_outside_are_refused_without_echoing(comfy_server, tmp_path):
+    secret = tmp_path / "secret_config.json"
+    secret.write_text(json.dumps({"model_type": "TOPSECRET-1234", "api_key": "TOPSECRET-5678"}))
+    folder = comfy_server.base / "models" / "epd_rewards" / "linky"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").symlink_to(secret)
+    (folder / "model.safetensors").write_bytes(st_save({"x": torch.zeros(4)}))
+    try:
+        msg = run_error(comfy_server, reward_graph("clip", "linky"))
+        assert "refused" in msg and "'config.json' inside it is a link leading outside models/epd_rewards/" in msg, msg
+        assert "TOPSECRET" not in msg, msg  # was: the outside file's content in the error
+        assert_private(comfy_server, msg)
+    finally:
+        (folder / "config.json").unlink()
+        (folder / "model.safetensors").unlink()
+        folder.rmdir()
+    still_serving(comfy_server)
+
+
 def test_small_config_with_huge_sizes_is_refused_before_allocating(comfy_server):
     folder = comfy_server.base / "models" / "epd_rewards" / "clip_bomb"
     folder.mkdir(parents=True, exist_ok=True)
@@ -284,6 +359,75 @@ def test_teacher_pool_too_large_for_memory_is_refused_before_training(comfy_serv
     still_serving(comfy_server)
 
 
+# ---- issue 21, item 2: RL prompts are capped and their conditioning counted in the memory check -------------
+def rl_prompts_graph(prompts):
+    g = reward_graph("aesthetic", "x")
+    g["reward"] = {"class_type": "EPDRewardDemoClassifier", "inputs": {}}
+    g["init"] = {"class_type": "LoadEPDParams", "inputs": {"name": "demo_digits_epd_s3.safetensors"}}
+    g["settings"] = {"class_type": "EPDRLSettings", "inputs": {
+        "prompts": prompts, "group_size": 2, "prompts_per_update": 1, "ppo_epochs": 1, "learning_rate": 1e-3,
+        "clip": 0.2, "kl_coef": 0.0, "kappa": 15.0, "distill_iterations": 1}}
+    g["trainer"]["inputs"].update(rl_settings=["settings", 0], init_params=["init", 0], name="sec_prompts")
+    return g
+
+
+def test_rl_prompt_lines_are_capped_before_encoding(comfy_server):
+    for prompts in ("1\n" * 100_000, "1\n" * 1025, "1 " * 300_000):  # was: +423 MB for 100,000 lines, 2M killed
+        start = time.monotonic()
+        msg = run_error(comfy_server, rl_prompts_graph(prompts))
+        assert time.monotonic() - start < 30, msg
+        assert "at most 1024 prompts" in msg and "EPD RL Settings" in msg, msg
+    msg = run_error(comfy_server, rl_prompts_graph("1\nseven\n" * 500))
+    assert "got 500 other line(s), e.g. 'seven'" in msg and len(msg) < 1500, msg  # was: the whole list echoed
+    assert not (params_dir(comfy_server) / "sec_prompts.safetensors").exists()
+    still_serving(comfy_server)
+
+
+# ---- issue 21, item 3: the trainer never replaces a table; errors never show the server's folders -----------
+def distill_graph(name, steps=3):
+    g = reward_graph("aesthetic", "x")
+    del g["reward"], g["trainer"]["inputs"]["reward"]
+    g["trainer"]["inputs"].update(mode="distill", steps=steps, iterations=2, name=name)
+    return g
+
+
+def test_trainer_refuses_to_replace_an_existing_table(comfy_server):
+    target = params_dir(comfy_server) / "sec_exists.safetensors"
+    EPDParams.neutral(3, model_family="epd_demo_digits").save(target)
+    before = target.read_bytes()
+    try:
+        start = time.monotonic()
+        msg = run_error(comfy_server, distill_graph("sec_exists"))  # was: trained, then silently replaced it
+        assert time.monotonic() - start < 30
+        assert "'sec_exists.safetensors' already exists in models/epd_params/; nothing was trained" in msg, msg
+        assert target.read_bytes() == before
+        assert not (params_dir(comfy_server) / "checkpoints" / "sec_exists").exists()
+        assert_private(comfy_server, msg)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_write_and_resume_errors_do_not_show_server_paths(comfy_server):
+    folder = params_dir(comfy_server)
+    (folder / "sec_dir.safetensors").mkdir()  # a folder where the table would go: the write fails
+    ckpt = folder / "checkpoints" / "sec_garbage" / "distill.distill-checkpoint"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    try:
+        msg = run_error(comfy_server, save_graph("sec_dir", overwrite=True))
+        assert "sec_dir.safetensors" in msg and "models/epd_params" in msg, msg
+        assert_private(comfy_server, msg)  # was: the absolute models/epd_params path
+        msg = run_error(comfy_server, distill_graph("sec_garbage"))
+        assert "checkpoint models/epd_params/checkpoints/sec_garbage/distill.distill-checkpoint is unreadable" in msg, \
+            msg
+        assert_private(comfy_server, msg)
+    finally:
+        (folder / "sec_dir.safetensors").rmdir()
+        ckpt.unlink()
+        ckpt.parent.rmdir()
+    still_serving(comfy_server)
+
+
 # ---- item 5: messages a user sees --------------------------------------------------------------------------
 def test_flow_patched_model_does_not_use_the_eps_tables(comfy_server):
     g = demo_ksampler(4, seed=4, model=("flow", 0))
@@ -319,6 +463,62 @@ def test_epd_sigmas_with_an_imported_discrete_table_is_exact(comfy_server):
                              r"\(epd K=2 steps=4 schedule=discrete", log), log[-3000:]
     finally:
         (params_dir(comfy_server) / "sec_discrete.safetensors").unlink(missing_ok=True)
+
+
+# ---- issue 21, item 4: misleading or unchecked inputs ------------------------------------------------------
+def epd_sampler_graph(table="demo_digits_epd_s3.safetensors", model=("model", 0), append_zero=True, **sampler):
+    g = demo_ksampler(4)
+    del g["ks"]
+    inputs = {"params": ["params", 0], "solver": "auto", "max_order": 0, "afs": "auto", "execution": "auto",
+              "max_batch": 0, **sampler}
+    g.update({
+        "params": {"class_type": "LoadEPDParams", "inputs": {"name": table}},
+        "sampler": {"class_type": "EPDSampler", "inputs": inputs},
+        "sigmas": {"class_type": "EPDSigmas", "inputs": {"model": list(model), "params": ["params", 0],
+                                                         "append_zero": append_zero}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "guider": {"class_type": "CFGGuider", "inputs": {"model": list(model), "positive": ["cond", 0],
+                                                         "negative": ["cond", 1], "cfg": 2.0}},
+        "ks": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["empty", 0]}},
+    })
+    return g
+
+
+@pytest.mark.parametrize("name,value", [("solver", "../../x"), ("afs", "x"), ("execution", "x")])
+def test_epd_sampler_dropdown_values_are_checked(comfy_server, name, value):
+    msg = run_error(comfy_server, epd_sampler_graph(**{name: value}))  # was: KeyError, or silently accepted
+    assert f"EPD Sampler: {name} '{value}' is not one of auto, " in msg, msg
+
+
+def test_ksampler_epd_with_more_steps_than_any_table_says_so(comfy_server):
+    g = demo_ksampler(5000, model=("flow", 0))  # a family without tables: the neutral table would need 4999 rows
+    g["flow"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 3.0}}
+    msg = run_error(comfy_server, g)
+    assert "KSampler 'epd' takes at most 4097 steps (4999 steps to a positive sigma were asked)" in msg, msg
+    assert "parameter table" not in msg  # was: the neutral table's internal validation message
+
+
+def test_epd_sigmas_with_an_imported_polynomial_table_is_exact(comfy_server):
+    (comfy_server.base / "input" / "poly.pkl").write_bytes(demo_predictor(num_steps=5, schedule_type="polynomial",
+                                                                          schedule_rho=7.0))
+    run_ok(comfy_server, import_graph(pkl_path="poly.pkl", output_name="sec_poly"))
+    try:
+        run_ok(comfy_server, epd_sampler_graph("sec_poly.safetensors"))
+        log = comfy_server.log_path.read_text()
+        assert not re.search(r"sigmas differ from the table's training schedule; using rows by_index "
+                             r"\(epd K=2 steps=4 schedule=polynomial", log), log[-3000:]
+    finally:
+        (params_dir(comfy_server) / "sec_poly.safetensors").unlink(missing_ok=True)
+
+
+def test_epd_sampler_warns_when_the_table_is_for_another_family(comfy_server):
+    g = epd_sampler_graph(model=("flow", 0))
+    g["flow"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 3.0}}
+    run_ok(comfy_server, g)
+    assert ("EPD Sampler: the table was trained for the model family 'epd_demo_digits', but the model is "
+            "'epd_demo_digits_flow'") in comfy_server.log_path.read_text()  # was: no word
 
 
 def test_node_descriptions_point_to_repository_docs(comfy_server):
@@ -368,3 +568,29 @@ def test_rl_rollout_model_calls_are_chunked_and_split_on_out_of_memory(tmp_path)
     res = json.loads(lines[0][len("RESULT"):])
     assert res["equal"] and res["again"] and res["rows"] == 16 and res["cap"] <= 64
     assert res["max_call"] <= res["cap"]
+
+
+# ---- issue 21, item 2: the conditioning of all RL prompts is counted before they are encoded ---------------
+CONDITIONING_SCRIPT = CHUNK_SCRIPT.split("import torch")[0] + r"""
+import torch
+from ComfyUI_EPD.nodes.trainer_nodes import _encode_all
+calls = []
+def encode(text):  # a text encoder whose output is 64 MiB a prompt (shapes only: meta tensors)
+    calls.append(text)
+    return [[torch.empty(1, 4096, 4096, device="meta"), {"pooled_output": torch.empty(1, 4096, device="meta")}]]
+try:
+    _encode_all(["a prompt"] * 1024, encode, None)
+    print("RESULT" + json.dumps({"error": None}))
+except ValueError as e:
+    print("RESULT" + json.dumps({"error": str(e), "calls": len(calls)}))
+"""
+
+
+def test_conditioning_of_all_rl_prompts_is_checked_against_memory_before_encoding_them(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CONDITIONING_SCRIPT, str(REPO), str(COMFYUI)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[0][len("RESULT"):])
+    assert res["error"] and "the conditioning of 1024 RL prompts" in res["error"] and "64.0 GiB" in res["error"], res
+    assert res["calls"] == 1  # only the first prompt was encoded

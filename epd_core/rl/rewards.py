@@ -353,6 +353,21 @@ def _hpsv2_scorer(path, device):
     file = _single_weight_file("hpsv2", path) if path.is_dir() else path
     sd = _load_state_dict("hpsv2", file)
     try:
+        with torch.device("meta"):  # keys and shapes first, on the meta device: ViT-H-14 is ~4 GB when built
+            skeleton = open_clip.create_model(HPSV2_ARCH, pretrained=None, precision="fp32", device="meta")
+    except Exception as e:  # noqa: BLE001
+        raise RewardUnavailableError(f"open_clip cannot build {HPSV2_ARCH} ({type(e).__name__}: {e})") from None
+    own = skeleton.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
+              if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise RewardUnavailableError(
+            f"{file} does not match open_clip's {HPSV2_ARCH} (HPS_v2.1_compressed.pt expected), found before "
+            f"building it: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+            f"{unexpected[:3]}), {len(shapes)} size mismatches (e.g. {shapes[:2]})")
+    del skeleton, own
+    try:
         model = open_clip.create_model(HPSV2_ARCH, pretrained=None, precision="fp32", device="cpu")
     except Exception as e:  # noqa: BLE001
         raise RewardUnavailableError(f"open_clip cannot build {HPSV2_ARCH} ({type(e).__name__}: {e})") from None

@@ -1,0 +1,151 @@
+"""Tiny hostile predictor pickles (issue 21, item 1): each is far below the file-size budget and, without the
+importer's opcode walk, crashes, freezes or exhausts the process that unpickles it.
+
+    python tests/hostile_pickles.py     measures each refusal through the CLI: seconds and peak memory (RSS)
+                                        against a real-size predictor's import in the same way
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROTO4 = b"\x80\x04"
+MEMOIZE, STOP, MARK, REDUCE, APPEND, EMPTY_LIST = b"\x94", b".", b"(", b"R", b"a", b"]"
+
+
+def binget(i: int) -> bytes:
+    return b"h" + bytes([i])
+
+
+def global_(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def binunicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def long1(value: int) -> bytes:
+    raw = pickle.encode_long(value)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def deep_tuple_key(depth: int = 200_000) -> bytes:
+    """A dict whose key is a tuple nested `depth` deep: hashing it recurses in C (SIGSEGV at ~200,000)."""
+    return PROTO4 + b"}" + b")" + b"\x85" * depth + b"Ns" + STOP
+
+
+def deep_tuple_set_item(depth: int = 200_000) -> bytes:
+    """The same tuple as the item of a set (EMPTY_SET, MARK, item, ADDITEMS)."""
+    return PROTO4 + b"\x8f(" + b")" + b"\x85" * depth + b"\x90" + STOP
+
+
+def colliding_int_keys(n: int = 40_000) -> bytes:
+    """A dict of `n` integer keys that all hash to 0 (k * (2**61 - 1)): quadratic time inside one C call."""
+    return PROTO4 + b"}(" + b"".join(long1(k * (2 ** 61 - 1)) + b"N" for k in range(1, n + 1)) + b"u" + STOP
+
+
+def empty_sets(n: int = 1_000_000) -> bytes:
+    """`n` EMPTY_SET opcodes, one byte each, left on the stack: ~250 bytes of memory per byte of file."""
+    return PROTO4 + b"\x8f" * n + STOP
+
+
+def legacy_storage(values: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(values._typed_storage(), buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def stride_zero_views(n: int = 3000, shape=(4096, 64)) -> bytes:
+    """`n` calls of the allowed _rebuild_tensor_v2 stand-in, all reusing one memoised argument tuple: a storage
+    of one float, viewed with stride 0 as `shape` (2 MiB per call when cloned), 6 bytes of file per call."""
+    storage = legacy_storage(torch.zeros(1))
+    size = b"(" + b"".join(b"M" + d.to_bytes(2, "little") for d in shape) + b"t"
+    head = (PROTO4 + global_("torch._utils", "_rebuild_tensor_v2") + MEMOIZE                  # memo 0
+            + b"(" + global_("torch.storage", "_load_from_bytes") + b"C" + bytes([len(storage)]) + storage
+            + b"\x85R" + b"K\x00" + size + b"(" + b"K\x00" * len(shape) + b"t\x89Nt" + MEMOIZE  # memo 1: args
+            + EMPTY_LIST)
+    return head + (binget(0) + binget(1) + REDUCE + APPEND) * n + STOP
+
+
+def codecs_encode_copies(n: int = 200, chars: int = 100_000) -> bytes:
+    """Protocol-2 style bytes: `n` calls of the allowed _codecs.encode stand-in on one memoised string."""
+    head = (b"\x80\x02" + global_("_codecs", "encode") + b"q\x00"
+            + binunicode("a" * chars) + binunicode("latin1") + b"\x86q\x01" + EMPTY_LIST)
+    return head + (binget(0) + binget(1) + REDUCE + APPEND) * n + STOP
+
+
+ATTACKS = {
+    "deep tuple as a dict key": deep_tuple_key,
+    "deep tuple as a set item": deep_tuple_set_item,
+    "40,000 colliding integer keys": colliding_int_keys,
+    "1 MB of EMPTY_SET": empty_sets,
+    "stride-0 tensor views (memo reuse)": stride_zero_views,
+    "_codecs.encode copies (memo reuse)": codecs_encode_copies,
+}
+
+
+def run_cli(path: Path, out: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Import `path` with the CLI in a fresh process; returns the process, its seconds and its peak RSS in MB.
+    The peak is read from `/usr/bin/time -f %M` so that it belongs to this process alone."""
+    start = time.monotonic()
+    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, "-m", "epd_core.import_official",
+                           str(path), str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    seconds = time.monotonic() - start
+    peak_kb = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_KB ")]
+    return proc, seconds, int(peak_kb[-1].split()[1]) / 1024 if peak_kb else float("nan")
+
+
+def in_process(data: bytes) -> tuple[float, float]:
+    """The importer's own time (s) for one refusal and how much this process's peak RSS grew (MB)."""
+    from epd_core.import_official import EPDImportError, import_official_bytes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        import_official_bytes(data, source="hostile.pkl")
+    except EPDImportError:
+        pass
+    return time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+    from official_pickle import official_pickle
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        good = tmp / "real_size.pkl"
+        good.write_bytes(official_pickle())
+        in_process(good.read_bytes())  # imports and first-call allocations, before anything is measured
+        _, base_s, base_mb = run_cli(good, tmp / "good.safetensors")
+        print(f"{'file':36s} {'bytes':>8s} {'CLI s':>6s} {'CLI peak MB':>11s} {'vs import':>9s} "
+              f"{'importer ms':>11s} {'+MB':>5s}")
+        seconds, grown = in_process(good.read_bytes())
+        print(f"{'real-size predictor (imports)':36s} {good.stat().st_size:8d} {base_s:6.2f} {base_mb:11.0f} "
+              f"{0:+9.0f} {seconds * 1e3:11.1f} {grown:5.1f}")
+        for title, build in ATTACKS.items():
+            data = build()
+            path = tmp / "hostile.pkl"
+            path.write_bytes(data)
+            proc, cli_s, peak = run_cli(path, tmp / "out.safetensors")
+            first = proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else ""
+            seconds, grown = in_process(data)
+            print(f"{title:36s} {len(data):8d} {cli_s:6.2f} {peak:11.0f} {peak - base_mb:+9.0f} "
+                  f"{seconds * 1e3:11.1f} {grown:5.1f}  rc={proc.returncode} {first.split(': ', 2)[-1][:110]}")
+    print("CLI s / peak: a fresh `python -m epd_core.import_official` (interpreter and torch start-up included), "
+          "'vs import' against importing the real-size file; importer ms / +MB: the refusal alone, in process.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
