@@ -114,3 +114,57 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
         d.text((10, top + row_h * n + 20), f"showing the first {n} of {total_n} steps and {k} of {total_k} points "
                                            "per step", fill=(90, 90, 90), font=_font(12))
     return img
+
+
+def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int, str] | None = None,
+              ylabel: str = "RMSE to the reference", size=(820, 480)) -> Image.Image:
+    """Curves over latency NFE (x: the NFEs themselves, y: log scale), one per series name ({NFE: value}); the
+    first series is drawn dashed black (the best built-in) and `labels` writes a short text at its points."""
+    w, h = size
+    img = Image.new("RGB", size, BG)
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 80, w - 30, 40, h - 55
+    d.text((left, 10), title, fill=FG, font=_font(16))
+    vals = [v for s in series.values() for v in s.values() if math.isfinite(v) and v > 0]
+    xs = sorted({n for s in series.values() for n in s})
+    if not vals or not xs:
+        d.text((left, h // 2), "nothing measured", fill=FG, font=_font())
+        return img
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    pad = max(hi - lo, 0.2) * 0.08
+    lo, hi = lo - pad, hi + pad
+    x0, x1 = xs[0] - 0.5, xs[-1] + 0.5
+    px = lambda n: left + (right - left) * (n - x0) / (x1 - x0)  # noqa: E731
+    py = lambda v: bottom - (bottom - top) * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
+    for i in range(5):
+        yv = lo + (hi - lo) * i / 4
+        y = bottom - (bottom - top) * i / 4
+        d.line([(left, y), (right, y)], fill=GRID)
+        d.text((5, y - 7), f"{10 ** yv:.3g}", fill=FG, font=_font(12))
+    for n in xs:
+        d.line([(px(n), bottom), (px(n), bottom + 4)], fill=FG)
+        d.text((px(n) - 4, bottom + 6), str(n), fill=FG, font=_font(12))
+    d.rectangle([left, top, right, bottom], outline=FG)
+    d.text(((left + right) // 2 - 150, h - 25), "latency NFE (sequential model calls per image)", fill=FG,
+           font=_font(12))
+    d.text((5, top - 18), f"{ylabel} (log)", fill=FG, font=_font(12))
+    colors = [(30, 30, 30), (214, 39, 40), ACCENT, (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for j, (name, s) in enumerate(series.items()):
+        pts = [(px(n), py(v)) for n, v in sorted(s.items()) if math.isfinite(v) and v > 0]
+        col = colors[j % len(colors)]
+        if j == 0:  # dashed
+            for a, b in zip(pts, pts[1:]):
+                for t in range(0, 10, 2):
+                    d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
+                            (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)],
+                           fill=col, width=2)
+        elif len(pts) > 1:
+            d.line(pts, fill=col, width=3)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
+        d.text((left + 10, top + 8 + 16 * j), f"- {name}", fill=col, font=_font(12))
+    first = next(iter(series.values()))
+    for n, text in (labels or {}).items():
+        if n in first and math.isfinite(first[n]) and first[n] > 0:
+            d.text((px(n) + 6, py(first[n]) + 4), text, fill=(90, 90, 90), font=_font(10))
+    return img
