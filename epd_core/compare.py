@@ -191,9 +191,9 @@ def verdict(ratio: float | None, builtin: str) -> str:
     if ratio is None:
         return "no built-in to compare with at this NFE"
     if ratio < 0.95:
-        return f"{1 / ratio:.2f}x lower error than the best built-in ({builtin})"
+        return f"wins: {ratio:.2f}x the error of the best built-in ({builtin})"
     if ratio <= 1.05:
-        return f"ties with the best built-in ({builtin}; within 5%)"
+        return f"ties with the best built-in ({builtin}): {ratio:.2f}x its error"
     return f"does NOT beat the best built-in ({builtin}): {ratio:.2f}x its error"
 
 
@@ -224,3 +224,17 @@ def report(result: Comparison) -> str:
         lines += ["", "Every built-in's best configuration (test RMSE; sorted by fit RMSE):", *others]
     lines.append(f"\n({result.seconds:.1f}s)")
     return "\n".join(lines)
+
+
+def measured_text(measured: dict | None) -> str:
+    """One line on a table's `measured` metadata (the EPD Trainer's held-out report), for the trainer's output and
+    Preview EPD Params."""
+    if not isinstance(measured, dict) or not measured:
+        return ""
+    if "skipped" in measured:
+        return f"not measured against the built-ins ({str(measured['skipped'])[:160]}); use EPD Compare"
+    try:
+        return (f"measured at NFE {measured['nfe']} on {measured['held_out_samples']} held-out samples: "
+                f"{measured['verdict']}")
+    except (KeyError, TypeError, ValueError):
+        return "measured: (unreadable)"

@@ -141,7 +141,7 @@ def pack_picks(model_patcher, which: str, nfes: list[int]) -> list[tuple[str, EP
                 continue
             params, name = hit
             found.setdefault(name, params)
-    return [(f"pack's pick {name.removesuffix('.safetensors')}", p) for name, p in found.items()]
+    return [(f"{p.solver} pick - {name.removesuffix('.safetensors')}", p) for name, p in found.items()]
 
 
 # ================================================================================================ running
@@ -311,9 +311,10 @@ def plot(result: compare.Comparison, title: str) -> Image.Image:
     nfes = sorted(result.nfe)
     best = {n: result.best(n)["rmse"] for n in nfes if result.best(n)}
     labels = {n: f"{b['sampler']}/{b['scheduler']}" for n in nfes if (b := result.best(n))}
-    series = {"best built-in per NFE (chosen on fit seeds)": best}
-    for name in dict.fromkeys(t for n in nfes for t in result.nfe[n]["tables"]):
-        series[name] = {n: result.nfe[n]["tables"][name]["rmse"] for n in nfes if name in result.nfe[n]["tables"]}
+    series = {"best built-in (fit-chosen per NFE)": best}
+    for n in nfes:  # one curve per connected table, one per solver of the pack's picks (a table per NFE)
+        for name, t in result.nfe[n]["tables"].items():
+            series.setdefault(name.split(" - ")[0], {})[n] = t["rmse"]
     return nfe_chart(series, title, labels, ylabel=f"RMSE to {result.reference}, held-out seeds")
 
 
@@ -321,17 +322,17 @@ def grid(result: compare.Comparison, decode) -> Image.Image:
     """Per NFE one row: each table's first test sample, the best built-in's, the reference (same seed)."""
     rows = []
     for n in sorted(result.nfe):
-        row = [(name, result.firsts[("table", n, name)]) for name in result.nfe[n]["tables"]]
+        row = [(name.split(" - ")[-1] if " pick - " in name else name.split(" - ")[0],
+                result.firsts[("table", n, name)]) for name in result.nfe[n]["tables"]]
         b = result.best(n)
         if b:
-            row.append((f"best built-in: {b['sampler']} ({b['scheduler']})",
-                        result.firsts[("builtin", n, b["sampler"])]))
+            row.append((f"best: {b['sampler']}/{b['scheduler']}", result.firsts[("builtin", n, b["sampler"])]))
         if row:
             rows.append((n, row + [("reference", result.firsts["reference"])]))
     if not rows:
         return Image.new("RGB", (320, 40), (255, 255, 255))
     tiles = [[(label, decode(x)) for label, x in row] for _, row in rows]
-    tw = max(im.width for row in tiles for _, im in row)
+    tw = max(150, max(im.width for row in tiles for _, im in row))
     th = max(im.height for row in tiles for _, im in row)
     cols = max(len(row) for row in tiles)
     pad, head = 60, 28
@@ -342,8 +343,8 @@ def grid(result: compare.Comparison, decode) -> Image.Image:
         d.text((4, y + head + th // 2 - 7), f"NFE {n}", fill=(30, 30, 30), font=_font(13))
         for j, (label, im) in enumerate(row):
             x = pad + j * (tw + 8)
-            d.text((x, y + 6), label[:max(12, tw // 6)], fill=(30, 30, 30), font=_font(10))
-            img.paste(im, (x, y + head))
+            d.text((x, y + 6), label[:tw // 6], fill=(30, 30, 30), font=_font(10))
+            img.paste(im, (x + (tw - im.width) // 2, y + head))
     return img
 
 
@@ -436,7 +437,7 @@ class EPDCompare(io.ComfyNode):
         nfes = parse_ints(nfe, "nfe", 1, 400)
         samplers = parse_names(builtins, DETERMINISTIC, "built-in sampler(s)")
         scheds = parse_names(schedulers, [*comfy.samplers.SCHEDULER_NAMES, "ays"], "scheduler(s)")
-        tables = [(f"table {i + 1} ({p.solver}, {p.describe()[:40]})", p)
+        tables = [(f"table {i + 1} - {p.solver}, {p.num_steps} steps, K={p.num_points}", p)
                   for i, p in enumerate((params, params_2, params_3)) if p is not None]
         tables += pack_picks(model, pack_pick, nfes)
         if not tables:
@@ -461,16 +462,16 @@ class EPDCompare(io.ComfyNode):
 # ================================================================================================ the trainer
 
 def measure_table(model, positive, negative, cfg, latent, table: EPDParams, seed: int, budget_s: float) -> dict:
-    """The EPD Trainer's held-out report: the new table against the best built-in (default field, chosen on 4
-    held-out noises) at the table's latency NFE, scored on 4 more; the `measured` metadata of the table. When the
+    """The EPD Trainer's held-out report: the new table against the best built-in (default field, chosen on 8
+    held-out noises) at the table's latency NFE, scored on 8 more; the `measured` metadata of the table. When the
     estimate exceeds budget_s, {"skipped": why} instead."""
     latent = {**latent, "samples": latent["samples"][:1]}
-    seeds = [seed + HELD_OUT_SEED + i for i in range(8)]
+    seeds = [seed + HELD_OUT_SEED + i for i in range(16)]
     try:
         probe = table_candidate(table, "new table", model.get_model_object("model_sampling"), False)
         if probe.calls is None:
             return {"skipped": "the table could not be run on its own schedule"}
-        result, _ = run_comparison(model, positive, negative, cfg, latent, seeds[:4], seeds[4:], [probe.calls],
+        result, _ = run_comparison(model, positive, negative, cfg, latent, seeds[:8], seeds[8:], [probe.calls],
                                    [("new table", table)], parse_names(DEFAULT_BUILTINS, DETERMINISTIC, ""),
                                    parse_names(DEFAULT_SCHEDULERS, [*comfy.samplers.SCHEDULER_NAMES, "ays"], ""),
                                    ("dpmpp_2m", "karras", 100), budget_s, who="EPD Trainer's measurement")
@@ -484,14 +485,14 @@ def measure_table(model, positive, negative, cfg, latent, table: EPDParams, seed
             "fit_samples": result.fit_samples, "verdict": compare.verdict(row["ratio"], best["name"])}
 
 
-def measured_text(measured: dict | None) -> str:
-    """One line on a table's `measured` metadata, for the trainer's output and Preview EPD Params."""
-    if not measured:
-        return ""
-    if "skipped" in measured:
-        return f"not measured against the built-ins ({measured['skipped'][:160]}); use EPD Compare"
-    return (f"measured at NFE {measured['nfe']} on {measured['held_out_samples']} held-out samples: RMSE ratio "
-            f"{measured['ratio']:.2f} to the best built-in, {measured['verdict']}")
+def record_measurement(table: EPDParams, model, positive, negative, cfg, latent, seed: int, trained_s: float) -> str:
+    """The EPD Trainer's report: measure_table() with a budget of a quarter of the training time (at least a
+    minute), written into the table's metadata as `measured`; returns the line for the node's output."""
+    measured = measure_table(model, positive, negative, cfg, latent, table, seed, max(60.0, trained_s / 4))
+    table.metadata["measured"] = measured
+    text = compare.measured_text(measured)
+    log.info("EPD Trainer: the new table %s", text)
+    return text
 
 
 COMPARE_NODES = [EPDCompare]

@@ -92,8 +92,8 @@ def test_compare_counts_calls_and_chooses_schedulers_on_the_fit_noises(mixture, 
     assert ratio == pytest.approx(result.nfe[5]["tables"]["neutral K=2"]["rmse"] / best["rmse"])
     text = compare.report(result)
     assert "NFE" in text and best["name"] in text
-    assert compare.verdict(1.5, "x") .startswith("does NOT beat")
-    assert compare.verdict(0.5, "x").startswith("2.00x lower error")
+    assert compare.verdict(1.5, "x").startswith("does NOT beat the best built-in (x): 1.50x")
+    assert compare.verdict(0.5, "x").startswith("wins: 0.50x")
 
 
 def test_planned_calls_is_what_compare_spends(mixture, float64_one_thread):
@@ -190,6 +190,6 @@ def _ratios_from_text(text: str) -> dict[str, dict[int, float]]:
         m = re.match(r"\s*(\d+) \|", line)
         if not m:
             continue
-        for name, ratio in re.findall(r"(pack's pick [\w.]+|table \d[^:]*): [\d.e+-]+ \(([\d.]+)\)", line):
+        for name, ratio in re.findall(r"([\w ]+ - [^:;]+): [\d.e+-]+ \(([\d.]+)\)", line):
             out.setdefault(name, {})[int(m.group(1))] = float(ratio)
     return out
