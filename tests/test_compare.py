@@ -10,6 +10,7 @@
 import argparse
 import importlib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -183,8 +184,7 @@ def one_thread_torch():
 
 
 def _ratios_from_text(text: str) -> dict[str, dict[int, float]]:
-    """The ratios the node's text table states (the user-visible numbers), 4 digits: table -> {NFE: ratio}."""
-    import re
+    """The ratios the node's text table states (the user-visible numbers), 3 decimals: table -> {NFE: ratio}."""
     out: dict[str, dict[int, float]] = {}
     for line in text.splitlines():
         m = re.match(r"\s*(\d+) \|", line)
@@ -193,3 +193,117 @@ def _ratios_from_text(text: str) -> dict[str, dict[int, float]]:
         for name, ratio in re.findall(r"([\w ]+ - [^:;]+): [\d.e+-]+ \(([\d.]+)\)", line):
             out.setdefault(name, {})[int(m.group(1))] = float(ratio)
     return out
+
+
+# ---- through a real server ---------------------------------------------------------------------------------
+def compare_demo():
+    return json.loads((REPO / "workflows" / "api" / "epd_compare_demo.json").read_text())
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_compare_demo_workflow_runs_with_progress_and_writes_plot_and_grid(comfy_server):
+    from PIL import Image
+    messages = []
+    entry = comfy_server.run(compare_demo(), messages=messages, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = entry["outputs"]["4"]["text"][0]
+    assert "Verdict:" in text and "epd pick - demo_mnist_epd_nfe6" in text and "best built-in" in text
+    for node, min_width in (("5", 900), ("6", 400)):
+        (info,) = entry["outputs"][node]["images"]
+        with Image.open(comfy_server.output_path(info)) as im:
+            assert im.width >= min_width and im.height >= 300
+    bar = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "4"]
+    assert bar and bar[-1]["value"] == bar[-1]["max"] > 300  # model calls, the last one reaching the plan
+    stages = [m["text"] for m in messages if m.get("node") == "4" and "text" in m]  # the node's progress text
+    assert any(s.startswith("reference") for s in stages) and any("ETA" in s for s in stages), stages[:5]
+
+
+@pytest.mark.server
+def test_compare_refuses_a_run_longer_than_max_minutes_and_cancel_stops_it(comfy_server):
+    from comfyui_server import error_message
+    g = compare_demo()
+    g["4"]["inputs"].update(reference_steps=2000, max_minutes=0.1)
+    entry = comfy_server.run(g)
+    assert entry["status"]["status_str"] == "error"
+    assert "more than the allowed 6s" in error_message(entry) and "raise max_minutes" in error_message(entry)
+    g["4"]["inputs"].update(reference_steps=2000, max_minutes=60)
+    sent = []
+
+    def cancel_at_first_progress(msg):
+        if msg["type"] == "progress" and msg["data"].get("node") == "4" and not sent:
+            sent.append(1)
+            comfy_server.interrupt()
+    entry = comfy_server.run(g, on_message=cancel_at_first_progress, timeout=300)
+    assert sent and entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_trained_table_carries_its_measured_ratio(comfy_server):
+    g = {
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
+        "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 3}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "trainer": {"class_type": "EPDTrainer", "inputs": {
+            "mode": "distill", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
+            "latent": ["empty", 0], "steps": 3, "num_points": 2, "solver": "epd", "schedule": "karras",
+            "teacher": "dpmpp", "inserted_steps": 1, "iterations": 20, "learning_rate": 0.1, "batch": 4,
+            "seed": 7, "cfg": 2.0, "objective": "per_step", "name": "measured_table"}},
+        "preview": {"class_type": "PreviewEPDParams", "inputs": {"params": ["trainer", 0]}},
+    }
+    entry = comfy_server.run(g, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    table = EPDParams.load(comfy_server.base / "models" / "epd_params" / "measured_table.safetensors")
+    measured = table.metadata["measured"]
+    print("\nmeasured:", measured)
+    # 3 rows to a positive sigma, then the final Euler step: 3 x (d_cur + K points in one call) + 1 = 7 calls
+    assert measured["nfe"] == 7 and measured["held_out_samples"] == 8
+    assert measured["ratio"] == pytest.approx(measured["rmse"] / measured["best_builtin_rmse"], rel=1e-3)
+    assert measured["best_builtin"].split(" (")[0] in ("ipndm", "ipndm_v", "dpmpp_2m", "deis", "uni_pc",
+                                                       "gradient_estimation")
+    assert compare.measured_text(measured) in entry["outputs"]["trainer"]["text"][0]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
+    """The node end to end on a full-size random-weight SD1.5 (tests/real_checkpoints.py) at 64x64: CLIP
+    conditioning with CFG, the pack's pick among the operator's listed tables, the VAE grid."""
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_server import error_message
+    from test_real_architectures import start_server, stop_server
+    table = EPDParams.neutral(2, 2, solver="epd", afs=False, model_family="sd15",
+                              schedule={"type": "discrete", "rho": 1.0})
+    server = start_server(tmp_path, "sd15", {"real_sd15_compare.safetensors": table})
+    try:
+        g = {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.ckpt_name}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube on a table", "clip": ["ckpt", 1]}},
+            "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+            "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "compare": {"class_type": "EPDCompare", "inputs": {
+                "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent": ["empty", 0],
+                "cfg": 4.0, "seeds": "0,1", "fit_seeds": 1, "nfe": "5", "pack_pick": "epd",
+                "builtins": "euler,dpmpp_2m", "schedulers": "karras", "reference_sampler": "dpmpp_2m",
+                "reference_scheduler": "karras", "reference_steps": 10, "max_minutes": 20.0, "vae": ["ckpt", 2]}},
+            "plot": {"class_type": "SaveImage", "inputs": {"images": ["compare", 0], "filename_prefix": "cmp_plot"}},
+            "grid": {"class_type": "SaveImage", "inputs": {"images": ["compare", 2], "filename_prefix": "cmp_grid"}},
+        }
+        entry = server.run(g, timeout=1200)
+        assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail()
+        text = entry["outputs"]["compare"]["text"][0]
+        print("\n" + text)
+        # 2 rows x (d_cur + the K points in one call) + the final Euler step: 5 calls, matched at NFE 5
+        assert "epd pick - real_sd15_compare: " in text and "Verdict:" in text
+        planned = re.search(r"EPD Compare: (\d+) model calls", server.log_path.read_text())
+        assert planned and int(planned.group(1)) == 2 * 10 + 2 * (5 + 5) + 5  # reference, 2 built-ins, the table
+        (info,) = entry["outputs"]["grid"]["images"]
+        with Image.open(server.output_path(info)) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+        assert pixels.shape[0] >= 64 + 28 and pixels.std() > 5  # decoded tiles, not a blank placeholder
+    finally:
+        stop_server(server, "sd15")
