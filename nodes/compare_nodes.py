@@ -239,15 +239,16 @@ def check_fits(device, latent_numel: int, samples: int, chunk: int, calls: int, 
 class _Progress:
     """ComfyUI's progress bar (value = model calls made), and a text line with the stage and the time left."""
 
-    def __init__(self, total: int, node_id):
+    def __init__(self, total: int, node_id, bar: bool = True):
         self.total, self.node_id, self.done = max(total, 1), node_id, 0
-        self.bar = comfy.utils.ProgressBar(self.total)
+        self.bar = comfy.utils.ProgressBar(self.total) if bar else None
         self.t0, self.last, self.stage_text = time.monotonic(), -math.inf, ""
 
     def on_call(self):
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel
         self.done += 1
-        self.bar.update_absolute(min(self.done, self.total), self.total)
+        if self.bar is not None:
+            self.bar.update_absolute(min(self.done, self.total), self.total)
         if time.monotonic() - self.last > 5:
             self.text()
 
@@ -282,9 +283,10 @@ def reference_candidate(model_patcher, sampler: str, scheduler: str, steps: int)
 
 
 def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds, nfes, tables, builtins,
-                   schedulers, reference, max_seconds, node_id=None, who="EPD Compare"):
+                   schedulers, reference, max_seconds, node_id=None, who="EPD Compare", bar=True):
     """Build everything and run epd_core.compare in the guider. tables: [(name, EPDParams)]; reference:
-    (sampler, scheduler, steps). Returns (Comparison, latent_out function)."""
+    (sampler, scheduler, steps); bar: drive the running node's progress bar (the trainer keeps its own).
+    Returns (Comparison, latent_out function)."""
     fit_noise, test_noise = make_noises(model, latent, fit_seeds), make_noises(model, latent, test_seeds)
     field = builtin_field(model, builtins, schedulers, nfes)
     ref = reference_candidate(model, *reference)
@@ -298,7 +300,7 @@ def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds
                               per_call, max_seconds, who)
         log.info("%s: %d model calls, about %s (%d fit + %d test samples, %d built-in configurations, %d tables)",
                  who, calls, duration(estimate), len(fit_noise), len(test_noise), len(field), len(cands))
-        progress = _Progress(calls, node_id)
+        progress = _Progress(calls, node_id, bar)
         result = compare.compare(ctx.model, ctx.scale(fit_noise), ctx.scale(test_noise), ref, field, cands, nfes,
                                  chunk=chunk, extra=ctx.extra, on_call=progress.on_call, on_stage=progress.stage)
         return result, ctx.latent_out
@@ -474,7 +476,8 @@ def measure_table(model, positive, negative, cfg, latent, table: EPDParams, seed
         result, _ = run_comparison(model, positive, negative, cfg, latent, seeds[:8], seeds[8:], [probe.calls],
                                    [("new table", table)], parse_names(DEFAULT_BUILTINS, DETERMINISTIC, ""),
                                    parse_names(DEFAULT_SCHEDULERS, [*comfy.samplers.SCHEDULER_NAMES, "ays"], ""),
-                                   ("dpmpp_2m", "karras", 100), budget_s, who="EPD Trainer's measurement")
+                                   ("dpmpp_2m", "karras", 100), budget_s, who="EPD Trainer's measurement",
+                                   bar=False)
     except (ValueError, EPDParamsError) as e:
         return {"skipped": str(e)}
     best, row = result.best(probe.calls), result.nfe[probe.calls]["tables"].get("new table")
