@@ -81,7 +81,7 @@ def solve(model, cand: Candidate, x: torch.Tensor, chunk: int, extra=None, on_ca
     for part in x.split(max(1, chunk)):
         counted = Counted(model, extra, on_call)
         with torch.no_grad():
-            outs.append(cand.sample(counted, part, cand.sigmas.to(part.dtype)))
+            outs.append(cand.sample(counted, part, cand.sigmas.to(part.device, part.dtype)))
         calls = counted.calls if calls is None else calls
     return calls, torch.cat(outs)
 

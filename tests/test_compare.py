@@ -26,7 +26,9 @@ from epd_core.solvers import variant
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_epd_under_test"  # the pack's modules without its __init__ side effects (test_newest_comfyui)
-RATIO_TOLERANCE = 0.01  # relative: the node runs through ComfyUI's CFGGuider in float32, the benchmark directly
+# relative; the node prints 3 decimals (<= 0.09 % rounding at these ratios) and runs through ComfyUI's CFGGuider,
+# the benchmark calls the network directly: measured agreement 0.593 / 0.777 against 0.5930 / 0.7770
+RATIO_TOLERANCE = 0.005
 
 
 # ---- epd_core.compare on the exact mixture ----------------------------------------------------------------
@@ -110,6 +112,13 @@ def test_planned_calls_is_what_compare_spends(mixture, float64_one_thread):
     compare.compare(model, noise(1, 4), noise(2, 4), ref, builtins, [], [3, 5], chunk=4,
                     on_call=lambda: calls.append(1))
     assert len(calls) == compare.planned_calls(ref, builtins, [], [3, 5], 1, 1)
+
+
+def test_the_measuring_module_imports_no_comfyui():
+    import subprocess
+    code = "import sys, epd_core.compare; sys.exit(any(m.split('.')[0] in ('comfy', 'comfy_extras', 'folder_paths') " \
+           "for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 # ---- the node in-process against the benchmark on the MNIST demo model ------------------------------------
