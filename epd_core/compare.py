@@ -108,6 +108,7 @@ class Comparison:
     nfe: dict = field(default_factory=dict)
     firsts: dict = field(default_factory=dict)
     unmatched: dict = field(default_factory=dict)  # table name -> its NFE, when no built-in was compared there
+    skipped: dict = field(default_factory=dict)  # built-in configuration -> why it could not run
     seconds: float = 0.0
 
     def best(self, nfe: int) -> dict | None:
@@ -154,7 +155,8 @@ def compare(model, fit_noise: torch.Tensor, test_noise: torch.Tensor, reference:
         except (RuntimeError, ValueError, ZeroDivisionError, IndexError) as e:
             if is_oom(e):
                 raise
-            continue  # the benchmark skips configurations ComfyUI cannot run; Cancel is not one of these
+            result.skipped[cand.name] = f"{type(e).__name__}: {str(e)[:120]}"  # reported, as the benchmark skips
+            continue  # configurations ComfyUI cannot run; Cancel is not one of these exceptions
         e = per_sample_rmse(out, ref_fit)
         fit = float(e.mean()) if bool(torch.isfinite(e).all()) else math.inf
         if calls in wanted and fit < kept.get((cand.sampler, calls), (math.inf,))[0]:
@@ -222,6 +224,9 @@ def report(result: Comparison) -> str:
               for n in sorted(result.nfe) if result.nfe[n]["builtins"]]
     if others:
         lines += ["", "Every built-in's best configuration (test RMSE; sorted by fit RMSE):", *others]
+    if result.skipped:
+        lines += ["", f"Skipped {len(result.skipped)} built-in configuration(s) that could not run, e.g.:",
+                  *(f"  {name}: {why}" for name, why in list(result.skipped.items())[:3])]
     lines.append(f"\n({result.seconds:.1f}s)")
     return "\n".join(lines)
 

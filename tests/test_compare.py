@@ -77,9 +77,14 @@ def test_compare_counts_calls_and_chooses_schedulers_on_the_fit_noises(mixture, 
     fn = variant("epd").sample_fn()
     table = compare.Candidate("neutral K=2", lambda m, x, s: fn(m, x, s, neutral, disable=True), karras(3), "table")
     ref = compare.Candidate("heun 200", heun, karras(200), "reference")
+
+    def broken(m, x, s):
+        raise ValueError("this sampler cannot run at this size")
+    builtins.append(compare.Candidate("broken", broken, karras(4), "builtin", "broken"))
     calls = []
     result = compare.compare(model, noise(1), noise(2), ref, builtins, [table], [4, 5], chunk=4,
                              on_call=lambda: calls.append(1))
+    assert result.skipped == {"broken": "ValueError: this sampler cannot run at this size"}
     # the table's NFE was counted, not computed: 2 rows x (d_cur + one K-point call) + final Euler = 5
     assert "neutral K=2" in result.nfe[5]["tables"] and not result.nfe[4]["tables"]
     assert result.nfe[4]["best_builtin"] == "euler"  # heun has no 4-call configuration here
@@ -94,7 +99,7 @@ def test_compare_counts_calls_and_chooses_schedulers_on_the_fit_noises(mixture, 
     best = result.best(5)
     assert ratio == pytest.approx(result.nfe[5]["tables"]["neutral K=2"]["rmse"] / best["rmse"])
     text = compare.report(result)
-    assert "NFE" in text and best["name"] in text
+    assert "NFE" in text and best["name"] in text and "Skipped 1 built-in configuration(s)" in text
     assert compare.verdict(1.5, "x").startswith("does NOT beat the best built-in (x): 1.50x")
     assert compare.verdict(0.5, "x").startswith("wins: 0.50x")
 
