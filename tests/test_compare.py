@@ -136,7 +136,8 @@ def pack():
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
             sys.modules[name] = pkg
-    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compare_nodes", "demo_nodes", "tables")}
+    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compare_nodes", "demo_nodes", "tables",
+                                                                        "plotting")}
     mods["tables"].register_folder()
     return types.SimpleNamespace(**mods)
 
@@ -278,6 +279,19 @@ def test_trained_table_carries_its_measured_ratio(comfy_server):
     assert measured["best_builtin"].split(" (")[0] in ("ipndm", "ipndm_v", "dpmpp_2m", "deis", "uni_pc",
                                                        "gradient_estimation")
     assert compare.measured_text(measured) in entry["outputs"]["trainer"]["text"][0]
+    assert entry["outputs"]["preview"]["images"]
+
+
+def test_preview_picture_states_the_measurement(pack):
+    table = EPDParams.load(REPO / "pretrained_params" / "demo_digits_epd_nfe6.safetensors")
+    plain = pack.plotting.table_picture(table)
+    table.metadata["measured"] = {"nfe": 6, "ratio": 1.3, "held_out_samples": 8,
+                                  "verdict": compare.verdict(1.3, "ipndm (beta, 6 steps)")}
+    stated = pack.plotting.table_picture(table)
+    assert stated.height == plain.height + 20  # one more line: the measurement
+    assert compare.measured_text(table.metadata["measured"]) == ("measured at NFE 6 on 8 held-out samples: does NOT "
+                                                                  "beat the best built-in (ipndm (beta, 6 steps)): "
+                                                                  "1.30x its error")
 
 
 @pytest.mark.server
