@@ -206,7 +206,7 @@ def _ratios_from_text(text: str) -> dict[str, dict[int, float]]:
         if not m:
             continue
         for name, ratio in re.findall(r"([\w ]+ - [^:;]+): [\d.e+-]+ \(([\d.]+)\)", line):
-            out.setdefault(name, {})[int(m.group(1))] = float(ratio)
+            out.setdefault(name.strip(), {})[int(m.group(1))] = float(ratio)
     return out
 
 
@@ -335,3 +335,21 @@ def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
         assert pixels.shape[0] >= 64 + 28 and pixels.std() > 5  # decoded tiles, not a blank placeholder
     finally:
         stop_server(server, "sd15")
+
+
+def test_a_table_that_is_exactly_the_best_builtin_has_ratio_one(pack, one_thread_torch):
+    """An untrained EPD-MS table on karras IS gradient_estimation on karras (epd_core/multistep.py): through the
+    node, both routes (table on its own schedule, built-in on KSampler's list) count 5 calls and give ratio 1."""
+    from epd_core.multistep import ms_table
+    patcher = pack.demo_nodes.build_demo_model_patcher(which="digits")
+    sigmas = pack.compare_nodes.scheduler_sigmas(patcher, "epd_demo_digits", "gradient_estimation", "karras", 5)
+    table = ms_table(sigmas.double().tolist(), "gradient_estimation", model_family="epd_demo_digits")
+    out = pack.compare_nodes.EPDCompare.execute(
+        model=patcher, positive=pack.demo_nodes.demo_conditioning(3), negative=pack.demo_nodes.demo_conditioning(10),
+        latent={"samples": torch.zeros(2, 4, 8, 8)}, cfg=2.0, seeds="0,1", fit_seeds=1, nfe="5", pack_pick="none",
+        builtins="gradient_estimation", schedulers="karras", reference_sampler="dpmpp_2m",
+        reference_scheduler="karras", reference_steps=20, max_minutes=5.0, params=table)
+    text = out.result[1]
+    assert "   5 | gradient_estimation (karras, 5 steps)" in text
+    assert _ratios_from_text(text) == {"table 1 - epd_ms, 5 steps, K=1": {5: 1.0}}, text
+    assert "ties with the best built-in" in text
