@@ -92,7 +92,10 @@ def builtin_field(model_patcher, samplers: list[str], schedulers: list[str], nfe
         sample = builtin_sample(sampler)
         for sched in schedulers:
             for steps in range(1, max(nfes) + 1):
-                sig = scheduler_sigmas(model_patcher, family, sampler, sched, steps)
+                try:
+                    sig = scheduler_sigmas(model_patcher, family, sampler, sched, steps)
+                except Exception:  # noqa: BLE001 - a scheduler without a list at this step count: left out
+                    continue
                 if sig is None:
                     break
                 cand = compare.Candidate(f"{sampler} ({sched}, {steps} steps)", sample, sig, "builtin", sampler, sched,
