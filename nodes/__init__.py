@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from .compare_nodes import COMPARE_NODES
 from .compat import ComfyExtension, io
 from .demo_nodes import DEMO_NODES
 from .import_node import IMPORT_NODES
@@ -42,7 +43,7 @@ _install_prompt_hook()
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    return [*PARAMS_NODES, *DEMO_NODES, *IMPORT_NODES, *TRAINER_NODES, *PREVIEW_NODES, *REWARD_NODES]
+    return [*PARAMS_NODES, *DEMO_NODES, *IMPORT_NODES, *TRAINER_NODES, *PREVIEW_NODES, *REWARD_NODES, *COMPARE_NODES]
 
 
 class EPDExtension(ComfyExtension):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from epd_core.compare import measured_text
 from epd_core.params import EPDParams
 
 BG, FG, GRID, ACCENT = (255, 255, 255), (30, 30, 30), (225, 225, 225), (31, 119, 180)
@@ -77,12 +78,15 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
         sigmas = params.schedule_sigmas
     if sigmas is not None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)[:n + 1]
-    row_h, top, left, right = 46, 60, 90, width - 290
+    measured = measured_text(params.metadata.get("measured"))
+    row_h, top, left, right = 46, 60 + (20 if measured else 0), 90, width - 290
     img = Image.new("RGB", (width, top + row_h * n + 30 + (20 if (n, k) != (total_n, total_k) else 0)), BG)
     d = ImageDraw.Draw(img)
     d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
     d.text((10, 30), "dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; "
                      "colour = direction scale c (blue < 1 < red)", fill=(90, 90, 90), font=_font(12))
+    if measured:  # the EPD Trainer's held-out comparison with the best built-in
+        d.text((10, 50), measured[:150], fill=(214, 39, 40) if "NOT" in measured else (44, 120, 44), font=_font(12))
     if sigmas is not None:
         logs = torch.as_tensor(sigmas, dtype=torch.float64).log()
         lo, hi = float(logs.min()), float(logs.max())
@@ -113,4 +117,59 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     if (n, k) != (total_n, total_k):
         d.text((10, top + row_h * n + 20), f"showing the first {n} of {total_n} steps and {k} of {total_k} points "
                                            "per step", fill=(90, 90, 90), font=_font(12))
+    return img
+
+
+def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int, str] | None = None,
+              ylabel: str = "RMSE to the reference", size=(960, 480)) -> Image.Image:
+    """Curves over latency NFE (x: the NFEs themselves, y: log scale), one per series name ({NFE: value}); the
+    first series is drawn dashed black (the best built-in) and `labels` writes a short text at its points."""
+    w, h = size
+    img = Image.new("RGB", size, BG)
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 80, w - 290, 60, h - 55
+    d.text((left, 8), title, fill=FG, font=_font(16))
+    d.text((left, 32), f"{ylabel} (log scale; lower is better)", fill=(90, 90, 90), font=_font(12))
+    vals = [v for s in series.values() for v in s.values() if math.isfinite(v) and v > 0]
+    xs = sorted({n for s in series.values() for n in s})
+    if not vals or not xs:
+        d.text((left, h // 2), "nothing measured", fill=FG, font=_font())
+        return img
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    pad = max(hi - lo, 0.2) * 0.08
+    lo, hi = lo - pad, hi + pad
+    x0, x1 = xs[0] - 0.5, xs[-1] + 0.5
+    px = lambda n: left + (right - left) * (n - x0) / (x1 - x0)  # noqa: E731
+    py = lambda v: bottom - (bottom - top) * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
+    for i in range(5):
+        yv = lo + (hi - lo) * i / 4
+        y = bottom - (bottom - top) * i / 4
+        d.line([(left, y), (right, y)], fill=GRID)
+        d.text((5, y - 7), f"{10 ** yv:.3g}", fill=FG, font=_font(12))
+    for n in xs:
+        d.line([(px(n), bottom), (px(n), bottom + 4)], fill=FG)
+        d.text((px(n) - 4, bottom + 6), str(n), fill=FG, font=_font(12))
+    d.rectangle([left, top, right, bottom], outline=FG)
+    d.text(((left + right) // 2 - 150, h - 25), "latency NFE (sequential model calls per image)", fill=FG,
+           font=_font(12))
+    colors = [(214, 39, 40), ACCENT, (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+    for j, (name, s) in enumerate(series.items()):
+        pts = [(px(n), py(v)) for n, v in sorted(s.items()) if math.isfinite(v) and v > 0]
+        col = FG if j == 0 else colors[(j - 1) % len(colors)]
+        if j == 0:  # dashed
+            for a, b in zip(pts, pts[1:]):
+                for t in range(0, 10, 2):
+                    d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
+                            (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)],
+                           fill=col, width=2)
+        elif len(pts) > 1:
+            d.line(pts, fill=col, width=3)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
+        legend = name if len(name) <= 40 else name[:38] + "..."
+        d.text((right + 12, top + 4 + 18 * j), f"{'--' if j == 0 else '-'} {legend}", fill=col, font=_font(12))
+    first = next(iter(series.values()))
+    for n, text in (labels or {}).items():
+        if n in first and math.isfinite(first[n]) and first[n] > 0:
+            d.text((px(n) + 6, py(first[n]) + 4), text, fill=(90, 90, 90), font=_font(10))
     return img

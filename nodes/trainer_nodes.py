@@ -24,6 +24,7 @@ from epd_core.runtime import is_oom
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
+from .compare_nodes import record_measurement
 from .compat import fix_empty_latent, io
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
@@ -101,7 +102,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
-    stem = table_stem(name)
+    stem, started = table_stem(name), time.monotonic()
     refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
     check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
@@ -130,7 +131,8 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
                            f"shape {list(shape[1:])}. Lower batch or the latent size (a table trained on a small "
                            f"latent works at any size; training keeps one step's activations at a time, so batch "
                            f"and latent size are what count), and use a new name: '{stem}' {kept}.") from None
-    return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}")
+    measured = record_measurement(table, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
+    return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}; {measured}")
 
 
 def rl_prompt_lines(text: str) -> list[str]:
@@ -199,7 +201,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
-    stem = table_stem(name)
+    stem, started = table_stem(name), time.monotonic()
     refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
@@ -246,8 +248,9 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         raise RuntimeError(f"EPD Trainer: {e}") from None
     result.metadata["guidance_scale"] = float(cfg)
     rewards = [h["reward"] for h in history]
+    measured = record_measurement(result, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
     return _finish(result, stem, folder, _reward_chart(rewards, stem),
-                   f"mean reward {rewards[0]:.4g} -> {rewards[-1]:.4g}")
+                   f"mean reward {rewards[0]:.4g} -> {rewards[-1]:.4g}; {measured}")
 
 
 MODES = {"distill": run_distill, "rl": run_rl}

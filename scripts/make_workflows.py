@@ -159,6 +159,22 @@ def demo_rl_trainer():
     return g
 
 
+def compare_demo():
+    """EPD Compare on the MNIST model: the pack's tables against ComfyUI's strongest deterministic samplers (each
+    with the scheduler it does best with on seeds 0-1), RMSE to a 100-step DPM++ 2M reference on seeds 2-3, at
+    4, 6 and 8 model calls per image. About 40 s on a CPU."""
+    g = demo_head(batch=4)
+    g["4"] = node("EPDCompare", "EPD Compare: is the table better than the best built-in?", model=["1", 0],
+                  positive=["2", 0], negative=["2", 1], latent=["3", 0], cfg=DEMO_CFG, seeds="0,1,2,3", fit_seeds=2,
+                  nfe="4,6,8", pack_pick="all", builtins="ipndm,ipndm_v,dpmpp_2m,deis,uni_pc,gradient_estimation",
+                  schedulers="karras,exponential,sgm_uniform,beta,ays", reference_sampler="dpmpp_2m",
+                  reference_scheduler="karras", reference_steps=100, max_minutes=5.0)
+    g["5"] = node("SaveImage", "Quality vs NFE", images=["4", 0], filename_prefix="epd_demo/compare_plot")
+    g["6"] = node("SaveImage", "Same seed: tables, best built-in, reference", images=["4", 2],
+                  filename_prefix="epd_demo/compare_grid")
+    return g
+
+
 WORKFLOWS = {
     "epd_demo_txt2img": demo_txt2img,
     "epd_demo_side_by_side": demo_side_by_side,
@@ -167,6 +183,7 @@ WORKFLOWS = {
     "epd_flux_custom_sampler": flux_custom,
     "epd_demo_trainer": demo_trainer,
     "epd_demo_rl_trainer": demo_rl_trainer,
+    "epd_compare_demo": compare_demo,
 }
 
 

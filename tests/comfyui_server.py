@@ -143,7 +143,7 @@ class ComfyServer:
                 deadline = time.time() + timeout
                 while time.time() < deadline:
                     raw = ws.recv()
-                    msg = {"type": "binary", "size": len(raw)} if isinstance(raw, bytes) else json.loads(raw)
+                    msg = binary_message(raw) if isinstance(raw, bytes) else json.loads(raw)
                     messages.append(msg)
                     if on_message is not None:
                         on_message(msg)
@@ -163,6 +163,16 @@ class ComfyServer:
     def call_log(self, tag: str) -> list[dict]:
         path = self.base / "calls" / f"{tag}.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def binary_message(raw: bytes) -> dict:
+    """A binary websocket message: {"type": "binary", "size": n}, and for a node's progress text (event type 3,
+    PromptServer.send_progress_text) also its "node" and "text"."""
+    msg = {"type": "binary", "size": len(raw)}
+    if len(raw) >= 8 and int.from_bytes(raw[:4], "big") == 3:
+        n = int.from_bytes(raw[4:8], "big")
+        msg.update(node=raw[8:8 + n].decode("utf-8", "replace"), text=raw[8 + n:].decode("utf-8", "replace"))
+    return msg
 
 
 class PromptRejected(RuntimeError):

@@ -1,0 +1,355 @@
+"""EPD Compare and the trainer's held-out report.
+
+  * epd_core.compare on the exact Gaussian-mixture denoiser: NFE counted by wrapping the model, built-in
+    schedulers chosen on the fit noises only, a losing table called a loser;
+  * the node in-process on the MNIST demo model agrees with bench/quality_vs_nfe.py's method on the same noises
+    (same seeds, same reference, same built-in field): the ratios within RATIO_TOLERANCE;
+  * through a real server: the shipped epd_compare_demo workflow, the EPD Trainer writing `measured` into its
+    table, and (slow) the node on the random-weight SD1.5 architecture with a VAE grid.
+"""
+import argparse
+import importlib
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from epd_core import compare
+from epd_core.gmm import GaussianMixtureDenoiser
+from epd_core.params import EPDParams
+from epd_core.schedules import polynomial, with_final_zero
+from epd_core.solvers import variant
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_epd_under_test"  # the pack's modules without its __init__ side effects (test_newest_comfyui)
+# relative; the node prints 3 decimals (<= 0.09 % rounding at these ratios) and runs through ComfyUI's CFGGuider,
+# the benchmark calls the network directly: measured agreement 0.593 / 0.777 against 0.5930 / 0.7770
+RATIO_TOLERANCE = 0.005
+
+
+# ---- epd_core.compare on the exact mixture ----------------------------------------------------------------
+def euler(m, x, s):
+    for i in range(len(s) - 1):
+        x = x + (x - m(x, s[i] * x.new_ones(len(x)))) / s[i] * (s[i + 1] - s[i])
+    return x
+
+
+def heun(m, x, s):
+    for i in range(len(s) - 1):
+        d = (x - m(x, s[i] * x.new_ones(len(x)))) / s[i]
+        xn = x + d * (s[i + 1] - s[i])
+        if s[i + 1] > 0:
+            xn = x + (d + (xn - m(xn, s[i + 1] * x.new_ones(len(x)))) / s[i + 1]) / 2 * (s[i + 1] - s[i])
+        x = xn
+    return x
+
+
+def karras(n, rho=7.0):
+    return with_final_zero(polynomial(n, 0.002, 80.0, rho))
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    model = GaussianMixtureDenoiser(dim=16, seed=0)
+
+    def noise(seed, n=8):
+        return 80.0 * torch.randn(n, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return model, noise
+
+
+def test_compare_counts_calls_and_chooses_schedulers_on_the_fit_noises(mixture, float64_one_thread):
+    model, noise = mixture
+    builtins = []
+    for name, fn, per_step in (("euler", euler, 1), ("heun", heun, 2)):
+        for rho in (1.0, 3.0, 7.0):
+            for steps in range(2, 7):
+                c = compare.Candidate(f"{name} rho {rho}, {steps}", fn, karras(steps, rho), "builtin", name,
+                                      f"rho{rho}", steps)
+                c.calls = compare.probe_calls(c)
+                builtins.append(c)
+    assert [c.calls for c in builtins if c.sampler == "euler"][:5] == [2, 3, 4, 5, 6]
+    assert [c.calls for c in builtins if c.sampler == "heun"][:5] == [3, 5, 7, 9, 11]  # no 2nd call into 0
+    neutral = EPDParams.neutral(2, 2, solver="epd", afs=False)
+    fn = variant("epd").sample_fn()
+    table = compare.Candidate("neutral K=2", lambda m, x, s: fn(m, x, s, neutral, disable=True), karras(3), "table")
+    ref = compare.Candidate("heun 200", heun, karras(200), "reference")
+
+    def broken(m, x, s):
+        raise ValueError("this sampler cannot run at this size")
+    builtins.append(compare.Candidate("broken", broken, karras(4), "builtin", "broken"))
+    calls = []
+    result = compare.compare(model, noise(1), noise(2), ref, builtins, [table], [4, 5], chunk=4,
+                             on_call=lambda: calls.append(1))
+    assert result.skipped == {"broken": "ValueError: this sampler cannot run at this size"}
+    # the table's NFE was counted, not computed: 2 rows x (d_cur + one K-point call) + final Euler = 5
+    assert "neutral K=2" in result.nfe[5]["tables"] and not result.nfe[4]["tables"]
+    assert result.nfe[4]["best_builtin"] == "euler"  # heun has no 4-call configuration here
+    assert set(result.nfe[5]["builtins"]) == {"euler", "heun"}
+    # the choice is the lowest FIT error, whatever the test error says
+    row = result.nfe[5]["builtins"]
+    assert result.nfe[5]["best_builtin"] == min(row, key=lambda s: row[s]["fit"])
+    # every model call went through the counter (two chunks of 4 per solve)
+    ref_calls = 2 * 199 * 2
+    assert len(calls) >= ref_calls + 2 * 4 * 2
+    ratio = result.nfe[5]["tables"]["neutral K=2"]["ratio"]
+    best = result.best(5)
+    assert ratio == pytest.approx(result.nfe[5]["tables"]["neutral K=2"]["rmse"] / best["rmse"])
+    text = compare.report(result)
+    assert "NFE" in text and best["name"] in text and "Skipped 1 built-in configuration(s)" in text
+    assert compare.verdict(1.5, "x").startswith("does NOT beat the best built-in (x): 1.50x")
+    assert compare.verdict(0.5, "x").startswith("wins: 0.50x")
+
+
+def test_planned_calls_is_what_compare_spends(mixture, float64_one_thread):
+    model, noise = mixture
+    builtins = []
+    for steps in range(2, 6):
+        c = compare.Candidate(f"euler {steps}", euler, karras(steps), "builtin", "euler", "k", steps)
+        c.calls = compare.probe_calls(c)
+        builtins.append(c)
+    ref = compare.Candidate("heun 20", heun, karras(20), "reference")
+    ref.calls = compare.probe_calls(ref)
+    calls = []
+    compare.compare(model, noise(1, 4), noise(2, 4), ref, builtins, [], [3, 5], chunk=4,
+                    on_call=lambda: calls.append(1))
+    assert len(calls) == compare.planned_calls(ref, builtins, [], [3, 5], 1, 1)
+
+
+def test_the_measuring_module_imports_no_comfyui():
+    import subprocess
+    code = "import sys, epd_core.compare; sys.exit(any(m.split('.')[0] in ('comfy', 'comfy_extras', 'folder_paths') " \
+           "for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ---- the node in-process against the benchmark on the MNIST demo model ------------------------------------
+@pytest.fixture(scope="module")
+def pack():
+    from conftest import import_comfy_sampling
+    import_comfy_sampling()  # ComfyUI on the path, CPU
+    if PACKAGE not in sys.modules:
+        for name, path in ((PACKAGE, REPO), (PACKAGE + ".nodes", REPO / "nodes")):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(path)]
+            sys.modules[name] = pkg
+    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compare_nodes", "demo_nodes", "tables",
+                                                                        "plotting")}
+    mods["tables"].register_folder()
+    return types.SimpleNamespace(**mods)
+
+
+SETTING = dict(samplers="euler,dpmpp_2m,ipndm,gradient_estimation", schedulers="karras,exponential", nfe=(4, 6),
+               batch=8, ref_steps=60, digit=7, fit_seed=101, test_seed=202)  # the benchmark's noise seeds
+
+
+def bench_ratios(tmp_path) -> dict[int, float]:
+    """bench/quality_vs_nfe.py's numbers on the same noises: its own run(), with the node's single digit as the
+    class label of every sample (the benchmark cycles through 0-9; the node has one positive conditioning)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality_vs_nfe as bench
+    s = SETTING
+    original = bench.problem
+
+    def one_digit(name, cfg):
+        model, ms, noise, _, mode_of, k = original(name, cfg)
+        return model, ms, noise, lambda n: {"cond": torch.full((n,), s["digit"])}, mode_of, k
+    args = argparse.Namespace(model="mnist", samples=s["batch"], fit_samples=s["batch"], fd_samples=0, cfg=1.0,
+                              fd_ref_steps=10, reuse_builtins=None, wait_for_tables=0, recipe="final_euler",
+                              min_nfe=min(s["nfe"]), max_nfe=max(s["nfe"]), schedulers=s["schedulers"],
+                              iterations=0, threads=1, ref_steps=s["ref_steps"], samplers=s["samplers"],
+                              schedule_search=False, out=tmp_path)
+    bench.problem = one_digit
+    try:
+        results = bench.run(args)
+    finally:
+        bench.problem = original
+    (tmp_path / "bench.json").write_text(json.dumps(results["summary"], indent=1))
+    return {r["nfe"]: r for r in results["summary"] if r["nfe"] in s["nfe"]}
+
+
+def test_node_ratios_agree_with_the_benchmark_on_mnist(pack, tmp_path, one_thread_torch):
+    s = SETTING
+    patcher = pack.demo_nodes.build_demo_model_patcher(which="mnist")
+    pos, neg = pack.demo_nodes.demo_conditioning(s["digit"]), pack.demo_nodes.demo_conditioning(10)
+    out = pack.compare_nodes.EPDCompare.execute(
+        model=patcher, positive=pos, negative=neg, latent={"samples": torch.zeros(s["batch"], 4, 28, 28)}, cfg=1.0,
+        seeds=f"{s['fit_seed']},{s['test_seed']}", fit_seeds=1, nfe=",".join(map(str, s["nfe"])), pack_pick="epd",
+        builtins=s["samplers"], schedulers=s["schedulers"], reference_sampler="heun", reference_scheduler="karras",
+        reference_steps=s["ref_steps"], max_minutes=10.0)
+    plot, text, grid = out.result
+    assert plot.shape[-1] == 3 and plot.shape[1] > 200 and grid.shape[1] > 50
+    node = {n: ratio for name, per in _ratios_from_text(text).items() for n, ratio in per.items()}
+    bench = bench_ratios(tmp_path)
+    print("\nnode:", node, "\nbenchmark:", {n: (r["best_builtin"], r["epd_over_best"]) for n, r in bench.items()})
+    for n in s["nfe"]:
+        assert bench[n]["best_builtin"].split(" (")[0] in text.split("\n")[3 + s["nfe"].index(n)]
+        assert node[n] == pytest.approx(bench[n]["epd_over_best"], rel=RATIO_TOLERANCE)
+
+
+@pytest.fixture
+def one_thread_torch():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ratios_from_text(text: str) -> dict[str, dict[int, float]]:
+    """The ratios the node's text table states (the user-visible numbers), 3 decimals: table -> {NFE: ratio}."""
+    out: dict[str, dict[int, float]] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+) \|", line)
+        if not m:
+            continue
+        for name, ratio in re.findall(r"([\w ]+ - [^:;]+): [\d.e+-]+ \(([\d.]+)\)", line):
+            out.setdefault(name.strip(), {})[int(m.group(1))] = float(ratio)
+    return out
+
+
+# ---- through a real server ---------------------------------------------------------------------------------
+def compare_demo():
+    return json.loads((REPO / "workflows" / "api" / "epd_compare_demo.json").read_text())
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_compare_demo_workflow_runs_with_progress_and_writes_plot_and_grid(comfy_server):
+    from PIL import Image
+    messages = []
+    entry = comfy_server.run(compare_demo(), messages=messages, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = entry["outputs"]["4"]["text"][0]
+    assert "Verdict:" in text and "epd pick - demo_mnist_epd_nfe6" in text and "best built-in" in text
+    for node, min_width in (("5", 900), ("6", 400)):
+        (info,) = entry["outputs"][node]["images"]
+        with Image.open(comfy_server.output_path(info)) as im:
+            assert im.width >= min_width and im.height >= 300
+    bar = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "4"]
+    assert bar and bar[-1]["value"] == bar[-1]["max"] > 300  # model calls, the last one reaching the plan
+    stages = [m["text"] for m in messages if m.get("node") == "4" and "text" in m]  # the node's progress text
+    assert any(s.startswith("reference") for s in stages) and any("ETA" in s for s in stages), stages[:5]
+
+
+@pytest.mark.server
+def test_compare_refuses_a_run_longer_than_max_minutes_and_cancel_stops_it(comfy_server):
+    from comfyui_server import error_message
+    g = compare_demo()
+    g["4"]["inputs"].update(reference_steps=2000, max_minutes=0.1)
+    entry = comfy_server.run(g)
+    assert entry["status"]["status_str"] == "error"
+    assert "more than the allowed 6s" in error_message(entry) and "raise max_minutes" in error_message(entry)
+    g["4"]["inputs"].update(reference_steps=2000, max_minutes=60)
+    sent = []
+
+    def cancel_at_first_progress(msg):
+        if msg["type"] == "progress" and msg["data"].get("node") == "4" and not sent:
+            sent.append(1)
+            comfy_server.interrupt()
+    entry = comfy_server.run(g, on_message=cancel_at_first_progress, timeout=300)
+    assert sent and entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_trained_table_carries_its_measured_ratio(comfy_server):
+    g = {
+        "model": {"class_type": "EPDDemoModelLoader", "inputs": {"model": "digits 8x8"}},
+        "cond": {"class_type": "EPDDemoConditioning", "inputs": {"digit": 3}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "trainer": {"class_type": "EPDTrainer", "inputs": {
+            "mode": "distill", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
+            "latent": ["empty", 0], "steps": 3, "num_points": 2, "solver": "epd", "schedule": "karras",
+            "teacher": "dpmpp", "inserted_steps": 1, "iterations": 20, "learning_rate": 0.1, "batch": 4,
+            "seed": 7, "cfg": 2.0, "objective": "per_step", "name": "measured_table"}},
+        "preview": {"class_type": "PreviewEPDParams", "inputs": {"params": ["trainer", 0]}},
+    }
+    entry = comfy_server.run(g, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    table = EPDParams.load(comfy_server.base / "models" / "epd_params" / "measured_table.safetensors")
+    measured = table.metadata["measured"]
+    print("\nmeasured:", measured)
+    # 3 rows to a positive sigma, then the final Euler step: 3 x (d_cur + K points in one call) + 1 = 7 calls
+    assert measured["nfe"] == 7 and measured["held_out_samples"] == 8
+    assert measured["ratio"] == pytest.approx(measured["rmse"] / measured["best_builtin_rmse"], rel=1e-3)
+    assert measured["best_builtin"].split(" (")[0] in ("ipndm", "ipndm_v", "dpmpp_2m", "deis", "uni_pc",
+                                                       "gradient_estimation")
+    assert compare.measured_text(measured) in entry["outputs"]["trainer"]["text"][0]
+    assert entry["outputs"]["preview"]["images"]
+
+
+def test_preview_picture_states_the_measurement(pack):
+    table = EPDParams.load(REPO / "pretrained_params" / "demo_digits_epd_nfe6.safetensors")
+    plain = pack.plotting.table_picture(table)
+    table.metadata["measured"] = {"nfe": 6, "ratio": 1.3, "held_out_samples": 8,
+                                  "verdict": compare.verdict(1.3, "ipndm (beta, 6 steps)")}
+    stated = pack.plotting.table_picture(table)
+    assert stated.height == plain.height + 20  # one more line: the measurement
+    assert compare.measured_text(table.metadata["measured"]) == ("measured at NFE 6 on 8 held-out samples: does NOT "
+                                                                  "beat the best built-in (ipndm (beta, 6 steps)): "
+                                                                  "1.30x its error")
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
+    """The node end to end on a full-size random-weight SD1.5 (tests/real_checkpoints.py) at 64x64: CLIP
+    conditioning with CFG, the pack's pick among the operator's listed tables, the VAE grid."""
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_server import error_message
+    from test_real_architectures import start_server, stop_server
+    table = EPDParams.neutral(2, 2, solver="epd", afs=False, model_family="sd15",
+                              schedule={"type": "discrete", "rho": 1.0})
+    server = start_server(tmp_path, "sd15", {"real_sd15_compare.safetensors": table})
+    try:
+        g = {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.ckpt_name}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube on a table", "clip": ["ckpt", 1]}},
+            "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+            "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "compare": {"class_type": "EPDCompare", "inputs": {
+                "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent": ["empty", 0],
+                "cfg": 4.0, "seeds": "0,1", "fit_seeds": 1, "nfe": "5", "pack_pick": "epd",
+                "builtins": "euler,dpmpp_2m", "schedulers": "karras", "reference_sampler": "dpmpp_2m",
+                "reference_scheduler": "karras", "reference_steps": 10, "max_minutes": 20.0, "vae": ["ckpt", 2]}},
+            "plot": {"class_type": "SaveImage", "inputs": {"images": ["compare", 0], "filename_prefix": "cmp_plot"}},
+            "grid": {"class_type": "SaveImage", "inputs": {"images": ["compare", 2], "filename_prefix": "cmp_grid"}},
+        }
+        entry = server.run(g, timeout=1200)
+        assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail()
+        text = entry["outputs"]["compare"]["text"][0]
+        print("\n" + text)
+        # 2 rows x (d_cur + the K points in one call) + the final Euler step: 5 calls, matched at NFE 5
+        assert "epd pick - real_sd15_compare: " in text and "Verdict:" in text
+        planned = re.search(r"EPD Compare: (\d+) model calls", server.log_path.read_text())
+        assert planned and int(planned.group(1)) == 2 * 10 + 2 * (5 + 5) + 5  # reference, 2 built-ins, the table
+        (info,) = entry["outputs"]["grid"]["images"]
+        with Image.open(server.output_path(info)) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+        assert pixels.shape[0] >= 64 + 28 and pixels.std() > 5  # decoded tiles, not a blank placeholder
+    finally:
+        stop_server(server, "sd15")
+
+
+def test_a_table_that_is_exactly_the_best_builtin_has_ratio_one(pack, one_thread_torch):
+    """An untrained EPD-MS table on karras IS gradient_estimation on karras (epd_core/multistep.py): through the
+    node, both routes (table on its own schedule, built-in on KSampler's list) count 5 calls and give ratio 1."""
+    from epd_core.multistep import ms_table
+    patcher = pack.demo_nodes.build_demo_model_patcher(which="digits")
+    sigmas = pack.compare_nodes.scheduler_sigmas(patcher, "epd_demo_digits", "gradient_estimation", "karras", 5)
+    table = ms_table(sigmas.double().tolist(), "gradient_estimation", model_family="epd_demo_digits")
+    out = pack.compare_nodes.EPDCompare.execute(
+        model=patcher, positive=pack.demo_nodes.demo_conditioning(3), negative=pack.demo_nodes.demo_conditioning(10),
+        latent={"samples": torch.zeros(2, 4, 8, 8)}, cfg=2.0, seeds="0,1", fit_seeds=1, nfe="5", pack_pick="none",
+        builtins="gradient_estimation", schedulers="karras", reference_sampler="dpmpp_2m",
+        reference_scheduler="karras", reference_steps=20, max_minutes=5.0, params=table)
+    text = out.result[1]
+    assert "   5 | gradient_estimation (karras, 5 steps)" in text
+    assert _ratios_from_text(text) == {"table 1 - epd_ms, 5 steps, K=1": {5: 1.0}}, text
+    assert "ties with the best built-in" in text
