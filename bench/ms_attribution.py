@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--nfe", default="4,6")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--skip", default="", help="comma list of row labels' first words to leave out, e.g. 'K=3'")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -96,7 +97,7 @@ def main(argv=None):
                 ("(a) oracle: schedule only", lambda: trained(1, learn_table=False, oracle=True)),
                 ("(b) oracle: K=1", lambda: trained(1, oracle=True)),
                 ("(c) oracle: K=2", lambda: trained(2, oracle=True))):
-            if "oracle" in label and not args.oracle:
+            if ("oracle" in label and not args.oracle) or any(w and w in label for w in args.skip.split(",")):
                 continue
             t1 = time.time()
             rows[label] = fn()
