@@ -69,9 +69,10 @@ def main(argv=None):
         positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
         summary = next(r for r in bench["summary"] if r["nfe"] == nfe)
         best = summary["best_builtin_rmse"]
-        rows = {"best built-in: " + summary["best_builtin"]: best,
-                f"start: {builtin} ({scheduler})": score(lambda m, x: sample_epd_ms(m, x, sig, None, builtin=builtin,
-                                                                                     disable=True))}
+        rows = {"best built-in": best,
+                "start (the untrained table = its built-in)": score(
+                    lambda m, x: sample_epd_ms(m, x, sig, None, builtin=builtin, disable=True))}
+        names = {"best built-in": summary["best_builtin"], "start": f"{builtin} ({scheduler})"}
 
         def trained(num_points, learn_table=True, oracle=False):
             cfg = DistillConfig(sigmas=positive, solver="epd_ms", builtin=builtin, num_points=num_points,
@@ -110,16 +111,23 @@ def main(argv=None):
                 own = table.schedule_sigmas
                 rows[f"(d) {solver} (shipped)"] = score(lambda m, x: variant(solver).sample_fn()(
                     m, x, own.to(x.dtype), table, disable=True))
-        out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}}
+        out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}, "names": names}
         (args.out / f"ms_attribution_{args.model}.json").write_text(json.dumps(out, indent=1))
-    lines = [f"### EPD-MS attribution, {args.model}: RMSE on {bench['samples']} held-out noises (÷ best built-in)", "",
+    (args.out / f"ms_attribution_{args.model}.md").write_text(report(out) + "\n")
+    print(report(out))
+
+
+def report(out: dict) -> str:
+    lines = [f"### EPD-MS attribution, {out['model']}: RMSE on {out['samples']} held-out noises (÷ best built-in)", "",
              "| row | " + " | ".join(f"NFE {n}" for n in out["nfe"]) + " |", "|---|" + "---|" * len(out["nfe"])]
     for label in next(iter(out["nfe"].values()))["rmse"]:
         cells = [f"{v['rmse'][label]:.4f} ({v['over_best'][label]:.2f})" if label in v["rmse"] else "—"
                  for v in out["nfe"].values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    (args.out / f"ms_attribution_{args.model}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for n, v in out["nfe"].items():
+        names = v.get("names", {})
+        lines.append(f"\nNFE {n}: best built-in {names.get('best built-in')}, start {names.get('start')}.")
+    return "\n".join(lines)
 
 
 def _candidate(folder: Path, model: str, nfe: int, num_points: int, sig, score) -> float | None:
