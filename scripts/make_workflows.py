@@ -168,7 +168,7 @@ def compare_demo():
                   positive=["2", 0], negative=["2", 1], latent=["3", 0], cfg=DEMO_CFG, seeds="0,1,2,3", fit_seeds=2,
                   nfe="4,6,8", pack_pick="all", builtins="ipndm,ipndm_v,dpmpp_2m,deis,uni_pc,gradient_estimation",
                   schedulers="karras,exponential,sgm_uniform,beta,ays", reference_sampler="dpmpp_2m",
-                  reference_scheduler="karras", reference_steps=100, max_minutes=5.0)
+                  reference_scheduler="karras", reference_steps=100, max_minutes=10.0)
     g["5"] = node("SaveImage", "Quality vs NFE", images=["4", 0], filename_prefix="epd_demo/compare_plot")
     g["6"] = node("SaveImage", "Same seed: tables, best built-in, reference", images=["4", 2],
                   filename_prefix="epd_demo/compare_grid")
