@@ -72,6 +72,11 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     At most MAX_DRAWN_STEPS steps (the first ones) and MAX_DRAWN_POINTS points per step are drawn; a line says
     what was left out, so the picture's size is bounded whatever the table."""
     act = {k: v.detach().double() for k, v in params.activated().items()}
+    history = None
+    if params.solver == "epd_ms":  # point 0 is the current point (r = 0); w are free coefficients; no c, a
+        history = act["g"]
+        act = {"r": torch.cat([torch.zeros_like(act["w"][:, :1]), act["r"]], 1), "w": act["w"],
+               "c": torch.ones_like(act["w"]), "a": torch.ones_like(act["w"])}
     total_n, total_k = params.num_steps, params.num_points
     n, k = min(total_n, MAX_DRAWN_STEPS), min(total_k, MAX_DRAWN_POINTS)
     if sigmas is None:
@@ -83,8 +88,11 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     img = Image.new("RGB", (width, top + row_h * n + 30 + (20 if (n, k) != (total_n, total_k) else 0)), BG)
     d = ImageDraw.Draw(img)
     d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
-    d.text((10, 30), "dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; "
-                     "colour = direction scale c (blue < 1 < red)", fill=(90, 90, 90), font=_font(12))
+    caption = ("dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; colour = "
+               "direction scale c (blue < 1 < red)") if history is None else (
+        "EPD-MS: the current point (r = 0) and look-ahead points t_k in one call; dot area ~ |coefficient w|; "
+        "g: coefficients of the last 3 directions")
+    d.text((10, 30), caption, fill=(90, 90, 90), font=_font(12))
     if measured:  # the EPD Trainer's held-out comparison with the best built-in
         d.text((10, 50), measured[:150], fill=(214, 39, 40) if "NOT" in measured else (44, 120, 44), font=_font(12))
     if sigmas is not None:
@@ -106,13 +114,15 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
         for j in range(k):
             r, w, c, a = (float(act[name][i, j]) for name in "rwca")
             x = x0 + (x1 - x0) * r  # log t_k is r of the way from log t_cur to log t_next
-            rad = 3 + 9 * math.sqrt(max(w, 0.0))
+            rad = 3 + 9 * math.sqrt(min(abs(w) / 2, 1.0) if history is not None else max(w, 0.0))
             t = max(-1.0, min(1.0, (c - 1) / max(params.scale_dir, 1e-9))) if params.scale_dir else 0.0
             end = (220, 60, 50) if t > 0 else (50, 90, 220)  # diverging: grey at c = 1
             col = tuple(int(160 + (e - 160) * abs(t)) for e in end)
             d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=col, outline=FG)
-            labels.append(f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}")
-        d.text((right + 15, y - 7 * min(k, 3)), "\n".join(labels[:3]) + ("\n..." if k > 3 else ""),
+            labels.append(f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}" if history is None else f"r{r:.2f} w{w:+.3f}")
+        if history is not None:  # EPD-MS: the coefficients of the last three directions
+            labels.append("g " + " ".join(f"{float(v):+.3f}" for v in history[i]))
+        d.text((right + 15, y - 7 * min(len(labels), 3)), "\n".join(labels[:3]) + ("\n..." if len(labels) > 3 else ""),
                fill=FG, font=_font(11))
     if (n, k) != (total_n, total_k):
         d.text((10, top + row_h * n + 20), f"showing the first {n} of {total_n} steps and {k} of {total_k} points "
