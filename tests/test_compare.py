@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_server import error_message
 from epd_core import compare
 from epd_core.gmm import GaussianMixtureDenoiser
 from epd_core.params import EPDParams
@@ -221,7 +222,7 @@ def test_compare_demo_workflow_runs_with_progress_and_writes_plot_and_grid(comfy
     from PIL import Image
     messages = []
     entry = comfy_server.run(compare_demo(), messages=messages, timeout=600)
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", error_message(entry)
     text = entry["outputs"]["4"]["text"][0]
     assert "Verdict:" in text and "epd pick - demo_mnist_epd_nfe6" in text and "best built-in" in text
     for node, min_width in (("5", 900), ("6", 400)):
@@ -236,7 +237,6 @@ def test_compare_demo_workflow_runs_with_progress_and_writes_plot_and_grid(comfy
 
 @pytest.mark.server
 def test_compare_refuses_a_run_longer_than_max_minutes_and_cancel_stops_it(comfy_server):
-    from comfyui_server import error_message
     g = compare_demo()
     g["4"]["inputs"].update(reference_steps=2000, max_minutes=0.1)
     entry = comfy_server.run(g)
@@ -269,7 +269,7 @@ def test_trained_table_carries_its_measured_ratio(comfy_server):
         "preview": {"class_type": "PreviewEPDParams", "inputs": {"params": ["trainer", 0]}},
     }
     entry = comfy_server.run(g, timeout=600)
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", error_message(entry)
     table = EPDParams.load(comfy_server.base / "models" / "epd_params" / "measured_table.safetensors")
     measured = table.metadata["measured"]
     print("\nmeasured:", measured)
@@ -302,7 +302,6 @@ def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from comfyui_server import error_message
     from test_real_architectures import start_server, stop_server
     table = EPDParams.neutral(2, 2, solver="epd", afs=False, model_family="sd15",
                               schedule={"type": "discrete", "rho": 1.0})

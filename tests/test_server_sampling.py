@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from comfyui_server import PromptRejected, error_message
 from epd_core.params import EPDParams
-from epd_core.solver import sample_epd, sample_epd_plugin
+from epd_core.solvers import variant
 
 pytestmark = pytest.mark.server
 BATCH, DIGIT, CFG = 2, 3, 2.0
@@ -50,7 +50,7 @@ def reference(ref, solver, params, steps, seed, scheduler="karras", denoise=1.0,
     max_denoise = (math.isclose(float(ms.sigma_max), float(sigmas[0]), rel_tol=1e-5)
                    or float(sigmas[0]) > float(ms.sigma_max))
     x = ms.noise_scaling(sigmas[0], noise, latent, max_denoise)
-    fn = sample_epd if solver == "epd" else sample_epd_plugin
+    fn = variant(solver).sample_fn()
     with torch.no_grad():
         out = fn(ref["denoiser"], x, sigmas, params, extra_args={"cond": [DIGIT]}, disable=True, **opts)
     return ms.inverse_noise_scaling(sigmas[-1], out), sigmas
@@ -122,8 +122,8 @@ def test_img2img_denoise_chain(comfy_server, comfy_ref):
 
 def test_sampler_custom_advanced_with_epd_sampler_and_sigmas(comfy_server, comfy_ref):
     tag = "custom"
-    name = sorted(p.name for p in (comfy_server.repo / "pretrained_params").glob("*.safetensors"))[0]
-    g = base_graph(tag)
+    name = "demo_digits_epd_nfe10.safetensors"  # a paper table with its own learned sigmas (test_server_multistep.py:
+    g = base_graph(tag)                         # epd_ms through the same nodes)
     g.update({
         "params": {"class_type": "LoadEPDParams", "inputs": {"name": name}},
         "sampler": {"class_type": "EPDSampler", "inputs": {"params": ["params", 0], "solver": "auto", "max_order": 0,
