@@ -92,9 +92,23 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         return epd_step(evaluate, x, d_pred, t_cur, t_next, *(v if v.dim() == 1 else v.T for v in row),
                         t_end=t_end), d_cur, denoised
 
+    keep = (lambda history, d_cur: (history + [d_cur])[-(max_order - 1):]) if max_order > 1 else \
+        (lambda history, d_cur: history)  # oldest first, as adams_bashforth reads it
+    x, bad_steps = run_steps(step, x, sigmas, len(sig) - 1, keep, callback, disable, detach_steps, checkpoint_steps)
+    check_finite(bad_steps, sig)
+    return x
+
+
+def run_steps(step, x, sigmas, steps: int, keep, callback=None, disable=None, detach_steps: bool = False,
+              checkpoint_steps: bool = False):
+    """The loop every solver variant shares: `step(i, x, *history) -> (x_next, d_cur, denoised)` for i < steps,
+    with the directions `keep(history, d_cur)` returns after each step. `detach_steps` cuts the graph between
+    steps (per-step distillation); `checkpoint_steps` recomputes each step in backward; `callback` gets
+    k-diffusion's keys plus the step's result `x_next`. Returns x and the non-finite flags of the input and of
+    every step, for check_finite (one check at the end: no per-step host sync)."""
     history: list[torch.Tensor] = []
     bad_steps = [~torch.isfinite(x).all()]  # entry 0: the input itself (e.g. a NaN latent from upstream)
-    for i in trange(len(sig) - 1, disable=disable):
+    for i in trange(steps, disable=disable):
         if detach_steps:
             x, history = x.detach(), [h.detach() for h in history]
         if checkpoint_steps:
@@ -105,11 +119,9 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised,
                       "x_next": x_next})
         x = x_next
-        if max_order > 1:
-            history = (history + [d_cur])[-(max_order - 1):]
-        bad_steps.append(~torch.isfinite(x).all())  # checked once at the end: no per-step host sync
-    check_finite(torch.stack(bad_steps), sig)
-    return x
+        history = keep(history, d_cur)
+        bad_steps.append(~torch.isfinite(x).all())
+    return x, torch.stack(bad_steps)
 
 
 def check_finite(bad: torch.Tensor, sig: list[float]) -> None:

@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
-from tqdm.auto import trange
 
-from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas
+from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
 from .params import EPDParams
 from .points import PointEvaluator
 from .runtime import warn_once
@@ -77,22 +75,11 @@ def integrate_ms(model, x, sigmas, rows, extra_args=None, callback=None, disable
         return ms_step(evaluate, x, history, sigmas[i], sigmas[i + 1], rows["r"][i], rows["w"][i], rows["g"][i],
                        t_end)
 
-    history: list[torch.Tensor] = []  # newest first
-    bad_steps = [~torch.isfinite(x).all()]
-    for i in trange(steps, disable=disable):
-        if detach_steps:
-            x, history = x.detach(), [h.detach() for h in history]
-        if checkpoint_steps:
-            x_next, d_cur, denoised = grad_checkpoint(step, i, x, *history, use_reentrant=False)
-        else:
-            x_next, d_cur, denoised = step(i, x, *history)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised,
-                      "x_next": x_next})
-        x = x_next
-        history = [d_cur, *history][:HISTORY]
-        bad_steps.append(~torch.isfinite(x).all())
-    check_finite(torch.stack(bad_steps), [float(s) for s in sigmas.detach()] + ([0.0] if to_zero else []))
+    def keep(history, d_cur):  # the last HISTORY directions, newest first
+        return [d_cur, *history][:HISTORY]
+
+    x, bad_steps = run_steps(step, x, sigmas, steps, keep, callback, disable, detach_steps, checkpoint_steps)
+    check_finite(bad_steps, [float(s) for s in sigmas.detach()] + ([0.0] if to_zero else []))
     return x
 
 

@@ -17,7 +17,7 @@ from .runtime import warn_once
 from .schedules import REBUILDABLE, sigmas_for
 from .solvers import predictor_order
 
-__all__ = ["sample_epd", "sample_epd_plugin", "sample_epd_ms", "rows_for_sigmas", "table_schedule_for", "integrate",
+__all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas", "table_schedule_for", "integrate",
            "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
@@ -158,9 +158,3 @@ def _rescaled_progress(callback, total: int, steps: int):
         callback({**info, "i": (info["i"] + 1) * total // steps - 1})
     return rescaled
 
-
-def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None, disable=None,
-                  **opts):
-    """EPD-MS (multistep.py): one model call per step; without a table, exactly ComfyUI's gradient_estimation."""
-    from .multistep import sample_epd_ms as run
-    return run(model, x, sigmas, params, extra_args, callback, disable, **opts)

@@ -38,7 +38,7 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
                   _PAPER_TENSORS, True, False, ".solver:sample_epd_plugin", True),
     SolverVariant("epd_ms", "EPD-MS", "one call per step: the current point and K-1 look-ahead points in one call, "
                   "combined with the last 3 directions by learned coefficients on a learned schedule", 1, 1,
-                  ("theta_r", "theta_w", "theta_h"), False, True, ".solver:sample_epd_ms", False, 0.1),
+                  ("theta_r", "theta_w", "theta_h"), False, True, ".multistep:sample_epd_ms", False, 0.1),
 )}
 NAMES = tuple(SOLVERS)
 

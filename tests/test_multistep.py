@@ -9,9 +9,9 @@ from safetensors.torch import save as st_save
 
 from epd_core.distill import DistillCancelled, DistillConfig, distill
 from epd_core.epd import EPDSamplingError
-from epd_core.multistep import BUILTINS, ms_table
+from epd_core.multistep import BUILTINS, ms_table, sample_epd_ms
 from epd_core.params import TENSOR_NAMES, EPDParams, EPDParamsError
-from epd_core.solver import sample_epd, sample_epd_ms
+from epd_core.solver import sample_epd
 from epd_core.solvers import NAMES, SOLVERS, variant
 
 
