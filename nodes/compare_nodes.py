@@ -25,7 +25,7 @@ from epd_core.schedules import with_final_zero
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
-from .compat import fix_empty_latent, io, sequential_reasons, sigma_list_reader
+from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
 from .params_nodes import EPDParamsType, table_sigmas
 from .plotting import _font, nfe_chart, to_image_tensor
 from .tables import find_preset, model_family
@@ -265,14 +265,7 @@ class _Progress:
         left = spent / self.done * max(self.total - self.done, 0) if self.done else None
         eta = f"ETA {duration(left)}" if left is not None else "ETA after the first model call"
         message = f"{self.stage_text} - {self.done}/{self.total} model calls, {eta}"
-        if self.node_id is None:
-            return
-        try:
-            from server import PromptServer
-            if PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(message, self.node_id)
-        except (ImportError, AttributeError):
-            pass
+        send_progress_text(message, self.node_id)
 
 
 def reference_candidate(model_patcher, sampler: str, scheduler: str, steps: int) -> compare.Candidate:

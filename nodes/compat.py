@@ -255,3 +255,16 @@ def fix_empty_latent(model_patcher, latent: dict):
     kwargs = {k: latent[k] for k in ("downscale_ratio_spacial", "downscale_ratio_temporal")
               if k in params and latent.get(k) is not None}
     return fix(model_patcher, latent["samples"], **kwargs)
+
+
+def send_progress_text(text: str, node_id) -> None:
+    """The text under a node in the UI (ComfyUI's progress text); nothing without a server (e.g. the CLI), where
+    the progress bar is enough."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass

@@ -25,7 +25,7 @@ from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
 from .compare_nodes import record_measurement
-from .compat import fix_empty_latent, io
+from .compat import fix_empty_latent, io, send_progress_text
 from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
 from .plotting import line_chart, to_image_tensor
 from .privacy import private_errors
@@ -223,7 +223,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         d_iter = settings["distill_iterations"]
         dcfg = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, d_iter,
                                learning_rate, batch, seed, cfg, objective, folder / CHECKPOINT_FILE)
-        _progress_text(f"cold-start distillation: the starting table ({d_iter} iterations), then {iterations} RL "
+        send_progress_text(f"cold-start distillation: the starting table ({d_iter} iterations), then {iterations} RL "
                        "updates", node_id)
         cold = _Progress(d_iter, [], node_id, f"{stem} (cold start)", prefix="cold-start distillation, ")
         try:
@@ -370,18 +370,7 @@ class _Progress:
         now = self.clock()
         if force or now - self.last_text >= self.TEXT_EVERY_S:
             self.last_text = now
-            _progress_text(self.prefix + text, self.node_id)
-
-
-def _progress_text(text, node_id):
-    if node_id is None:
-        return
-    try:
-        from server import PromptServer
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except (ImportError, AttributeError):
-        pass  # no server (e.g. the CLI): the progress bar is enough
+            send_progress_text(self.prefix + text, self.node_id)
 
 
 # =================================================================================================== node

@@ -1,8 +1,10 @@
 """Shared fixtures. ComfyUI's own code (for reference samplers and the real server) comes from
 COMFYUI_PATH or the runtime that scripts/setup_runtime.sh installs into .comfyui/."""
 import contextlib
+import importlib
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,22 @@ def import_comfy_sampling():
     comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
     from comfy.k_diffusion import sampling
     return sampling
+
+
+PACK_PACKAGE = "comfyui_epd_under_test"  # the pack is a package when ComfyUI loads it
+
+
+def import_pack_nodes(*modules: str) -> dict:
+    """The pack's node modules imported in-process (ComfyUI first, on the CPU) as part of the pack, as ComfyUI's
+    loader does, but without running the pack's __init__ files, which register samplers and folders."""
+    import_comfy_sampling()
+    import comfy.model_management  # noqa: F401  (decides the device once, on first import: the CPU)
+    if PACK_PACKAGE not in sys.modules:
+        for name, path in ((PACK_PACKAGE, REPO), (PACK_PACKAGE + ".nodes", REPO / "nodes")):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(path)]
+            sys.modules[name] = pkg
+    return {m: importlib.import_module(f"{PACK_PACKAGE}.nodes.{m}") for m in modules}
 
 
 @pytest.fixture(scope="session")

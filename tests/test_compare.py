@@ -8,7 +8,6 @@
     table, and (slow) the node on the random-weight SD1.5 architecture with a VAE grid.
 """
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -26,7 +25,6 @@ from epd_core.schedules import polynomial, with_final_zero
 from epd_core.solvers import variant
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_epd_under_test"  # the pack's modules without its __init__ side effects (test_newest_comfyui)
 # relative; the node prints 3 decimals (<= 0.09 % rounding at these ratios) and runs through ComfyUI's CFGGuider,
 # the benchmark calls the network directly: measured agreement 0.593 / 0.777 against 0.5930 / 0.7770
 RATIO_TOLERANCE = 0.005
@@ -130,15 +128,8 @@ def test_the_measuring_module_imports_no_comfyui():
 # ---- the node in-process against the benchmark on the MNIST demo model ------------------------------------
 @pytest.fixture(scope="module")
 def pack():
-    from conftest import import_comfy_sampling
-    import_comfy_sampling()  # ComfyUI on the path, CPU
-    if PACKAGE not in sys.modules:
-        for name, path in ((PACKAGE, REPO), (PACKAGE + ".nodes", REPO / "nodes")):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(path)]
-            sys.modules[name] = pkg
-    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compare_nodes", "demo_nodes", "tables",
-                                                                        "plotting")}
+    from conftest import import_pack_nodes
+    mods = import_pack_nodes("compare_nodes", "demo_nodes", "tables", "plotting")
     mods["tables"].register_folder()
     return types.SimpleNamespace(**mods)
 

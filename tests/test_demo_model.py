@@ -7,8 +7,6 @@
   whole KSampler runs with CFG, a batch larger than the conditioning batch, EmptyLatentImage's 4 channels,
   denoise < 1 and an inpainting mask.
 """
-import importlib
-import os
 import sys
 import types
 from pathlib import Path
@@ -19,14 +17,12 @@ import torch
 from conftest import default_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 sys.path.insert(0, str(REPO))
 
 from epd_core.demo_model import (DEFAULT_WEIGHTS, NULL_LABEL, DemoDenoiser, DemoModelError,  # noqa: E402
                                  DemoUNet, demo_sigmas, karras_sigmas, label_context, load_demo_model,
                                  sample_heun, to_digit_pixels)
 
-PACKAGE = "comfyui_epd_under_test"  # the pack is a package when ComfyUI loads it
 
 
 @pytest.fixture(autouse=True)
@@ -53,21 +49,10 @@ def digit_classifier():
 @pytest.fixture(scope="module")
 def comfyui():
     """ComfyUI's modules (CPU) and the pack's demo node module, imported in-process."""
-    if str(COMFYUI) not in sys.path:
-        sys.path.append(str(COMFYUI))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # read when comfy.model_management is first imported: force the CPU
-    import comfy.model_management  # noqa: F401  (decides the device once, on first import)
+    from conftest import import_pack_nodes
+    nodes = import_pack_nodes("demo_nodes")["demo_nodes"]
     import comfy.sample
     import comfy.samplers
-    if PACKAGE not in sys.modules:
-        # bare parent packages: demo_nodes is imported as part of the pack (as ComfyUI's loader does) but
-        # without running the pack's __init__ files, which register samplers and folders with ComfyUI
-        for name, path in ((PACKAGE, REPO), (PACKAGE + ".nodes", REPO / "nodes")):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(path)]
-            sys.modules[name] = pkg
-    nodes = importlib.import_module(PACKAGE + ".nodes.demo_nodes")
     return types.SimpleNamespace(sample=comfy.sample, samplers=comfy.samplers, nodes=nodes)
 
 

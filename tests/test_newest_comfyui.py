@@ -4,9 +4,7 @@ the real 0.3.75 classes wherever they exist, and a minimal in-process stand-in o
 a model that reads the sampler's sigma list, a pack that replaces the sampler name lists). The server tests at
 the end run the pack in a real ComfyUI server: registration against such a pack, and the trainer's progress
 text (stage and time left) on the websocket."""
-import importlib
 import json
-import os
 import re
 import struct
 import sys
@@ -17,25 +15,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
-PACKAGE = "comfyui_epd_under_test"  # as in test_demo_model: the pack's modules without its __init__ side effects
 
 
 @pytest.fixture(scope="module")
 def pack():
     """ComfyUI 0.3.75 (CPU) and the pack's node modules, imported in-process."""
-    if str(COMFYUI) not in sys.path:
-        sys.path.append(str(COMFYUI))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # read when comfy.model_management is first imported
-    import comfy.model_management  # decides the device on first import
-    if PACKAGE not in sys.modules:
-        for name, path in ((PACKAGE, REPO), (PACKAGE + ".nodes", REPO / "nodes")):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(path)]
-            sys.modules[name] = pkg
-    mods = {m: importlib.import_module(f"{PACKAGE}.nodes.{m}") for m in ("compat", "samplers", "training",
-                                                                      "trainer_nodes", "demo_nodes")}
+    from conftest import import_pack_nodes
+    mods = import_pack_nodes("compat", "samplers", "training", "trainer_nodes", "demo_nodes")
     return types.SimpleNamespace(**mods)
 
 
