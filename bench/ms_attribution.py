@@ -24,10 +24,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests"), str(REPO / "scripts")]
-from make_ms_tables import CFG, PREFIX, starting_builtin  # noqa: E402
+from make_ms_tables import CFG, PREFIX, recipe, starting_builtin  # noqa: E402
 from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
 
-from epd_core.distill import DistillConfig, distill  # noqa: E402
+from epd_core.distill import distill  # noqa: E402
 from epd_core.multistep import ANCHOR_RATIO, sample_epd_ms  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.runtime import batch_seed  # noqa: E402
@@ -75,11 +75,8 @@ def main(argv=None):
         names = {"best built-in": summary["best_builtin"], "start": f"{builtin} ({scheduler})"}
 
         def trained(num_points, learn_table=True, oracle=False):
-            cfg = DistillConfig(sigmas=positive, solver="epd_ms", builtin=builtin, num_points=num_points,
-                                to_zero=True, objective="end_to_end", learn_schedule=True, learn_table=learn_table,
-                                schedule_floor=0.005, lr=0.01, schedule_lr=0.02, iterations=args.iterations, batch=8,
-                                num_batches=16, teacher="heun", teacher_steps=100, seed=0, model_family=train.family,
-                                teacher_sigma_min=float(ms.sigma_min))
+            cfg = recipe(positive, builtin, num_points, float(ms.sigma_min), learn_table=learn_table,
+                         iterations=args.iterations, model_family=train.family)
             noise_fn, extra_fn = train.noise_fn(positive[0]), train.extra_args_fn
             if oracle:  # batch j = test noises 8j..8j+7 with their labels (make_batch draws batch j from this seed)
                 index = {batch_seed(cfg.seed, j): j for j in range(cfg.num_batches)}
