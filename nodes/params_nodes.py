@@ -71,23 +71,22 @@ class EPDSampler(io.ComfyNode):
             opts["max_order"] = max_order
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
-            warn_other_family(params, model)
+            warn_other_family(params, getattr(getattr(model, "inner_model", None), "model_patcher", None))
             table = with_model_schedule(params, model, sigmas)
             return run_epd(solver, model, x, sigmas, table, extra_args, callback, disable, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
 
-def warn_other_family(params: EPDParams, model) -> None:
-    """Log once when a table trained for one model family samples another (e.g. an eps table on a model patched
-    to flow prediction): allowed, as the user connected it, but rarely what was meant."""
+def warn_other_family(params: EPDParams, patcher, node: str = "EPD Sampler") -> None:
+    """Log once when a table trained for one model family is used with another (e.g. an eps table on a model
+    patched to flow prediction): allowed, as the user connected it, but rarely what was meant."""
     trained = params.metadata.get("model_family")
-    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
     if not trained or patcher is None:
         return
     family = model_family(patcher)
     if family != trained:
-        log_once(("other family", trained, family), logging.WARNING,
-                 f"EPD Sampler: the table was trained for the model family '{trained}', but the model is "
+        log_once(("other family", node, trained, family), logging.WARNING,
+                 f"{node}: the table was trained for the model family '{trained}', but the model is "
                  f"'{family}'; its rows may not fit this model (use a table trained for '{family}')")
 
 
@@ -142,9 +141,7 @@ class EPDSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, params, append_zero) -> io.NodeOutput:
-        family, trained = model_family(model), params.metadata.get("model_family")
-        if trained and trained != family:
-            log.warning("EPD: table trained for '%s' is used with a '%s' model; expect lower quality", trained, family)
+        warn_other_family(params, model, "EPD Sigmas")
         sigmas = table_sigmas(params, model.get_model_object("model_sampling")).float()
         if append_zero and variant(params.solver).own_last_step:  # its last sigma only anchors the step to 0:
             sigmas = sigmas[:-1]                                  # the list a scheduler would give, N steps
