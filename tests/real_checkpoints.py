@@ -8,6 +8,12 @@ The values are seeded random numbers with a variance-preserving scale (N(0, 1/fa
 norm scales): activations stay O(1) through the deep networks, so outputs are finite and depend on the input,
 which is all the tests need. The same seed gives the same bytes on every machine.
 
+SDXL is 3.5 B parameters (6.5 GiB in fp16), more than a CI machine's disk may have free. Its transformer blocks'
+attention and feed-forward matrices (UNet and CLIP-G, 2.8 B parameters) are zero and the file is written sparse
+(the zeros are holes, not bytes): those residual blocks pass their input through, while the convolutions, the
+time / ADM embeddings, the text embeddings and the VAE keep random values, so the file takes ~1.3 GiB on disk
+and the network still computes (every layer runs, the output depends on the latent, the text and `y`).
+
     path = ensure_checkpoint("sd15")  # built once (15 s; SDXL 40 s), then reused from the cache folder
     model, clip, vae = load_in_process("sd15")  # no file at all: for a GPU machine (bench/trainer_cost.py)
 
@@ -16,7 +22,10 @@ models/ folder, so no ComfyUI instance lists these files as real checkpoints).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 CACHE = Path(os.environ.get("EPD_TEST_MODEL_CACHE", REPO / ".comfyui" / "epd-test-models"))
-FORMAT_VERSION = 1  # bump when the values or the layout change: the cached file name changes with it
+FORMAT_VERSION = {"sd15": 1, "sdxl": 2}  # bump when the values or layout change: the cached file name changes too
+# SDXL's zeroed matrices: attention / feed-forward weights inside the UNet's and CLIP-G's transformer blocks
+ZEROED = {"sdxl": re.compile(r"(transformer_blocks\.\d+\.(attn1|attn2|ff)\.|embedders\.1\.model\.transformer\."
+                             r"resblocks\.\d+\.(attn|mlp)\.)")}
 
 # The complete UNet configs ComfyUI's model detection derives from real checkpoints
 # (comfy/model_detection.py, unet_config_from_diffusers_unet); dtype is added per build.
@@ -65,7 +77,7 @@ def import_comfy(cpu: bool = True):
 
 
 def checkpoint_path(arch: str) -> Path:
-    return CACHE / f"epd-random-{arch}-fp16-v{FORMAT_VERSION}.safetensors"
+    return CACHE / f"epd-random-{arch}-fp16-v{FORMAT_VERSION[arch]}.safetensors"
 
 
 # ---- layout ----------------------------------------------------------------------------------------------
@@ -94,10 +106,12 @@ def checkpoint_layout(arch: str) -> dict[str, torch.Tensor]:
 
 
 # ---- values ----------------------------------------------------------------------------------------------
-def random_value(name: str, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def random_value(name: str, like: torch.Tensor, gen: torch.Generator, arch: str = "") -> torch.Tensor:
     """A seeded value for one tensor: N(0, 1/fan_in) weights keep every layer's output at the scale of its
-    input; norm scales are 1 and biases small, as in a trained network."""
+    input; norm scales are 1 and biases small, as in a trained network. ZEROED matrices are 0."""
     shape = tuple(like.shape)
+    if len(shape) >= 2 and arch in ZEROED and ZEROED[arch].search(name):
+        return torch.zeros(shape)
     if not like.dtype.is_floating_point:  # e.g. CLIP position_ids
         return torch.arange(shape[-1], dtype=like.dtype).expand(shape).clone() if shape else torch.zeros(())
     if name.endswith("logit_scale"):
@@ -118,7 +132,7 @@ def random_state_dict(arch: str, dtype=torch.float16) -> dict[str, torch.Tensor]
     gen = torch.Generator().manual_seed(SEEDS[arch])
     out = {}
     for name in sorted(layout):
-        value = random_value(name, layout[name], gen)
+        value = random_value(name, layout[name], gen, arch)
         out[name] = value.to(dtype) if value.dtype.is_floating_point else value
     return out
 
@@ -137,18 +151,52 @@ def build_checkpoint(arch: str, verbose: bool = True) -> Path:
     path = checkpoint_path(arch)
     if path.is_file():
         return path
-    from safetensors.torch import save_file
     t0 = time.time()
     sd = random_state_dict(arch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"epd_test": f"random {arch} weights, seed {SEEDS[arch]}, v{FORMAT_VERSION}"})
-    os.replace(tmp, path)
+    try:
+        write_sparse(sd, tmp, {"epd_test": f"random {arch} weights, seed {SEEDS[arch]}, v{FORMAT_VERSION[arch]}"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if verbose:
         n = sum(t.numel() for t in sd.values())
-        print(f"built {path.name}: {n / 1e6:.0f}M parameters, {path.stat().st_size / 2 ** 30:.2f} GiB in "
-              f"{time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"built {path.name}: {n / 1e6:.0f}M parameters, {path.stat().st_size / 2 ** 30:.2f} GiB "
+              f"({path.stat().st_blocks * 512 / 2 ** 30:.2f} GiB on disk) in {time.time() - t0:.1f}s", file=sys.stderr)
     return path
+
+
+DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+
+
+def write_sparse(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file (8-byte header length, JSON header, raw little-endian data) whose all-zero tensors are
+    left as holes: the file reads as zeros, as safetensors' own writer would have stored them, but the holes take
+    no disk. Refuses up front, naming the folder and the fix, when the non-zero bytes would not fit."""
+    header, offset, chunks = {"__metadata__": metadata}, 0, []
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        if t.any():
+            chunks.append((offset, t))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    need = sum(t.numel() * t.element_size() for _, t in chunks) + len(head)
+    free = shutil.disk_usage(path.parent).free
+    if free < need * 1.05 + 2 ** 28:
+        raise RuntimeError(f"{path.parent} has {free / 2 ** 30:.1f} GiB free; the random checkpoint needs "
+                           f"{need / 2 ** 30:.1f} GiB: free some disk, or set EPD_TEST_MODEL_CACHE to a folder "
+                           "with room")
+    base = 8 + len(head)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for start, t in chunks:
+            f.seek(base + start)
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+        f.truncate(base + offset)
 
 
 def load_in_process(arch: str = "sd15", dtype=torch.float16):
