@@ -1,9 +1,11 @@
 """EPD-Solver and EPD-Plugin as ComfyUI / k-diffusion samplers: `sample_epd(model, x, sigmas, params)`
 (EPD-MS, this pack's one-call variant: `sample_epd_ms`, in multistep.py; every variant: solvers.SOLVERS).
 
-The step and the loop are in `epd.py`; this module decides which rows of a table a sigma list gets
-(`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how options reach
-the loop.
+The step and the loop are in `epd.py`; this module owns which sigmas and rows a table gets: its own sigmas
+for a model (`own_sigmas`; `sampler_sigmas`: the list EPD Sigmas outputs), a copy that records them when a
+caller's list is exactly those (`with_own_sigmas`, for schedules defined through the model), which rows a sigma
+list gets (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how
+options reach the loop.
 """
 from __future__ import annotations
 
@@ -11,14 +13,58 @@ import numpy as np
 import torch
 
 from .epd import EPDSamplingError, adams_bashforth, check_sigmas, epd_step, integrate, positive_steps
-from .params import EPDParams
+from .params import EPDParams, EPDParamsError
 from .points import PointEvaluator
 from .runtime import warn_once
-from .schedules import REBUILDABLE, sigmas_for
-from .solvers import predictor_order
+from .schedules import REBUILDABLE, sigmas_for, with_final_zero
+from .solvers import predictor_order, variant
 
-__all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas", "table_schedule_for", "integrate",
+__all__ = ["sample_epd", "sample_epd_plugin", "own_sigmas", "sampler_sigmas", "with_own_sigmas", "rows_for_sigmas",
+           "table_schedule_for", "integrate",
            "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
+
+def own_sigmas(params: EPDParams, model_sampling=None) -> torch.Tensor:
+    """The N+1 positive sigmas a table was trained on, rebuilt for a model (its ComfyUI `model_sampling`, needed
+    by discrete and flowmatch schedules and by imported tables whose range comes from the model)."""
+    if params.schedule.get("type") is None and params.schedule_sigmas is None:
+        raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
+                             "of EPD Sigmas, or re-train the table")
+    return sigmas_for(params.schedule, params.num_steps, model_sampling)
+
+
+def sampler_sigmas(params: EPDParams, model_sampling=None, append_zero: bool | None = None) -> torch.Tensor:
+    """The sigma list a sampler is given for this table (EPD Sigmas' output): its `own_sigmas`, then 0 when
+    `append_zero` (None: when its training list ended in 0). A variant that owns its last step (epd_ms) keeps
+    its anchor out of a list ending in 0: N steps, as a scheduler would give them."""
+    own = own_sigmas(params, model_sampling)
+    if append_zero is None:
+        append_zero = params.schedule.get("final_zero", True) or variant(params.solver).own_last_step
+    if not append_zero:
+        return own
+    if variant(params.solver).own_last_step:
+        own = own[:-1]
+    return with_final_zero(own)
+
+
+def with_own_sigmas(params: EPDParams, sigmas, model_sampling) -> EPDParams:
+    """A table that records a schedule type but no sigmas (discrete / flowmatch through the model; an imported
+    polynomial table's range comes from the model too), given `sigmas` that are exactly its `own_sigmas` for this
+    model: a copy with those sigmas written in, so its rows are 'exact' (the same whether the list came from EPD
+    Sigmas, a scheduler or KSampler). Otherwise the table itself."""
+    if params.schedule_sigmas is not None or params.schedule.get("type") is None or model_sampling is None:
+        return params
+    try:
+        own = own_sigmas(params, model_sampling).double()
+    except (EPDParamsError, ValueError, AttributeError, RuntimeError):
+        return params
+    pos = torch.as_tensor(sigmas).detach().double().cpu()
+    pos = pos[pos > 0]
+    if pos.shape != own.shape or not torch.allclose(pos, own, rtol=1e-4, atol=0):
+        return params
+    table = params.clone()
+    table.metadata["schedule"] = dict(table.schedule, sigmas=own.tolist())
+    return table
+
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
     """The table rows to use for a sigma list, and how they were chosen:

@@ -27,6 +27,7 @@ from .fileio import folder_problem
 from .multistep import BUILTINS
 from .params import EPDParams, EPDParamsError
 from .problems import Problem, vp_start_scale  # noqa: F401 - re-exported for existing imports
+from .solver import sampler_sigmas
 from .solvers import NAMES as SOLVER_NAMES
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
@@ -217,10 +218,10 @@ def run_rl(args) -> EPDParams:
     problem = demo_problem(args)
     if args.init:
         table = EPDParams.load(args.init)
-        sig = table.schedule_sigmas
-        if sig is None:
-            raise TrainCLIError(f"{args.init} records no schedule sigmas; RL needs the table's own schedule")
-        sigmas = [float(s) for s in sig] + ([0.0] if table.schedule.get("final_zero", True) else [])
+        try:  # RL rolls out on the table's own list (solver.sampler_sigmas, the same as the node's)
+            sigmas = sampler_sigmas(table, problem.model_sampling).double().tolist()
+        except (EPDParamsError, ValueError) as e:
+            raise TrainCLIError(f"{args.init}: RL needs the table's own schedule: {e}") from e
     else:
         pos = schedules.sigmas_for({"type": "discrete", "rho": 1.0}, args.steps, problem.model_sampling)
         sigmas = [float(s) for s in pos] + [0.0]

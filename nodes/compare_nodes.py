@@ -21,12 +21,12 @@ from PIL import Image, ImageDraw
 
 from epd_core import compare
 from epd_core.params import EPDParams, EPDParamsError
-from epd_core.schedules import with_final_zero
+from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
 from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
-from .params_nodes import EPDParamsType, table_sigmas
+from .params_nodes import EPDParamsType
 from .plotting import _font, nfe_chart, to_image_tensor
 from .tables import find_preset, model_family
 
@@ -108,26 +108,12 @@ def builtin_field(model_patcher, samplers: list[str], schedulers: list[str], nfe
     return out
 
 
-def own_sigmas(params: EPDParams, model_sampling) -> torch.Tensor:
-    """The sigmas a table samples on: its own recorded (learned) schedule, or the one EPD Sigmas rebuilds for
-    this model, as a sampler list (epd_ms: its positive sigmas, then 0; the others end with 0 unless the last row
-    steps to 0 itself)."""
-    own = params.schedule_sigmas
-    if own is None:
-        own = table_sigmas(params, model_sampling).double()
-    if params.solver == "epd_ms":
-        return with_final_zero(own[:-1]).float()
-    if params.schedule.get("final_zero", True):
-        own = with_final_zero(own)
-    return own.float()
-
-
 def table_candidate(params: EPDParams, name: str, model_sampling, sequential: bool) -> compare.Candidate:
     fn = variant(params.solver).sample_fn()
 
     def sample(m, x, s):
         return fn(m, x, s, params, disable=True, sequential=sequential)
-    cand = compare.Candidate(name, sample, own_sigmas(params, model_sampling), "table")
+    cand = compare.Candidate(name, sample, sampler_sigmas(params, model_sampling).float(), "table")
     cand.calls = compare.probe_calls(cand)
     return cand
 

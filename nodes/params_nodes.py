@@ -5,11 +5,10 @@ import logging
 import re
 
 import comfy.samplers
-import torch
 
-from epd_core import schedules
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.runtime import log_once
+from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
@@ -72,8 +71,7 @@ class EPDSampler(io.ComfyNode):
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
             warn_other_family(params, getattr(getattr(model, "inner_model", None), "model_patcher", None))
-            table = with_model_schedule(params, model, sigmas)
-            return run_epd(solver, model, x, sigmas, table, extra_args, callback, disable, **{**opts, **kw})
+            return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
 
@@ -88,38 +86,6 @@ def warn_other_family(params: EPDParams, patcher, node: str = "EPD Sampler") -> 
         log_once(("other family", node, trained, family), logging.WARNING,
                  f"{node}: the table was trained for the model family '{trained}', but the model is "
                  f"'{family}'; its rows may not fit this model (use a table trained for '{family}')")
-
-
-def with_model_schedule(params: EPDParams, model, sigmas) -> EPDParams:
-    """A table that records a schedule type but no sigmas (discrete / flowmatch through the model; an imported
-    polynomial table's range comes from the model too) gets the sigmas EPD Sigmas computes for this model
-    written into a copy, when `sigmas` are exactly those; then the
-    solver sees its own schedule and does not report 'sigmas differ'. Otherwise the table is returned as is."""
-    if params.schedule_sigmas is not None or params.schedule.get("type") is None:
-        return params
-    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
-    if patcher is None:
-        return params
-    try:
-        own = table_sigmas(params, patcher.get_model_object("model_sampling")).double()
-    except (EPDParamsError, ValueError, AttributeError, RuntimeError):
-        return params
-    pos = torch.as_tensor(sigmas).detach().double().cpu()
-    pos = pos[pos > 0]
-    if pos.shape != own.shape or not torch.allclose(pos, own, rtol=1e-4, atol=0):
-        return params
-    table = params.clone()
-    table.metadata["schedule"] = dict(table.schedule, sigmas=own.tolist())
-    return table
-
-
-def table_sigmas(params: EPDParams, model_sampling) -> torch.Tensor:
-    """The N+1 positive sigmas a table was trained on, rebuilt for the connected model (docs/method.md,
-    "Schedules")."""
-    if params.schedule.get("type") is None and params.schedule_sigmas is None:
-        raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
-                             "of EPD Sigmas, or re-train the table")
-    return schedules.sigmas_for(params.schedule, params.num_steps, model_sampling)
 
 
 class EPDSigmas(io.ComfyNode):
@@ -142,10 +108,7 @@ class EPDSigmas(io.ComfyNode):
     @classmethod
     def execute(cls, model, params, append_zero) -> io.NodeOutput:
         warn_other_family(params, model, "EPD Sigmas")
-        sigmas = table_sigmas(params, model.get_model_object("model_sampling")).float()
-        if append_zero and variant(params.solver).own_last_step:  # its last sigma only anchors the step to 0:
-            sigmas = sigmas[:-1]                                  # the list a scheduler would give, N steps
-        return io.NodeOutput(schedules.with_final_zero(sigmas) if append_zero else sigmas)
+        return io.NodeOutput(sampler_sigmas(params, model.get_model_object("model_sampling"), append_zero).float())
 
 
 class LoadEPDParams(io.ComfyNode):

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 
+from epd_core.solver import own_sigmas
 from .compat import io, ui
-from .params_nodes import EPDParamsType, table_sigmas
+from .params_nodes import EPDParamsType
 from .plotting import table_picture, to_image_tensor
 
 
@@ -26,7 +27,7 @@ class PreviewEPDParams(io.ComfyNode):
     def execute(cls, params, model=None) -> io.NodeOutput:
         sigmas = params.schedule_sigmas
         if sigmas is None and model is not None and params.schedule.get("type"):
-            sigmas = table_sigmas(params, model.get_model_object("model_sampling"))
+            sigmas = own_sigmas(params, model.get_model_object("model_sampling"))
         image = to_image_tensor(table_picture(params, sigmas))
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 

@@ -11,6 +11,7 @@ import comfy.samplers
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
 from epd_core.params import MAX_STEPS
+from epd_core.solver import with_own_sigmas
 from epd_core.solvers import NAMES, variant
 
 from .compat import few_step_hint, model_problem, sequential_reasons
@@ -37,9 +38,20 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     points = params.num_points if params is not None else 1
     log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {points} points of each step {path}"
              + ("" if sequential else " in one model call"))
+    if params is not None:  # exact rows for a table whose schedule is defined through the model, from any node
+        params = with_own_sigmas(params, sigmas, model_sampling_of(model))
     sample = variant(solver).sample_fn()
     return sample(model, x, sigmas, params, extra_args=extra_args, callback=callback, disable=disable,
                   sequential=sequential, **opts)
+
+
+def model_sampling_of(model):
+    """The ComfyUI model_sampling behind a sampler function's `model` (the CFG wrapper), or None."""
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    try:
+        return patcher.get_model_object("model_sampling") if patcher is not None else None
+    except (AttributeError, KeyError):
+        return None
 
 
 def _dropdown_sampler(solver: str):

@@ -24,9 +24,10 @@ from epd_core.runtime import is_oom
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
+from epd_core.solver import sampler_sigmas
 from .compare_nodes import record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
-from .params_nodes import EPDParamsType, save_table, table_sigmas, table_stem
+from .params_nodes import EPDParamsType, save_table, table_stem
 from .plotting import line_chart, to_image_tensor
 from .privacy import private_errors
 from .reward_nodes import EPDRewardType
@@ -217,8 +218,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     folder.mkdir(parents=True, exist_ok=True)
     if init_params is not None:
         table = init_params
-        sigmas = table_sigmas(table, model.get_model_object("model_sampling")).double().tolist()
-        sigmas += [] if table.to_zero else [0.0]  # a to_zero table's last row steps to 0 itself
+        sigmas = sampler_sigmas(table, model.get_model_object("model_sampling")).double().tolist()
     else:  # distill the cold start first; its checkpoint makes a re-queued run skip straight to RL
         d_iter = settings["distill_iterations"]
         dcfg = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, d_iter,

@@ -465,6 +465,27 @@ def test_epd_sigmas_with_an_imported_discrete_table_is_exact(comfy_server):
         (params_dir(comfy_server) / "sec_discrete.safetensors").unlink(missing_ok=True)
 
 
+def test_ksampler_epd_with_a_listed_imported_discrete_table_is_exact_too(comfy_server):
+    """KSampler's `epd` (here through KSamplerSelect, on the sigmas EPD Sigmas gives) treats an imported table
+    whose schedule is defined through the model like EPD Sampler does: its rows are exact on its own sigmas."""
+    folder = params_dir(comfy_server)
+    # 9 time points = 8 rows: a step count no other server test of this family uses
+    (comfy_server.base / "input" / "ks_discrete.pkl").write_bytes(demo_predictor(num_steps=9, schedule_type="discrete"))
+    run_ok(comfy_server, import_graph(pkl_path="ks_discrete.pkl", output_name="sec_ks_discrete"))
+    (folder / "ksampler_presets.txt").write_text("sec_ks_discrete\n")
+    g = epd_sampler_graph("sec_ks_discrete.safetensors")
+    g["sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "epd"}}
+    try:
+        run_ok(comfy_server, g)
+        assert chosen(comfy_server, "epd_demo_digits", 8) == "sec_ks_discrete.safetensors"
+        log = comfy_server.log_path.read_text()
+        assert not re.search(r"sigmas differ from the table's training schedule; using rows by_index "
+                             r"\(epd K=2 steps=8 schedule=discrete", log), log[-3000:]  # was logged, rows by index
+    finally:
+        for name in ("ksampler_presets.txt", "sec_ks_discrete.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+
+
 # ---- issue 21, item 4: misleading or unchecked inputs ------------------------------------------------------
 def epd_sampler_graph(table="demo_digits_epd_s3.safetensors", model=("model", 0), append_zero=True, **sampler):
     g = demo_ksampler(4)
