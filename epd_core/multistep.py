@@ -10,7 +10,7 @@ joins the K points' call, so latency NFE = steps:
 
 w and g are free learned coefficients (no softmax), learned with the schedule. With the look-ahead weights at 0
 and (w_0, g) at a multistep method's values the step IS that method, so an untrained table reproduces ComfyUI's
-gradient_estimation, ipndm or euler exactly and training starts from the strongest built-in.
+gradient_estimation, ipndm, ipndm_v or euler exactly and training starts from the strongest built-in.
 The last row steps to sigma 0 (t_end = 0): its t_next, the table's last (positive) sigma, only anchors the
 look-ahead points. A sigma list that ends in 0 gets the anchor ANCHOR_RATIO * its last positive sigma.
 """
@@ -29,7 +29,7 @@ from .solver import table_schedule_for
 log = logging.getLogger("epd")
 HISTORY = 3                # past directions a row combines
 ANCHOR_RATIO = 0.5         # look-ahead anchor of a step to 0 on a list that has none
-BUILTINS = ("gradient_estimation", "ipndm", "euler")  # the ComfyUI samplers an untrained table reproduces
+BUILTINS = ("gradient_estimation", "ipndm", "ipndm_v", "euler")  # the ComfyUI samplers an untrained table is
 
 
 def ms_step(evaluate, x, history, t_cur, t_next, r, w, g, t_end):
@@ -84,19 +84,47 @@ def integrate_ms(model, x, sigmas, rows, extra_args=None, callback=None, disable
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------
-def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def variable_ab_coefficients(h: list[float]) -> list[float]:
+    """Adams-Bashforth coefficients on unequal steps (ComfyUI's ipndm_v), newest first, for the next step of size
+    h[0] after steps h[1], h[2], ... (order len(h), at most 4; h in sigma units, any sign)."""
+    order = len(h)
+    if order == 1:
+        return [1.0]
+    a = h[0] / h[1]
+    c = [(2 + a) / 2, -a / 2]
+    if order == 2:
+        return c
+    b = h[1] / h[2]
+    t1 = (1 - h[0] / (3 * (h[0] + h[1])) * (h[0] * (h[0] + h[1])) / (h[1] * (h[1] + h[2]))) / 2
+    if order == 3:
+        return [c[0] + t1, c[1] - (1 + b) * t1, t1 * b]
+    e = h[1] * (h[1] + h[2]) / (h[2] * (h[2] + h[3]))
+    t2 = (((1 - h[0] / (3 * (h[0] + h[1]))) / 2 + (1 - h[0] / (2 * (h[0] + h[1]))) * h[0] / (6 * (h[0] + h[1] + h[2])))
+          * (h[0] * (h[0] + h[1]) * (h[0] + h[1] + h[2])) / (h[1] * (h[1] + h[2]) * (h[1] + h[2] + h[3])))
+    return [c[0] + t1 + t2, c[1] - (1 + b) * t1 - (1 + b + e) * t2, t1 * b + (b + e * (1 + h[2] / h[3])) * t2,
+            -t2 * e * b]
+
+
+def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True,
+                         sigmas=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_0 (steps,), g (steps, HISTORY)) with which EPD-MS is exactly ComfyUI's `builtin` sampler (its step
-    to 0 being x = denoised, as in ComfyUI)."""
+    to 0 being x = denoised, as in ComfyUI). ipndm_v's coefficients depend on the step sizes: it needs `sigmas`."""
     if builtin not in BUILTINS:
         raise EPDSamplingError(f"EPD-MS starts from one of {BUILTINS}, not {builtin!r}")
+    if builtin == "ipndm_v" and (sigmas is None or len(sigmas) < steps + 1):
+        raise EPDSamplingError("ipndm_v's coefficients need the table's sigmas")
     w0, g = torch.ones(steps, dtype=torch.float64), torch.zeros(steps, HISTORY, dtype=torch.float64)
     for i in range(steps):
         if last_to_zero and i == steps - 1:
             continue  # plain denoised output
         if builtin == "gradient_estimation" and i > 0:  # 2 d_cur - d_prev (ComfyUI's ge_gamma = 2)
             w0[i], g[i, 0] = 2.0, -1.0
-        elif builtin == "ipndm":  # Adams-Bashforth of order min(4, i + 1), fixed coefficients as in ComfyUI
-            coeffs = AB_COEFFS[min(4, i + 1)]
+        elif builtin in ("ipndm", "ipndm_v"):  # Adams-Bashforth of order min(4, i + 1), as in ComfyUI
+            if builtin == "ipndm":  # fixed (equal-step) coefficients
+                coeffs = AB_COEFFS[min(4, i + 1)]
+            else:  # on the actual step sizes, newest first
+                coeffs = variable_ab_coefficients([float(sigmas[j + 1]) - float(sigmas[j])
+                                                   for j in range(i, max(-1, i - 4), -1)])
             w0[i] = coeffs[0]
             g[i, :len(coeffs) - 1] = torch.tensor(coeffs[1:], dtype=torch.float64)
     return w0, g
@@ -116,7 +144,7 @@ def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, 
     steps, k = len(sig) - 1, num_points
     if not 1 <= k <= 8:
         raise EPDSamplingError(f"EPD-MS uses K = 1..8 points per call (the current point included), got {k}")
-    w0, g = builtin_coefficients(builtin, steps)
+    w0, g = builtin_coefficients(builtin, steps, sigmas=sig)
     theta_w = torch.zeros(steps, k, dtype=torch.float64)
     theta_w[:, 0] = w0
     theta_r = torch.zeros(steps, k)

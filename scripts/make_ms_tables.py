@@ -3,12 +3,13 @@
     .venv/bin/python scripts/make_ms_tables.py --model mnist --nfe 3-10 --points 1,2
     .venv/bin/python scripts/make_ms_tables.py --model demo --nfe 3-10 --points 1,2
 
-Per NFE the starting point is the best built-in that EPD-MS reproduces exactly (gradient_estimation, ipndm or
-euler), on the scheduler the benchmark chose for it on FIT noises (bench/results/quality_vs_nfe_<model>.json, same
-seeds); an untrained table samples exactly as that built-in. Training learns the coefficients, look-ahead
-positions and the schedule end to end against a Heun teacher on training noises (seed 0). With several K, the
-table with the lowest error on the FIT noises ships as pretrained_params/<prefix>_epd_ms_nfe<N>.safetensors;
-every candidate is kept in bench/results/ms_candidates/ for the attribution table (docs/results.md).
+Per NFE the starting point is the best built-in that EPD-MS reproduces exactly (gradient_estimation, ipndm,
+ipndm_v or euler), on the scheduler the benchmark chose for it on FIT noises (bench/results/quality_vs_nfe_<model>.json,
+same seeds); an untrained table samples exactly as that built-in. Training learns the coefficients, look-ahead
+positions and (optionally) the schedule end to end against a Heun teacher on training noises (seed 0). Every K and
+every `--configs` entry is a candidate, and so is the untrained table itself: the one with the lowest error on the
+FIT noises ships as pretrained_params/<prefix>_epd_ms_nfe<N>.safetensors (so a table never ships that is worse on
+them than where it started); every trained candidate is kept in bench/results/ms_candidates/ (docs/results.md).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
 
 from epd_core.distill import DistillConfig, distill  # noqa: E402
-from epd_core.multistep import BUILTINS, ANCHOR_RATIO, sample_epd_ms  # noqa: E402
+from epd_core.multistep import BUILTINS, ANCHOR_RATIO, ms_table, sample_epd_ms  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.problems import demo_problem  # noqa: E402
 
@@ -45,6 +46,12 @@ def starting_builtin(results: dict, nfe: int) -> tuple[str, str, int]:
     row = results["nfe"][str(nfe)]["builtins"]
     name = min((s for s in BUILTINS if s in row), key=lambda s: row[s]["fit"])
     return name, row[name]["scheduler"], row[name]["steps"]
+
+
+def _parse_change(kv: str) -> tuple[str, object]:
+    key, value = kv.split("=")
+    return key, (bool(int(value)) if key == "learn_schedule" else int(value) if key in ("iterations", "batch",
+                 "num_batches") else float(value))
 
 
 def recipe(positive, builtin: str, num_points: int, sigma_min: float, **change) -> DistillConfig:
@@ -67,7 +74,9 @@ def main(argv=None):
     ap.add_argument("--schedule-lr", type=float, default=0.02)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--num-batches", type=int, default=16)
-    ap.add_argument("--fit-samples", type=int, default=32)
+    ap.add_argument("--fit-samples", type=int, default=32, help="fit noises (seed 101) the candidates are ranked on")
+    ap.add_argument("--configs", default="", help="candidate recipes, ';'-separated 'field=value,...' changes to "
+                    "recipe() (e.g. 'lr=0.01;lr=0.001,learn_schedule=0'); default: the flags above")
     ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -82,6 +91,10 @@ def main(argv=None):
     cand_dir = REPO / "bench" / "results" / "ms_candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
+    configs = [dict(_parse_change(kv) for kv in c.split(",") if kv) for c in args.configs.split(";")] or [{}]
+
+    def m_fit(x, s, **kw):
+        return model_eval(x, s, **extra_for(len(x_fit)), **kw)
     for nfe in nfe_list(args.nfe):
         builtin, scheduler, steps = starting_builtin(results, nfe)
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
@@ -89,29 +102,36 @@ def main(argv=None):
             print(f"NFE {nfe}: {builtin} {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
             continue
         positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
-        best = None
+        start_table = ms_table(sig, builtin, schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"},
+                               model_family=train.family)
+        with torch.no_grad():
+            start = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), None, builtin=builtin, disable=True)
+        fit0 = float(per_sample_rmse(start, ref_fit).mean())
+        start_table.metadata["provenance"].update(fit_rmse=fit0, fit_rmse_start=fit0)
+        best = (fit0, start_table, "untrained")
         for kk in (int(v) for v in args.points.split(",")):
-            t0 = time.time()
-            cfg = recipe(positive, builtin, kk, float(ms.sigma_min), lr=args.lr, schedule_lr=args.schedule_lr,
-                         iterations=args.iterations, batch=args.batch, num_batches=args.num_batches,
-                         guidance_scale=CFG[args.model], model_family=train.family,
-                         schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"})
-            params = distill(train.model, None, train.noise_fn(positive[0]), cfg, train.extra_args_fn)
-            with torch.no_grad():
-                out = sample_epd_ms(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
-                                    sig.to(x_fit.dtype), params, disable=True)
-                start = sample_epd_ms(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
-                                      sig.to(x_fit.dtype), None, builtin=builtin, disable=True)
-            fit, fit0 = float(per_sample_rmse(out, ref_fit).mean()), float(per_sample_rmse(start, ref_fit).mean())
-            params.metadata["provenance"]["fit_rmse"] = fit
-            params.metadata["provenance"]["fit_rmse_start"] = fit0
-            name = f"{PREFIX[args.model]}_epd_ms_k{kk}_nfe{nfe}.safetensors"
-            params.save(cand_dir / name)
-            print(f"NFE {nfe} K={kk} from {builtin} ({scheduler}): fit RMSE {fit0:.4f} -> {fit:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-            summary[f"{nfe}_k{kk}"] = {"builtin": builtin, "scheduler": scheduler, "fit_start": fit0, "fit": fit}
-            if best is None or fit < best[0]:
-                best = (fit, params)
+            for change in configs:
+                t0 = time.time()
+                opts = dict(lr=args.lr, schedule_lr=args.schedule_lr, iterations=args.iterations, batch=args.batch,
+                            num_batches=args.num_batches)
+                opts.update(change)
+                cfg = recipe(positive, builtin, kk, float(ms.sigma_min), guidance_scale=CFG[args.model],
+                             model_family=train.family,
+                             schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"}, **opts)
+                params = distill(train.model, None, train.noise_fn(positive[0]), cfg, train.extra_args_fn)
+                with torch.no_grad():
+                    out = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), params, disable=True)
+                fit = float(per_sample_rmse(out, ref_fit).mean())
+                params.metadata["provenance"].update(fit_rmse=fit, fit_rmse_start=fit0)
+                tag = "".join(f"_{k}{v}" for k, v in change.items())
+                params.save(cand_dir / f"{PREFIX[args.model]}_epd_ms_k{kk}{tag}_nfe{nfe}.safetensors")
+                print(f"NFE {nfe} K={kk} {change or ''} from {builtin} ({scheduler}): fit RMSE {fit0:.4f} -> "
+                      f"{fit:.4f} ({time.time() - t0:.0f}s)", flush=True)
+                summary[f"{nfe}_k{kk}{tag}"] = {"builtin": builtin, "scheduler": scheduler, "fit_start": fit0,
+                                                "fit": fit, **change}
+                if fit < best[0]:
+                    best = (fit, params, f"K={kk} {change}")
+        print(f"NFE {nfe}: ships {best[2]} (fit {best[0]:.4f}, untrained {fit0:.4f})", flush=True)
         best[1].save(args.out / f"{PREFIX[args.model]}_epd_ms_nfe{nfe}.safetensors")
     print(json.dumps(summary, indent=1))
 

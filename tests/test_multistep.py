@@ -128,3 +128,28 @@ def test_the_registry_names_every_variant_once_and_their_costs():
     assert variant("epd_ms").sample_fn() is sample_epd_ms and not variant("epd_ms").rl
     with pytest.raises(ValueError, match="use one of epd, epd_plugin, epd_ms"):
         variant("dpm_2")
+
+
+def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(comfy_sampling, gmm32,
+                                                                              float64_one_thread):
+    """The anchor below the teacher's end sigma (ComfyUI's lists end at sigma_min; the anchor sits at half of it)
+    is not where the ODE ends: the target is D(x(sigma_min)), as the benchmark's reference and every built-in
+    end, not D(x(anchor))."""
+    from epd_core.distill import make_batch
+    from epd_core.teachers import teacher_states
+    sigmas = karras_list(comfy_sampling, 4, smin=0.5)
+    positive = sigmas[:-1].tolist() + [float(sigmas[-2]) / 2]
+    cfg = DistillConfig(sigmas=positive, solver="epd_ms", to_zero=True, objective="end_to_end", lr=1e-12,
+                        iterations=1, batch=8, num_batches=1, teacher_sigma_min=0.5)
+    noise = lambda g, n: 80 * torch.randn(n, 32, generator=g, dtype=torch.float64)  # noqa: E731
+    losses = []
+    distill(gmm32, None, noise, cfg, history=losses)
+    x0, _ = make_batch(0, cfg, noise, None)
+    student = sample_epd_ms(gmm32, x0, sigmas, None, disable=True)  # the untrained table: gradient_estimation
+
+    def loss_to(end_list):
+        target = teacher_states(gmm32, x0, torch.tensor(end_list), cfg.teacher, cfg.inserted_steps, {}, None,
+                                cfg.teacher_steps, cfg.teacher_sigma_min)[-1]
+        return float((student - target).square().mean())
+    assert losses[0] == pytest.approx(loss_to(sigmas.tolist()), rel=1e-6)  # ends sigma_min, then 0
+    assert abs(loss_to(positive + [0.0]) - losses[0]) > 0.01 * losses[0]  # was: on to the anchor, then 0
