@@ -26,14 +26,15 @@ import torch
 
 from .distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, DistillConfig, DistillError
 from .epd import EPDSamplingError, integrate, positive_steps
-from .fileio import (adam_state_tensors, check_checkpoint_folder, load_adam_state, read_checkpoint,
+from .fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
                      write_checkpoint)
 from .multistep import integrate_ms, ms_table
 from .params import HISTORY_TENSOR, TENSOR_NAMES, EPDParams, activate, activate_ms
 from .points import PointEvaluator
-from .runtime import any_rank, batch_seed, mean_over_ranks, rank_and_world
+from .runtime import any_rank, batch_seed, rank_and_world
 from .schedules import schedule_logits, sigmas_from_logits
 from .teachers import TEACHERS, denoiser, refine_sigmas, teacher_grid, teacher_states
+from .trainer import cancel_message, check_same_settings, due, kept, open_checkpoint, reduce_gradients
 
 # the run's settings and the teachers, re-exported: `from epd_core.distill import DistillConfig, teacher_states`
 __all__ = ["distill", "DistillConfig", "DistillError", "DistillCancelled", "OBJECTIVES", "TEACHERS",
@@ -156,16 +157,6 @@ def load_checkpoint(path) -> dict:
                            "or point to the right file.") from None
 
 
-def _check_resumable(ckpt: dict, cfg: DistillConfig, path) -> None:
-    saved, now = ckpt["config"], cfg.to_json()
-    default = DistillConfig().to_json()  # a field newer than the checkpoint had its default value then
-    diffs = [f"{k}: {saved.get(k, default[k])!r} -> {now.get(k)!r}" for k in RESULT_FIELDS
-             if saved.get(k, default[k]) != now.get(k)]
-    if diffs:
-        raise DistillError(f"checkpoint {path} was made with different settings ({'; '.join(diffs[:4])}). Use the "
-                           "original settings to resume, or delete the checkpoint / choose another name to start over.")
-
-
 # ================================================================================================= training
 
 def _lr_factor(cfg: DistillConfig, it: int, start: int, end: int) -> float:
@@ -262,7 +253,7 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
 
     for it in range(start, cfg.iterations):
         if should_stop is not None and any_rank(bool(should_stop()), world):
-            raise DistillCancelled(_cancel_message(it, ckpt_path, last_saved))
+            raise DistillCancelled(cancel_message("distillation", it, ckpt_path, last_saved))
         name, s0, s1 = _stage_at(cfg, it)
         if it == s0 and s0 > 0:
             optimizer = _adam(theta, cfg)  # fresh moments for the end-to-end fine-tuning stage
@@ -284,16 +275,16 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
         try:
             loss_value = _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn, world)
         except EPDSamplingError as e:
-            raise DistillError(f"iteration {it}: {e} {_kept(ckpt_path, last_saved)}") from None
+            raise DistillError(f"iteration {it}: {e} {kept(ckpt_path, last_saved)}") from None
         if not math.isfinite(loss_value) or not all(torch.isfinite(t.grad).all() for t in theta):
             raise DistillError(f"the loss became {loss_value} at iteration {it} (training diverged). Lower the "
                                f"learning rate (now {cfg.lr}) or check the model and its precision. "
-                               f"{_kept(ckpt_path, last_saved)}")
+                               f"{kept(ckpt_path, last_saved)}")
         optimizer.step()
         losses.append(loss_value)
 
         done = it + 1
-        if ckpt_path is not None and rank == 0 and (done % cfg.checkpoint_interval == 0 or done == cfg.iterations):
+        if ckpt_path is not None and due(done, cfg.checkpoint_interval, cfg.iterations, rank):
             save_checkpoint(ckpt_path, theta, optimizer, done, losses, cfg, scales)
             last_saved = done
         if progress is not None:
@@ -377,14 +368,9 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
     else:
         loss = end_to_end_loss(model, x0, sig, rows, targets[-1], checkpointed=cfg.grad_checkpointing, **kw)
         grads = torch.autograd.grad(loss, theta, allow_unused=True)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(grads, theta)]
-                     + [loss.detach().to(torch.float64).reshape(1)])
-    flat = mean_over_ranks(flat, world)
-    offset = 0
-    for t in theta:
-        t.grad = flat[offset:offset + t.numel()].view_as(t).clone()
-        offset += t.numel()
-    return float(flat[-1])
+    for t, g in zip(theta, grads):
+        t.grad = g
+    return float(reduce_gradients(theta, world, extra=loss.detach())[-1])
 
 
 def _grad_or_zero(t: torch.Tensor) -> torch.Tensor:
@@ -393,23 +379,12 @@ def _grad_or_zero(t: torch.Tensor) -> torch.Tensor:
 
 def _prepare_checkpoint(cfg: DistillConfig, path: Path | None, rank: int) -> dict | None:
     """Check the folder (before any work) and load the checkpoint to resume, if any."""
-    if path is None:
-        if cfg.resume is True:
-            raise DistillError("resume was requested but no checkpoint path is set. Pass the checkpoint folder/path.")
-        return None
-    if rank == 0:
-        check_checkpoint_folder(path, DistillError)
-    if path.exists():
-        if cfg.resume is False:
-            raise DistillError(f"a checkpoint already exists at {path}. Resume it (--resume / resume=True), or delete "
-                               "it or choose another path to start over (nothing was overwritten).")
-        ckpt = load_checkpoint(path)
-        _check_resumable(ckpt, cfg, path)
+    ckpt = open_checkpoint(path, cfg.resume, DistillError, load_checkpoint, rank)
+    if ckpt is not None:
+        check_same_settings(ckpt["config"], cfg.to_json(), RESULT_FIELDS, path, DistillError,
+                            DistillConfig().to_json())  # a field newer than the checkpoint had its default then
         log.info("EPD distill: resuming %s at iteration %d/%d", path, ckpt["iteration"], cfg.iterations)
-        return ckpt
-    if cfg.resume is True:
-        raise DistillError(f"no checkpoint to resume at {path}. Check the path, or run without resume to start.")
-    return None
+    return ckpt
 
 
 def _poller(should_stop):
@@ -420,19 +395,6 @@ def _poller(should_stop):
         if should_stop():
             raise DistillCancelled("cancelled while computing the teacher trajectories; nothing new was written")
     return poll
-
-
-def _kept(path, last_saved) -> str:
-    if path is None:
-        return "No checkpoint was configured."
-    if last_saved is None:
-        return f"No checkpoint had been written yet ({path})."
-    return f"The last checkpoint ({path}, iteration {last_saved}) is unchanged."
-
-
-def _cancel_message(it, path, last_saved) -> str:
-    return f"distillation cancelled before iteration {it}; nothing new was written. {_kept(path, last_saved)}" + (
-        " Run again with resume to continue." if last_saved else "")
 
 
 def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EPDParams:

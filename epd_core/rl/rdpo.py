@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from ..epd import EPDSamplingError, check_sigmas, integrate, positive_steps
-from ..fileio import adam_state_tensors, check_checkpoint_folder, load_adam_state, read_checkpoint, write_checkpoint
+from ..fileio import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
 from ..params import EPDParams, EPDParamsError
 from ..runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
 from ..solvers import predictor_order, variant
+from ..trainer import cancel_message, check_same_settings, due, open_checkpoint, reduce_gradients
 from .policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
@@ -123,25 +124,10 @@ def load_checkpoint(path) -> dict:
 
 def _prepare_checkpoint(cfg: RLConfig, base: EPDParams, rank: int):
     path = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
-    if path is None:
-        if cfg.resume is True:
-            raise RLError("resume was requested but no checkpoint path is set")
-        return None, None
-    if rank == 0:
-        check_checkpoint_folder(path, RLError)
-    if not path.exists():
-        if cfg.resume is True:
-            raise RLError(f"no checkpoint to resume at {path}. Run without resume to start.")
+    ck = open_checkpoint(path, cfg.resume, RLError, load_checkpoint, rank)
+    if ck is None:
         return path, None
-    if cfg.resume is False:
-        raise RLError(f"a checkpoint already exists at {path}. Resume it (resume=True / --resume), or delete it or "
-                      "choose another path to start over (nothing was overwritten).")
-    ck = load_checkpoint(path)
-    saved, now = ck["config"], cfg.to_json()
-    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in _RESULT_FIELDS if saved.get(k) != now.get(k)]
-    if diffs:
-        raise RLError(f"checkpoint {path} was made with different settings ({'; '.join(diffs[:4])}); use the original "
-                      "settings or delete the checkpoint")
+    check_same_settings(ck["config"], cfg.to_json(), _RESULT_FIELDS, path, RLError)
     try:
         saved_base = EPDParams.from_bytes(ck["base"], source=str(path))
     except EPDParamsError as e:
@@ -211,75 +197,19 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
     last_saved = start if ckpt is not None else None
 
     G, P = cfg.group_size, n_iter
-    per_rank = P // world
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
     for it in range(start, cfg.iterations):
         if should_stop is not None and any_rank(bool(should_stop()), world):
-            raise RLCancelled(f"RL cancelled before iteration {it}; nothing new was written"
-                              + (f"; the last checkpoint ({ckpt_path}, iteration {last_saved}) is intact"
-                                 if last_saved else ""))
-        g = torch.Generator().manual_seed(batch_seed(cfg.seed, it))
-        chosen = [prompts[(it * P + j) % len(prompts)] for j in range(P)]  # cycles through the list
-        # every rank draws ALL tables and noises (cheap), then keeps its groups: same result for any world size
-        sample, rows, logp_old = policy.sample(P * G, generator=g)
-        sel = slice(mine.start * G, mine.stop * G)
-        sample = {k: v[sel] for k, v in sample.items()}
-        rows = {k: v[sel] for k, v in rows.items()}
-        logp_old = logp_old[sel]
-        my_prompts = [p for p in chosen[mine] for _ in range(G)]
-        images = None
-        if model is not None:
-            x0 = noise_fn(g, P)[mine]
-            x0 = x0.repeat_interleave(G, dim=0)
-            extra = extra_args_fn(my_prompts)
-            extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra.items()}
-            with torch.no_grad():
-                try:
-                    # every rollout has its own table: rows (B, steps, K), all K*B points in one model call
-                    acc = torch.promote_types(x0.dtype, torch.float32)
-                    images = integrate(model, x0, sig.to(x0.device, acc), {k: v.to(x0.device, acc)
-                                                                           for k, v in rows.items()},
-                                       extra, disable=True, max_order=max_order, afs=base_table.afs,
-                                       to_zero=base_table.to_zero and float(sig[-1]) > 0)
-                except EPDSamplingError as e:
-                    raise RLError(f"iteration {it}: {e}") from None
+            raise RLCancelled(cancel_message("RL", it, ckpt_path, last_saved))
+        sample, rows, logp_old, images, my_prompts = _rollouts(policy, model, sig, base_table, prompts, noise_fn,
+                                                               extra_args_fn, it, P, G, rank, world, cfg.seed,
+                                                               max_order)
         with torch.no_grad():
             rewards = torch.as_tensor(reward(images, my_prompts, tables=rows), dtype=torch.float64).cpu().reshape(-1)
         if not torch.isfinite(rewards).all():
             raise RLError(f"the reward returned NaN/inf at iteration {it}; check the reward model")
-        adv = rloo_advantages(rewards, G)
-        stats_t = sum_over_ranks(torch.stack([rewards.sum(), rewards.square().sum(), adv.square().sum(),
-                                          torch.tensor(float(rewards.numel()), dtype=torch.float64)]), world)
-        total = stats_t[3]
-        r_mean = float(stats_t[0] / total)
-        r_std = math.sqrt(max(float(stats_t[1] / total) - r_mean ** 2, 0.0))
-        adv_std = math.sqrt(float(stats_t[2] / total))
-        adv = adv / (adv_std + 1e-8)
-
-        loss_v = grad_norm = clip_frac = 0.0
-        for _ in range(cfg.epochs):
-            optimizer.zero_grad(set_to_none=False)
-            p = policy.dist_params()
-            logp = policy.log_prob(sample, p)
-            loss, ratio = ppo_loss(logp, logp_old, adv, cfg.clip_eps)
-            loss = loss / total  # mean over ALL rollouts once gradients are summed over ranks
-            if cfg.kl_coef > 0:
-                loss = loss + cfg.kl_coef * policy.kl_to_reference(p) / world
-            loss.backward()
-            flat = torch.cat([q.grad.reshape(-1) for q in params])
-            flat = sum_over_ranks(flat, world)
-            off = 0
-            for q in params:
-                q.grad.copy_(flat[off:off + q.numel()].view_as(q))
-                off += q.numel()
-            grad_norm = float(flat.norm())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not all(torch.isfinite(q.grad).all() for q in params):
-                raise RLError(f"non-finite gradient at iteration {it}; lower the learning rate (now {cfg.lr})")
-            optimizer.step()
-            loss_v = float(loss.detach())
-            clip_frac = float(((ratio - 1).abs() > cfg.clip_eps).double().mean())
+        adv, total, r_mean, r_std = normalised_advantages(rewards, G, world)
+        loss_v, grad_norm, clip_frac = _ppo_epochs(policy, optimizer, params, sample, logp_old, adv, total, cfg,
+                                                   world, it)
         with torch.no_grad():
             entropy = float(policy.entropy())
             kl = float(policy.kl_to_reference())
@@ -287,7 +217,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
                  "grad_norm": grad_norm, "loss": loss_v, "kl": kl, "clip_frac": clip_frac}
         hist.append(stats)
         done = it + 1
-        if ckpt_path is not None and rank == 0 and (done % cfg.checkpoint_interval == 0 or done == cfg.iterations):
+        if ckpt_path is not None and due(done, cfg.checkpoint_interval, cfg.iterations, rank):
             save_checkpoint(ckpt_path, policy, optimizer, done, hist, cfg, base_table)
             last_saved = done
         if progress is not None:
@@ -300,3 +230,69 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
             "kl_coef": cfg.kl_coef, "seed": cfg.seed, "world_size": world,
             "final_mean_reward": hist[-1]["reward"] if hist else None}
     return policy.mean_table(prov)
+
+
+def _rollouts(policy, model, sig, base_table, prompts, noise_fn, extra_args_fn, it, P, G, rank, world, seed,
+              max_order):
+    """This rank's G trajectories for each of its prompts: (policy sample, rows, their log-probabilities, images
+    (None for table-only rewards), the per-rollout prompts). Every rank draws ALL tables and noises (cheap) from
+    the iteration's seed and keeps its groups: the same result for any world size."""
+    g = torch.Generator().manual_seed(batch_seed(seed, it))
+    chosen = [prompts[(it * P + j) % len(prompts)] for j in range(P)]  # cycles through the list
+    per_rank = P // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    sample, rows, logp_old = policy.sample(P * G, generator=g)
+    sel = slice(mine.start * G, mine.stop * G)
+    sample = {k: v[sel] for k, v in sample.items()}
+    rows = {k: v[sel] for k, v in rows.items()}
+    my_prompts = [p for p in chosen[mine] for _ in range(G)]
+    images = None
+    if model is not None:
+        x0 = noise_fn(g, P)[mine].repeat_interleave(G, dim=0)
+        extra = {k: (v.to(x0.device) if torch.is_tensor(v) else v) for k, v in extra_args_fn(my_prompts).items()}
+        acc = torch.promote_types(x0.dtype, torch.float32)
+        own_rows = {k: v.to(x0.device, acc) for k, v in rows.items()}
+        with torch.no_grad():
+            try:  # every rollout has its own table: rows (B, steps, K), all K*B points in one model call
+                images = integrate(model, x0, sig.to(x0.device, acc), own_rows, extra, disable=True,
+                                   max_order=max_order, afs=base_table.afs,
+                                   to_zero=base_table.to_zero and float(sig[-1]) > 0)
+            except EPDSamplingError as e:
+                raise RLError(f"iteration {it}: {e}") from None
+    return sample, rows, logp_old[sel], images, my_prompts
+
+
+def normalised_advantages(rewards: torch.Tensor, group_size: int, world: int):
+    """(RLOO advantages divided by their RMS over all ranks' rollouts, the number of rollouts, reward mean and
+    standard deviation over all ranks)."""
+    adv = rloo_advantages(rewards, group_size)
+    sums = sum_over_ranks(torch.stack([rewards.sum(), rewards.square().sum(), adv.square().sum(),
+                                       torch.tensor(float(rewards.numel()), dtype=torch.float64)]), world)
+    total = sums[3]
+    r_mean = float(sums[0] / total)
+    r_std = math.sqrt(max(float(sums[1] / total) - r_mean ** 2, 0.0))
+    return adv / (math.sqrt(float(sums[2] / total)) + 1e-8), total, r_mean, r_std
+
+
+def _ppo_epochs(policy, optimizer, params, sample, logp_old, adv, total, cfg: RLConfig, world: int, it: int):
+    """`cfg.epochs` Adam steps on the PPO clipped objective (+ KL to the cold-start policy), gradients summed over
+    the ranks. Returns (last loss, gradient norm before clipping, fraction of clipped ratios)."""
+    loss_v = grad_norm = clip_frac = 0.0
+    for _ in range(cfg.epochs):
+        optimizer.zero_grad(set_to_none=False)
+        p = policy.dist_params()
+        logp = policy.log_prob(sample, p)
+        loss, ratio = ppo_loss(logp, logp_old, adv, cfg.clip_eps)
+        loss = loss / total  # mean over ALL rollouts once gradients are summed over ranks
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef * policy.kl_to_reference(p) / world
+        loss.backward()
+        grad_norm = float(reduce_gradients(params, world, mean=False).norm())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not all(torch.isfinite(q.grad).all() for q in params):
+            raise RLError(f"non-finite gradient at iteration {it}; lower the learning rate (now {cfg.lr})")
+        optimizer.step()
+        loss_v = float(loss.detach())
+        clip_frac = float(((ratio - 1).abs() > cfg.clip_eps).double().mean())
+    return loss_v, grad_norm, clip_frac
