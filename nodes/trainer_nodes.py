@@ -6,7 +6,6 @@ through is in training.py. Progress shows the stage (teacher / training, rollout
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, load_checkpoint
+from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError
 from epd_core.multistep import ANCHOR_RATIO
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
@@ -27,8 +26,9 @@ from epd_core.solvers import variant
 from epd_core.solver import sampler_sigmas
 from .compare_nodes import record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
+from .progress import TrainingProgress, loss_chart, losses_so_far, reward_chart, rewards_so_far
 from .params_nodes import EPDParamsType, save_table, table_stem
-from .plotting import line_chart, to_image_tensor
+from .plotting import to_image_tensor
 from .privacy import private_errors
 from .reward_nodes import EPDRewardType
 from .tables import FOLDER, model_family, output_dir
@@ -114,7 +114,7 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
     ckpt = folder / CHECKPOINT_FILE
     config = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations,
                              learning_rate, batch, seed, cfg, objective, ckpt)
-    progress = _Progress(iterations, _losses_so_far(ckpt), node_id, stem)
+    progress = TrainingProgress(iterations, losses_so_far(ckpt), node_id, stem)
     history: list[float] = []
     try:
         table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), config, progress=progress,
@@ -126,14 +126,14 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
         if not is_oom(e):
             raise
         comfy.model_management.soft_empty_cache(True)
-        kept = (f"its checkpoint (iteration {len(_losses_so_far(ckpt))}) is kept for a run with the same settings"
+        kept = (f"its checkpoint (iteration {len(losses_so_far(ckpt))}) is kept for a run with the same settings"
                 if ckpt.exists() else "no checkpoint had been written")
         raise RuntimeError(f"EPD Trainer: out of memory while training {steps} steps at batch {batch} on latents of "
                            f"shape {list(shape[1:])}. Lower batch or the latent size (a table trained on a small "
                            f"latent works at any size; training keeps one step's activations at a time, so batch "
                            f"and latent size are what count), and use a new name: '{stem}' {kept}.") from None
     measured = record_measurement(table, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
-    return _finish(table, stem, folder, _loss_chart(history, stem), f"final loss {history[-1]:.4g}; {measured}")
+    return _finish(table, stem, folder, loss_chart(history, stem), f"final loss {history[-1]:.4g}; {measured}")
 
 
 def rl_prompt_lines(text: str) -> list[str]:
@@ -225,7 +225,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
                                learning_rate, batch, seed, cfg, objective, folder / CHECKPOINT_FILE)
         send_progress_text(f"cold-start distillation: the starting table ({d_iter} iterations), then {iterations} RL "
                        "updates", node_id)
-        cold = _Progress(d_iter, [], node_id, f"{stem} (cold start)", prefix="cold-start distillation, ")
+        cold = TrainingProgress(d_iter, [], node_id, f"{stem} (cold start)", prefix="cold-start distillation, ")
         try:
             table = distill_with_comfy_model(model, positive, negative, cfg, (1, *shape[1:]), dcfg, progress=cold,
                                              should_stop=_should_stop, seed=seed, on_teacher=cold.on_teacher)
@@ -238,7 +238,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
                       lr=settings["learning_rate"], clip_eps=settings["clip"], kl_coef=settings["kl_coef"],
                       kappa=settings["kappa"], seed=seed, checkpoint_path=str(ckpt),
                       checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto")
-    progress = _Progress(iterations, _rewards_so_far(ckpt), node_id, stem, label="mean reward", rl=True)
+    progress = TrainingProgress(iterations, rewards_so_far(ckpt), node_id, stem, label="mean reward", rl=True)
     history: list[dict] = []
     try:
         result = rl_with_comfy_model(model, prompts, conds, cfg, (1, *shape[1:]), sigmas, table, reward, config,
@@ -249,7 +249,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     result.metadata["guidance_scale"] = float(cfg)
     rewards = [h["reward"] for h in history]
     measured = record_measurement(result, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
-    return _finish(result, stem, folder, _reward_chart(rewards, stem),
+    return _finish(result, stem, folder, reward_chart(rewards, stem),
                    f"mean reward {rewards[0]:.4g} -> {rewards[-1]:.4g}; {measured}")
 
 
@@ -258,119 +258,6 @@ RL_MAX_PROMPTS, RL_MAX_PROMPT_CHARS = 1024, 256 * 1024  # prompt lines and chara
 RL_DEFAULTS = {"prompts": "", "group_size": RLConfig.group_size, "prompts_per_update": RLConfig.prompts_per_iteration,
                "ppo_epochs": RLConfig.epochs, "learning_rate": RLConfig.lr, "clip": RLConfig.clip_eps,
                "kl_coef": RLConfig.kl_coef, "kappa": RLConfig.kappa, "distill_iterations": DistillConfig.iterations}
-
-
-def _losses_so_far(ckpt: Path) -> list[float]:
-    try:
-        return list(load_checkpoint(ckpt)["losses"]) if ckpt.exists() else []
-    except DistillError:
-        return []  # distill() reports an unreadable checkpoint with its own clear error
-
-
-def _rewards_so_far(ckpt: Path) -> list[float]:
-    from epd_core.rl.rdpo import load_checkpoint as load_rl_checkpoint
-    try:
-        return [h["reward"] for h in load_rl_checkpoint(ckpt)["history"]] if ckpt.exists() else []
-    except RLError:
-        return []
-
-
-def _loss_chart(losses, title):
-    return line_chart({"loss": list(losses)}, f"EPD distillation loss: {title}", log_y=True)
-
-
-def _reward_chart(rewards, title):
-    return line_chart({"mean reward": list(rewards)}, f"EPD RL (RDPO) reward: {title}", log_y=False)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class _Progress:
-    """Progress bar (value = iteration, with a live loss-curve preview) and a text line under the node naming the
-    stage and the time left, estimated from the measured iteration times.
-
-    Distillation: the teacher solves one noise batch inside each of the first num_batches iterations (on_teacher
-    marks it), so those 'teacher' iterations are slower than the 'training' ones after them. Until a training
-    iteration was measured, the total can only be bounded: a training iteration is a teacher iteration without
-    the teacher. RL (rl=True): each update is rollouts (on_rollouts marks their first model call) and a policy
-    update. `losses` holds the values of the iterations done before (a resumed run starts after them)."""
-
-    TEXT_EVERY_S = 10.0  # a text line at least this often too, whatever the iteration count
-
-    def __init__(self, total, losses, node_id, title, label="loss", prefix="", rl=False, clock=time.monotonic):
-        self.total, self.losses, self.node_id, self.title, self.label = total, losses, node_id, title, label
-        self.prefix, self.rl, self.clock = prefix, rl, clock
-        self.bar = comfy.utils.ProgressBar(total)
-        self.every = max(1, total // 20)
-        self.it = len(losses)  # iterations done
-        self.started = None  # when the running iteration started (None: not known yet, e.g. the model loads)
-        self.last_text = -math.inf
-        self.teacher_now = False  # the running iteration includes a teacher batch
-        self.teacher_total = self.teacher_started = 0
-        self.teacher_s: list[float] = []  # seconds per iteration with a teacher batch
-        self.train_s: list[float] = []  # seconds per iteration without one (per RL update)
-
-    def on_teacher(self, batch, num_batches):
-        self.started = self.started or self.clock()
-        self.teacher_now, self.teacher_total = True, num_batches
-        self.teacher_started += 1
-        self._text(f"teacher: solving noise batch {self.teacher_started}/{num_batches} (one in each of the first "
-                   f"{num_batches} iterations), {self.eta()}", force=True)
-
-    def on_rollouts(self):
-        self.started = self.started or self.clock()
-        self._text(f"RL update {self.it + 1}/{self.total}: rollouts, {self.eta()}", force=self.it == 0)
-
-    def eta(self) -> str:
-        """The time left, from the mean time of the iterations measured so far (teacher ones separately)."""
-        remaining = self.total - self.it
-        teacher_left = min(remaining, max(0, self.teacher_total - self.teacher_started + self.teacher_now))
-        train_left = remaining - teacher_left
-        t = sum(self.teacher_s) / len(self.teacher_s) if self.teacher_s else None
-        recent = self.train_s[-20:]  # recent ones: the end-to-end stage is slower than the per-step one
-        s = sum(recent) / len(recent) if recent else None
-        if remaining <= 0:
-            return "done"
-        if (teacher_left and t is None) or (train_left and s is None and t is None):
-            return f"ETA after the first {'update' if self.rl else 'iteration'}"
-        if train_left and s is None:  # bounded by teacher iterations, which include a training step
-            bound = f"at most {_duration(remaining * t)} (training iterations are faster than teacher ones)"
-            return f"ETA teacher {_duration(teacher_left * t)}, all {bound}" if teacher_left else f"ETA {bound}"
-        return f"ETA {_duration(teacher_left * (t or 0) + train_left * (s or 0))}"
-
-    def __call__(self, it, loss):
-        now = self.clock()
-        if self.started is not None:
-            (self.teacher_s if self.teacher_now else self.train_s).append(now - self.started)
-        self.started = now  # the next iteration starts where this one ended
-        was_teacher, self.teacher_now, self.it = self.teacher_now, False, it
-        self.losses.append(loss)
-        show = it % self.every == 0 or it == self.total
-        chart = _reward_chart if self.rl else _loss_chart
-        preview = ("PNG", chart(self.losses, self.title), 512) if show else None
-        self.bar.update_absolute(it, self.total, preview)
-        teacher_done = was_teacher and self.teacher_started >= self.teacher_total
-        if self.rl:
-            stage = f"RL update {it}/{self.total} done"
-        elif was_teacher and not teacher_done:
-            stage = (f"teacher (batch {self.teacher_started}/{self.teacher_total}) + training: "
-                     f"iteration {it}/{self.total}")
-        else:
-            stage = f"training: iteration {it}/{self.total}"
-        self._text(f"{stage}  {self.label} {loss:.4g}, {self.eta()}", force=show or teacher_done)
-
-    def _text(self, text, force=False):
-        now = self.clock()
-        if force or now - self.last_text >= self.TEXT_EVERY_S:
-            self.last_text = now
-            send_progress_text(self.prefix + text, self.node_id)
 
 
 # =================================================================================================== node
@@ -414,7 +301,7 @@ class EPDTrainer(io.ComfyNode):
                                tooltip="The accurate solver the student learns to imitate on a finer grid (100 "
                                        "steps). dpmpp (DPM++ 2M) takes one model call per step, half of heun's, "
                                        "and trained tables as good (docs/method.md, 'Distillation')."),
-                io.Int.Input("inserted_steps", default=3, min=0, max=16,
+                io.Int.Input("inserted_steps", default=DistillConfig.inserted_steps, min=0, max=16,
                              tooltip="M teacher steps inserted between student sigmas (3 is near exact)."),
                 io.Int.Input("iterations", default=DistillConfig.iterations, min=1, max=100000,
                              tooltip="Optimisation steps (distill) or RL updates (rl)."),
