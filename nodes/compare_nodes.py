@@ -26,12 +26,11 @@ from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
 from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
-from .params_nodes import EPDParamsType
+from .sockets import CATEGORY, EPDParamsType
 from .plotting import _font, nfe_chart, to_image_tensor
 from .tables import find_preset, model_family
 
 log = logging.getLogger("epd")
-CATEGORY = "sampling/epd"
 # ComfyUI's deterministic samplers (the benchmark's field); the default is the strongest of them there
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation"]

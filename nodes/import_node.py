@@ -23,9 +23,9 @@ from epd_core.fileio import WriteError, atomic_write_bytes
 from epd_core.params import EPDParams, EPDParamsError
 
 from .compat import io
-from .params_nodes import CATEGORY, EPDParamsType, save_table, table_stem
+from .sockets import CATEGORY, EPDParamsType
 from .privacy import private_errors
-from .tables import FOLDER, output_dir
+from .tables import FOLDER, output_dir, save_table, table_stem
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
 OFFICIAL_PREFIX = "official: "  # combo entries for the authors' published files, downloaded on first use

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from epd_core.solver import own_sigmas
 from .compat import io, ui
-from .params_nodes import EPDParamsType
+from .sockets import EPDParamsType
 from .plotting import table_picture, to_image_tensor
 
 

@@ -18,11 +18,11 @@ from epd_core.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierRewar
                                  RewardUnavailableError)
 
 from .compat import io
+from .sockets import EPDRewardType
 from .tables import register_model_folder
 
 CATEGORY = "training/epd/rewards"
 FOLDER = "epd_rewards"
-EPDRewardType = io.Custom("EPD_REWARD")
 
 
 @dataclass

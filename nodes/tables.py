@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import folder_paths
@@ -272,3 +273,45 @@ def neutral_table(solver: str, steps: int) -> EPDParams:
     return EPDParams.from_values(torch.full((max(steps, 1), 1), 0.5), torch.ones(max(steps, 1), 1), solver=solver,
                                  max_order=predictor_order(solver, None),
                                  provenance={"source": "neutral fallback (no trained table for this model)"})
+
+
+# ---- tables a node writes -------------------------------------------------------------------------------
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,119}")
+_RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9]|conin\$|conout\$)(\..*)?", re.IGNORECASE)
+
+
+
+
+def table_stem(name: str) -> str:
+    """The file name without .safetensors of a table a node writes, refused unless it is a plain name (no
+    folders, no '..', no control characters or trailing dot / space, no Windows device name) and not the name of
+    a pretrained_params table (it would hide the pack's own in Load EPD Params) or of a table the operator
+    listed in ksampler_presets.txt."""
+    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+    if not _SAFE_NAME.fullmatch(stem) or ".." in stem or stem.endswith((".", " ")):
+        raise EPDParamsError(f"{_shown(name)} is not a plain file name; use letters, digits, '_', '-', '.' and "
+                             "spaces only (at most 120 characters, starting with a letter or digit)")
+    if _RESERVED.fullmatch(stem):
+        raise EPDParamsError(f"'{stem}' is a reserved device name on Windows; choose another name")
+    file = f"{stem}.safetensors"
+    if file.lower() in pretrained_names():
+        raise EPDParamsError(f"'{file}' is the name of one of the pack's own tables (pretrained_params/); a table "
+                             "of that name in models/epd_params/ would hide it. Choose another name.")
+    if is_protected(file):
+        raise EPDParamsError(f"'{file}' is listed in {PRESET_LIST} by the server's operator, so nodes may not "
+                             "replace it. Choose another name.")
+    return stem
+
+
+def _shown(name: str) -> str:
+    return repr(name[:60] + ("..." if len(name) > 60 else ""))
+
+
+def save_table(params: EPDParams, name: str, overwrite: bool = True):
+    """Save into models/epd_params/ under a plain file name (no folders: nothing outside it is touched). Never
+    over a pretrained name or an operator-listed table; over another existing table only with `overwrite`."""
+    target = output_dir() / f"{table_stem(name)}.safetensors"
+    if not overwrite and target.exists():
+        raise EPDParamsError(f"'{target.name}' already exists in models/epd_params/. Choose another name, or set "
+                             "overwrite to true to replace it.")
+    return params.save(target)

@@ -27,17 +27,15 @@ from epd_core.solver import sampler_sigmas
 from .compare_nodes import record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
 from .progress import TrainingProgress, loss_chart, losses_so_far, reward_chart, rewards_so_far
-from .params_nodes import EPDParamsType, save_table, table_stem
 from .plotting import to_image_tensor
 from .privacy import private_errors
-from .reward_nodes import EPDRewardType
-from .tables import FOLDER, model_family, output_dir
+from .sockets import TRAINING_CATEGORY as CATEGORY
+from .sockets import EPDParamsType, EPDRewardType, EPDRLSettingsType
+from .tables import FOLDER, model_family, output_dir, save_table, table_stem
 from .training import (CHECKPOINT_FILE, EPD_SCHEDULES, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model,
                        rl_with_comfy_model, rollout_bytes, schedule_names, teacher_pool_bytes, training_sigmas)
 
 log = logging.getLogger("epd")
-CATEGORY = "training/epd"
-EPDRLSettingsType = io.Custom("EPD_RL_SETTINGS")
 
 
 # ================================================================================================== modes
