@@ -27,6 +27,7 @@ from epd_core.solvers import variant
 
 from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
 from .sockets import CATEGORY, EPDParamsType
+from .progress import duration
 from .plotting import _font, nfe_chart, to_image_tensor
 from .tables import find_preset, model_family
 
@@ -192,15 +193,6 @@ def seconds_per_call(ctx, x: torch.Tensor) -> float:
             comfy.model_management.soft_empty_cache()
             times.append(time.perf_counter() - t0)
     return times[-1]
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def check_fits(device, latent_numel: int, samples: int, chunk: int, calls: int, per_call: float, max_seconds: float,
