@@ -73,7 +73,7 @@ def _loop(solver: str):
 
 
 def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, to_zero=False, backward=None, solver="epd"):
+                    feature_fn=None, to_zero=False, backward=None, solver="epd", loss="mse"):
     """One loss per table row: step i starts from the student's OWN previous state, detached, so row i's
     loss reaches only row i. The last row's loss is on the final output (through the final Euler step to 0
     when the list ends in 0), with `feature_fn` distances if given.
@@ -83,33 +83,41 @@ def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=
     last_row = rows["r"].shape[-2] - 1
     losses = []
 
-    def done(loss):
+    distance = per_sample_rmse if loss == "rmse" else mse
+
+    def done(value):
         if backward is not None:
-            backward(loss)
-            loss = loss.detach()
-        losses.append(loss)
+            backward(value)
+            value = value.detach()
+        losses.append(value)
 
     def on_step(info):
         if info["i"] < last_row:  # the last row's loss is on the final output, below
-            done(mse(info["x_next"], targets[info["i"] + 1]))
+            done(distance(info["x_next"], targets[info["i"] + 1]))
     x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, on_step, disable=True,
                            max_order=max_order, afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
-    done(_final_loss(_final_state(model, x_last, sigmas, extra_args), targets[-1], feature_fn))
+    done(_final_loss(_final_state(model, x_last, sigmas, extra_args), targets[-1], feature_fn, loss))
     return losses
 
 
 def end_to_end_loss(model, x, sigmas, rows, target, extra_args=None, max_order=1, afs=False, evaluate=None,
-                    feature_fn=None, checkpointed=False, to_zero=False, solver="epd"):
+                    feature_fn=None, checkpointed=False, to_zero=False, solver="epd", loss="mse"):
     """Error of the final state through the whole student trajectory: every row gets gradient. `checkpointed`
     recomputes each step in backward (activations of one step at a time: big models)."""
     extra_args = extra_args or {}
     x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order,
                            afs=afs, evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
-    return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn)
+    return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn, loss)
 
 
-def _final_loss(final, target, feature_fn):
-    return mse(final, target) if feature_fn is None else mse(feature_fn(final), feature_fn(target))
+def per_sample_rmse(a, b):
+    """The mean over samples of each sample's RMSE (the benchmark's metric)."""
+    return (a - b).square().flatten(1).mean(1).sqrt().mean()
+
+
+def _final_loss(final, target, feature_fn, loss="mse"):
+    distance = per_sample_rmse if loss == "rmse" else mse
+    return distance(final, target) if feature_fn is None else distance(feature_fn(final), feature_fn(target))
 
 
 # ================================================================================================= batches
@@ -357,7 +365,7 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
     rows = {k: v.to(sig.dtype) for k, v in _rows(theta, scales, cfg).items()}
     evaluate = PointEvaluator(model, extra, sequential=cfg.sequential_points)
     kw = dict(extra_args=extra, max_order=cfg.effective_order, afs=cfg.afs, evaluate=evaluate, feature_fn=feature_fn,
-              to_zero=cfg.to_zero, solver=cfg.solver)
+              to_zero=cfg.to_zero, solver=cfg.solver, loss=cfg.loss)
     if name == "per_step":  # each row's loss back-propagated at once into the rows, then the rows into theta
         leaves = {k: v.detach().requires_grad_(True) for k, v in rows.items()}
         loss = torch.stack(per_step_losses(model, x0, sig, leaves, targets, **kw,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import problems, schedules
+from .distill_config import LOSSES
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
 from .fileio import folder_problem
 from .multistep import BUILTINS
@@ -46,6 +47,7 @@ _HELP = {
                          "sigma_min)",
     "inserted_steps": "M, teacher steps inserted between student sigmas",
     "objective": f"training loss: {', '.join(OBJECTIVES)}",
+    "loss": "distance to the teacher: mse (batch mean squared error) or rmse (mean of per-sample RMSEs)",
     "per_step_fraction": "share of iterations for the per-step stage of per_step+end_to_end",
     "iterations": "Adam steps",
     "lr": "Adam learning rate on the logits",
@@ -64,7 +66,7 @@ _HELP = {
     "schedule_lr": "Adam learning rate of the learned schedule",
     "to_zero": "the last row steps to sigma 0 (no final model call; implies --no-final-zero)",
 }
-_CHOICES = {"solver": SOLVER_NAMES, "teacher": TEACHERS, "objective": OBJECTIVES,
+_CHOICES = {"solver": SOLVER_NAMES, "teacher": TEACHERS, "objective": OBJECTIVES, "loss": LOSSES,
             "lr_schedule": ("cosine", "constant"), "builtin": BUILTINS}
 
 

@@ -130,17 +130,18 @@ def test_the_registry_names_every_variant_once_and_their_costs():
         variant("dpm_2")
 
 
+@pytest.mark.parametrize("loss", ["mse", "rmse"])
 def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(comfy_sampling, gmm32,
-                                                                              float64_one_thread):
+                                                                              float64_one_thread, loss):
     """The anchor below the teacher's end sigma (ComfyUI's lists end at sigma_min; the anchor sits at half of it)
     is not where the ODE ends: the target is D(x(sigma_min)), as the benchmark's reference and every built-in
-    end, not D(x(anchor))."""
+    end, not D(x(anchor)). The loss is the batch's mean squared error, or the mean of per-sample RMSEs."""
     from epd_core.distill import make_batch
     from epd_core.teachers import teacher_states
     sigmas = karras_list(comfy_sampling, 4, smin=0.5)
     positive = sigmas[:-1].tolist() + [float(sigmas[-2]) / 2]
     cfg = DistillConfig(sigmas=positive, solver="epd_ms", to_zero=True, objective="end_to_end", lr=1e-12,
-                        iterations=1, batch=8, num_batches=1, teacher_sigma_min=0.5)
+                        iterations=1, batch=8, num_batches=1, teacher_sigma_min=0.5, loss=loss)
     noise = lambda g, n: 80 * torch.randn(n, 32, generator=g, dtype=torch.float64)  # noqa: E731
     losses = []
     distill(gmm32, None, noise, cfg, history=losses)
@@ -150,6 +151,7 @@ def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(co
     def loss_to(end_list):
         target = teacher_states(gmm32, x0, torch.tensor(end_list), cfg.teacher, cfg.inserted_steps, {}, None,
                                 cfg.teacher_steps, cfg.teacher_sigma_min)[-1]
-        return float((student - target).square().mean())
+        err = (student - target).square()
+        return float(err.mean() if loss == "mse" else err.mean(1).sqrt().mean())
     assert losses[0] == pytest.approx(loss_to(sigmas.tolist()), rel=1e-6)  # ends sigma_min, then 0
     assert abs(loss_to(positive + [0.0]) - losses[0]) > 0.01 * losses[0]  # was: on to the anchor, then 0
