@@ -35,6 +35,7 @@ from conftest import import_comfy_sampling  # noqa: E402
 
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.solver import sampler_sigmas  # noqa: E402
 from epd_core.solvers import variant  # noqa: E402
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
@@ -225,14 +226,26 @@ def run(args):
                                 "median": float(e.median()), "wrong_mode": wrong}
         entry = results["nfe"][nfe] = {"builtins": row}
         entry["paper_baseline"] = paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test)
-        if fd and row:
+        old = reused["nfe"].get(str(nfe), {}) if reused else {}
+        same_fd = reused is not None and all(reused.get(f) == results[f] for f in ("fd_samples", "fd_ref_steps"))
+        if fd and row and same_fd and "fd_best_builtin" in old:  # same built-in, noises and reference
+            entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = old["fd_best_builtin"], old["fd_ref_best_builtin"]
+        elif fd and row:
             name = min(row, key=lambda s: row[s]["fit"])
             sig = comfy_sigmas(ms, name, row[name]["scheduler"], row[name]["steps"]).to(dtype)
             fn = builtin_sampler(k, name)
             entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
+    scored = set(args.solvers.split(","))
+    for nfe_key, old in (reused["nfe"].items() if reused else ()):  # the rows of the solvers not scored here
+        for solver in {"epd", "epd_plugin", "epd_ms"} - scored:
+            for key in (solver, f"fd_{solver}", f"fd_ref_{solver}"):
+                if key in old:
+                    results["nfe"].setdefault(int(nfe_key), {"builtins": {}})[key] = old[key]
     for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit).items():
+        if solver not in scored:
+            continue
         fn_sample = variant(solver).sample_fn()
         for params, sig in tables:
             calls, e, wrong = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_test, ref_test)
@@ -318,12 +331,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
             time.sleep(10)  # scripts/make_pretrained.sh still training (run side by side with this benchmark)
         for path in sorted((REPO / "pretrained_params").glob(pattern)):
             p = EPDParams.load(path)
-            own = p.schedule_sigmas
-            if p.solver == "epd_ms":  # the list a user's scheduler would give: its positive sigmas, then 0
-                own = with_final_zero(own[:-1])
-            elif p.schedule.get("final_zero", True):
-                own = with_final_zero(own)
-            out[p.solver].append((p, own.to(dtype)))
+            out[p.solver].append((p, sampler_sigmas(p).to(dtype)))  # the list EPD Sigmas gives
         return out
     from epd_core.distill import DistillConfig, distill
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
@@ -460,6 +468,9 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: demo 2, mnist 1)")
     ap.add_argument("--fd-ref-steps", type=int, default=100, help="Heun steps of the FD reference samples")
     ap.add_argument("--reuse-builtins", default=None, help="take the built-in rows from this earlier results JSON")
+    ap.add_argument("--solvers", default="epd,epd_plugin,epd_ms",
+                    help="the solvers whose tables are scored; with --reuse-builtins the others' rows (and the best "
+                         "built-in's FD) are taken from that JSON")
     ap.add_argument("--wait-for-tables", type=int, default=0, help="wait until this many shipped tables exist")
     ap.add_argument("--recipe", choices=("to_zero", "final_euler"), default="final_euler",
                     help="gmm: tables trained like the shipped demo tables (learned sigmas, last row to 0, every NFE "
