@@ -23,6 +23,9 @@ class SolverVariant:
     sampler: str                # "module:function" of the front-end sample_<name>(model, x, sigmas, params, ...)
     paper: bool                 # the published method (official tables use it); False for this pack's own
     lr_scale: float = 1.0       # the EPD Trainer's learning rate times this (free coefficients move less than logits)
+    # None: a table's rows are resampled to any step count, and without a table a neutral one runs; else the
+    # ComfyUI sampler it is exactly without a table, which also runs where no table has the asked step count
+    untrained: str | None = None
 
     def sample_fn(self):
         module, fn = self.sampler.split(":")
@@ -38,7 +41,8 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
                   _PAPER_TENSORS, True, False, ".solver:sample_epd_plugin", True),
     SolverVariant("epd_ms", "EPD-MS", "one call per step: the current point and K-1 look-ahead points in one call, "
                   "combined with the last 3 directions by learned coefficients on a learned schedule", 1, 1,
-                  ("theta_r", "theta_w", "theta_h"), False, True, ".multistep:sample_epd_ms", False, 0.1),
+                  ("theta_r", "theta_w", "theta_h"), False, True, ".multistep:sample_epd_ms", False, 0.1,
+                  "gradient_estimation"),
 )}
 NAMES = tuple(SOLVERS)
 

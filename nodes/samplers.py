@@ -65,10 +65,11 @@ def _dropdown_sampler(solver: str):
             raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "
                              f"positive sigma were asked); use fewer steps")
         found = find_preset(family, solver, steps, calls)
-        if found is not None and solver == "epd_ms" and found[0].num_steps != calls:
+        untrained = variant(solver).untrained
+        if found is not None and untrained and found[0].num_steps != calls:
             found = None  # its rows are per step: a table of another step count is not used (its built-in is)
-        if found is None and solver == "epd_ms":
-            params, source = None, f"no epd_ms table of {calls} steps for this model: exactly gradient_estimation"
+        if found is None and untrained:
+            params, source = None, f"no {solver} table of {calls} steps for this model: exactly {untrained}"
         elif found is None:
             params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:
