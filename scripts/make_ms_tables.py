@@ -56,8 +56,11 @@ def starting_builtin(results: dict, nfe: int) -> tuple[str, str, int]:
 
 def _parse_change(kv: str) -> tuple[str, object]:
     key, value = kv.split("=")
-    return key, (bool(int(value)) if key == "learn_schedule" else int(value) if key in ("iterations", "batch",
-                 "num_batches") else float(value))
+    if key == "learn_schedule":
+        return key, bool(int(value))
+    if key in ("iterations", "batch", "num_batches"):
+        return key, int(value)
+    return key, (value if key == "loss" else float(value))
 
 
 def recipe(positive, builtin: str, num_points: int, sigma_min: float, **change) -> DistillConfig:
