@@ -237,7 +237,7 @@ def run(args):
             entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
-    scored = set(args.solvers.split(","))
+    scored = set(getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(","))
     for nfe_key, old in (reused["nfe"].items() if reused else ()):  # the rows of the solvers not scored here
         for solver in {"epd", "epd_plugin", "epd_ms"} - scored:
             for key in (solver, f"fd_{solver}", f"fd_ref_{solver}"):
