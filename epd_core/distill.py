@@ -83,7 +83,7 @@ def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=
     last_row = rows["r"].shape[-2] - 1
     losses = []
 
-    distance = per_sample_rmse if loss == "rmse" else mse
+    distance = DISTANCES[loss]
 
     def done(value):
         if backward is not None:
@@ -115,8 +115,11 @@ def per_sample_rmse(a, b):
     return (a - b).square().flatten(1).mean(1).sqrt().mean()
 
 
+DISTANCES = {"mse": mse, "rmse": per_sample_rmse}  # DistillConfig.loss -> distance to the teacher
+
+
 def _final_loss(final, target, feature_fn, loss="mse"):
-    distance = per_sample_rmse if loss == "rmse" else mse
+    distance = DISTANCES[loss]
     return distance(final, target) if feature_fn is None else distance(feature_fn(final), feature_fn(target))
 
 

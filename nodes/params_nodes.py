@@ -14,7 +14,7 @@ from epd_core.solvers import variant
 from .compat import io
 from .privacy import private_errors
 from .sockets import CATEGORY, EPDParamsType
-from .samplers import run_epd
+from .samplers import patcher_of, run_epd
 from .tables import load_table, model_family, save_table, table_files
 
 log = logging.getLogger("epd")
@@ -67,7 +67,7 @@ class EPDSampler(io.ComfyNode):
             opts["max_order"] = max_order
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
-            warn_other_family(params, getattr(getattr(model, "inner_model", None), "model_patcher", None))
+            warn_other_family(params, patcher_of(model))
             return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
@@ -126,7 +126,6 @@ class LoadEPDParams(io.ComfyNode):
         return io.NodeOutput(params, ui={"text": [params.describe()]})
 
 
-# Windows device names: "CON.safetensors" is the console there, whatever the extension
 class SaveEPDParams(io.ComfyNode):
     @classmethod
     def define_schema(cls):

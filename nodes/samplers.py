@@ -45,9 +45,14 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
                   sequential=sequential, **opts)
 
 
+def patcher_of(model):
+    """The ComfyUI ModelPatcher behind a sampler function's `model` (the CFG wrapper), or None."""
+    return getattr(getattr(model, "inner_model", None), "model_patcher", None)
+
+
 def model_sampling_of(model):
-    """The ComfyUI model_sampling behind a sampler function's `model` (the CFG wrapper), or None."""
-    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    """The ComfyUI model_sampling behind a sampler function's `model`, or None."""
+    patcher = patcher_of(model)
     try:
         return patcher.get_model_object("model_sampling") if patcher is not None else None
     except (AttributeError, KeyError):
@@ -59,7 +64,7 @@ def _dropdown_sampler(solver: str):
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
         steps = positive_steps(sigmas)
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
-        patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+        patcher = patcher_of(model)
         family = model_family(patcher) if patcher is not None else "unknown"
         if steps > MAX_STEPS:  # no table, not even the neutral one, has more rows
             raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "

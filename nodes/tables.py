@@ -277,9 +277,8 @@ def neutral_table(solver: str, steps: int) -> EPDParams:
 
 # ---- tables a node writes -------------------------------------------------------------------------------
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,119}")
+# Windows device names: "CON.safetensors" is the console there, whatever the extension
 _RESERVED = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9]|conin\$|conout\$)(\..*)?", re.IGNORECASE)
-
-
 
 
 def table_stem(name: str) -> str:

@@ -20,10 +20,10 @@ from epd_core.multistep import ANCHOR_RATIO
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
+from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
-from epd_core.solver import sampler_sigmas
 from .compare_nodes import record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
 from .progress import TrainingProgress, loss_chart, losses_so_far, reward_chart, rewards_so_far

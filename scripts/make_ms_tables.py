@@ -94,16 +94,15 @@ def main(argv=None):
     train = demo_problem(args.model, guidance_scale=CFG[args.model])
     x_fit = noise(101, args.fit_samples)  # the benchmark's fit noises (its test noises are seed 202)
     ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).double()
+
+    def m_fit(x, s, **kw):
+        return model_eval(x, s, **extra_for(len(x_fit)), **kw)
     with torch.no_grad():
-        ref_fit = k.sample_heun(lambda x, s, **kw: model_eval(x, s, **extra_for(len(x_fit)), **kw), x_fit,
-                                ref_sig.to(x_fit.dtype), disable=True)
+        ref_fit = k.sample_heun(m_fit, x_fit, ref_sig.to(x_fit.dtype), disable=True)
     cand_dir = REPO / "bench" / "results" / "ms_candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     configs = [dict(_parse_change(kv) for kv in c.split(",") if kv) for c in args.configs.split(";")] or [{}]
-
-    def m_fit(x, s, **kw):
-        return model_eval(x, s, **extra_for(len(x_fit)), **kw)
     for nfe in nfe_list(args.nfe):
         builtin, scheduler, steps = starting_builtin(results, nfe)
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
@@ -111,18 +110,19 @@ def main(argv=None):
             print(f"NFE {nfe}: {builtin} {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
             continue
         positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+
+        def fit_error(table) -> float:  # mean per-sample RMSE on the fit noises, sampled on the built-in's list
+            with torch.no_grad():
+                out = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), table, disable=True)
+            return float(per_sample_rmse(out, ref_fit).mean())
         start_table = ms_table(sig, builtin, schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"},
                                model_family=train.family)
-        with torch.no_grad():
-            start = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), None, builtin=builtin, disable=True)
-        fit0 = float(per_sample_rmse(start, ref_fit).mean())
+        fit0 = fit_error(start_table)
         start_table.metadata["provenance"].update(fit_rmse=fit0, fit_rmse_start=fit0)
         best = (fit0, start_table, "untrained")
         shipped = args.out / f"{PREFIX[args.model]}_epd_ms_nfe{nfe}.safetensors"
         if shipped.is_file():  # the table there now is a candidate too: it is replaced only by a better one
-            with torch.no_grad():
-                out = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), EPDParams.load(shipped), disable=True)
-            fit = float(per_sample_rmse(out, ref_fit).mean())
+            fit = fit_error(EPDParams.load(shipped))
             print(f"NFE {nfe}: the table there now ({shipped.name}): fit RMSE {fit:.4f}", flush=True)
             if fit < best[0]:
                 best = (fit, None, "the table there now (kept)")
@@ -136,9 +136,7 @@ def main(argv=None):
                              model_family=train.family,
                              schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"}, **opts)
                 params = distill(train.model, None, train.noise_fn(positive[0]), cfg, train.extra_args_fn)
-                with torch.no_grad():
-                    out = sample_epd_ms(m_fit, x_fit, sig.to(x_fit.dtype), params, disable=True)
-                fit = float(per_sample_rmse(out, ref_fit).mean())
+                fit = fit_error(params)
                 params.metadata["provenance"].update(fit_rmse=fit, fit_rmse_start=fit0)
                 tag = "".join(f"_{k}{v}" for k, v in change.items())
                 params.save(cand_dir / f"{PREFIX[args.model]}_epd_ms_k{kk}{tag}_nfe{nfe}.safetensors")
