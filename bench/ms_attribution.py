@@ -10,7 +10,11 @@ the ratio to the best built-in of bench/results/quality_vs_nfe_<model>.json):
   (d) epd, epd_plugin    the paper's solvers (shipped tables)
 and "oracle" copies of (a)-(c): trained on the 128 test noises themselves (16 batches of 8), the best any training
 of that step could do on them - so a miss is the step's capacity when the oracle misses too, else the training's.
-(b) and (c, K=2) are the candidates scripts/make_ms_tables.py trained (bench/results/ms_candidates/).
+(b) and (c, K=2) are the candidates scripts/make_ms_tables.py trained (bench/results/ms_candidates/). With
+--loss rmse every trained row is trained anew with that loss and labelled so. A run adds its rows to the results
+of earlier runs with the same setting (--only 'oracle' measures just those rows):
+
+    .venv/bin/python bench/ms_attribution.py --model mnist --nfe 4 --only oracle --loss rmse
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests"), str(REPO / "scripts")]
-from make_ms_tables import CFG, PREFIX, recipe, starting_builtin  # noqa: E402
-from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+from make_ms_tables import CFG, PREFIX  # noqa: E402
+from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, starting_builtin  # noqa: E402
 
 from epd_core.distill import distill  # noqa: E402
 from epd_core.multistep import ANCHOR_RATIO, sample_epd_ms  # noqa: E402
@@ -43,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--skip", default="", help="comma list of row labels' first words to leave out, e.g. 'K=3'")
+    ap.add_argument("--only", default="", help="comma list: only the rows whose labels contain one, e.g. 'oracle'")
+    ap.add_argument("--loss", choices=("mse", "rmse"), default="mse",
+                    help="the distillation loss of the trained rows (rmse: their labels say so)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -63,20 +70,25 @@ def main(argv=None):
             return float(per_sample_rmse(fn(lambda x, s, **kw: model(x, s, **labels, **kw), x_test), ref).mean())
 
     out = {"model": args.model, "samples": bench["samples"], "iterations": args.iterations, "nfe": {}}
+    path = args.out / f"ms_attribution_{args.model}.json"
+    if path.exists():  # rows measured by an earlier run with the same setting stay; a row measured now replaces its
+        old = json.loads(path.read_text())
+        if all(old.get(key) == out[key] for key in ("model", "samples", "iterations")):
+            out["nfe"] = {int(n): v for n, v in old["nfe"].items()}
     for nfe in (int(v) for v in args.nfe.split(",")):
-        builtin, scheduler, steps = starting_builtin(bench, nfe)
+        builtin, scheduler, steps = starting_builtin(bench["nfe"][str(nfe)]["builtins"])
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
         positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
         summary = next(r for r in bench["summary"] if r["nfe"] == nfe)
         best = summary["best_builtin_rmse"]
-        rows = {"best built-in": best,
-                "start (the untrained table = its built-in)": score(
-                    lambda m, x: sample_epd_ms(m, x, sig, None, builtin=builtin, disable=True))}
+        rows = out["nfe"].get(nfe, {}).get("rmse", {})
+        rows.update({"best built-in": best, "start (the untrained table = its built-in)": score(
+            lambda m, x: sample_epd_ms(m, x, sig, None, builtin=builtin, disable=True))})
         names = {"best built-in": summary["best_builtin"], "start": f"{builtin} ({scheduler})"}
 
         def trained(num_points, learn_table=True, oracle=False):
-            cfg = recipe(positive, builtin, num_points, float(ms.sigma_min), learn_table=learn_table,
-                         iterations=args.iterations, model_family=train.family)
+            cfg = ms_recipe(positive, builtin, num_points, float(ms.sigma_min), learn_table=learn_table,
+                            loss=args.loss, iterations=args.iterations, model_family=train.family)
             noise_fn, extra_fn = train.noise_fn(positive[0]), train.extra_args_fn
             if oracle:  # batch j = test noises 8j..8j+7 with their labels (make_batch draws batch j from this seed)
                 index = {batch_seed(cfg.seed, j): j for j in range(cfg.num_batches)}
@@ -85,7 +97,7 @@ def main(argv=None):
             table = distill(train.model, None, noise_fn, cfg, extra_fn)
             return score(lambda m, x: sample_epd_ms(m, x, sig, table, disable=True))
 
-        cand = REPO / "bench" / "results" / "ms_candidates"
+        cand = REPO / "bench" / "results" / "ms_candidates" if args.loss == "mse" else None  # trained with mse
         for label, fn in (
                 ("(a) schedule only", lambda: trained(1, learn_table=False)),
                 ("(b) coefficients + schedule, K=1", lambda: _candidate(cand, args.model, nfe, 1, sig, score)
@@ -94,9 +106,14 @@ def main(argv=None):
                 ("(c) EPD-MS K=3", lambda: trained(3)),
                 ("(a) oracle: schedule only", lambda: trained(1, learn_table=False, oracle=True)),
                 ("(b) oracle: K=1", lambda: trained(1, oracle=True)),
-                ("(c) oracle: K=2", lambda: trained(2, oracle=True))):
+                ("(c) oracle: K=2", lambda: trained(2, oracle=True)),
+                ("(c) oracle: K=3", lambda: trained(3, oracle=True))):
             if ("oracle" in label and not args.oracle) or any(w and w in label for w in args.skip.split(",")):
                 continue
+            if args.only and not any(w and w in label for w in args.only.split(",")):
+                continue
+            if args.loss != "mse":
+                label += f" [{args.loss} loss]"
             t1 = time.time()
             rows[label] = fn()
             print(f"NFE {nfe} {label}: {rows[label]:.4f} (÷ best {rows[label] / best:.3f}, {time.time() - t1:.0f}s)",
@@ -109,7 +126,7 @@ def main(argv=None):
                 rows[f"(d) {solver} (shipped)"] = score(lambda m, x: variant(solver).sample_fn()(
                     m, x, own.to(x.dtype), table, disable=True))
         out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}, "names": names}
-        (args.out / f"ms_attribution_{args.model}.json").write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))
     (args.out / f"ms_attribution_{args.model}.md").write_text(report(out) + "\n")
     print(report(out))
 
@@ -117,7 +134,8 @@ def main(argv=None):
 def report(out: dict) -> str:
     lines = [f"### EPD-MS attribution, {out['model']}: RMSE on {out['samples']} held-out noises (÷ best built-in)", "",
              "| row | " + " | ".join(f"NFE {n}" for n in out["nfe"]) + " |", "|---|" + "---|" * len(out["nfe"])]
-    for label in next(iter(out["nfe"].values()))["rmse"]:
+    labels = {label for v in out["nfe"].values() for label in v["rmse"]}
+    for label in sorted(labels, key=lambda t: (t[0] == "(", t.startswith("(d)"), "oracle" in t, t)):
         cells = [f"{v['rmse'][label]:.4f} ({v['over_best'][label]:.2f})" if label in v["rmse"] else "—"
                  for v in out["nfe"].values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -127,9 +145,9 @@ def report(out: dict) -> str:
     return "\n".join(lines)
 
 
-def _candidate(folder: Path, model: str, nfe: int, num_points: int, sig, score) -> float | None:
-    path = folder / f"{PREFIX[model]}_epd_ms_k{num_points}_nfe{nfe}.safetensors"
-    if not path.exists():
+def _candidate(folder: Path | None, model: str, nfe: int, num_points: int, sig, score) -> float | None:
+    path = folder / f"{PREFIX[model]}_epd_ms_k{num_points}_nfe{nfe}.safetensors" if folder else None
+    if path is None or not path.exists():
         return None
     table = EPDParams.load(path)
     return score(lambda m, x: sample_epd_ms(m, x, sig, table, disable=True))

@@ -243,7 +243,8 @@ def run(args):
             for key in (solver, f"fd_{solver}", f"fd_ref_{solver}"):
                 if key in old:
                     results["nfe"].setdefault(int(nfe_key), {"builtins": {}})[key] = old[key]
-    for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit).items():
+    for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit,
+                                          {n: results["nfe"][n]["builtins"] for n in nfes}).items():
         if solver not in scored:
             continue
         fn_sample = variant(solver).sample_fn()
@@ -322,7 +323,59 @@ def shipped_recipe(nfe: int, sigma_min: float, sigma_max: float, last: float = 0
     return DistillConfig(sigmas=sigmas, afs=afs, teacher_sigma_min=sigma_min, **opts)
 
 
-def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None):
+def starting_builtin(row: dict) -> tuple[str, str, int]:
+    """(sampler, scheduler, steps) of the built-in EPD-MS reproduces exactly with the lowest FIT error in a row of
+    the benchmark's built-ins (one NFE)."""
+    from epd_core.multistep import BUILTINS
+    name = min((s for s in BUILTINS if s in row), key=lambda s: row[s]["fit"])
+    return name, row[name]["scheduler"], row[name]["steps"]
+
+
+def ms_recipe(positive, builtin: str, num_points: int, sigma_min: float, **change):
+    """The shipped EPD-MS tables' training run (scripts/make_ms_tables.py; bench/ms_attribution.py changes one
+    field at a time): end to end with a learned schedule, from `builtin`'s coefficients on `positive` (the list's
+    positive sigmas + the anchor)."""
+    from epd_core.distill import DistillConfig
+    from epd_core.solvers import variant
+    opts = dict(loss=variant("epd_ms").loss, objective="end_to_end", learn_schedule=True, lr=0.01, schedule_lr=0.02,
+                schedule_floor=min(0.005, positive[-1] / 2), iterations=300, batch=8, num_batches=16,
+                teacher="heun", inserted_steps=3, teacher_steps=100, seed=0)
+    opts.update(change)
+    return DistillConfig(sigmas=list(positive), solver="epd_ms", builtin=builtin, num_points=num_points, to_zero=True,
+                         teacher_sigma_min=sigma_min, **opts)
+
+
+def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fit_ref, points=(1, 2, 3)):
+    """EPD-MS on the mixture, as scripts/make_ms_tables.py makes the demo models' tables: per NFE, from the
+    reproducible built-in with the lowest FIT error on its fit-selected list, the shipped recipe for each K; the
+    candidate (the untrained table included) with the lowest FIT error is the one scored."""
+    from epd_core.distill import distill
+    from epd_core.multistep import ANCHOR_RATIO, ms_table, sample_epd_ms
+    tables = []
+    for nfe, row in sorted(builtin_rows.items()):
+        if not row:
+            continue
+        builtin, scheduler, steps = starting_builtin(row)
+        sig = comfy_sigmas(ms, builtin, scheduler, steps).to(dtype)
+        if len(sig) - 1 != nfe:
+            continue
+        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        candidates = [ms_table(sig.double(), builtin, model_family="gmm")]
+        for k in points:
+            cfg = ms_recipe(positive, builtin, k, float(ms.sigma_min), model_family="gmm",
+                            schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"})
+            candidates.append(distill(model, None, train_noise, cfg))
+
+        def fit(table):
+            with torch.no_grad():
+                out = sample_epd_ms(model, fit_noise, sampler_sigmas(table).to(dtype), table, disable=True)
+            return float(per_sample_rmse(out, fit_ref).mean())
+        best = min(candidates, key=fit)
+        tables.append((best, sampler_sigmas(best).to(dtype)))
+    return tables
+
+
+def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None, builtin_rows=None):
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
     out = {"epd": [], "epd_plugin": [], "epd_ms": []}
     if args.model in TABLE_PREFIX:
@@ -350,6 +403,11 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
                             model_family="gmm")
         return distill(model, None, train_noise, cfg), sig
 
+    scored = getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(",")
+    if "epd_ms" in scored:
+        out["epd_ms"] = ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fit_ref)
+    if "epd" not in scored and "epd_plugin" not in scored:
+        return out
     if args.recipe == "to_zero":  # the shipped demo tables' recipe: learned sigmas, last row to sigma 0
         for nfe in range(args.min_nfe, args.max_nfe + 1):
             for solver in ("epd", "epd_plugin"):
@@ -357,13 +415,12 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
                 params = distill(model, None, train_noise, cfg)
                 out[solver].append((params, torch.tensor(params.schedule["sigmas"], dtype=dtype)))
         return out
-    out.pop("epd_ms")  # the mixture: EPD / EPD-Plugin only (tests/test_multistep.py trains EPD-MS on it)
     for nfe in range(max(args.min_nfe, 4), args.max_nfe + 1):
         rows, afs = (nfe // 2, True) if nfe % 2 == 0 else ((nfe - 1) // 2, False)
         if rows < 2:
             continue
         chosen = None
-        for solver in out:  # EPD picks the schedule on the fit noises; EPD-Plugin reuses it (half the cost)
+        for solver in ("epd", "epd_plugin"):  # EPD picks the schedule on the fit noises; EPD-Plugin reuses it
             best = None
             for last, rho in (grid if chosen is None else [chosen]):
                 params, sig = train(solver, rows, afs, last, rho)

@@ -422,8 +422,8 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
         schedule["to_zero"] = True
     provenance = {"trainer": "epd_core.distill", "teacher": cfg.teacher, "M": cfg.inserted_steps,
                   "teacher_steps": cfg.teacher_steps, "teacher_sigma_min": cfg.teacher_sigma_min,
-                  "objective": cfg.objective, "iterations": cfg.iterations, "lr": cfg.lr, "batch": cfg.batch,
-                  "num_batches": cfg.num_batches, "seed": cfg.seed, "world_size": world,
+                  "objective": cfg.objective, "loss": cfg.loss, "iterations": cfg.iterations, "lr": cfg.lr,
+                  "batch": cfg.batch, "num_batches": cfg.num_batches, "seed": cfg.seed, "world_size": world,
                   "final_loss": losses[-1] if losses else None,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta = {"solver": cfg.solver, "max_order": cfg.effective_order, "afs": cfg.afs, "schedule": schedule,

@@ -28,11 +28,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
-from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, starting_builtin  # noqa: E402
 
-from epd_core.distill import DistillConfig, distill  # noqa: E402
+from epd_core.distill import distill  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
-from epd_core.multistep import BUILTINS, ANCHOR_RATIO, ms_table, sample_epd_ms  # noqa: E402
+from epd_core.multistep import ANCHOR_RATIO, ms_table, sample_epd_ms  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.problems import demo_problem  # noqa: E402
 
@@ -47,13 +47,6 @@ def nfe_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def starting_builtin(results: dict, nfe: int) -> tuple[str, str, int]:
-    """(sampler, scheduler, steps) of the reproducible built-in with the lowest FIT error at this NFE."""
-    row = results["nfe"][str(nfe)]["builtins"]
-    name = min((s for s in BUILTINS if s in row), key=lambda s: row[s]["fit"])
-    return name, row[name]["scheduler"], row[name]["steps"]
-
-
 def _parse_change(kv: str) -> tuple[str, object]:
     key, value = kv.split("=")
     if key == "learn_schedule":
@@ -61,16 +54,6 @@ def _parse_change(kv: str) -> tuple[str, object]:
     if key in ("iterations", "batch", "num_batches"):
         return key, int(value)
     return key, (value if key == "loss" else float(value))
-
-
-def recipe(positive, builtin: str, num_points: int, sigma_min: float, **change) -> DistillConfig:
-    """The shipped tables' training run (the attribution benchmark changes one field at a time): end to end with
-    a learned schedule, from `builtin`'s coefficients on `positive` (the list's positive sigmas + the anchor)."""
-    opts = dict(objective="end_to_end", learn_schedule=True, schedule_floor=0.005, lr=0.01, schedule_lr=0.02,
-                iterations=300, batch=8, num_batches=16, teacher="heun", inserted_steps=3, teacher_steps=100, seed=0)
-    opts.update(change)
-    return DistillConfig(sigmas=list(positive), solver="epd_ms", builtin=builtin, num_points=num_points, to_zero=True,
-                         teacher_sigma_min=sigma_min, **opts)
 
 
 def main(argv=None):
@@ -85,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--num-batches", type=int, default=16)
     ap.add_argument("--fit-samples", type=int, default=32, help="fit noises (seed 101) the candidates are ranked on")
     ap.add_argument("--configs", default="", help="candidate recipes, ';'-separated 'field=value,...' changes to "
-                    "recipe() (e.g. 'lr=0.01;lr=0.001,learn_schedule=0'); default: the flags above")
+                    "ms_recipe() (e.g. 'lr=0.01;lr=0.001,learn_schedule=0'); default: the flags above")
     ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -104,7 +87,7 @@ def main(argv=None):
     summary = {}
     configs = [dict(_parse_change(kv) for kv in c.split(",") if kv) for c in args.configs.split(";")] or [{}]
     for nfe in nfe_list(args.nfe):
-        builtin, scheduler, steps = starting_builtin(results, nfe)
+        builtin, scheduler, steps = starting_builtin(results["nfe"][str(nfe)]["builtins"])
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
         if len(sig) - 1 != nfe:
             print(f"NFE {nfe}: {builtin} {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
@@ -132,13 +115,14 @@ def main(argv=None):
                 opts = dict(lr=args.lr, schedule_lr=args.schedule_lr, iterations=args.iterations, batch=args.batch,
                             num_batches=args.num_batches)
                 opts.update(change)
-                cfg = recipe(positive, builtin, kk, float(ms.sigma_min), guidance_scale=CFG[args.model],
+                cfg = ms_recipe(positive, builtin, kk, float(ms.sigma_min), guidance_scale=CFG[args.model],
                              model_family=train.family,
                              schedule={"type": "explicit", "initial": f"{builtin} {scheduler}"}, **opts)
                 params = distill(train.model, None, train.noise_fn(positive[0]), cfg, train.extra_args_fn)
                 fit = fit_error(params)
                 params.metadata["provenance"].update(fit_rmse=fit, fit_rmse_start=fit0)
                 tag = "".join(f"_{k}{v}" for k, v in change.items())
+                tag += "" if "loss" in change or cfg.loss == "mse" else f"_loss{cfg.loss}"  # old files: mse
                 params.save(cand_dir / f"{PREFIX[args.model]}_epd_ms_k{kk}{tag}_nfe{nfe}.safetensors")
                 print(f"NFE {nfe} K={kk} {change or ''} from {builtin} ({scheduler}): fit RMSE {fit0:.4f} -> "
                       f"{fit:.4f} ({time.time() - t0:.0f}s)", flush=True)

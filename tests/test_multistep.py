@@ -155,3 +155,19 @@ def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(co
         return float(err.mean() if loss == "mse" else err.mean(1).sqrt().mean())
     assert losses[0] == pytest.approx(loss_to(sigmas.tolist()), rel=1e-6)  # ends sigma_min, then 0
     assert abs(loss_to(positive + [0.0]) - losses[0]) > 0.01 * losses[0]  # was: on to the anchor, then 0
+
+
+@pytest.mark.parametrize("solver,flag,expected", [("epd_ms", [], "rmse"), ("epd", [], "mse"),
+                                                  ("epd_ms", ["--loss", "mse"], "mse")])
+def test_the_command_line_trains_with_the_solvers_own_loss_unless_told(tmp_path, solver, flag, expected):
+    from epd_core.train import main
+    out = tmp_path / "table.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["distill", "--model", "gmm", "--gmm-dim", "8", "--steps", "3", "--solver", solver, "--iterations", "2",
+              "--batch", "4", "--num-batches", "1", "--quiet", "--out", str(out), *flag])
+    finally:
+        torch.set_num_threads(threads)
+    assert EPDParams.load(out).metadata["provenance"]["loss"] == expected
+    assert flag or variant(solver).loss == expected  # the default is the registry's
