@@ -70,9 +70,9 @@ def main(argv=None):
             return float(per_sample_rmse(fn(lambda x, s, **kw: model(x, s, **labels, **kw), x_test), ref).mean())
 
     out = {"model": args.model, "samples": bench["samples"], "iterations": args.iterations, "nfe": {}}
-    path = args.out / f"ms_attribution_{args.model}.json"
-    if path.exists():  # rows measured by an earlier run with the same setting stay; a row measured now replaces its
-        old = json.loads(path.read_text())
+    results_path = args.out / f"ms_attribution_{args.model}.json"
+    if results_path.exists():  # rows of earlier runs with the same setting stay; one measured again is replaced
+        old = json.loads(results_path.read_text())
         if all(old.get(key) == out[key] for key in ("model", "samples", "iterations")):
             out["nfe"] = {int(n): v for n, v in old["nfe"].items()}
     for nfe in (int(v) for v in args.nfe.split(",")):
@@ -119,14 +119,14 @@ def main(argv=None):
             print(f"NFE {nfe} {label}: {rows[label]:.4f} (÷ best {rows[label] / best:.3f}, {time.time() - t1:.0f}s)",
                   flush=True)
         for solver in ("epd", "epd_plugin"):
-            path = REPO / "pretrained_params" / f"{PREFIX[args.model]}_{solver}_nfe{nfe}.safetensors"
-            if path.exists():
-                table = EPDParams.load(path)
+            shipped = REPO / "pretrained_params" / f"{PREFIX[args.model]}_{solver}_nfe{nfe}.safetensors"
+            if shipped.exists():
+                table = EPDParams.load(shipped)
                 own = table.schedule_sigmas
                 rows[f"(d) {solver} (shipped)"] = score(lambda m, x: variant(solver).sample_fn()(
                     m, x, own.to(x.dtype), table, disable=True))
         out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}, "names": names}
-        path.write_text(json.dumps(out, indent=1))
+        results_path.write_text(json.dumps(out, indent=1))
     (args.out / f"ms_attribution_{args.model}.md").write_text(report(out) + "\n")
     print(report(out))
 

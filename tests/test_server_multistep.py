@@ -77,5 +77,6 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
     table = EPDParams.load(comfy_server.base / "models" / "epd_params" / f"{name}.safetensors")
     assert table.solver == "epd_ms" and table.num_steps == steps and table.metadata["latency_nfe"] == steps
     assert table.metadata["initial_builtin"] == "gradient_estimation" and table.schedule["learned"]
+    assert table.metadata["provenance"]["loss"] == "rmse"  # the registry's loss for epd_ms (docs/method.md)
     # EPD Sigmas gives its N learned sigmas and 0; it samples on them: still one call of K points per step
     assert batches(comfy_server, "trained_ms") == [2 * BATCH * 2] * steps
