@@ -74,7 +74,7 @@ def main(argv=None):
     if results_path.exists():  # rows of earlier runs with the same setting stay; one measured again is replaced
         old = json.loads(results_path.read_text())
         if all(old.get(key) == out[key] for key in ("model", "samples", "iterations")):
-            out["nfe"] = {int(n): v for n, v in old["nfe"].items()}
+            out["nfe"] = {int(n): old["nfe"][n] for n in sorted(old["nfe"], key=int)}
     for nfe in (int(v) for v in args.nfe.split(",")):
         builtin, scheduler, steps = starting_builtin(bench["nfe"][str(nfe)]["builtins"])
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
