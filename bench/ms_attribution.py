@@ -32,7 +32,7 @@ from make_ms_tables import CFG, PREFIX  # noqa: E402
 from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, starting_builtin  # noqa: E402
 
 from epd_core.distill import distill  # noqa: E402
-from epd_core.multistep import ANCHOR_RATIO, sample_epd_ms  # noqa: E402
+from epd_core.multistep import anchored, sample_epd_ms  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.runtime import batch_seed  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None):
     for nfe in (int(v) for v in args.nfe.split(",")):
         builtin, scheduler, steps = starting_builtin(bench["nfe"][str(nfe)]["builtins"])
         sig = comfy_sigmas(ms, builtin, scheduler, steps).double()
-        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        positive = anchored(sig)
         summary = next(r for r in bench["summary"] if r["nfe"] == nfe)
         best = summary["best_builtin_rmse"]
         rows = out["nfe"].get(nfe, {}).get("rmse", {})

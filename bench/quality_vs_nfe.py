@@ -141,6 +141,11 @@ class FrechetMetric:
         return frechet_distance(self.stats(self.features(images)), self.real if against is None else against)
 
 
+def scored_solvers(args) -> set[str]:
+    """--solvers (callers that build their own Namespace without it: all three)."""
+    return set(getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(","))
+
+
 def run(args):
     torch.set_num_threads(args.threads)
     model, ms, noise, extra_for, mode_of, k = problem(args.model, args.cfg)
@@ -237,7 +242,7 @@ def run(args):
             entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = frechet(lambda m, x: fn(m, x, sig))
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
-    scored = set(getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(","))
+    scored = scored_solvers(args)
     for nfe_key, old in (reused["nfe"].items() if reused else ()):  # the rows of the solvers not scored here
         for solver in {"epd", "epd_plugin", "epd_ms"} - scored:
             for key in (solver, f"fd_{solver}", f"fd_ref_{solver}"):
@@ -336,10 +341,9 @@ def ms_recipe(positive, builtin: str, num_points: int, sigma_min: float, **chang
     field at a time): end to end with a learned schedule, from `builtin`'s coefficients on `positive` (the list's
     positive sigmas + the anchor)."""
     from epd_core.distill import DistillConfig
-    from epd_core.solvers import variant
-    opts = dict(loss=variant("epd_ms").loss, objective="end_to_end", learn_schedule=True, lr=0.01, schedule_lr=0.02,
-                schedule_floor=min(0.005, positive[-1] / 2), iterations=300, batch=8, num_batches=16,
-                teacher="heun", inserted_steps=3, teacher_steps=100, seed=0)
+    opts = dict(objective="end_to_end", learn_schedule=True, schedule_floor=min(0.005, positive[-1] / 2), lr=0.01,
+                schedule_lr=0.02, iterations=300, batch=8, num_batches=16, teacher="heun", inserted_steps=3,
+                teacher_steps=100, seed=0)
     opts.update(change)
     return DistillConfig(sigmas=list(positive), solver="epd_ms", builtin=builtin, num_points=num_points, to_zero=True,
                          teacher_sigma_min=sigma_min, **opts)
@@ -350,7 +354,7 @@ def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fi
     reproducible built-in with the lowest FIT error on its fit-selected list, the shipped recipe for each K; the
     candidate (the untrained table included) with the lowest FIT error is the one scored."""
     from epd_core.distill import distill
-    from epd_core.multistep import ANCHOR_RATIO, ms_table, sample_epd_ms
+    from epd_core.multistep import anchored, ms_table, sample_epd_ms
     tables = []
     for nfe, row in sorted(builtin_rows.items()):
         if not row:
@@ -359,7 +363,7 @@ def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fi
         sig = comfy_sigmas(ms, builtin, scheduler, steps).to(dtype)
         if len(sig) - 1 != nfe:
             continue
-        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        positive = anchored(sig)
         candidates = [ms_table(sig.double(), builtin, model_family="gmm")]
         for k in points:
             cfg = ms_recipe(positive, builtin, k, float(ms.sigma_min), model_family="gmm",
@@ -403,7 +407,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
                             model_family="gmm")
         return distill(model, None, train_noise, cfg), sig
 
-    scored = getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(",")
+    scored = scored_solvers(args)
     if "epd_ms" in scored:
         out["epd_ms"] = ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fit_ref)
     if "epd" not in scored and "epd_plugin" not in scored:

@@ -54,8 +54,9 @@ class DistillConfig:
     # per_step+end_to_end had the lowest held-out error at 7 of 8 NFEs (3..10) on the 64-d mixture, and was
     # within 0.5 % at the 8th, against per_step or end_to_end alone (GMM benchmark, 300/600 iterations)
     objective: str = "per_step+end_to_end"
-    # "rmse": the mean of per-sample RMSEs, the benchmark's metric; less dominated by a few hard samples than "mse"
-    loss: str = "mse"
+    # "rmse": the mean of per-sample RMSEs, the benchmark's metric; less dominated by a few hard samples than "mse".
+    # None: the solver's own (solvers.SolverVariant.loss: rmse for epd_ms, mse for the paper's two)
+    loss: str | None = None
     per_step_fraction: float = 0.5                 # share of iterations in the per-step stage (combined objective)
     iterations: int = 200                          # with batch 8 as good as 300 x 32 on the mixture benchmark
     lr: float = 0.1
@@ -89,6 +90,10 @@ class DistillConfig:
     override_sigmas: bool = False
     guidance_scale: float | None = None            # metadata only
     model_family: str | None = None                # metadata only
+
+    def __post_init__(self):
+        if self.loss is None and self.solver in SOLVER_NAMES:  # an unknown solver is refused by validate()
+            self.loss = variant(self.solver).loss
 
     @property
     def calls_per_step(self) -> int:

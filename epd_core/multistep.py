@@ -130,6 +130,13 @@ def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True,
     return w0, g
 
 
+def anchored(sigmas, anchor: float | None = None) -> list[float]:
+    """A scheduler's list ending in 0 as the N + 1 positive sigmas an EPD-MS table and its distillation take: the
+    0 replaced by the last step's anchor, `anchor` (default ANCHOR_RATIO) times the last positive sigma."""
+    sig = [float(s) for s in sigmas]
+    return sig[:-1] + [sig[-2] * (ANCHOR_RATIO if anchor is None else anchor)]
+
+
 def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, spread: float = 1.0,
              anchor: float | None = None, **metadata) -> EPDParams:
     """An untrained EPD-MS table on `sigmas`, a list ending in 0 as ComfyUI's schedulers give (the last step's
@@ -140,7 +147,7 @@ def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, 
     if len(sig) < 3 or sig[-2] == 0:
         raise EPDSamplingError("an EPD-MS table needs at least 2 steps (3 sigmas)")
     if sig[-1] == 0:
-        sig = sig[:-1] + [sig[-2] * (ANCHOR_RATIO if anchor is None else anchor)]
+        sig = anchored(sig, anchor)
     steps, k = len(sig) - 1, num_points
     if not 1 <= k <= 8:
         raise EPDSamplingError(f"EPD-MS uses K = 1..8 points per call (the current point included), got {k}")

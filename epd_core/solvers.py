@@ -27,7 +27,7 @@ class SolverVariant:
     # ComfyUI sampler it is exactly without a table, which also runs where no table has the asked step count
     untrained: str | None = None
     # the distance to the teacher a trainer uses unless told (DistillConfig.loss): "rmse", the mean of per-sample
-    # RMSEs (the benchmark's metric), trained better EPD-MS tables than "mse" in every comparison measured
+    # RMSEs (the benchmark's metric), trained better EPD-MS tables than "mse" side by side (docs/results.md)
     loss: str = "mse"
 
     def sample_fn(self):

@@ -29,7 +29,7 @@ from .multistep import BUILTINS
 from .params import EPDParams, EPDParamsError
 from .problems import Problem, vp_start_scale  # noqa: F401 - re-exported for existing imports
 from .solver import sampler_sigmas
-from .solvers import NAMES as SOLVER_NAMES, SOLVERS, variant
+from .solvers import NAMES as SOLVER_NAMES, SOLVERS
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "teacher_sigma_min":  # the model's own sigma_min unless given
             d.add_argument(flag, type=float, default=None, help=_HELP.get(f.name))
-        elif f.name == "loss":  # the solver's own unless given
+        elif f.name == "loss":  # None: the solver's own (DistillConfig)
             d.add_argument(flag, default=None, choices=_CHOICES["loss"],
                            help=_HELP["loss"] + "; default: the solver's (" +
                            ", ".join(f"{v.name}: {v.loss}" for v in SOLVERS.values()) + ")")
@@ -317,8 +317,6 @@ def run_distill(args, checkpoint_problem=None) -> EPDParams:
         problem = gmm_problem(args)
     if args.solver == "epd_ms":  # its last row always steps to 0; a paper-style analytic first step has no use
         args.to_zero, args.afs = True, False
-    if args.loss is None:
-        args.loss = variant(args.solver).loss
     if args.to_zero:  # the last row steps to 0 itself: no final Euler step
         args.final_zero = False
     sigmas, spec = student_sigmas(args, problem)

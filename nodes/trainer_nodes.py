@@ -16,7 +16,7 @@ import folder_paths
 import torch
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError
-from epd_core.multistep import ANCHOR_RATIO
+from epd_core.multistep import anchored
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
@@ -58,9 +58,8 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
     return DistillConfig(
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
         inserted_steps=inserted_steps, objective=objective, iterations=iterations, lr=learning_rate, batch=batch,
-        loss=variant(solver).loss, seed=seed, checkpoint_path=str(ckpt),
-        checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto", guidance_scale=cfg,
-        model_family=model_family(model),
+        seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
+        resume="auto", guidance_scale=cfg, model_family=model_family(model),
         teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min),  # not below what it knows
         # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way):
         # 0.18x the peak memory on the MNIST demo model (bench/train_memory.py)
@@ -75,14 +74,13 @@ def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iter
         raise ValueError(f"EPD Trainer: epd_ms starts from a ComfyUI scheduler's list (e.g. sgm_uniform, karras, "
                          f"beta), not {schedule!r}; pick one in 'schedule'")
     sigmas, spec = training_sigmas(model, schedule, steps - 1)
-    positive = sigmas[:-1] + [sigmas[-2] * ANCHOR_RATIO]
+    positive = anchored(sigmas)
     sigma_min = float(model.get_model_object("model_sampling").sigma_min)
     return DistillConfig(
         sigmas=positive, schedule=spec, num_points=num_points, solver="epd_ms", builtin="gradient_estimation",
         to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25, objective="end_to_end",
         teacher=teacher, inserted_steps=inserted_steps, iterations=iterations,
-        lr=learning_rate * variant("epd_ms").lr_scale, schedule_lr=learning_rate * 0.2, loss=variant("epd_ms").loss,
-        batch=batch, seed=seed,
+        lr=learning_rate * variant("epd_ms").lr_scale, schedule_lr=learning_rate * 0.2, batch=batch, seed=seed,
         checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto",
         guidance_scale=cfg, model_family=model_family(model), teacher_sigma_min=sigma_min, grad_checkpointing=True)
 

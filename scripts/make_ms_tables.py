@@ -32,7 +32,7 @@ from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, st
 
 from epd_core.distill import distill  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
-from epd_core.multistep import ANCHOR_RATIO, ms_table, sample_epd_ms  # noqa: E402
+from epd_core.multistep import anchored, ms_table, sample_epd_ms  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.problems import demo_problem  # noqa: E402
 
@@ -92,7 +92,7 @@ def main(argv=None):
         if len(sig) - 1 != nfe:
             print(f"NFE {nfe}: {builtin} {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
             continue
-        positive = sig[:-1].tolist() + [float(sig[-2]) * ANCHOR_RATIO]
+        positive = anchored(sig)
 
         def fit_error(table) -> float:  # mean per-sample RMSE on the fit noises, sampled on the built-in's list
             with torch.no_grad():
