@@ -12,8 +12,9 @@ would execute that source and anything else the file names, so this module never
    tensor data; dict keys and set items only short strings). So deep tuples that crash hashing, colliding
    integer keys, memo-reused calls and floods of empty containers are refused in milliseconds.
 2. `_RestrictedUnpickler.find_class` resolves only the few names such a file uses, each to an inert
-   stand-in defined here: the persistence hook just returns its meta, storages are read with
-   `torch.load(weights_only=True)`, torch.nn activation modules become empty placeholders. Any other name is
+   stand-in defined here: the persistence hook just returns its meta, storages are read by our own bounded
+   parser of torch's legacy and zip layouts (epd_core/torch_storage.py; no byte reaches torch.load or
+   pickle.loads), torch.nn activation modules become empty placeholders. Any other name is
    refused with an EPDImportError naming the file and the forbidden global.
 3. `_extract` reads the four logit tables and the hyperparameters out of the meta.
 
@@ -44,14 +45,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
+from .torch_storage import TorchFileError, read_storage
 
 IMPORTER_VERSION = 1
 # What a predictor pickle may make the unpickler build, checked by an opcode walk before anything is built
@@ -334,33 +334,17 @@ def _reconstruct_persistent_obj(meta):
 
 
 def _load_from_bytes(data):
-    """A storage saved by torch (legacy or zip format), read with torch's weights-only unpickler."""
+    """A storage saved by torch (legacy or zip layout), read by our own bounded parser (epd_core/torch_storage.py):
+    no byte of the file reaches torch.load or pickle.loads."""
     if not isinstance(data, bytes):
         raise _Bad("a tensor storage is not stored as bytes")
-    if data[:4] == b"PK\x03\x04":  # zip entries may be compressed: bound what they expand to
-        try:
-            total = sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist())
-        except (zipfile.BadZipFile, ValueError, OSError) as e:
-            raise _Bad(f"a tensor storage is a corrupt zip archive ({e})") from None
-        if total > MAX_PKL_BYTES:
-            raise _Bad(f"a tensor storage expands to {total} bytes, far more than an EPD table")
-    # A legacy-format storage's data is these bytes themselves; a larger size claimed inside them is only
-    # reserved (never touched) before torch refuses the short data.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TypedStorage deprecation notices
-        try:
-            # map_location: predictors trained on a GPU record 'cuda:0' storages
-            storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad data; all mean "refused"
-            raise _Bad(f"a tensor storage was refused by torch.load(weights_only=True): "
-                       f"{type(e).__name__}: {_first_line(e)}") from None
-        if isinstance(storage, torch.TypedStorage):
-            dtype, untyped = storage.dtype, storage._untyped_storage
-        elif isinstance(storage, torch.UntypedStorage):
-            dtype, untyped = torch.uint8, storage
-        else:
-            raise _Bad(f"a tensor storage holds a {type(storage).__name__}, not a storage")
-    return _Storage(torch.empty(0, dtype=dtype).set_(untyped))
+    try:
+        flat = read_storage(data)
+    except TorchFileError as e:
+        text = str(e)
+        kind = _OverBudget if "budget" in text else _Refused if "refused" in text else _Bad
+        raise kind(f"refused: a tensor storage: {text}") from None
+    return _Storage(flat)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,

@@ -25,6 +25,7 @@ from epd_core.gmm import GaussianMixtureDenoiser
 from epd_core.import_official import EPDImportError, import_official, import_official_bytes
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.solver import sample_epd, sample_epd_plugin
+from epd_core.torch_storage import STORAGE_DTYPES, read_state_dict, read_storage
 from official_pickle import (FakeCall, FakeGlobal, fixed_bytes_storage_reduce, official_pickle, predictor_state,
                              random_tables, sd15_attrs, zip_storage_reduce)
 
@@ -255,18 +256,65 @@ def _torch_saved(obj, zip_format):
     return buf.getvalue()
 
 
+# ---- our reader of torch's storage layouts (epd_core/torch_storage.py) against torch's own serialization -------
+def _values(dtype, n=37):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 100
+    return x > 0 if dtype == torch.bool else x.to(dtype)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("zip_format", [False, True])
+@pytest.mark.parametrize("dtype", sorted(set(STORAGE_DTYPES.values()), key=str))
+def test_storages_read_exactly_as_torch_writes_them(dtype, zip_format, protocol):
+    for values in (_values(dtype), torch.empty(0, dtype=dtype)):  # also an empty storage
+        buf = io.BytesIO()
+        torch.save(values._typed_storage(), buf, _use_new_zipfile_serialization=zip_format, pickle_protocol=protocol)
+        flat = read_storage(buf.getvalue())
+        assert flat.dtype == dtype and torch.equal(flat, values)
+        assert flat.untyped_storage().data_ptr() != values.untyped_storage().data_ptr() or not len(values)
+    buf = io.BytesIO()  # an untyped storage is bytes
+    torch.save(_values(dtype).untyped_storage(), buf, _use_new_zipfile_serialization=zip_format)
+    assert torch.equal(read_storage(buf.getvalue()), _values(dtype).view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("zip_format", [False, True])
+def test_state_dicts_read_exactly_as_torch_loads_them(tmp_path, zip_format):
+    net = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2).half())
+    tied = torch.randn(4, 6)
+    obj = {"state_dict": net.state_dict(), "epoch": 3, "name": "x", "tied": [tied, tied.t(), tied[1:, ::2]],
+           "scalar": torch.tensor(2.5), "param": torch.nn.Parameter(torch.ones(2))}
+    path = tmp_path / "w.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    ours = read_state_dict(path)
+    theirs = torch.load(path, weights_only=True)  # the reference, on a file this test wrote itself
+
+    def same(a, b):
+        if isinstance(b, torch.Tensor):
+            return type(a) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(b, dict):
+            return isinstance(a, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in b)
+        if isinstance(b, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b and type(a) is type(b)
+    assert same(ours, theirs)
+
+
 @pytest.mark.parametrize("payload", ["raw_pickle", "legacy", "zip"])
-def test_malicious_storage_bytes_are_refused_by_weights_only(tmp_path, payload):
+def test_malicious_storage_bytes_are_refused_by_our_storage_parser(tmp_path, payload):
     marker = tmp_path / "pwned_by_storage"
     evil = SystemCall(f"touch {marker}")
     data = pickle.dumps(evil) if payload == "raw_pickle" else _torch_saved(evil, payload == "zip")
-    refuse(tmp_path, official_pickle(storage_reduce=fixed_bytes_storage_reduce(data)), "weights_only")
+    msg = refuse(tmp_path, official_pickle(storage_reduce=fixed_bytes_storage_reduce(data)), "a tensor storage",
+                 "refused")
+    assert "the Python global 'posix.system'" in msg or "'nt.system'" in msg, msg
     assert not marker.exists()
 
 
 def test_storage_bytes_holding_a_tensor_are_refused(tmp_path):
     payload = _torch_saved(torch.zeros(20), zip_format=True)  # weights-only safe, but not a storage
-    refuse(tmp_path, official_pickle(storage_reduce=fixed_bytes_storage_reduce(payload)), "not a storage")
+    refuse(tmp_path, official_pickle(storage_reduce=fixed_bytes_storage_reduce(payload)), "a tensor storage",
+           "'torch._utils._rebuild_tensor_v2'")
 
 
 def test_oversized_tensor_is_refused_before_allocation(tmp_path):
