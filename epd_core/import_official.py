@@ -34,11 +34,13 @@ import argparse
 import hashlib
 import http.client
 import io
+import json
 import math
 import os
 import pickle
 import pickletools
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -256,10 +258,12 @@ def download_official(name: str, base_url: str | None = None, timeout: float = D
     return verify_official(name, b"".join(chunks), url)
 
 
-def import_official_by_name(name: str, data: bytes, source: str) -> EPDParams:
-    """Verify `data` as the published predictor `name`, then convert it (restricted unpickler)."""
+def import_official_by_name(name: str, data: bytes, source: str, isolated: bool = False) -> EPDParams:
+    """Verify `data` as the published predictor `name`, then convert it (restricted unpickler; with `isolated`,
+    in a child process: import_official_isolated)."""
     verify_official(name, data, source)
-    params = import_official_bytes(data, source=source, name=f"{name}.pkl")
+    convert = import_official_isolated if isolated else import_official_bytes
+    params = convert(data, source=source, name=f"{name}.pkl")
     params.metadata["provenance"]["official_name"] = name
     params.metadata["provenance"]["official_url"] = official_url(name, DEFAULT_BASE_URL)
     return params
@@ -457,9 +461,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def import_official(path) -> EPDParams:
-    """Read an official EPD predictor .pkl and return it as an EPDParams table (not saved)."""
+def import_official(path, isolated: bool = False) -> EPDParams:
+    """Read an official EPD predictor .pkl and return it as an EPDParams table (not saved); with `isolated`, the
+    conversion runs in a child process (import_official_isolated)."""
     path = Path(path)
+    data = _read_pkl(path)
+    convert = import_official_isolated if isolated else import_official_bytes
+    return convert(data, source=str(path), name=path.name)
+
+
+def _read_pkl(path: Path) -> bytes:
     fail = _failer(str(path))
     try:
         size = path.stat().st_size
@@ -467,10 +478,104 @@ def import_official(path) -> EPDParams:
             fail(f"{size} bytes is far too large for an EPD predictor (limit {MAX_PKL_BYTES})",
                  "Official predictor files are a few tens of kB; check that this is the right file.")
         with open(path, "rb") as f:
-            data = f.read(MAX_PKL_BYTES + 1)  # bounded even for a device or FIFO, whose size reads as 0
+            return f.read(MAX_PKL_BYTES + 1)  # bounded even for a device or FIFO, whose size reads as 0
     except OSError as e:
         fail(f"cannot read the file ({e.strerror})", "Check the path and the file permissions.")
-    return import_official_bytes(data, source=str(path), name=path.name)
+
+
+# ---- defence in depth: the conversion in a child process -------------------------------------------------
+# The opcode walk and the storage parser bound everything known; should a future gap remain, the CLI and the
+# Import node convert in a child process that may use CHILD_MEMORY_BYTES more address space than after its
+# imports (RLIMIT_AS, Linux) and CHILD_TIMEOUT_S seconds in all, so the gap costs a refused import, not the
+# server. Where RLIMIT_AS cannot be set (Windows has no `resource` module; macOS does not enforce it) the child
+# still runs under the timeout, and a crash still ends only the child.
+CHILD_TIMEOUT_S = 60.0            # wall clock, interpreter and torch start-up included (~2-3 s)
+CHILD_MEMORY_BYTES = 512 << 20    # a real conversion adds ~20 MB
+_CHILD_MARK = "@@epd-import-error@@"
+_CHILD_OUT_OF_MEMORY = 3
+_PACK_ROOT = Path(__file__).resolve().parents[1]
+_CHILD_SCRIPT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                 "from epd_core.import_official import _child_main; sys.exit(_child_main(sys.argv[2:]))")
+
+
+def import_official_isolated(data: bytes, source: str = "<bytes>", name: str | None = None,
+                             timeout: float = CHILD_TIMEOUT_S, memory: int = CHILD_MEMORY_BYTES) -> EPDParams:
+    """Like import_official_bytes, but converted in a child process (see CHILD_* above); the child sends the table
+    back as safetensors bytes, read here by the bounded table loader. Same errors, plus refusals that name the
+    child's budget when it runs out of time or memory or dies."""
+    fail = _failer(source)
+    if len(data) > MAX_PKL_BYTES:
+        fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
+    cmd = [sys.executable, "-c", _CHILD_SCRIPT, str(_PACK_ROOT), source, name or source, str(int(memory))]
+    fix = _FIX_BUDGET.replace("built, run", "run")
+    try:
+        proc = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # run() has killed the child
+        fail(f"refused: converting the file took longer than {timeout:g} s (budget: {timeout:g} s for the isolated "
+             "converter)", fix)
+    except OSError as e:
+        fail(f"cannot start the isolated converter {sys.executable} ({e.strerror})",
+             "Check that this Python can start a copy of itself (python -c works).")
+    if proc.returncode == 0:
+        try:
+            return EPDParams.from_bytes(proc.stdout, source=source)
+        except EPDParamsError as e:
+            fail(f"the isolated converter returned an invalid table ({e})")
+    stderr = proc.stderr.decode("utf-8", "replace")
+    marked = [line for line in stderr.splitlines() if line.startswith(_CHILD_MARK)]
+    if marked:
+        raise EPDImportError(str(json.loads(marked[-1][len(_CHILD_MARK):])))
+    if proc.returncode == _CHILD_OUT_OF_MEMORY or "MemoryError" in stderr:
+        fail(f"refused: converting the file needed more than {memory >> 20} MB (budget: {memory >> 20} MB of address "
+             "space for the isolated converter)", fix)
+    fail(f"refused: the isolated converter died ({_exit_reason(proc.returncode)}: "
+         f"{_first_line(Exception(stderr.strip().splitlines()[-1] if stderr.strip() else ''))}) while reading the "
+         "file (budget: a crash costs the import, not the server)", fix)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            import signal
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+def _child_main(argv) -> int:
+    """The child of import_official_isolated: predictor bytes on stdin, the table's safetensors bytes on stdout,
+    an EPDImportError as one marked JSON line on stderr."""
+    source, name, memory = argv[0], argv[1], int(argv[2])
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the table's bytes
+    data = sys.stdin.buffer.read(MAX_PKL_BYTES + 1)
+    torch.set_num_threads(1)  # no thread pool (each thread reserves address space)
+    _limit_address_space(memory)
+    try:
+        payload = import_official_bytes(data, source=source, name=name).to_bytes()
+    except EPDParamsError as e:
+        sys.stderr.write("\n" + _CHILD_MARK + json.dumps(str(e)) + "\n")
+        return 2
+    except MemoryError:
+        return _CHILD_OUT_OF_MEMORY
+    out.write(payload)
+    out.flush()
+    return 0
+
+
+def _limit_address_space(extra: int) -> bool:
+    """RLIMIT_AS = this process's size now (torch imported) + `extra`; False where it cannot be set."""
+    try:
+        import resource
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration, ValueError):
+        return False  # Windows (no `resource`), macOS (no /proc, and RLIMIT_AS is not enforced there)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return True
 
 
 def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None = None) -> EPDParams:
@@ -1026,16 +1131,16 @@ def main(argv=None) -> int:
             raise EPDImportError(f"{output}: the output would overwrite the input. Choose another output path.")
         if args.official and source is None:
             data = download_official(args.official, out_hint=output)  # verified: size and SHA-256
-            params = import_official_by_name(args.official, data, official_url(args.official))
+            params = import_official_by_name(args.official, data, official_url(args.official), isolated=True)
         elif args.official:
             try:
                 with open(source, "rb") as f:
                     data = f.read(MAX_DOWNLOAD_BYTES + 1)
             except OSError as e:
                 raise EPDImportError(f"{source}: cannot read the file ({e.strerror}). Check the path.") from None
-            params = import_official_by_name(args.official, data, source)
+            params = import_official_by_name(args.official, data, source, isolated=True)
         else:
-            params = import_official(source)
+            params = import_official(source, isolated=True)
         params.save(output)
     except EPDParamsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@ outputs it, so the Load EPD Params combo lists it from then on.
 
 The predictor is a .pkl in models/epd_params/, an upload in input/ (pkl_path), or one of the authors' published
 files by name ("official: sd15-best"): downloaded once from their repository at a pinned commit, its size and
-SHA-256 checked, and cached as models/epd_params/official/<name>.pkl (checked again each time it is used)."""
+SHA-256 checked, and cached as models/epd_params/official/<name>.pkl (checked again each time it is used).
+The conversion runs in a child process with an address-space limit and a timeout."""
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ import folder_paths
 import torch
 
 from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, DownloadCancelled, EPDImportError,
-                                      download_official,
-                                      import_official_by_name, import_official_bytes, verify_official)
+                                      download_official, import_official_by_name, import_official_isolated,
+                                      verify_official)
 from epd_core.fileio import WriteError, atomic_write_bytes
 from epd_core.params import EPDParams, EPDParamsError
 
@@ -209,7 +210,7 @@ class EPDImportPredictor(io.ComfyNode):
         if official is not None:
             name = output_name_for(output_name, Path(f"{official}.pkl"))  # checked before anything is fetched
             data = fetch_official(official)  # verified: size and SHA-256
-            params = import_official_by_name(official, data, source=f"{official}.pkl")
+            params = import_official_by_name(official, data, source=f"{official}.pkl", isolated=True)
         else:
             source = resolve_source(predictor, pkl_path or "")
             name = output_name_for(output_name, source)  # checked before the file is read
@@ -219,8 +220,10 @@ class EPDImportPredictor(io.ComfyNode):
             except OSError as e:
                 raise EPDImportError(f"{source.name}: cannot read the file ({e.strerror}). Check its "
                                      "permissions.") from None
-            # errors name the file (not its folder), the problem and the fix
-            params = import_official_bytes(data, source=source.name, name=source.name)
+            # errors name the file (not its folder), the problem and the fix. Converted in a child process with a
+            # memory and time budget: should a crafted file get past the parser's budgets, it costs a refused
+            # import, never the server (epd_core/import_official.py, "defence in depth")
+            params = import_official_isolated(data, source=source.name, name=source.name)
         target = output_dir() / name
         if target.exists() and not overwrite and not _same_table(target, params):
             raise EPDImportError(f"{name}: a different table with this name already exists in models/epd_params/. "

@@ -203,12 +203,14 @@ def _load_hf_clip(kind, folder, device):
     from transformers import AutoModel, AutoProcessor
     _check_config_sizes(kind, folder)
     try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        # safetensors only: transformers reads pytorch_model.bin with torch.load, whose unpickler is unbounded
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).to(device).eval()
         proc = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise RewardUnavailableError(f"cannot load the '{kind}' model from {folder} ({type(e).__name__}: {e}); place a "
-                                     f"complete model folder (config.json + weights + processor/tokenizer files) in "
-                                     f"ComfyUI's {REWARD_FOLDER}/") from None
+                                     f"complete model folder (config.json + model.safetensors + processor/tokenizer "
+                                     f"files) in ComfyUI's {REWARD_FOLDER}/; weights only as safetensors (a "
+                                     f"pytorch_model.bin you trust converts with: {CONVERT_TO_SAFETENSORS})") from None
     return model, proc
 
 
@@ -245,18 +247,36 @@ def _clip_scorer(kind, path, device):
     return score
 
 
+# How a user turns a reward .pt/.pth/.bin that our reader refuses into safetensors (README, Security), on a file
+# they trust and on their own machine: torch.load runs there, never in the server.
+CONVERT_TO_SAFETENSORS = ("python -c \"import sys, torch; from safetensors.torch import save_file; "
+                          "sd = torch.load(sys.argv[1], map_location='cpu', weights_only=True); "
+                          "sd = sd.get('state_dict', sd); "
+                          "save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])\" IN.pt OUT.safetensors")
+
+
 def _load_state_dict(kind, file):
-    """Tensors only: safetensors, or torch.load(weights_only=True) (never unpickles arbitrary objects)."""
+    """Tensors only: safetensors, or torch's .pt/.pth/.bin layouts read by our own bounded parser
+    (epd_core/torch_storage.py: an exact allow-list of what a saved state dict holds, every budget checked before
+    anything is built). No byte of the file reaches torch.load or pickle: their unpicklers have no depth, size or
+    time limit, so a crafted .pt could crash or freeze the server even with weights_only=True."""
+    from ..torch_storage import TorchFileError, read_state_dict
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(file), device="cpu")
         else:
-            sd = torch.load(str(file), map_location="cpu", weights_only=True)
+            sd = read_state_dict(file)
+    except TorchFileError as e:
+        raise RewardUnavailableError(
+            f"cannot read the '{kind}' weights {file} as a tensor state dict ({str(e)[:300]}); EPD only loads plain "
+            f"state dicts (.safetensors, or a torch .pt/.pth/.bin holding tensors), never pickled objects. If you "
+            f"trust the file, convert it on your own machine with: {CONVERT_TO_SAFETENSORS}") from None
     except Exception as e:  # noqa: BLE001
         raise RewardUnavailableError(f"cannot read the '{kind}' weights {file} as a tensor state dict "
                                      f"({type(e).__name__}: {str(e)[:300]}); EPD only loads plain state dicts "
-                                     "(torch.load weights_only=True or .safetensors), never pickled objects") from None
+                                     "(.safetensors, or a torch .pt/.pth/.bin holding tensors), never pickled "
+                                     "objects") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
