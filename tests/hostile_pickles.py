@@ -1,5 +1,7 @@
 """Tiny hostile predictor pickles (issue 21, item 1): each is far below the file-size budget and, without the
-importer's opcode walk, crashes, freezes or exhausts the process that unpickles it.
+importer's opcode walk, crashes, freezes or exhausts the process that unpickles it. STORAGE_ATTACKS (issue 29):
+the bytes inside a valid `torch.storage._load_from_bytes` call (the storage of a published predictor), which
+torch.load(weights_only=True) crashed, froze or bloated on; bench/hostile_imports.py measures every refusal.
 
     python tests/hostile_pickles.py     measures each refusal through the CLI: seconds and peak memory (RSS)
                                         against a real-size predictor's import in the same way
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 import resource
 import subprocess
 import sys
@@ -83,6 +86,75 @@ def codecs_encode_copies(n: int = 200, chars: int = 100_000) -> bytes:
     head = (b"\x80\x02" + global_("_codecs", "encode") + b"q\x00"
             + binunicode("a" * chars) + binunicode("latin1") + b"\x86q\x01" + EMPTY_LIST)
     return head + (binget(0) + binget(1) + REDUCE + APPEND) * n + STOP
+
+
+# ---- issue 29: the storage bytes of a predictor (torch's legacy and zip layouts) --------------------------------
+TORCH_MAGIC, TORCH_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch/serialization.py
+SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+
+
+def binbytes(raw: bytes) -> bytes:
+    return b"B" + len(raw).to_bytes(4, "little") + raw
+
+
+def storage_call(inner: bytes) -> bytes:
+    """A valid outer pickle: the call torch.storage._load_from_bytes(inner), as a predictor stores a storage."""
+    return PROTO4 + global_("torch.storage", "_load_from_bytes") + binbytes(inner) + b"\x85R" + STOP
+
+
+def legacy_prefix(pickles: int) -> bytes:
+    """The first `pickles` small pickles of torch's legacy layout, as torch writes them: magic number, protocol
+    version, sys_info."""
+    return b"".join(pickle.dumps(v, protocol=2) for v in (TORCH_MAGIC, TORCH_PROTOCOL, SYS_INFO)[:pickles])
+
+
+def torch_zip(data_pkl: bytes, entries: dict | None = None) -> bytes:
+    """torch's zip layout: archive/data.pkl (+ data/<key> entries), stored uncompressed as torch writes it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        for name, raw in (entries or {}).items():
+            z.writestr(f"archive/{name}", raw)
+        z.writestr("archive/byteorder", "little")
+    return buf.getvalue()
+
+
+def storage_bytearray(n: int = 600_000_000) -> bytes:
+    """bytearray(n): allowed by torch's weights-only unpickler, which then allocates n bytes (72 bytes of file)."""
+    return legacy_prefix(0) + b"\x80\x02" + global_("builtins", "bytearray") + b"J" + n.to_bytes(4, "little") \
+        + b"\x85R" + STOP
+
+
+def storage_shared_graph(width: int = 16, depth: int = 12) -> bytes:
+    """A graph of `width` references to one list, `depth` deep, as the protocol version: torch formats it into its
+    error message, visiting width**depth nodes."""
+    inner: list = []
+    for _ in range(depth):
+        inner = [inner] * width
+    return legacy_prefix(1) + pickle.dumps(inner, protocol=2)
+
+
+def storage_stride_zero(n: int = 150_000_000) -> bytes:
+    """A zip whose data.pkl is a tensor of n elements viewed with stride 0 on a 1-element FloatStorage: torch.load
+    returns the view, and any conversion (.to(float64), clone) materialises n elements."""
+    pid = b"(" + binunicode("storage") + global_("torch", "FloatStorage") + binunicode("0") + binunicode("cpu") \
+        + b"K\x01t"
+    pkl = (b"\x80\x02" + global_("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + b"Q" + b"K\x00"
+           + b"J" + n.to_bytes(4, "little") + b"\x85" + b"K\x00\x85" + b"\x89"
+           + global_("collections", "OrderedDict") + b")Rt" + b"R" + STOP)
+    return torch_zip(pkl, {"data/0": bytes(4)})
+
+
+STORAGE_ATTACKS = {  # title -> (inner bytes, words the refusal names)
+    "deep tuple key (legacy layout)": (lambda: legacy_prefix(2) + deep_tuple_key(200_000),
+                                       "nested more than 3 levels deep"),
+    "deep tuple key (zip data.pkl)": (lambda: torch_zip(deep_tuple_key(300_000)), "data.pkl: refused: values nested"),
+    "80,000 colliding integer keys": (lambda: legacy_prefix(2) + colliding_int_keys(80_000), "more than 64 opcodes"),
+    "bytearray(6e8)": (storage_bytearray, "the Python global 'builtins.bytearray'"),
+    "shared-list graph as the version": (storage_shared_graph, "the protocol version: refused"),
+    "stride-0 view of TypedStorage(1)": (storage_stride_zero, "the Python global 'torch._utils._rebuild_tensor_v2'"),
+    "1 MB of EMPTY_SET": (lambda: legacy_prefix(0) + empty_sets(1_000_000 - 64), "the opcode EMPTY_SET"),
+}
 
 
 ATTACKS = {

@@ -1,12 +1,15 @@
 """Security review regressions (issue 14) that need no server: hostile predictor pickles (memory bomb through
 shared references, huge integers, BUILD on the OrderedDict stand-in, oversized names), hostile table files
-(deeply nested JSON), and the preview's cap on what it draws. The attacks through a real ComfyUI server are in
-tests/test_security_server.py."""
+(deeply nested JSON), and the preview's cap on what it draws; issue 29: hostile storage bytes and reward files
+(our own torch-layout parser, never torch.load) and the isolated converter's budgets. The attacks through a real
+ComfyUI server are in tests/test_security_server.py; bench/hostile_imports.py measures time and memory."""
 import io
 import json
 import re
 import resource
+import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core.import_official import EPDImportError, import_official_bytes
+import epd_core.import_official as imp
+from epd_core.import_official import EPDImportError, import_official_bytes, import_official_isolated
 from epd_core.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
 import hostile_pickles
 from official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
@@ -297,3 +301,124 @@ def test_a_huge_global_name_is_refused_with_a_short_message():
     data = b"\x80\x04c" + b"m" * 500_000 + b"\nx\n."
     msg = str(pytest.raises(EPDImportError, import_official_bytes, data, source="hostile.pkl").value)
     assert "asks for the Python global 'mmm" in msg and len(msg) < 600, len(msg)  # was: the 500 kB name echoed
+
+
+# ---- issue 29: nothing untrusted reaches torch.load -----------------------------------------------------------
+MAX_GROWTH_MB = 50  # what a refusal may add to the process's peak memory (a generous bound, not a timing)
+STORAGE_ATTACKS = list(hostile_pickles.STORAGE_ATTACKS)
+
+
+def peak_growth_mb(fn) -> float:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+@pytest.mark.parametrize("title", STORAGE_ATTACKS)
+def test_hostile_storage_bytes_are_refused_by_our_parser_with_the_problem_named(title):
+    build, words = hostile_pickles.STORAGE_ATTACKS[title]
+    data = hostile_pickles.storage_call(build())
+    import_official_bytes(official_pickle())  # first-call allocations, before the peak is read
+    errors = []
+
+    def refuse():
+        with pytest.raises(EPDImportError) as err:
+            import_official_bytes(data, source="hostile.pkl")
+        errors.append(str(err.value))
+    assert peak_growth_mb(refuse) < MAX_GROWTH_MB  # was: SIGSEGV, 38 s frozen, or +236..+576 MB
+    msg = errors[0]
+    assert msg.startswith("hostile.pkl: refused: a tensor storage: ") and words in msg, msg
+    assert "Nothing in it was" in msg or "nothing in it was run" in msg, msg
+    assert len(msg) < 800
+
+
+@pytest.mark.parametrize("title", STORAGE_ATTACKS)
+def test_hostile_storages_through_the_cli_are_refused_and_write_nothing(tmp_path, title):
+    build, words = hostile_pickles.STORAGE_ATTACKS[title]
+    src = tmp_path / "hostile.pkl"
+    src.write_bytes(hostile_pickles.storage_call(build()))
+    out = tmp_path / "out.safetensors"
+    proc, _, _ = hostile_pickles.run_cli(src, out)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-800:])
+    assert f"error: {src}: refused: a tensor storage: " in proc.stderr and words in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pkl"]
+
+
+def test_no_file_byte_reaches_torch_load_or_pickle_loads_anywhere_in_the_pack():
+    """Parsed, not grepped (docstrings and the command a user runs on a file they trust may name them): the pack
+    calls no torch.load / pickle.load(s) / torch.serialization loader, and the only Unpickler is the importer's
+    allow-list one, which runs on the outer predictor pickle after the bounded opcode walk."""
+    import ast
+    offenders, unpicklers = [], []
+    for path in sorted((REPO / "epd_core").rglob("*.py")) + sorted((REPO / "nodes").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if (node.value.id, node.attr) in {("torch", "load"), ("pickle", "load"), ("pickle", "loads"),
+                                                  ("_pickle", "load"), ("_pickle", "loads"), ("serialization", "load"),
+                                                  ("torch", "serialization"), ("marshal", "loads"),
+                                                  ("dill", "load"), ("dill", "loads"), ("joblib", "load")}:
+                    offenders.append(f"{where}: {node.value.id}.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "_pickle", "torch.serialization"):
+                offenders.append(f"{where}: from {node.module} import ...")
+            if isinstance(node, ast.ClassDef) and any("Unpickler" in ast.unparse(b) for b in node.bases):
+                unpicklers.append(f"{path.relative_to(REPO)}:{node.name}")
+    assert offenders == [], offenders
+    assert unpicklers == ["epd_core/import_official.py:_RestrictedUnpickler"], unpicklers
+    assert not re.search(r"^import pickle$", (REPO / "epd_core" / "torch_storage.py").read_text(), re.M)
+
+
+def test_a_valid_predictor_converts_identically_in_the_isolated_converter(tmp_path):
+    tables = random_tables(seed=7)
+    data = official_pickle(tables)
+    here = import_official_bytes(data, source="p.pkl")
+    there = import_official_isolated(data, source="p.pkl")
+    assert all(torch.equal(a, b) for a, b in zip(here.tensors(), there.tensors()))
+    assert torch.equal(there.theta_r, tables["r_params"])
+    assert {**here.metadata, "num_steps": here.num_steps, "num_points": here.num_points} == there.metadata
+
+
+def test_the_isolated_converter_passes_the_importers_own_errors_through():
+    with pytest.raises(EPDImportError) as err:
+        import_official_isolated(hostile_pickles.deep_tuple_key(), source="deep.pkl")
+    assert str(err.value).startswith("deep.pkl: refused") and "nesting depth 32" in str(err.value)
+
+
+def test_the_isolated_converters_budgets_turn_a_timeout_or_a_crash_into_a_refusal(monkeypatch):
+    data = official_pickle()
+    with pytest.raises(EPDImportError, match=r"p\.pkl: refused: converting the file took longer than 0\.01 s"):
+        import_official_isolated(data, source="p.pkl", timeout=0.01)  # a child cannot even start in 10 ms
+    # a real crash of the child (what a parser gap such as a deep recursion would cause)
+    monkeypatch.setattr(imp, "_CHILD_SCRIPT", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(EPDImportError) as err:
+        import_official_isolated(data, source="p.pkl")
+    assert "p.pkl: refused: the isolated converter died (signal SIGSEGV" in str(err.value), str(err.value)
+    assert "a crash costs the import, not the server" in str(err.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RLIMIT_AS is set from /proc (Linux)")
+def test_the_isolated_converters_address_space_limit_holds():
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import epd_core.import_official as imp\n"
+              "assert imp._limit_address_space(64 << 20)\n"
+              "try:\n    bytearray(512 << 20)\nexcept MemoryError:\n    print('REFUSED')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "REFUSED", proc.stderr[-2000:]
+    assert signal.SIGSEGV  # the module is used by the crash test above
+
+
+@pytest.mark.parametrize("title", STORAGE_ATTACKS)
+def test_hostile_reward_weight_files_are_refused_without_torch_load(tmp_path, title):
+    from epd_core.rl.rewards import RewardUnavailableError, _load_state_dict
+    build, words = hostile_pickles.STORAGE_ATTACKS[title]
+    path = tmp_path / "head.pt"
+    path.write_bytes(build())
+    errors = []
+
+    def refuse():
+        with pytest.raises(RewardUnavailableError) as err:
+            _load_state_dict("aesthetic", path)
+        errors.append(str(err.value))
+    assert peak_growth_mb(refuse) < MAX_GROWTH_MB  # was: a 300 kB deep tuple .pt killed the process (SIGSEGV)
+    msg = errors[0]
+    assert "head.pt" in msg and "never pickled objects" in msg and "save_file" in msg, msg
