@@ -92,8 +92,8 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
         return epd_step(evaluate, x, d_pred, t_cur, t_next, *(v if v.dim() == 1 else v.T for v in row),
                         t_end=t_end), d_cur, denoised
 
-    keep = (lambda history, d_cur: (history + [d_cur])[-(max_order - 1):]) if max_order > 1 else \
-        (lambda history, d_cur: history)  # oldest first, as adams_bashforth reads it
+    keep = (lambda history, d_cur, _: (history + [d_cur])[-(max_order - 1):]) if max_order > 1 else \
+        (lambda history, d_cur, _: history)  # oldest first, as adams_bashforth reads it
     x, bad_steps = run_steps(step, x, sigmas, len(sig) - 1, keep, callback, disable, detach_steps, checkpoint_steps)
     check_finite(bad_steps, sig)
     return x
@@ -102,7 +102,7 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
 def run_steps(step, x, sigmas, steps: int, keep, callback=None, disable=None, detach_steps: bool = False,
               checkpoint_steps: bool = False):
     """The loop every solver variant shares: `step(i, x, *history) -> (x_next, d_cur, denoised)` for i < steps,
-    with the directions `keep(history, d_cur)` returns after each step. `detach_steps` cuts the graph between
+    with the tensors `keep(history, d_cur, denoised)` returns after each step. `detach_steps` cuts the graph between
     steps (per-step distillation); `checkpoint_steps` recomputes each step in backward; `callback` gets
     k-diffusion's keys plus the step's result `x_next`. Returns x and the non-finite flags of the input and of
     every step, for check_finite (one check at the end: no per-step host sync)."""
@@ -119,7 +119,7 @@ def run_steps(step, x, sigmas, steps: int, keep, callback=None, disable=None, de
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised,
                       "x_next": x_next})
         x = x_next
-        history = keep(history, d_cur)
+        history = keep(history, d_cur, denoised)
         bad_steps.append(~torch.isfinite(x).all())
     return x, torch.stack(bad_steps)
 

@@ -6,17 +6,24 @@ joins the K points' call, so latency NFE = steps:
     t_k   = t_next^r_k * t_cur^(1 - r_k),   x_k = x + (t_k - t_cur) * d_ext           k = 1..K-1 look-ahead points
     D_0, D_k = D(x, t_cur), D(x_k, t_k)                                                ONE batched call of K points
     d_cur = (x - D_0) / t_cur,   d_k = (x_k - D_k) / t_k
-    x'    = x + (t_end - t_cur) * (w_0 d_cur + sum_k w_k d_k + sum_j g_j h_j)          h_j: d_cur of step i - j
+    e_j   = (x - D_{i-j}) / t_cur                                 the direction from x to step i-j's denoised output
+    x'    = x + (t_end - t_cur) * (w_0 d_cur + sum_k w_k d_k + sum_j g_j h_j + sum_j u_j e_j)
+                                                                  h_j: d_cur of step i - j (j = 1..HISTORY)
 
-w and g are free learned coefficients (no softmax), learned with the schedule. With the look-ahead weights at 0
-and (w_0, g) at a multistep method's values the step IS that method, so an untrained table reproduces ComfyUI's
-gradient_estimation, ipndm, ipndm_v or euler exactly and training starts from the strongest built-in.
+w, g and u are free learned coefficients (no softmax), learned with the schedule. With the look-ahead weights at 0
+and (w_0, g, u) at a multistep method's values the step IS that method: the directions h_j give the
+Adams-Bashforth family (ComfyUI's gradient_estimation, ipndm, ipndm_v, euler), the past denoised outputs e_j the
+data-prediction exponential integrators (dpmpp_2m, res_multistep), so an untrained table reproduces each exactly and
+training starts from the strongest built-in at the user's CFG.
 The last row steps to sigma 0 (t_end = 0): its t_next, the table's last (positive) sigma, only anchors the
 look-ahead points. A sigma list that ends in 0 gets the anchor ANCHOR_RATIO * its last positive sigma.
+A table stores (g, u) as theta_h of shape (steps, 2 * HISTORY); tables written before u existed have (steps, HISTORY)
+and u = 0.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -29,17 +36,21 @@ from .solver import table_schedule_for
 log = logging.getLogger("epd")
 HISTORY = 3                # past directions a row combines
 ANCHOR_RATIO = 0.5         # look-ahead anchor of a step to 0 on a list that has none
-BUILTINS = ("gradient_estimation", "ipndm", "ipndm_v", "euler")  # the ComfyUI samplers an untrained table is
+# the ComfyUI samplers an untrained table is, exactly
+BUILTINS = ("gradient_estimation", "ipndm", "ipndm_v", "euler", "dpmpp_2m", "res_multistep")
 
 
-def ms_step(evaluate, x, history, t_cur, t_next, r, w, g, t_end):
+def ms_step(evaluate, x, history, t_cur, t_next, r, w, g, u, t_end):
     """(x at t_end, d_cur, denoised at x) for one row: r (K-1,) look-ahead positions, w (K,) coefficients of
-    d_cur and the look-ahead directions, g (HISTORY,) of the history (newest first)."""
+    d_cur and the look-ahead directions, g (HISTORY,) of the past directions and u (HISTORY,) of the past denoised
+    outputs; `history` is [h_1, .., h_n, D_1, .., D_n], newest first."""
     acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
+    n = len(history) // 2
+    past_d, past_denoised = history[:n], history[n:]
     ts = t_cur.reshape(1)
     xs = x.unsqueeze(0)
     if r.numel():
-        d_ext = history[0] if history else x / torch.sqrt(1 + t_cur ** 2)
+        d_ext = past_d[0] if past_d else x / torch.sqrt(1 + t_cur ** 2)
         t_k = t_next ** r * t_cur ** (1 - r)
         ts = torch.cat([ts, t_k.to(ts.dtype)])
         shift = (t_k - t_cur).reshape(-1, *([1] * x.dim())).to(x.dtype)
@@ -47,16 +58,19 @@ def ms_step(evaluate, x, history, t_cur, t_next, r, w, g, t_end):
     denoised = evaluate(xs, ts)
     d = (xs.to(acc) - denoised.to(acc)) / ts.reshape(-1, *([1] * x.dim())).to(acc)
     mix = (w.reshape(-1, *([1] * x.dim())).to(acc) * d).sum(0)
-    for coeff, h in zip(g, history):
+    for coeff, h in zip(g, past_d):
         mix = mix + coeff.to(acc) * h.to(acc)
+    for coeff, den in zip(u, past_denoised):
+        mix = mix + coeff.to(acc) * (x.to(acc) - den.to(acc)) / t_cur.to(acc)
     return (x.to(acc) + (t_end - t_cur).to(acc) * mix).to(x.dtype), d[0], denoised[0]
 
 
 def integrate_ms(model, x, sigmas, rows, extra_args=None, callback=None, disable=None, evaluate=None,
                  detach_steps: bool = False, checkpoint_steps: bool = False, to_zero: bool = False):
-    """Run EPD-MS over `sigmas` with rows {'r': (N, K-1), 'w': (N, K), 'g': (N, HISTORY)}, one row per step.
-    A list ending in 0 steps to 0 on its last row; `to_zero` does the same on a list of positive sigmas (the last
-    one is the anchor). Same callback / detach_steps / checkpoint_steps as epd.integrate."""
+    """Run EPD-MS over `sigmas` with rows {'r': (N, K-1), 'w': (N, K), 'g': (N, HISTORY), 'u': (N, HISTORY)}, one
+    row per step ('u' may be left out: 0). A list ending in 0 steps to 0 on its last row; `to_zero` does the same on
+    a list of positive sigmas (the last one is the anchor). Same callback / detach_steps / checkpoint_steps as
+    epd.integrate."""
     extra_args = extra_args or {}
     sig = check_sigmas(sigmas)
     sigmas = torch.as_tensor(sigmas)
@@ -68,15 +82,18 @@ def integrate_ms(model, x, sigmas, rows, extra_args=None, callback=None, disable
     steps = len(sigmas) - 1
     if rows["w"].shape[0] != steps:
         raise EPDSamplingError(f"table has {rows['w'].shape[0]} rows for {steps} steps")
+    u = rows.get("u")
+    u = rows["g"].new_zeros(rows["g"].shape) if u is None else u
     evaluate = evaluate or PointEvaluator(model, extra_args)
 
     def step(i, x, *history):
         t_end = sigmas.new_zeros(()) if to_zero and i == steps - 1 else sigmas[i + 1]
         return ms_step(evaluate, x, history, sigmas[i], sigmas[i + 1], rows["r"][i], rows["w"][i], rows["g"][i],
-                       t_end)
+                       u[i], t_end)
 
-    def keep(history, d_cur):  # the last HISTORY directions, newest first
-        return [d_cur, *history][:HISTORY]
+    def keep(history, d_cur, denoised):  # the last HISTORY directions, then the last HISTORY denoised, newest first
+        n = len(history) // 2
+        return [d_cur, *history[:n]][:HISTORY] + [denoised, *history[n:]][:HISTORY]
 
     x, bad_steps = run_steps(step, x, sigmas, steps, keep, callback, disable, detach_steps, checkpoint_steps)
     check_finite(bad_steps, [float(s) for s in sigmas.detach()] + ([0.0] if to_zero else []))
@@ -107,18 +124,19 @@ def variable_ab_coefficients(h: list[float]) -> list[float]:
 
 def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True,
                          sigmas=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_0 (steps,), g (steps, HISTORY)) with which EPD-MS is exactly ComfyUI's `builtin` sampler (its step
-    to 0 being x = denoised, as in ComfyUI). ipndm_v's coefficients depend on the step sizes: it needs `sigmas`."""
+    """(w_0 (steps,), history coefficients (steps, 2 * HISTORY): g of the past directions, then u of the past
+    denoised outputs) with which EPD-MS is exactly ComfyUI's `builtin` sampler (its step to 0 being x = denoised,
+    as in ComfyUI). ipndm_v, dpmpp_2m and res_multistep depend on the step sizes: they need `sigmas`."""
     if builtin not in BUILTINS:
         raise EPDSamplingError(f"EPD-MS starts from one of {BUILTINS}, not {builtin!r}")
-    if builtin == "ipndm_v" and (sigmas is None or len(sigmas) < steps + 1):
-        raise EPDSamplingError("ipndm_v's coefficients need the table's sigmas")
-    w0, g = torch.ones(steps, dtype=torch.float64), torch.zeros(steps, HISTORY, dtype=torch.float64)
+    if builtin in ("ipndm_v", "dpmpp_2m", "res_multistep") and (sigmas is None or len(sigmas) < steps + 1):
+        raise EPDSamplingError(f"{builtin}'s coefficients need the table's sigmas")
+    w0, gu = torch.ones(steps, dtype=torch.float64), torch.zeros(steps, 2 * HISTORY, dtype=torch.float64)
     for i in range(steps):
         if last_to_zero and i == steps - 1:
             continue  # plain denoised output
         if builtin == "gradient_estimation" and i > 0:  # 2 d_cur - d_prev (ComfyUI's ge_gamma = 2)
-            w0[i], g[i, 0] = 2.0, -1.0
+            w0[i], gu[i, 0] = 2.0, -1.0
         elif builtin in ("ipndm", "ipndm_v"):  # Adams-Bashforth of order min(4, i + 1), as in ComfyUI
             if builtin == "ipndm":  # fixed (equal-step) coefficients
                 coeffs = AB_COEFFS[min(4, i + 1)]
@@ -126,8 +144,24 @@ def builtin_coefficients(builtin: str, steps: int, last_to_zero: bool = True,
                 coeffs = variable_ab_coefficients([float(sigmas[j + 1]) - float(sigmas[j])
                                                    for j in range(i, max(-1, i - 4), -1)])
             w0[i] = coeffs[0]
-            g[i, :len(coeffs) - 1] = torch.tensor(coeffs[1:], dtype=torch.float64)
-    return w0, g
+            gu[i, :len(coeffs) - 1] = torch.tensor(coeffs[1:], dtype=torch.float64)
+        elif builtin in ("dpmpp_2m", "res_multistep") and i > 0:
+            w0[i], gu[i, HISTORY] = _exponential_two_step(builtin, *(float(sigmas[j]) for j in (i - 1, i, i + 1)))
+    return w0, gu
+
+
+def _exponential_two_step(builtin: str, s_prev: float, s_cur: float, s_next: float) -> tuple[float, float]:
+    """(w_0, u_1) of a second-order data-prediction step from s_cur to s_next that also uses the denoised output
+    at s_prev. Both ComfyUI samplers step x' = (s_next / s_cur) x + (1 - s_next / s_cur) (a D_cur + b D_prev) with
+    a + b = 1, which is x + (s_next - s_cur) (a d_cur + b e_1): w_0 = a, u_1 = b."""
+    h, h_last = math.log(s_cur / s_next), math.log(s_prev / s_cur)  # log-SNR step lengths (lambda = -log sigma)
+    if builtin == "dpmpp_2m":  # D_d = (1 + 1 / 2r) D_cur - (1 / 2r) D_prev, r = h_last / h
+        b = -h / (2 * h_last)
+    else:  # res_multistep (eta 0): x' = e^-h x + h (b1 D_cur + b2 D_prev), b2 = phi2(-h) / c2, c2 = -h_last / h
+        phi1 = math.expm1(-h) / -h
+        phi2 = (phi1 - 1) / -h
+        b = h * (phi2 / (-h_last / h)) / -math.expm1(-h)
+    return 1.0 - b, b
 
 
 def anchored(sigmas, anchor: float | None = None) -> list[float]:
@@ -151,7 +185,7 @@ def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, 
     steps, k = len(sig) - 1, num_points
     if not 1 <= k <= 8:
         raise EPDSamplingError(f"EPD-MS uses K = 1..8 points per call (the current point included), got {k}")
-    w0, g = builtin_coefficients(builtin, steps, sigmas=sig)
+    w0, gu = builtin_coefficients(builtin, steps, sigmas=sig)
     theta_w = torch.zeros(steps, k, dtype=torch.float64)
     theta_w[:, 0] = w0
     theta_r = torch.zeros(steps, k)
@@ -166,7 +200,7 @@ def ms_table(sigmas, builtin: str = "gradient_estimation", num_points: int = 1, 
             "provenance": provenance, **metadata}
     # float64 in memory: exactly the built-in's coefficients (a file stores float32)
     return EPDParams(theta_r.double(), theta_w, torch.zeros(steps, k, dtype=torch.float64),
-                     torch.zeros(steps, k, dtype=torch.float64), 0.0, 0.0, meta, theta_h=g)
+                     torch.zeros(steps, k, dtype=torch.float64), 0.0, 0.0, meta, theta_h=gu)
 
 
 def ms_rows(params: EPDParams, device=None, dtype=torch.float32) -> dict:

@@ -23,7 +23,14 @@ from .solvers import NAMES as SOLVERS
 
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a")
-HISTORY_TENSOR = "theta_h"  # epd_ms only: (steps, 3) coefficients of the last 3 directions
+# epd_ms only: (steps, 6) coefficients of the last 3 directions, then of the last 3 denoised outputs; tables
+# written before the denoised outputs took part have (steps, 3) and mean 0 for them
+HISTORY_TENSOR = "theta_h"
+HISTORY_WIDTHS = (3, 6)
+# epd_ms coefficients are free numbers: the built-ins it starts from have |coefficient| <= 3 and training moves them
+# little (docs/method.md). A table beyond this could not come from training, and a step with such a coefficient
+# amplifies the model's error into overflow: refused on load.
+MAX_MS_COEFFICIENT = 100.0
 SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "explicit")
 MAX_STEPS, MAX_POINTS = 4096, 64
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a real table is a few kB; refuse to read anything absurd
@@ -248,10 +255,16 @@ class EPDParams:
             fail(f"model_family {shown} is not a plain name", "Use letters, digits and '_', '.', '+', '-' only, "
                  "at most 64 characters (e.g. 'sd15').")
         if m["solver"] == "epd_ms":
-            if self.theta_h is None or tuple(self.theta_h.shape) != (n, 3):
+            if self.theta_h is None or tuple(self.theta_h.shape) not in ((n, w) for w in HISTORY_WIDTHS):
                 shape = None if self.theta_h is None else tuple(self.theta_h.shape)
-                fail(f"an epd_ms table needs '{HISTORY_TENSOR}' of shape ({n}, 3), got {shape}",
-                     "Re-export the table with EPDParams.save() or re-run the trainer.")
+                fail(f"an epd_ms table needs '{HISTORY_TENSOR}' of shape ({n}, 6) (or ({n}, 3) from older "
+                     f"versions), got {shape}", "Re-export the table with EPDParams.save() or re-run the trainer.")
+            for name, t in (("theta_w", self.theta_w), (HISTORY_TENSOR, self.theta_h)):
+                big = float(t.detach().abs().max())
+                if big > MAX_MS_COEFFICIENT:
+                    fail(f"'{name}' has a coefficient of magnitude {big:.3g}, beyond the limit "
+                         f"{MAX_MS_COEFFICIENT:g} for EPD-MS coefficients (no trained table comes near it; sampling "
+                         "it would overflow)", "The file is corrupt or crafted: re-train or re-download the table.")
             if not (self.scale_dir == 0 and self.scale_time == 0 and self.to_zero):
                 fail("an epd_ms table has no direction / time scales and steps to 0 on its last row",
                      "Build it with multistep.ms_table or the trainer (scale bounds 0, schedule to_zero).")
@@ -348,7 +361,7 @@ class EPDParams:
         extra = tensors.get(HISTORY_TENSOR)
         if extra is not None and (extra.dim() != 2 or not extra.is_floating_point()):
             fail(f"tensor '{HISTORY_TENSOR}' has shape {list(extra.shape)} / dtype {extra.dtype}, expected "
-                 "(steps, 3) floats")
+                 "(steps, 6) floats")
         return _checked(cls, t, scale_dir, scale_time, meta, source,
                         None if extra is None else extra.to(torch.float32))
 
@@ -418,8 +431,10 @@ def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: f
 
 def activate_ms(theta_r, theta_w, theta_h) -> dict[str, torch.Tensor]:
     """EPD-MS logits -> rows: r (N, K-1) look-ahead positions (column 0 of theta_r, the current point at r = 0,
-    carries nothing), w (N, K) and g (N, 3) as they are (free coefficients). Differentiable."""
-    return {"r": torch.sigmoid(theta_r[:, 1:]), "w": theta_w, "g": theta_h}
+    carries nothing), w (N, K), g (N, 3) of the past directions and u (N, 3) of the past denoised outputs as they
+    are (free coefficients; u = 0 for a 3-column theta_h). Differentiable."""
+    g, u = theta_h[:, :3], theta_h[:, 3:]
+    return {"r": torch.sigmoid(theta_r[:, 1:]), "w": theta_w, "g": g, "u": u if u.shape[1] else torch.zeros_like(g)}
 
 
 def bounded_scale(theta: torch.Tensor, bound: float) -> torch.Tensor:

@@ -110,6 +110,36 @@ def test_tables_and_solvers_do_not_mix(comfy_sampling, gmm32, tmp_path):
         EPDParams.load(path)
 
 
+def test_tables_from_before_the_past_denoised_terms_sample_as_before(comfy_sampling, gmm32, float64_one_thread,
+                                                                   tmp_path):
+    """theta_h had 3 columns (past directions) before the 3 of the past denoised outputs: such a file still loads
+    and samples exactly as the 6-column table with those 3 at 0."""
+    sigmas = karras_list(comfy_sampling, 5)
+    new = EPDParams.from_bytes(ms_table(sigmas, "ipndm", num_points=2).to_bytes())
+    assert tuple(new.theta_h.shape) == (5, 6)
+    old = new.with_tensors([*new.tensors()[:4], new.theta_h[:, :3]])
+    old = EPDParams.from_bytes(old.to_bytes())
+    x = 80 * torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(sample_epd_ms(gmm32, x, sigmas, old, disable=True),
+                               sample_epd_ms(gmm32, x, sigmas, new, disable=True), rtol=0, atol=1e-9)
+
+
+def test_coefficients_no_training_could_give_are_refused_on_load(comfy_sampling, tmp_path):
+    """EPD-MS coefficients are free numbers; a crafted 3e38 would overflow every image, so a file beyond the bound
+    is refused naming the tensor and the limit."""
+    table = ms_table(karras_list(comfy_sampling, 4))
+    h = table.theta_h.clone()
+    h[1, 4] = 3e38
+    path = tmp_path / "crafted.safetensors"
+    header = {"epd_format_version": "1", "epd_scale_dir": "0.0", "epd_scale_time": "0.0",
+              "epd_metadata": json.dumps(dict(table.metadata, num_steps=4, num_points=1))}
+    tensors = dict(zip((*TENSOR_NAMES, "theta_h"), (t.float() for t in (*table.tensors()[:4], h))))
+    path.write_bytes(st_save(tensors, metadata=header))
+    with pytest.raises(EPDParamsError, match=r"crafted\.safetensors: 'theta_h' has a coefficient of magnitude "
+                                             r"3e\+38, beyond the limit 100"):
+        EPDParams.load(path)
+
+
 def test_a_table_on_other_step_counts_falls_back_to_its_builtin(comfy_sampling, gmm32, float64_one_thread):
     """KSampler with 5 steps and a 4-step table: no row per step, so the untrained built-in runs (logged), never
     a guess; strict mode refuses instead."""
