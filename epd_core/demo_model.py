@@ -230,9 +230,11 @@ class DemoDenoiser:
         self.calls += 1
         return x - eps.float() * s
 
-    def __call__(self, x: torch.Tensor, sigma, cond=None, **_) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, cond=None, cfg=None, **_) -> torch.Tensor:
+        """`cfg` overrides the model's own scale for this call (a trainer drawing one per batch)."""
         ctx = self._context(cond, x.shape[0], x.device)
-        if self.cfg == 1.0:
+        scale = self.cfg if cfg is None else float(cfg)
+        if scale == 1.0:
             return self.eps_denoise(x, sigma, ctx)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
@@ -240,7 +242,7 @@ class DemoDenoiser:
         # cond first, uncond second: one call of batch 2B (ComfyUI also batches both branches)
         both = self.eps_denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([ctx, null]))
         d_cond, d_uncond = both.chunk(2)
-        return d_uncond + (d_cond - d_uncond) * self.cfg
+        return d_uncond + (d_cond - d_uncond) * scale
 
 
 # ---------------------------------------------------------------------------------------------- weights I/O

@@ -138,6 +138,9 @@ def make_batch(index: int, cfg: DistillConfig, noise_fn, extra_args_fn, rank: in
     g = torch.Generator().manual_seed(batch_seed(cfg.seed, index))
     x = noise_fn(g, cfg.batch)
     extra = extra_args_fn(g, cfg.batch) if extra_args_fn is not None else {}
+    if cfg.cfg_range is not None:  # one CFG scale per batch (the same on every rank: drawn from the batch's seed)
+        lo, hi = cfg.cfg_range
+        extra = dict(extra, cfg=lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64)))
     return _shard(x, cfg.batch, rank, world), {k: _shard(v, cfg.batch, rank, world) for k, v in extra.items()}
 
 
@@ -432,5 +435,7 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
             "latency_nfe": cfg.calls_per_step * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}
     if cfg.solver == "epd_ms":
         meta["initial_builtin"] = cfg.builtin
+    if cfg.cfg_range is not None:  # what epd_core.cfg_guard reads as the scales the table was trained on
+        meta["cfg_range"] = [float(v) for v in cfg.cfg_range]
     t = [p.detach().to("cpu", torch.float32) for p in theta]
     return EPDParams(*t[:4], scales[0], scales[1], meta, theta_h=t[4] if len(t) > 4 else None)

@@ -20,7 +20,7 @@ LOSSES = ("mse", "rmse")  # mean squared error over the batch; mean over samples
 RESULT_FIELDS = ("sigmas", "num_points", "solver", "max_order", "afs", "teacher", "inserted_steps", "objective",
                  "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch",
                  "num_batches", "seed", "spread", "scale_dir", "scale_time", "learn_schedule", "schedule_floor",
-                 "schedule_lr", "to_zero", "builtin", "learn_table", "loss")
+                 "schedule_lr", "to_zero", "builtin", "learn_table", "loss", "cfg_range")
 
 
 class DistillError(RuntimeError):
@@ -88,7 +88,10 @@ class DistillConfig:
     # metadata only: the table asks samplers to replace a scheduler's sigmas by its own schedule
     # (solver.table_schedule_for) - for student schedules no ComfyUI scheduler produces
     override_sigmas: bool = False
-    guidance_scale: float | None = None            # metadata only
+    guidance_scale: float | None = None            # metadata only (the CFG the model was built with)
+    # [lo, hi]: every noise batch gets its own CFG scale drawn uniformly from it, passed to the model as the extra
+    # argument `cfg` (the demo models and the EPD Trainer's guider take it): one table for a range of CFG scales
+    cfg_range: list | None = None
     model_family: str | None = None                # metadata only
 
     def __post_init__(self):
@@ -125,6 +128,10 @@ class DistillConfig:
             need(self.builtin in BUILTINS, f"unknown starting built-in {self.builtin!r}", f"Use one of {BUILTINS}.")
             need(self.to_zero and not self.afs, "epd_ms steps to 0 on its last row and has its first call anyway",
                  "Use to_zero=True (positive sigmas, the last one anchoring the step to 0) and afs=False.")
+        need(self.cfg_range is None or (isinstance(self.cfg_range, (list, tuple)) and len(self.cfg_range) == 2
+                                        and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                                                for v in self.cfg_range) and self.cfg_range[0] <= self.cfg_range[1]),
+             f"cfg_range={self.cfg_range!r}", "Give two CFG scales [lo, hi] with 0 <= lo <= hi, or none.")
         need(isinstance(self.max_order, int) and 1 <= self.max_order <= 4, f"max_order={self.max_order!r}",
              "EPD-Plugin supports Adams-Bashforth orders 1..4.")
         need(self.teacher in TEACHERS, f"unknown teacher {self.teacher!r}", f"Use one of {TEACHERS}.")

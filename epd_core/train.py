@@ -34,7 +34,7 @@ from .solvers import NAMES as SOLVER_NAMES, SOLVERS
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
 
 # DistillConfig fields with their own handling below (schedule/sigmas from the model, paths from --out...).
-_SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family"}
+_SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family", "cfg_range"}
 _HELP = {
     "num_points": "K, parallel points per step (1-3 in the paper)",
     "solver": "epd, epd_plugin (Adams-Bashforth predictor) or epd_ms (one call per step; implies --to-zero, "
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--height", type=int, default=512, help="image height (--checkpoint)")
     d.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale (gmm: class-conditional with CFG; demo default 1; checkpoint default 7.5)")
+    d.add_argument("--cfg-range", type=_cfg_range, default=None, metavar="LO,HI",
+                   help="train one table for a range of CFG scales: each noise batch gets its own scale drawn from "
+                        "[LO, HI] (demo / mnist / --checkpoint); KSampler then trusts it across that range")
     d.add_argument("--gmm-dim", type=int, default=64)
     d.add_argument("--gmm-components", type=int, default=8)
     d.add_argument("--gmm-seed", type=int, default=0)
@@ -275,7 +278,18 @@ def config_from_args(args, sigmas, spec, problem) -> DistillConfig:
     if args.checkpoint_dir:
         ckpt = str(Path(args.checkpoint_dir) / (Path(args.out).name.removesuffix(".safetensors") + CHECKPOINT_SUFFIX))
     return DistillConfig(sigmas=sigmas, schedule=spec, checkpoint_path=ckpt, resume=bool(args.resume),
-                         guidance_scale=args.guidance_scale, model_family=problem.family, **values)
+                         guidance_scale=args.guidance_scale, model_family=problem.family, cfg_range=args.cfg_range,
+                         **values)
+
+
+def _cfg_range(text: str) -> list[float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two CFG scales LO,HI such as 1,7.5, got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"the CFG range {text!r} needs 0 <= LO <= HI")
+    return [lo, hi]
 
 
 def check_output_folder(out: Path) -> None:

@@ -166,7 +166,9 @@ def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float
     the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling).
     on_teacher(batch, num_batches): just before the teacher solves a batch (epd_core.distill)."""
     def train(ctx):
-        def model(x, sigma, **_):
+        def model(x, sigma, cfg=None, **_):
+            if cfg is not None:  # config.cfg_range: this batch's CFG scale (the guider reads .cfg on every call)
+                ctx.guider.cfg = float(cfg)
             return ctx.guider(x, sigma, **ctx.extra_args)
         cfg = dataclasses.replace(config, sequential_points=config.sequential_points or bool(ctx.sequential))
         return distill(model, None, ctx.noise_fn, cfg, None, progress=progress, should_stop=should_stop, init=init,

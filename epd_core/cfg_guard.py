@@ -1,0 +1,136 @@
+"""Which table a sampler uses at the user's CFG scale, and when it samples as the best built-in instead.
+
+A table is trained at one CFG scale (or a range: metadata `cfg_range`, else `guidance_scale`), and its gain over
+ComfyUI's built-ins holds near it: a table trained at CFG 1 can be twice as wrong as dpmpp_2m at CFG 6. So a table
+carries what was measured at other scales, `measured_cfg`: one entry per CFG scale with the ratio of its error to
+the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the same ratio on held-out noises
+(`ratio`, what is reported) and that best built-in ({"sampler", "scheduler", "steps"}).
+
+`choose(tables, cfg)` picks, among the tables for one model family and step count:
+  1. the tables expected to beat the best built-in at `cfg` (expected ratio < 1), preferring one call per step
+     (K = 1: the same compute as a built-in; the K-point tables only when no K = 1 table exists), then the lowest
+     expected ratio;
+  2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler;
+  3. no measurement near `cfg` at all: the table trained nearest `cfg`, said to be unmeasured there.
+The expected ratio at `cfg` is the worse of the two measured entries around it (the nearest one outside the
+measured span), so a table is never trusted between two scales where one of them showed it losing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .params import EPDParams
+
+MAX_ENTRIES = 64  # measured_cfg entries read from one table (a file may be crafted: stay cheap)
+
+
+@dataclass
+class Choice:
+    table: EPDParams | None     # the table to sample with, or None to sample as `builtin`
+    builtin: dict | None        # {"sampler", "scheduler", "steps"} when falling back, else None
+    reason: str                 # one line for the log and the node's text
+
+
+def trained_range(params: EPDParams) -> tuple[float, float] | None:
+    """The CFG scales a table was trained on: metadata `cfg_range` [lo, hi], else [guidance_scale] * 2."""
+    rng = params.metadata.get("cfg_range")
+    if _is_pair(rng):
+        return float(rng[0]), float(rng[1])
+    g = params.metadata.get("guidance_scale")
+    return (float(g), float(g)) if _is_number(g) else None
+
+
+def measurements(params: EPDParams) -> list[dict]:
+    """The well-formed `measured_cfg` entries of a table, sorted by CFG (malformed ones are ignored)."""
+    entries = params.metadata.get("measured_cfg")
+    if not isinstance(entries, list):
+        return []
+    good = []
+    for e in entries[:MAX_ENTRIES]:
+        b = e.get("best_builtin") if isinstance(e, dict) else None
+        if (isinstance(e, dict) and _is_number(e.get("cfg")) and _is_number(e.get("fit_ratio"))
+                and isinstance(b, dict) and isinstance(b.get("sampler"), str) and isinstance(b.get("scheduler"), str)):
+            good.append(e)
+    return sorted(good, key=lambda e: float(e["cfg"]))
+
+
+def around(entries: list[dict], cfg: float) -> list[dict]:
+    """The measured entries that bound `cfg`: the one at it, or the nearest below and above (one at the ends)."""
+    below = [e for e in entries if float(e["cfg"]) <= cfg]
+    above = [e for e in entries if float(e["cfg"]) >= cfg]
+    picked = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    return picked[:1] if len(picked) == 2 and picked[0] is picked[1] else picked
+
+
+def expected_ratio(params: EPDParams, cfg: float) -> float | None:
+    """The worse fit ratio of the measured entries around `cfg`, or None when the table was measured nowhere."""
+    near = around(measurements(params), cfg)
+    return max(float(e["fit_ratio"]) for e in near) if near else None
+
+
+def nearest_builtin(tables: list[EPDParams], cfg: float) -> tuple[dict, float] | None:
+    """The best built-in recorded at the measured CFG nearest `cfg` over `tables`, and that CFG."""
+    entries = [e for t in tables for e in measurements(t)]
+    if not entries:
+        return None
+    e = min(entries, key=lambda e: abs(float(e["cfg"]) - cfg))
+    return dict(e["best_builtin"]), float(e["cfg"])
+
+
+def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
+    """See the module docstring. `cfg` None (unknown, e.g. a custom guider): the tables as trained."""
+    if not tables:
+        raise ValueError("choose() needs at least one table")
+    if cfg is None or not math.isfinite(cfg):
+        table = _fewest_points(tables)
+        return Choice(table, None, f"CFG unknown here: {_label(table)} as trained")
+    rated = [(expected_ratio(t, cfg), t) for t in tables]
+    winners = [(r, t) for r, t in rated if r is not None and r < 1.0]
+    if winners:
+        k1 = [(r, t) for r, t in winners if t.num_points == 1] or winners
+        r, table = min(k1, key=lambda rt: (rt[1].num_points, rt[0]))
+        span = _measured_span(table, cfg)
+        return Choice(table, None, f"{_label(table)}: {r:.2f} of the best built-in's error at CFG {span} (fit noises)")
+    fallback = nearest_builtin(tables, cfg)
+    if fallback is not None:
+        b, at = fallback
+        best = min(r for r, _ in rated if r is not None)
+        return Choice(None, b, f"no table beats the best built-in at CFG {cfg:g} (best table: {best:.2f} of its "
+                      f"error, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
+    table = min(tables, key=lambda t: (_distance(t, cfg), t.num_points))
+    rng = trained_range(table)
+    where = "an unknown CFG" if rng is None else (f"CFG {rng[0]:g}" if rng[0] == rng[1] else
+                                                   f"CFG {rng[0]:g}-{rng[1]:g}")
+    note = "" if rng is not None and rng[0] <= cfg <= rng[1] else \
+        f"; not measured at CFG {cfg:g}, its gain may not hold there (EPD Compare measures it)"
+    return Choice(table, None, f"{_label(table)}, trained at {where}{note}")
+
+
+def _fewest_points(tables):
+    return min(tables, key=lambda t: t.num_points)
+
+
+def _distance(params: EPDParams, cfg: float) -> float:
+    rng = trained_range(params)
+    if rng is None:
+        return math.inf
+    return 0.0 if rng[0] <= cfg <= rng[1] else min(abs(cfg - rng[0]), abs(cfg - rng[1]))
+
+
+def _measured_span(params: EPDParams, cfg: float) -> str:
+    near = around(measurements(params), cfg)
+    cfgs = sorted({float(e["cfg"]) for e in near})
+    return f"{cfgs[0]:g}" if len(cfgs) == 1 else f"{cfgs[0]:g}-{cfgs[-1]:g}"
+
+
+def _label(params: EPDParams) -> str:
+    return f"{params.solver} table K={params.num_points}"
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _is_pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] <= v[1]
