@@ -455,3 +455,36 @@ def test_hpsv2_checks_keys_and_shapes_before_building_vit_h_14(tmp_path):
         LocalModelReward("hpsv2", tmp_path / "small.pt")
     assert time.monotonic() - start < 20
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 500  # MB; was ~4 GB
+
+
+# ---- issue 29, item 2: reward weights never reach torch.load ------------------------------------------------
+@pytest.mark.parametrize("zip_format", [False, True])
+def test_pt_reward_weights_are_read_by_the_bounded_reader_exactly(tmp_path, zip_format):
+    sd = _aesthetic_head()
+    torch.save({"state_dict": sd, "epoch": 7}, tmp_path / "head.pt", _use_new_zipfile_serialization=zip_format)
+    loaded = rewards._load_state_dict("aesthetic", tmp_path / "head.pt")
+    assert list(loaded) == list(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_the_conversion_command_turns_a_trusted_pt_into_safetensors_that_load(tmp_path):
+    """The command a refusal (and README's Security section) gives runs, and its output loads."""
+    import subprocess
+    import sys
+    sd = _aesthetic_head(seed=3)
+    torch.save({"state_dict": sd}, tmp_path / "IN.pt")
+    cmd = rewards.CONVERT_TO_SAFETENSORS
+    assert cmd.startswith("python -c ") and cmd.endswith(" IN.pt OUT.safetensors")
+    proc = subprocess.run(cmd.replace("python", f'"{sys.executable}"', 1), shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = rewards._load_state_dict("aesthetic", tmp_path / "OUT.safetensors")
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_a_pickled_object_in_a_reward_pt_is_refused_with_the_fix(tmp_path):
+    torch.save({"head": torch.nn.Linear(2, 2)}, tmp_path / "obj.pt")
+    with pytest.raises(RewardUnavailableError) as err:
+        rewards._load_state_dict("aesthetic", tmp_path / "obj.pt")
+    msg = str(err.value)
+    assert "obj.pt" in msg and "torch.nn.modules.linear" in msg and "never pickled objects" in msg, msg
+    assert rewards.CONVERT_TO_SAFETENSORS in msg

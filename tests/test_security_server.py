@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,48 @@ def test_hostile_pickles_are_refused_fast_and_the_server_keeps_serving(comfy_ser
     comfy_server.get("/system_stats")
     assert time.monotonic() - stats_start < 2
     still_serving(comfy_server)
+
+
+# ---- issue 29: storage bytes that crashed, froze or bloated torch.load(weights_only=True) inside the server -----
+def server_peak_rss_mb(server) -> float | None:
+    """The server process's own peak RSS (VmHWM; its import children not included), None without /proc."""
+    try:
+        status = (Path("/proc") / str(server.proc.pid) / "status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+@pytest.mark.parametrize("title", list(hostile_pickles.STORAGE_ATTACKS))
+def test_hostile_storage_bytes_through_the_import_node_are_refused_and_cost_the_server_nothing(comfy_server, title):
+    build, words = hostile_pickles.STORAGE_ATTACKS[title]
+    name = "storage_" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")[:40] + ".pkl"
+    (comfy_server.base / "input" / name).write_bytes(hostile_pickles.storage_call(build()))
+    before = sorted(p.name for p in params_dir(comfy_server).iterdir())
+    peak_before = server_peak_rss_mb(comfy_server)
+    msg = run_error(comfy_server, import_graph(pkl_path=name, output_name="hostile_storage"))
+    assert "EPDImportError" in msg and f"{name}: refused: a tensor storage: " in msg and words in msg, msg
+    assert_private(comfy_server, msg)
+    assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before  # nothing written
+    assert comfy_server.proc.poll() is None  # was: SIGSEGV killed ComfyUI (deep tuples)
+    if peak_before is not None:  # was: +236..+576 MB; the parse now runs in a child, and refuses in any case
+        assert server_peak_rss_mb(comfy_server) - peak_before < 50
+    still_serving(comfy_server)
+
+
+def test_hostile_reward_pt_is_refused_without_torch_load_and_the_server_keeps_serving(comfy_server):
+    folder = comfy_server.base / "models" / "epd_rewards"
+    folder.mkdir(parents=True, exist_ok=True)
+    build, words = hostile_pickles.STORAGE_ATTACKS["deep tuple key (zip data.pkl)"]
+    (folder / "hostile_hps.pt").write_bytes(build())  # 300 kB: torch.load(weights_only=True) died of SIGSEGV
+    try:
+        msg = run_error(comfy_server, reward_graph("hpsv2", "hostile_hps.pt"))
+        assert "hostile_hps.pt" in msg and words in msg and "never pickled objects" in msg, msg
+        assert "save_file" in msg, msg  # the command that converts a file the user trusts
+        assert comfy_server.proc.poll() is None
+        still_serving(comfy_server)
+    finally:
+        (folder / "hostile_hps.pt").unlink(missing_ok=True)
 
 
 # ---- item 3: pkl_path restricted, tables cannot poison KSampler, overwrite choice -------------------------

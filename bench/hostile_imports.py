@@ -1,0 +1,90 @@
+"""Time and peak memory of every hostile predictor's refusal (issue 21's outer pickles, issue 29's storage bytes):
+
+    python bench/hostile_imports.py
+
+Each payload is measured in a fresh process (so that its peak RSS belongs to that refusal alone), after that
+process has imported a real-size predictor once (imports and first-call allocations are not counted):
+  parser ms / +MB   the refusal inside the caller's process (import_official_bytes: what the parser costs)
+  isolated s / +MB  the refusal through import_official_isolated (what the CLI and the Import node run): wall
+                    time including the child's interpreter and torch start-up, the caller's peak RSS growth, and
+                    the child's own peak RSS (RUSAGE_CHILDREN)
+The numbers depend on the machine; the tests assert the refusals, the messages and a +50 MB bound, not timings.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def payloads() -> dict:
+    import hostile_pickles as h
+    out = {f"[21] {title}": build for title, build in h.ATTACKS.items()}
+    out.update({f"[29] {title}": (lambda b=build: h.storage_call(b()))
+                for title, (build, _) in h.STORAGE_ATTACKS.items()})
+    return out
+
+
+def measure_one(title: str) -> dict:
+    from epd_core.import_official import EPDImportError, import_official_bytes, import_official_isolated
+    from official_pickle import official_pickle
+    data = payloads()[title]()
+    import_official_bytes(official_pickle())  # warm-up: imports and first-call allocations
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        import_official_bytes(data, source="hostile.pkl")
+        message = "ACCEPTED"
+    except EPDImportError as e:
+        message = str(e)
+    parser_s = time.perf_counter() - start
+    parser_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        import_official_isolated(data, source="hostile.pkl")
+        isolated = "ACCEPTED"
+    except EPDImportError as e:
+        isolated = str(e)
+    return {"bytes": len(data), "parser_ms": parser_s * 1e3, "parser_mb": parser_mb,
+            "isolated_s": time.perf_counter() - start,
+            "isolated_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024,
+            "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "message": message, "same": message == isolated}
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print("RESULT" + json.dumps(measure_one(sys.argv[2])))
+        return 0
+    print(f"{'payload':42s} {'bytes':>8s} {'parser ms':>9s} {'+MB':>5s} {'isolated s':>10s} {'+MB':>5s} "
+          f"{'child MB':>8s}  refusal")
+    failed = 0
+    for title in payloads():
+        proc = subprocess.run([sys.executable, __file__, "--one", title], capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+        if proc.returncode != 0 or not lines:
+            failed += 1
+            print(f"{title:42s} measurement failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+            continue
+        r = json.loads(lines[0][len("RESULT"):])
+        refusal = r["message"].split(": ", 1)[-1][:100] + ("" if r["same"] else "  [isolated differs]")
+        print(f"{title:42s} {r['bytes']:8d} {r['parser_ms']:9.2f} {r['parser_mb']:5.1f} {r['isolated_s']:10.2f} "
+              f"{r['isolated_mb']:5.1f} {r['child_peak_mb']:8.0f}  {refusal}")
+        failed += r["message"] == "ACCEPTED"
+    print("parser: the refusal in the caller's process; isolated: through the child process the CLI and the Import "
+          "node use (its time is mostly interpreter and torch start-up; child MB: its whole peak RSS, torch "
+          "included).")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
