@@ -166,8 +166,8 @@ def _read_zip(f, limits: Limits, size: int):
             raise TorchFileError(f"zip entry '{info.filename[:100]}' is corrupt ({_first_line(e)})") from None
 
     order = by_name.get(prefix + "byteorder")
-    if order is not None and order.file_size <= 16 and read(order) not in (b"little", b"little\n"):
-        raise TorchFileError("the torch zip archive was written big-endian")
+    if order is not None and (order.file_size > 16 or read(order) not in (b"little", b"little\n")):
+        raise TorchFileError("the torch zip archive was not written little-endian (its byteorder entry)")
     if pkls[0].file_size > limits.pickle_bytes:
         raise TorchFileError(f"data.pkl is {pkls[0].file_size} bytes (budget: {limits.pickle_bytes})")
     pkl = read(pkls[0])

@@ -422,3 +422,52 @@ def test_hostile_reward_weight_files_are_refused_without_torch_load(tmp_path, ti
     assert peak_growth_mb(refuse) < MAX_GROWTH_MB  # was: a 300 kB deep tuple .pt killed the process (SIGSEGV)
     msg = errors[0]
     assert "head.pt" in msg and "never pickled objects" in msg and "save_file" in msg, msg
+
+
+def _legacy(numel: int, count: int, data: bytes, keys=("0",)) -> bytes:
+    """torch's legacy layout of one FloatStorage, with the element counts and data given (hand-made)."""
+    h = hostile_pickles
+    pid = (b"\x80\x02(" + h.binunicode("storage") + h.global_("torch", "FloatStorage") + h.binunicode("0")
+           + h.binunicode("cpu") + b"J" + numel.to_bytes(4, "little") + b"Nt" + b"Q.")
+    import pickle
+    return h.legacy_prefix(3) + pid + pickle.dumps(list(keys), protocol=2) + count.to_bytes(8, "little") + data
+
+
+def _zip_storage(numel: int, entry: bytes, compression=None) -> bytes:
+    h = hostile_pickles
+    pkl = (b"\x80\x02(" + h.binunicode("storage") + h.global_("torch", "FloatStorage") + h.binunicode("0")
+           + h.binunicode("cpu") + b"J" + numel.to_bytes(4, "little") + b"tQ.")
+    data = h.torch_zip(pkl, {"data/0": entry})
+    if compression is not None:
+        import zipfile
+        buf = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(buf, "w", compression) as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info))
+        data = buf.getvalue()
+    return data
+
+
+@pytest.mark.parametrize("data,words", [
+    (_legacy(10 ** 9, 10 ** 9, bytes(16)), "claims 1000000000 elements (4000000000 bytes), more than the file's"),
+    (_legacy(4, 5, bytes(20)), "claims 4 elements, its data header 5"),
+    (_legacy(4, 4, bytes(12)), "claims 4 elements, its data header 4, and 12 bytes are left"),
+    (_legacy(4, 4, bytes(17)), "1 unexpected bytes follow the last storage's data"),
+    (_legacy(4, 4, bytes(16), keys=("1",)), "lists the storage keys"),
+    (_zip_storage(4, bytes(8)), "claims 4 elements (16 bytes), its entry holds 8 bytes"),
+    (_zip_storage(10 ** 9, bytes(16)), "claims 1000000000 elements"),
+    (_zip_storage(4, bytes(16), compression=8), "is compressed"),  # zipfile.ZIP_DEFLATED
+])
+def test_storage_layout_errors_are_refused_with_the_problem_named(data, words):
+    from epd_core.torch_storage import TorchFileError, read_storage
+    with pytest.raises(TorchFileError) as err:
+        read_storage(data)
+    assert words in str(err.value), str(err.value)
+
+
+def test_the_hand_made_storages_are_valid_when_consistent():
+    from epd_core.torch_storage import read_storage
+    values = torch.arange(4, dtype=torch.float32)
+    raw = values.numpy().tobytes()
+    assert torch.equal(read_storage(_legacy(4, 4, raw)), values)
+    assert torch.equal(read_storage(_zip_storage(4, raw)), values)
