@@ -11,7 +11,8 @@ the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the
      (K = 1: the same compute as a built-in; the K-point tables only when no K = 1 table exists), then the lowest
      expected ratio;
   2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler;
-  3. no measurement near `cfg` at all: the table trained nearest `cfg`, said to be unmeasured there.
+  3. no measurement at all: the table trained nearest `cfg` (the first of `tables` among equals), said to be
+     unmeasured there.
 The expected ratio at `cfg` is the worse of the two measured entries around it (the nearest one outside the
 measured span), so a table is never trusted between two scales where one of them showed it losing.
 """
@@ -83,7 +84,7 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     if not tables:
         raise ValueError("choose() needs at least one table")
     if cfg is None or not math.isfinite(cfg):
-        table = _fewest_points(tables)
+        table = min(tables, key=lambda t: t.num_points)  # one call per step first, else the caller's order
         return Choice(table, None, f"CFG unknown here: {_label(table)} as trained")
     rated = [(expected_ratio(t, cfg), t) for t in tables]
     winners = [(r, t) for r, t in rated if r is not None and r < 1.0]
@@ -98,7 +99,8 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
         best = min(r for r, _ in rated if r is not None)
         return Choice(None, b, f"no table beats the best built-in at CFG {cfg:g} (best table: {best:.2f} of its "
                       f"error, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
-    table = min(tables, key=lambda t: (_distance(t, cfg), t.num_points))
+    # nearest trained CFG; ties (and tables that do not say) keep the caller's order (KSampler: operator's first)
+    table = min(tables, key=lambda t: _distance(t, cfg))
     rng = trained_range(table)
     where = "an unknown CFG" if rng is None else (f"CFG {rng[0]:g}" if rng[0] == rng[1] else
                                                    f"CFG {rng[0]:g}-{rng[1]:g}")
@@ -107,14 +109,10 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     return Choice(table, None, f"{_label(table)}, trained at {where}{note}")
 
 
-def _fewest_points(tables):
-    return min(tables, key=lambda t: t.num_points)
-
-
 def _distance(params: EPDParams, cfg: float) -> float:
     rng = trained_range(params)
     if rng is None:
-        return math.inf
+        return 0.0
     return 0.0 if rng[0] <= cfg <= rng[1] else min(abs(cfg - rng[0]), abs(cfg - rng[1]))
 
 

@@ -14,7 +14,7 @@ from epd_core.solvers import variant
 from .compat import io
 from .privacy import private_errors
 from .sockets import CATEGORY, EPDParamsType
-from .samplers import patcher_of, run_epd
+from .samplers import patcher_of, run_guarded
 from .tables import load_table, model_family, save_table, table_files
 
 log = logging.getLogger("epd")
@@ -48,6 +48,7 @@ class EPDSampler(io.ComfyNode):
                                      "save memory; out-of-memory also splits automatically."),
             ],
             outputs=[io.Sampler.Output(display_name="SAMPLER")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -66,9 +67,13 @@ class EPDSampler(io.ComfyNode):
         if max_order and variant(solver).default_order > 1:  # a variant with a multistep predictor
             opts["max_order"] = max_order
 
+        node_id = cls.hidden.unique_id if cls.hidden else None
+
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
             warn_other_family(params, patcher_of(model))
-            return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **{**opts, **kw})
+            # at a CFG where the table was measured to lose to the best built-in: that built-in, said on the node
+            return run_guarded(solver, [(params, "the connected table")], model, x, sigmas, extra_args, callback,
+                               disable, node_id=node_id, **{**opts, **kw})
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample))
 
 

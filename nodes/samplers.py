@@ -7,15 +7,17 @@ import logging
 
 import comfy.k_diffusion.sampling
 import comfy.samplers
+import torch
 
+from epd_core import cfg_guard
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
 from epd_core.params import MAX_STEPS
 from epd_core.solver import with_own_sigmas
 from epd_core.solvers import NAMES, variant
 
-from .compat import few_step_hint, model_problem, sequential_reasons
-from .tables import find_preset, model_family, neutral_table
+from .compat import few_step_hint, model_problem, send_progress_text, sequential_reasons
+from .tables import find_presets, model_family, neutral_table
 
 log = logging.getLogger("epd")
 SAMPLER_NAMES = NAMES
@@ -59,8 +61,65 @@ def model_sampling_of(model):
         return None
 
 
+def guidance_of(model) -> float | None:
+    """The CFG scale of the guider behind a sampler function's `model` (ComfyUI's CFGGuider.cfg), or None (a
+    custom guider without one)."""
+    cfg = getattr(getattr(model, "inner_model", None), "cfg", None)
+    return float(cfg) if type(cfg) in (int, float) else None
+
+
+def builtin_sigmas(model_sampling, sampler: str, scheduler: str, steps: int):
+    """The sigma list KSampler gives `sampler` with `scheduler` (its discard-penultimate rule included), or the
+    AlignYourSteps (ays_sd1 ...) / GITS (gits_<coeff>) scheduler node's list; None for a scheduler unknown here."""
+    if scheduler.startswith("ays_"):
+        from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
+        return AlignYourStepsScheduler.execute(scheduler[4:].upper(), steps, 1.0).result[0]
+    if scheduler.startswith("gits_"):
+        from comfy_extras.nodes_gits import GITSScheduler
+        return GITSScheduler.execute(float(scheduler[5:]), steps, 1.0).result[0]
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        return None
+    discard = sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + int(discard))
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def run_builtin(builtin: dict, model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Sample exactly as a ComfyUI built-in ({"sampler", "scheduler", "steps"}, as a table's measured_cfg records
+    it): on that scheduler's sigmas for a full denoise of the same step count, else on the given sigmas."""
+    fn = comfy.samplers.ksampler(builtin["sampler"]).sampler_function
+    ms = model_sampling_of(model)
+    full = ms is not None and abs(float(sigmas[0]) - float(ms.sigma_max)) <= 1e-3 * float(ms.sigma_max)
+    if full and builtin.get("steps") == len(sigmas) - 1:
+        own = builtin_sigmas(ms, builtin["sampler"], builtin["scheduler"], builtin["steps"])
+        if own is not None and len(own) == len(sigmas):
+            sigmas = own.to(sigmas)
+    return fn(model, x, sigmas, extra_args=extra_args or {}, callback=callback, disable=disable)
+
+
+def run_guarded(solver: str, tables: list, model, x, sigmas, extra_args=None, callback=None, disable=None,
+                node_id=None, what: str | None = None, **opts):
+    """Run `solver` with the table epd_core.cfg_guard chooses among `tables` ((table, name) pairs) at the model's
+    CFG, or exactly as the best built-in recorded there when no table beats it; says which in the log (`what`:
+    '<solver> on <family> with <n> steps') and under the node `node_id`."""
+    cfg = guidance_of(model)
+    choice = cfg_guard.choose([t for t, _ in tables], cfg)
+    name = next((shown for t, shown in tables if t is choice.table), None)
+    b = choice.builtin
+    used = name if name else f"the built-in {b['sampler']} ({b['scheduler']})"
+    if what:
+        log_once((what, used), logging.INFO, f"EPD: {what} uses {used}")
+    text = f"EPD: {solver} at CFG {'?' if cfg is None else f'{cfg:g}'}: {choice.reason}"
+    log_once((solver, text), logging.INFO if choice.table is not None else logging.WARNING, text)
+    send_progress_text(f"{used}: {choice.reason}", node_id)
+    if choice.table is None:
+        return run_builtin(b, model, x, sigmas, extra_args, callback, disable)
+    return run_epd(solver, model, x, sigmas, choice.table, extra_args, callback, disable, **opts)
+
+
 def _dropdown_sampler(solver: str):
-    """KSampler entry: the best table for the connected model and step count, else the neutral one."""
+    """KSampler entry: the tables for the connected model and step count (chosen at the model's CFG by
+    epd_core.cfg_guard), else the neutral one / the variant's untrained built-in."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
         steps = positive_steps(sigmas)
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables
@@ -69,16 +128,19 @@ def _dropdown_sampler(solver: str):
         if steps > MAX_STEPS:  # no table, not even the neutral one, has more rows
             raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "
                              f"positive sigma were asked); use fewer steps")
-        found = find_preset(family, solver, steps, calls)
+        found = find_presets(family, solver, steps, calls)
         untrained = variant(solver).untrained
-        if found is not None and untrained and found[0].num_steps != calls:
-            found = None  # its rows are per step: a table of another step count is not used (its built-in is)
-        if found is None and untrained:
+        if untrained:  # its rows are per step: a table of another step count is not used (its built-in is)
+            found = [f for f in found if f[0].num_steps == calls]
+        # the operator's listed tables before the pack's own (nodes/tables.py): the guard chooses within the first
+        found = [(t, shown) for t, shown, pretrained in found if pretrained == found[0][2]] if found else []
+        if found:
+            return run_guarded(solver, found, model, x, sigmas, extra_args, callback, disable,
+                               what=f"{solver} on {family} with {steps} steps", **opts)
+        if untrained:
             params, source = None, f"no {solver} table of {calls} steps for this model: exactly {untrained}"
-        elif found is None:
-            params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         else:
-            params, source = found
+            params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
         log_once((solver, family, steps, source), logging.INFO,
                  f"EPD: {solver} on {family} with {steps} steps uses {source}")
         return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **opts)

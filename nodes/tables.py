@@ -3,9 +3,9 @@
 Files: `models/epd_params/` (the user's, first so new files land there) and the pack's `pretrained_params/`,
 both under the one folder name "epd_params" so a single Load EPD Params combo lists them.
 
-Which tables KSampler may pick by itself (`find_preset`): anyone who can queue a graph can write tables into
-models/epd_params/ (Save EPD Params, Import EPD Predictor, EPD Trainer), so a plain KSampler run must not trust
-every file there. It picks only
+Which tables KSampler may pick by itself (`find_preset`, `find_presets`): anyone who can queue a graph can write
+tables into models/epd_params/ (Save EPD Params, Import EPD Predictor, EPD Trainer), so a plain KSampler run must
+not trust every file there. It picks only
   * the pack's own `pretrained_params/`, and
   * user tables the operator listed, one file name per line, in `ksampler_presets.txt` inside a registered
     epd_params folder (e.g. models/epd_params/ksampler_presets.txt). No node writes that file, and the Save /
@@ -230,6 +230,14 @@ def find_preset(family: str, solver: str, steps: int, calls: int | None = None) 
     number of steps to a positive sigma (or, for "to_zero" tables, KSampler's step count `calls` as their
     latency NFE): an exact match first, else the nearest of the family.
     Broken or oversized candidates are skipped, each with one log line naming the file."""
+    found = find_presets(family, solver, steps, calls)
+    return found[0][:2] if found else None
+
+
+def find_presets(family: str, solver: str, steps: int, calls: int | None = None) -> list[tuple[EPDParams, str, bool]]:
+    """(table, shown name, is the pack's own) of every loadable table of the nearest size `find_preset` would
+    consider, best first (e.g. the K = 1 and the K = 3 EPD-MS table of one NFE, or tables trained at several CFG
+    scales: epd_core.cfg_guard chooses among them at the user's CFG)."""
     candidates = []
     for path, shown, pretrained in preset_candidates():
         try:
@@ -244,8 +252,11 @@ def find_preset(family: str, solver: str, steps: int, calls: int | None = None) 
         except Exception as e:  # noqa: BLE001 - any broken header skips this table, never the sampling
             _skip(path, shown, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:120]}")
             continue
-        candidates.append((rank, path, shown))
-    for _, path, shown in sorted(candidates, key=lambda c: c[0]):
+        candidates.append((rank, path, shown, pretrained))
+    found, size = [], None
+    for rank, path, shown, pretrained in sorted(candidates, key=lambda c: c[0]):
+        if size is not None and rank[0] != size:
+            break  # only the nearest size (an exact match when there is one)
         try:
             params = load_path(path, shown)
         except Exception as e:  # noqa: BLE001 - a broken file must not break sampling with the others
@@ -255,8 +266,9 @@ def find_preset(family: str, solver: str, steps: int, calls: int | None = None) 
             _skip(path, shown, f"{params.num_steps} steps x K={params.num_points} exceeds the limits "
                                f"({PRESET_MAX_STEPS} x {PRESET_MAX_POINTS})")
             continue
-        return params, shown
-    return None
+        found.append((params, shown, pretrained))
+        size = rank[0]
+    return found
 
 
 def _skip(path, shown: str, problem: str) -> None:

@@ -25,9 +25,9 @@ def base_graph(tag, batch=BATCH, digit=DIGIT):
     }
 
 
-def ksampler(latent, sampler, steps, seed, scheduler="karras", denoise=1.0, model=("logged", 0)):
+def ksampler(latent, sampler, steps, seed, scheduler="karras", denoise=1.0, model=("logged", 0), cfg=CFG):
     return {"class_type": "KSampler", "inputs": {
-        "model": list(model), "seed": seed, "steps": steps, "cfg": CFG, "sampler_name": sampler,
+        "model": list(model), "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
         "scheduler": scheduler, "positive": ["cond", 0], "negative": ["cond", 1], "latent_image": list(latent),
         "denoise": denoise}}
 
