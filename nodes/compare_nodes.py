@@ -28,7 +28,7 @@ from epd_core.solvers import variant
 from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
 from .sockets import CATEGORY, EPDParamsType
 from .progress import duration
-from .plotting import _font, nfe_chart, to_image_tensor
+from .plotting import _font, nfe_chart, to_image_tensor, wrap
 from .tables import find_preset, model_family
 
 log = logging.getLogger("epd")
@@ -40,6 +40,8 @@ DEFAULT_SCHEDULERS = "karras,exponential,sgm_uniform,beta,ays"
 AYS_MODEL_TYPE = {"sd15": "SD1", "sd2": "SD1", "epd_demo_mnist": "SD1", "epd_demo_digits": "SD1", "sdxl": "SDXL"}
 PACK_PICK = ["all", "epd", "epd_plugin", "epd_ms", "none"]
 HELD_OUT_SEED = 1_000_003  # the trainer's held-out noises: seeds seed + this + i, a stream training never draws
+TIMING_REPEATS = 3  # timed runs per candidate (the median is kept): EPD Compare's default, the trainer's report
+MEASURE_MINUTES = 10.0  # the EPD Trainer's default budget for its held-out report (an input: measure_minutes)
 
 
 # ================================================================================================ candidates
@@ -256,10 +258,12 @@ def reference_candidate(model_patcher, sampler: str, scheduler: str, steps: int)
 
 
 def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds, nfes, tables, builtins,
-                   schedulers, reference, max_seconds, node_id=None, who="EPD Compare", bar=True):
+                   schedulers, reference, max_seconds, node_id=None, who="EPD Compare", bar=True,
+                   repeats: int = TIMING_REPEATS):
     """Build everything and run epd_core.compare in the guider. tables: [(name, EPDParams)]; reference:
-    (sampler, scheduler, steps); bar: drive the running node's progress bar (the trainer keeps its own).
-    Returns (Comparison, latent_out function)."""
+    (sampler, scheduler, steps); bar: drive the running node's progress bar (the trainer keeps its own);
+    repeats: timed runs of every scored candidate on one seed's batch (the latent's batch: seconds per image at
+    the batch size the user samples with). Returns (Comparison, latent_out function)."""
     fit_noise, test_noise = make_noises(model, latent, fit_seeds), make_noises(model, latent, test_seeds)
     field = builtin_field(model, builtins, schedulers, nfes)
     ref = reference_candidate(model, *reference)
@@ -267,7 +271,7 @@ def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds
 
     def measure(ctx):
         cands = [table_candidate(p, name, ctx.model_sampling, ctx.sequential) for name, p in tables]
-        calls = compare.planned_calls(ref, field, cands, nfes, 1, 1)
+        calls = compare.planned_calls(ref, field, cands, nfes, 1, 1, repeats)
         scaled = ctx.scale(fit_noise)
         per_call = seconds_per_call(ctx, scaled[:1])  # one sample first: a batch is never faster
         if len(scaled) > 1 and calls * per_call <= max_seconds:
@@ -278,7 +282,8 @@ def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds
                  who, calls, duration(estimate), len(fit_noise), len(test_noise), len(field), len(cands))
         progress = _Progress(calls, node_id, bar)
         result = compare.compare(ctx.model, ctx.scale(fit_noise), ctx.scale(test_noise), ref, field, cands, nfes,
-                                 chunk=chunk, extra=ctx.extra, on_call=progress.on_call, on_stage=progress.stage)
+                                 chunk=chunk, extra=ctx.extra, on_call=progress.on_call, on_stage=progress.stage,
+                                 repeats=repeats, timed_samples=len(test_noise) // len(test_seeds))
         return result, ctx.latent_out
     return inside_guider(model, positive, negative, cfg, (chunk, *fit_noise.shape[1:]), measure)
 
@@ -286,43 +291,56 @@ def run_comparison(model, positive, negative, cfg, latent, fit_seeds, test_seeds
 # ================================================================================================ pictures
 
 def plot(result: compare.Comparison, title: str) -> Image.Image:
+    """RMSE against latency NFE and (timed runs) against time per image: the best built-in per NFE, dashed,
+    labelled sampler/scheduler; one curve per connected table and per solver of the pack's picks."""
     nfes = sorted(result.nfe)
-    best = {n: result.best(n)["rmse"] for n in nfes if result.best(n)}
+    best = {n: b["rmse"] for n in nfes if (b := result.best(n))}
     labels = {n: f"{b['sampler']}/{b['scheduler']}" for n in nfes if (b := result.best(n))}
-    series = {"best built-in (fit-chosen per NFE)": best}
+    key = "best built-in (fit-chosen per NFE)"
+    series, times = {key: best}, {key: {n: b["seconds"] for n in nfes if (b := result.best(n))}}
     for n in nfes:  # one curve per connected table, one per solver of the pack's picks (a table per NFE)
         for name, t in result.nfe[n]["tables"].items():
             series.setdefault(name.split(" - ")[0], {})[n] = t["rmse"]
-    return nfe_chart(series, title, labels, ylabel=f"RMSE to {result.reference}, held-out seeds")
+            times.setdefault(name.split(" - ")[0], {})[n] = t["seconds"]
+    return nfe_chart(series, title, labels, ylabel=f"RMSE to {result.reference}, held-out seeds",
+                     times=times if result.repeats else None)
 
 
 def grid(result: compare.Comparison, decode) -> Image.Image:
-    """Per NFE one row: each table's first test sample, the best built-in's, the reference (same seed)."""
+    """Per NFE one row: each table's first test sample, the best built-in's, the reference (same seed), each
+    labelled in full (wrapped over lines, never cut) with its held-out RMSE."""
     rows = []
     for n in sorted(result.nfe):
-        row = [(name.split(" - ")[-1] if " pick - " in name else name.split(" - ")[0],
-                result.firsts[("table", n, name)]) for name in result.nfe[n]["tables"]]
+        row = [(name.split(" - ")[-1] if " pick - " in name else name, t["rmse"],
+                result.firsts[("table", n, name)]) for name, t in result.nfe[n]["tables"].items()]
         b = result.best(n)
         if b:
-            row.append((f"best: {b['sampler']}/{b['scheduler']}", result.firsts[("builtin", n, b["sampler"])]))
+            row.append((f"best built-in: {b['sampler']}/{b['scheduler']}", b["rmse"],
+                        result.firsts[("builtin", n, b["sampler"])]))
         if row:
-            rows.append((n, row + [("reference", result.firsts["reference"])]))
+            rows.append((n, row + [(f"reference: {result.reference}", None, result.firsts["reference"])]))
     if not rows:
         return Image.new("RGB", (320, 40), (255, 255, 255))
-    tiles = [[(label, decode(x)) for label, x in row] for _, row in rows]
-    tw = max(150, max(im.width for row in tiles for _, im in row))
-    th = max(im.height for row in tiles for _, im in row)
+    tiles = [[(label, rmse, decode(x)) for label, rmse, x in row] for _, row in rows]
+    tw = max(150, max(im.width for row in tiles for *_, im in row))
+    th = max(im.height for row in tiles for *_, im in row)
     cols = max(len(row) for row in tiles)
-    pad, head = 60, 28
-    img = Image.new("RGB", (pad + cols * (tw + 8), len(tiles) * (th + head)), (255, 255, 255))
+    font, line_h = _font(11), 13
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [[wrap(d, label, tw, font) + ([f"RMSE {rmse:.4g}"] if rmse is not None else []) for label, rmse, _ in row]
+             for row in tiles]
+    heads = [6 + line_h * max(len(t) for t in row) + 4 for row in texts]
+    pad = 64
+    img = Image.new("RGB", (pad + cols * (tw + 10), sum(heads) + len(tiles) * (th + 6)), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    for i, ((n, _), row) in enumerate(zip(rows, tiles)):
-        y = i * (th + head)
+    y = 0
+    for (n, _), row, text, head in zip(rows, tiles, texts, heads):
         d.text((4, y + head + th // 2 - 7), f"NFE {n}", fill=(30, 30, 30), font=_font(13))
-        for j, (label, im) in enumerate(row):
-            x = pad + j * (tw + 8)
-            d.text((x, y + 6), label[:tw // 6], fill=(30, 30, 30), font=_font(10))
+        for j, ((_, _, im), lines) in enumerate(zip(row, text)):
+            x = pad + j * (tw + 10)
+            d.multiline_text((x, y + 6), "\n".join(lines), fill=(30, 30, 30), font=font, spacing=2)
             img.paste(im, (x + (tw - im.width) // 2, y + head))
+        y += head + th + 6
     return img
 
 
@@ -354,7 +372,9 @@ class EPDCompare(io.ComfyNode):
                         "(RMSE in latent space) to an accurate reference solution against the latency NFE (model "
                         "calls per image, counted), for the connected tables and/or the pack's own pick and for "
                         "ComfyUI's deterministic samplers, each with the scheduler that suits it best on the first "
-                        "seeds, scored on the other seeds. Outputs a plot, a text table and, with a VAE, an image "
+                        "seeds, scored on the other seeds. Times every candidate on this device (seconds per image) "
+                        "and gives two verdicts per table: at equal calls and at equal time (against the best "
+                        "built-in that is not slower). Outputs a plot, a text table and, with a VAE, an image "
                         "grid. Estimates its time first and refuses runs longer than max_minutes.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to measure on."),
@@ -387,9 +407,13 @@ class EPDCompare(io.ComfyNode):
                                tooltip="The reference's scheduler."),
                 io.Int.Input("reference_steps", default=100, min=10, max=2000,
                              tooltip="The reference's steps (100 DPM++ 2M steps is near exact for most models)."),
-                io.Float.Input("max_minutes", default=30.0, min=0.1, max=1440.0, step=0.5,
+                io.Float.Input("max_minutes", default=30.0, min=0.01, max=1440.0, step=0.5,
                                tooltip="Refuse to start when the estimated time (measured model-call time x the "
                                        "calls needed) is longer."),
+                io.Int.Input("timing_repeats", default=TIMING_REPEATS, min=0, max=50, optional=True,
+                             tooltip="Timed runs of every candidate on one seed's batch (the median is kept, in "
+                                     "seconds per image on this device) for the verdict at equal time; 0: no "
+                                     "timing, the verdict at equal calls only."),
                 EPDParamsType.Input("params", optional=True, tooltip="A table to measure (Load EPD Params, EPD "
                                                                      "Trainer), on its own schedule."),
                 EPDParamsType.Input("params_2", optional=True, tooltip="Another table to measure."),
@@ -397,7 +421,8 @@ class EPDCompare(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the image grid (same seed: tables, best "
                                                            "built-in, reference)."),
             ],
-            outputs=[io.Image.Output(display_name="plot", tooltip="RMSE to the reference against latency NFE."),
+            outputs=[io.Image.Output(display_name="plot", tooltip="RMSE to the reference against latency NFE and "
+                                                                  "against time per image."),
                      io.String.Output(display_name="table", tooltip="The numbers, with a verdict per table."),
                      io.Image.Output(display_name="grid", tooltip="Per NFE: the tables, the best built-in and the "
                                                                   "reference from the first held-out seed.")],
@@ -406,8 +431,8 @@ class EPDCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, cfg, seeds, fit_seeds, nfe, pack_pick, builtins, schedulers,
-                reference_sampler, reference_scheduler, reference_steps, max_minutes, params=None, params_2=None,
-                params_3=None, vae=None) -> io.NodeOutput:
+                reference_sampler, reference_scheduler, reference_steps, max_minutes, timing_repeats=TIMING_REPEATS,
+                params=None, params_2=None, params_3=None, vae=None) -> io.NodeOutput:
         seed_list = parse_ints(seeds, "seeds", 0, 0xFFFFFFFFFFFFFFFF)
         if len(seed_list) <= fit_seeds:
             raise ValueError(f"EPD Compare: {len(seed_list)} seeds and fit_seeds {fit_seeds} leave none to score "
@@ -423,7 +448,8 @@ class EPDCompare(io.ComfyNode):
         result, latent_out = run_comparison(model, positive, negative, cfg, latent, seed_list[:fit_seeds],
                                             seed_list[fit_seeds:], nfes, tables, samplers, scheds,
                                             (reference_sampler, reference_scheduler, reference_steps),
-                                            max_minutes * 60, cls.hidden.unique_id if cls.hidden else None)
+                                            max_minutes * 60, cls.hidden.unique_id if cls.hidden else None,
+                                            repeats=timing_repeats)
         text = compare.report(result)
         log.info("EPD Compare:\n%s", text)
         chart = to_image_tensor(plot(result, f"EPD Compare - {model_family(model)}"))
@@ -439,35 +465,49 @@ class EPDCompare(io.ComfyNode):
 
 # ================================================================================================ the trainer
 
-def measure_table(model, positive, negative, cfg, latent, table: EPDParams, seed: int, budget_s: float) -> dict:
-    """The EPD Trainer's held-out report: the new table against the best built-in (default field, chosen on 8
-    held-out noises) at the table's latency NFE, scored on 8 more; the `measured` metadata of the table. When the
-    estimate exceeds budget_s, {"skipped": why} instead."""
+def measure_table(model, positive, negative, cfg, latent, table: EPDParams, seed: int, budget_s: float,
+                  repeats: int = TIMING_REPEATS) -> dict:
+    """The EPD Trainer's held-out report: the new table against the built-ins (default field, chosen on 8 held-out
+    noises, scored on 8 more) at the table's latency NFE and at its compute NFE (as many calls as the table makes
+    model evaluations: what a built-in may spend at equal time on a device where a K-point call costs K calls),
+    each candidate timed at batch 1; the `measured` metadata of the table, with the verdict at equal calls and at
+    equal time. When the estimate exceeds budget_s (or budget_s is 0), {"skipped": why} instead."""
+    if budget_s <= 0:
+        return {"skipped": "measure_minutes is 0"}
     latent = {**latent, "samples": latent["samples"][:1]}
     seeds = [seed + HELD_OUT_SEED + i for i in range(16)]
     try:
         probe = table_candidate(table, "new table", model.get_model_object("model_sampling"), False)
         if probe.calls is None:
             return {"skipped": "the table could not be run on its own schedule"}
-        result, _ = run_comparison(model, positive, negative, cfg, latent, seeds[:8], seeds[8:], [probe.calls],
+        nfes = sorted({probe.calls, math.ceil(probe.evals or probe.calls)})
+        result, _ = run_comparison(model, positive, negative, cfg, latent, seeds[:8], seeds[8:], nfes,
                                    [("new table", table)], parse_names(DEFAULT_BUILTINS, DETERMINISTIC, ""),
                                    parse_names(DEFAULT_SCHEDULERS, [*comfy.samplers.SCHEDULER_NAMES, "ays"], ""),
                                    ("dpmpp_2m", "karras", 100), budget_s, who="EPD Trainer's measurement",
-                                   bar=False)
+                                   bar=False, repeats=repeats)
     except (ValueError, EPDParamsError) as e:
         return {"skipped": str(e)}
     best, row = result.best(probe.calls), result.nfe[probe.calls]["tables"].get("new table")
     if not best or not row:
         return {"skipped": f"no built-in ran at NFE {probe.calls}"}
-    return {"nfe": probe.calls, "ratio": round(row["ratio"], 4), "rmse": row["rmse"], "best_builtin": best["name"],
-            "best_builtin_rmse": best["rmse"], "reference": result.reference, "held_out_samples": result.test_samples,
-            "fit_samples": result.fit_samples, "verdict": compare.verdict(row["ratio"], best["name"])}
+    measured = {"nfe": probe.calls, "compute_nfe": row["compute_nfe"], "ratio": round(row["ratio"], 4),
+                "rmse": row["rmse"], "best_builtin": best["name"], "best_builtin_rmse": best["rmse"],
+                "reference": result.reference, "held_out_samples": result.test_samples,
+                "fit_samples": result.fit_samples, "verdict": compare.verdict(row["ratio"], best["name"])}
+    if result.repeats:
+        opponent = row["equal_time"]
+        measured.update(seconds_per_image=row["seconds"], best_builtin_seconds=best["seconds"],
+                        timing=f"median of {result.repeats} runs of {result.timed_samples} sample(s) on "
+                               f"{result.device}, built-ins at NFE {', '.join(map(str, nfes))}",
+                        equal_time=opponent, time_verdict=compare.time_verdict(row["seconds"], opponent))
+    return measured
 
 
-def record_measurement(table: EPDParams, model, positive, negative, cfg, latent, seed: int, trained_s: float) -> str:
-    """The EPD Trainer's report: measure_table() with a budget of a quarter of the training time (at least a
-    minute), written into the table's metadata as `measured`; returns the line for the node's output."""
-    measured = measure_table(model, positive, negative, cfg, latent, table, seed, max(60.0, trained_s / 4))
+def record_measurement(table: EPDParams, model, positive, negative, cfg, latent, seed: int, budget_s: float) -> str:
+    """The EPD Trainer's report: measure_table() within `budget_s` seconds (the node's measure_minutes), written
+    into the table's metadata as `measured`; returns the line for the node's output."""
+    measured = measure_table(model, positive, negative, cfg, latent, table, seed, budget_s)
     table.metadata["measured"] = measured
     text = compare.measured_text(measured)
     log.info("EPD Trainer: the new table %s", text)

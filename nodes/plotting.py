@@ -130,42 +130,61 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     return img
 
 
-def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int, str] | None = None,
-              ylabel: str = "RMSE to the reference", size=(960, 480)) -> Image.Image:
-    """Curves over latency NFE (x: the NFEs themselves, y: log scale), one per series name ({NFE: value}); the
-    first series is drawn dashed black (the best built-in) and `labels` writes a short text at its points."""
-    w, h = size
-    img = Image.new("RGB", size, BG)
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 80, w - 290, 60, h - 55
-    d.text((left, 8), title, fill=FG, font=_font(16))
-    d.text((left, 32), f"{ylabel} (log scale; lower is better)", fill=(90, 90, 90), font=_font(12))
-    vals = [v for s in series.values() for v in s.values() if math.isfinite(v) and v > 0]
-    xs = sorted({n for s in series.values() for n in s})
-    if not vals or not xs:
-        d.text((left, h // 2), "nothing measured", fill=FG, font=_font())
-        return img
-    lo, hi = math.log10(min(vals)), math.log10(max(vals))
-    pad = max(hi - lo, 0.2) * 0.08
-    lo, hi = lo - pad, hi + pad
-    x0, x1 = xs[0] - 0.5, xs[-1] + 0.5
-    px = lambda n: left + (right - left) * (n - x0) / (x1 - x0)  # noqa: E731
+COLORS = [(214, 39, 40), ACCENT, (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+
+
+def _fit(d: ImageDraw.ImageDraw, text: str, width: float, font) -> str:
+    """`text` shortened with '...' to at most `width` pixels."""
+    if d.textlength(text, font=font) <= width:
+        return text
+    while text and d.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def wrap(d: ImageDraw.ImageDraw, text: str, width: float, font) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken after spaces, '/', '_' or ',' where possible, else
+    anywhere: a label is never cut off."""
+    lines, line = [], ""
+    for ch in text:
+        if d.textlength(line + ch, font=font) <= width or not line:
+            line += ch
+            continue
+        cut = max(line.rfind(c) for c in " /_,")
+        if cut > 0:
+            lines.append(line[:cut + 1].rstrip())
+            line = line[cut + 1:].lstrip() + ch
+        else:
+            lines.append(line)
+            line = ch
+    return lines + [line] if line else lines
+
+
+def _panel(d: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, float]]], xlabel: str, xticks,
+           lo: float, hi: float, labels: list[tuple[float, float, str, tuple]] = ()):
+    """One panel: curves of (x, y > 0) points on a log-y axis [lo, hi] (log10), x ticks [(x, text)]; the first
+    series dashed black. `labels` [(x, y, text, colour)] writes short texts beside points, on whichever side of
+    the point they fit inside the panel."""
+    left, top, right, bottom = box
+    xs = [x for x, _ in xticks] + [x for pts in series.values() for x, _ in pts]
+    x0, x1 = min(xs), max(xs)
+    pad = max(x1 - x0, 1e-12) * 0.08 if x1 > x0 else max(abs(x0), 1.0) * 0.5
+    x0, x1 = x0 - pad, x1 + pad
+    px = lambda x: left + (right - left) * (x - x0) / (x1 - x0)  # noqa: E731
     py = lambda v: bottom - (bottom - top) * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
     for i in range(5):
-        yv = lo + (hi - lo) * i / 4
         y = bottom - (bottom - top) * i / 4
         d.line([(left, y), (right, y)], fill=GRID)
-        d.text((5, y - 7), f"{10 ** yv:.3g}", fill=FG, font=_font(12))
-    for n in xs:
-        d.line([(px(n), bottom), (px(n), bottom + 4)], fill=FG)
-        d.text((px(n) - 4, bottom + 6), str(n), fill=FG, font=_font(12))
+        text = f"{10 ** (lo + (hi - lo) * i / 4):.3g}"
+        d.text((left - 6 - d.textlength(text, font=_font(12)), y - 7), text, fill=FG, font=_font(12))
+    for x, text in xticks:
+        d.line([(px(x), bottom), (px(x), bottom + 4)], fill=FG)
+        d.text((px(x) - d.textlength(text, font=_font(12)) / 2, bottom + 6), text, fill=FG, font=_font(12))
     d.rectangle([left, top, right, bottom], outline=FG)
-    d.text(((left + right) // 2 - 150, h - 25), "latency NFE (sequential model calls per image)", fill=FG,
-           font=_font(12))
-    colors = [(214, 39, 40), ACCENT, (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
-    for j, (name, s) in enumerate(series.items()):
-        pts = [(px(n), py(v)) for n, v in sorted(s.items()) if math.isfinite(v) and v > 0]
-        col = FG if j == 0 else colors[(j - 1) % len(colors)]
+    d.text(((left + right - d.textlength(xlabel, font=_font(12))) / 2, bottom + 24), xlabel, fill=FG, font=_font(12))
+    for j, (name, pts) in enumerate(series.items()):
+        pts = [(px(x), py(v)) for x, v in pts if math.isfinite(v) and v > 0 and math.isfinite(x)]
+        col = FG if j == 0 else COLORS[(j - 1) % len(COLORS)]
         if j == 0:  # dashed
             for a, b in zip(pts, pts[1:]):
                 for t in range(0, 10, 2):
@@ -176,10 +195,72 @@ def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int,
             d.line(pts, fill=col, width=3)
         for x, y in pts:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
-        legend = name if len(name) <= 40 else name[:38] + "..."
-        d.text((right + 12, top + 4 + 18 * j), f"{'--' if j == 0 else '-'} {legend}", fill=col, font=_font(12))
-    first = next(iter(series.values()))
-    for n, text in (labels or {}).items():
-        if n in first and math.isfinite(first[n]) and first[n] > 0:
-            d.text((px(n) + 6, py(first[n]) + 4), text, fill=(90, 90, 90), font=_font(10))
+    for x, v, text, col in labels:
+        if not (math.isfinite(v) and v > 0 and math.isfinite(x)):
+            continue
+        width = d.textlength(text, font=_font(10))
+        tx = px(x) + 6 if px(x) + 6 + width <= right - 2 else px(x) - 6 - width
+        d.text((max(left + 2, tx), min(py(v) + 4, bottom - 14)), text, fill=col, font=_font(10))
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round values covering [lo, hi]."""
+    span = max(hi - lo, abs(hi) * 1e-3, 1e-12)
+    step = 10 ** math.floor(math.log10(span / count))
+    step *= next(m for m in (1, 2, 5, 10) if span / (step * m) <= count)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int, str] | None = None,
+              ylabel: str = "RMSE to the reference", times: dict[str, dict[int, float]] | None = None,
+              width: int = 960) -> Image.Image:
+    """Curves of an error (y: log scale) over latency NFE, one per series name ({NFE: value}); the first series is
+    drawn dashed black (the best built-in) and `labels` writes a short text at its points. With `times` ({series
+    name: {NFE: seconds per image}}) a second panel beside it plots the same errors against the time per image,
+    each point labelled with its NFE. The legend runs under the panels in columns, so the panels use the whole
+    width of the picture."""
+    vals = [v for s in series.values() for v in s.values() if math.isfinite(v) and v > 0]
+    xs = sorted({n for s in series.values() for n in s})
+    timed = {name: {n: t for n, t in (times or {}).get(name, {}).items() if t is not None and n in series[name]}
+             for name in series}
+    two = any(timed.values())
+    font = _font(12)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cols = 3 if max((probe.textlength(n, font=font) for n in series), default=0) < width / 3 - 40 else 2
+    rows = -(-len(series) // cols)
+    top, panel_h = 58, 300
+    bottom = top + panel_h
+    h = bottom + 48 + 18 * rows + 12
+    img = Image.new("RGB", (width, h), BG)
+    d = ImageDraw.Draw(img)
+    d.text((20, 8), title, fill=FG, font=_font(16))
+    d.text((20, 32), f"{ylabel} (log scale; lower is better)", fill=(90, 90, 90), font=font)
+    if not vals or not xs:
+        d.text((20, h // 2), "nothing measured", fill=FG, font=_font())
+        return img
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    pad = max(hi - lo, 0.2) * 0.08
+    lo, hi = lo - pad, hi + pad
+    gap, margin = 70, 62
+    panel_w = (width - margin - 20 - (gap if two else 0)) / (2 if two else 1)
+    nfe_box = (margin, top, margin + panel_w, bottom)
+    first = next(iter(series))
+    _panel(d, nfe_box, {name: sorted(s.items()) for name, s in series.items()},
+           "latency NFE (sequential model calls per image)", [(n, str(n)) for n in xs], lo, hi,
+           [(n, series[first][n], text, (90, 90, 90)) for n, text in (labels or {}).items() if n in series[first]])
+    if two:
+        seconds = [t for s in timed.values() for t in s.values()]
+        unit, scale = ("ms", 1000.0) if max(seconds) < 1 else ("s", 1.0)
+        ticks = [(t / scale, f"{t:g}") for t in _ticks(min(seconds) * scale, max(seconds) * scale)]
+        _panel(d, (nfe_box[2] + gap, top, width - 20, bottom),
+               {name: [(timed[name][n], series[name][n]) for n in sorted(timed[name])] for name in series},
+               f"time per image ({unit}, median on this device)", ticks, lo, hi,
+               [(t, series[name][n], f"NFE {n}", (90, 90, 90) if j == 0 else COLORS[(j - 1) % len(COLORS)])
+                for j, name in enumerate(series) for n, t in timed[name].items()])
+    col_w = (width - 40) / cols
+    for j, name in enumerate(series):
+        col = FG if j == 0 else COLORS[(j - 1) % len(COLORS)]
+        x, y = 20 + (j % cols) * col_w, bottom + 48 + 18 * (j // cols)
+        d.text((x, y), _fit(d, f"{'--' if j == 0 else '-'} {name}", col_w - 10, font), fill=col, font=font)
     return img

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import comfy.model_management
@@ -24,7 +23,7 @@ from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
 from epd_core.solvers import variant
 
-from .compare_nodes import record_measurement
+from .compare_nodes import MEASURE_MINUTES, record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
 from .progress import TrainingProgress, loss_chart, losses_so_far, reward_chart, rewards_so_far
 from .plotting import to_image_tensor
@@ -100,8 +99,9 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 
 
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
-                inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name, **_):
-    stem, started = table_stem(name), time.monotonic()
+                inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name,
+                measure_minutes=MEASURE_MINUTES, **_):
+    stem = table_stem(name)
     refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
     check_memory(model.load_device, f"the teacher pool ({DistillConfig.num_batches} batches x {batch} samples x "
@@ -130,7 +130,7 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
                            f"shape {list(shape[1:])}. Lower batch or the latent size (a table trained on a small "
                            f"latent works at any size; training keeps one step's activations at a time, so batch "
                            f"and latent size are what count), and use a new name: '{stem}' {kept}.") from None
-    measured = record_measurement(table, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
+    measured = record_measurement(table, model, positive, negative, cfg, latent, seed, measure_minutes * 60)
     return _finish(table, stem, folder, loss_chart(history, stem), f"final loss {history[-1]:.4g}; {measured}")
 
 
@@ -190,7 +190,7 @@ def prompt_conditioning(model, settings: dict, positive, negative, clip) -> tupl
 
 def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher, inserted_steps,
            iterations, learning_rate, batch, seed, cfg, objective, name, reward=None, rl_settings=None,
-           init_params=None, clip=None, **_):
+           init_params=None, clip=None, measure_minutes=MEASURE_MINUTES, **_):
     """RDPO (docs/method.md, "RL fine-tuning") from `init_params`, or from a table distilled first."""
     table_solver = init_params.solver if init_params is not None else solver
     if not variant(table_solver).rl:
@@ -200,7 +200,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
-    stem, started = table_stem(name), time.monotonic()
+    stem = table_stem(name)
     refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)
     prompts, conds = prompt_conditioning(model, settings, positive, negative, clip)
@@ -246,7 +246,7 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
         raise RuntimeError(f"EPD Trainer: {e}") from None
     result.metadata["guidance_scale"] = float(cfg)
     rewards = [h["reward"] for h in history]
-    measured = record_measurement(result, model, positive, negative, cfg, latent, seed, time.monotonic() - started)
+    measured = record_measurement(result, model, positive, negative, cfg, latent, seed, measure_minutes * 60)
     return _finish(result, stem, folder, reward_chart(rewards, stem),
                    f"mean reward {rewards[0]:.4g} -> {rewards[-1]:.4g}; {measured}")
 
@@ -323,6 +323,12 @@ class EPDTrainer(io.ComfyNode):
                                             "Absent: a table is distilled first with the inputs above."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="rl mode: encodes each line of the RL prompts (needed for several prompts)."),
+                io.Float.Input("measure_minutes", default=MEASURE_MINUTES, min=0.0, max=1440.0, step=0.5,
+                               optional=True,
+                               tooltip="After training, the new table is measured against the best built-in "
+                                       "(held-out noises, at equal calls and at equal time) when the estimate fits "
+                                       "in this many minutes; otherwise, or at 0, the table says 'skipped' and EPD "
+                                       "Compare can measure it."),
             ],
             outputs=[EPDParamsType.Output(display_name="EPD_PARAMS", tooltip="The trained table (also saved)."),
                      io.Image.Output(display_name="loss_curve",
