@@ -11,11 +11,11 @@ would execute that source and anything else the file names, so this module never
    budgets (PICKLE_MAX_*: opcodes, nesting depth, items per container, calls of each allowed global, bytes of
    tensor data; dict keys and set items only short strings). So deep tuples that crash hashing, colliding
    integer keys, memo-reused calls and floods of empty containers are refused in milliseconds.
-2. `_RestrictedUnpickler.find_class` resolves only the few names such a file uses, each to an inert
-   stand-in defined here: the persistence hook just returns its meta, storages are read by our own bounded
-   parser of torch's legacy and zip layouts (epd_core/torch_storage.py; no byte reaches torch.load or
-   pickle.loads), torch.nn activation modules become empty placeholders. Any other name is
-   refused with an EPDImportError naming the file and the forbidden global.
+2. Our own pickle evaluator (epd_core/torch_storage.py `evaluate`, with `_Hooks`; pickle's unpickler is never
+   used) builds the values, resolving only the few names such a file uses, each to an inert stand-in defined
+   here: the persistence hook just returns its meta, storages are read by the same evaluator in torch's legacy
+   and zip layouts (no byte reaches torch.load or pickle.loads), torch.nn activation modules become empty
+   placeholders. Any other name is refused with an EPDImportError naming the file and the forbidden global.
 3. `_extract` reads the four logit tables and the hyperparameters out of the meta.
 
 The official activations are ours (docs/method.md, "The table"), so r_params / weight_s / scale_dir_params /
@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
-from .torch_storage import TorchFileError, read_storage
+from .torch_storage import Hooks, Limits, TorchFileError, evaluate, read_storage
 
 IMPORTER_VERSION = 1
 # What a predictor pickle may make the unpickler build, checked by an opcode walk before anything is built
@@ -451,13 +451,35 @@ def _check_global(module: str, name: str):
                    f"predictors this importer reads never contain")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        return _check_global(module, name)
+class _Hooks(Hooks):
+    """What the outer pickle's globals, calls and BUILDs become in our evaluator (epd_core/torch_storage.py, which
+    replaces pickle's unpickler: no byte of the file reaches pickle.load / pickle.loads)."""
+    passthrough = (_Bad,)
 
-    def persistent_load(self, pid):
+    def find(self, module, attr):
+        return _check_global(module, attr)
+
+    def call(self, func, args, op):
+        if op == "REDUCE":  # what pickle does: func(*args); func is a stand-in, a placeholder class or set
+            return func(*args)
+        if not isinstance(func, type):  # NEWOBJ: cls.__new__(cls, *args), as pickle does
+            raise _Refused(f"refused: the pickle creates an object with {op} from a {type(func).__name__}")
+        return func.__new__(func, *args)
+
+    def build(self, target, state):
+        setstate = getattr(target, "__setstate__", None)  # ours refuse, or keep a module's dict as data
+        if setstate is None:
+            raise _Refused(f"refused: the pickle sets attributes of a {type(target).__name__}, which an official "
+                           "EPD predictor never does")
+        setstate(state)
+
+    def persistent(self, pid):
         # plain pickle.dump writes no persistent ids (torch's own ids live inside the storage bytes)
         raise _Refused("refused: the pickle uses a persistent id, which an official EPD predictor never contains")
+
+
+_OUTER_LIMITS = Limits(opcodes=PICKLE_MAX_OPCODES, depth=PICKLE_MAX_DEPTH, items=PICKLE_MAX_ITEMS,
+                       key_chars=PICKLE_MAX_KEY_CHARS)
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -586,14 +608,14 @@ def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None
     _check_magic(data, fail)
     _prescan(data, fail)
     try:
-        top = _RestrictedUnpickler(io.BytesIO(data)).load()
+        top = evaluate(io.BytesIO(data), _OUTER_LIMITS, "the pickle", _Hooks())
     except _OldBranch as e:
         fail(str(e), _FIX_OLD_BRANCH)
     except _OverBudget as e:
         fail(str(e), _FIX_BUDGET.replace("built, run", "run"))  # the walk passed: small objects were built
     except _Refused as e:
         fail(str(e), _FIX_REFUSED)
-    except _Bad as e:
+    except (_Bad, TorchFileError) as e:
         fail(str(e), "The file is damaged or not an official EPD predictor; download it again.")
     except Exception as e:  # noqa: BLE001 - a corrupt pickle can raise almost anything; never crash the caller
         fail(f"the pickle is corrupt ({type(e).__name__}: {_first_line(e)})",

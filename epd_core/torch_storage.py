@@ -317,20 +317,70 @@ def _no_hooks(rest) -> bool:
     return not rest or (type(rest[0]) in (_ODict, dict) and not rest[0])
 
 
+class Hooks:
+    """What a pickle's globals, calls (REDUCE, NEWOBJ), BUILDs and persistent ids become. This base refuses them
+    all; exceptions of the types in `passthrough` that the hooks raise reach the caller unchanged."""
+    passthrough: tuple = ()
+
+    def find(self, module: str, attr: str):
+        raise TorchFileError(f"refused: the pickle asks for the Python global '{str(module)[:100]}."
+                             f"{str(attr)[:100]}', which torch's layout of saved weights never needs here")
+
+    def call(self, func, args: tuple, op: str):
+        raise TorchFileError(f"refused: the pickle calls a {_kind(func)} ({op})")
+
+    def build(self, target, state) -> None:
+        raise TorchFileError(f"refused: BUILD applied to a {_kind(target)}")
+
+    def persistent(self, pid):
+        raise TorchFileError("refused: the opcode BINPERSID, which this pickle never contains")
+
+
+class _TorchHooks(Hooks):
+    """torch's saved weights: storage types, persistent ids, and (state dicts) the tensor stand-ins."""
+
+    def __init__(self, limits: Limits, persistent=None):
+        self.limits, self.load, self.counts = limits, persistent, {}
+
+    def find(self, module, attr):
+        key = (module, attr) if type(module) is str and type(attr) is str else None
+        if self.load is not None and key in _STORAGE_TYPES:
+            return _StorageType(_STORAGE_TYPES[key])
+        if self.limits.tensors and key in _CALLABLES:
+            return _Global(f"{module}.{attr}")
+        return super().find(module, attr)
+
+    def call(self, func, args, op):
+        if op != "REDUCE" or not isinstance(func, _Global):
+            return super().call(func, args, op)
+        return _call(func.name, args, self.counts, self.limits)
+
+    def build(self, target, state):
+        # torch.save(module.state_dict()) sets the dict's `_metadata` (layer versions): read, then dropped
+        if type(target) is not _ODict or type(state) is not dict:
+            super().build(target, state)
+
+    def persistent(self, pid):
+        return super().persistent(pid) if self.load is None else self.load(pid)
+
+
 _SCALARS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 _LITERALS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "UNICODE",
              "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8")
+_PY2_STRINGS = ("STRING", "BINSTRING", "SHORT_BINSTRING")  # decoded as ASCII, as pickle does by default
 
 
 def _evaluate(stream, limits: Limits, what: str, persistent=None):
-    """Run ONE pickle from `stream` (stopping after its STOP) within `limits`, building only allowed values."""
+    return evaluate(stream, limits, what, _TorchHooks(limits, persistent))
+
+
+def evaluate(stream, limits: Limits, what: str, hooks: Hooks):
+    """Run ONE pickle from `stream` (stopping after its STOP) within `limits`, building only literals and what
+    `hooks` make of globals, calls, BUILDs and persistent ids. Our own replacement for pickle's unpickler: every
+    opcode is handled here, bounded, or refused."""
     stack: list[_V] = []
     marks: list[int] = []
     memo: dict[int, _V] = {}
-    counts: dict[str, int] = {}
-    allowed = dict(_STORAGE_TYPES) if persistent is not None else {}
-    if limits.tensors:
-        allowed.update({k: None for k in _CALLABLES})
 
     def fail(problem):
         raise TorchFileError(f"{what}: {problem}")
@@ -362,7 +412,7 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
         if v.depth > limits.depth:
             fail(f"refused: values nested more than {limits.depth} levels deep (budget: nesting depth "
                  f"{limits.depth}; a deep tuple used as a key crashes Python's hashing)")
-        if type(v.obj) in (list, tuple, dict, _ODict) and len(v.obj) > limits.items:
+        if type(v.obj) in (list, tuple, dict, _ODict, set, frozenset) and len(v.obj) > limits.items:
             fail(f"refused: a {_kind(v.obj)} of more than {limits.items} items (budget: {limits.items} items per "
                  "container)")
         return v
@@ -377,14 +427,17 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
                  "before use, which rules out cycles and growing shared graphs)")
         return target.obj
 
-    def keyed(items):
+    def keys(items, what="dict key"):
+        for k in items:
+            if not (type(k.obj) is str and len(k.obj) <= limits.key_chars):
+                fail(f"refused: a {_kind(k.obj)} used as a {what} (budget: {what}s are strings of at most "
+                     f"{limits.key_chars} characters)")
+        return [k.obj for k in items]
+
+    def pairs(items):
         if len(items) % 2:
             fail("the opcodes do not fit together (odd number of dict items)")
-        for k in items[0::2]:
-            if not (type(k.obj) is str and len(k.obj) <= limits.key_chars):
-                fail(f"refused: a {_kind(k.obj)} used as a dict key (budget: dict keys are strings of at most "
-                     f"{limits.key_chars} characters)")
-        return [(k.obj, x.obj) for k, x in zip(items[0::2], items[1::2])]
+        return list(zip(keys(items[0::2]), (x.obj for x in items[1::2])))
 
     count = 0
     try:
@@ -393,7 +446,15 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
             if count > limits.opcodes:
                 fail(f"refused: more than {limits.opcodes} opcodes (budget: {limits.opcodes} opcodes)")
             name = op.name
-            if name in ("PROTO", "FRAME"):
+            if name == "FRAME":  # pickle refuses a frame that runs past the end of the data; so do we
+                here = stream.tell()
+                end = stream.seek(0, io.SEEK_END)
+                stream.seek(here)
+                if here + arg > end:
+                    fail(f"the pickle is truncated or corrupt (a frame of {arg} bytes at byte {pos} runs past the "
+                         "end)")
+                continue
+            if name == "PROTO":
                 continue
             if name == "STOP":
                 if len(stack) != 1 or marks:
@@ -403,8 +464,15 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
                 stack.append(_V(_SCALARS[name]))
             elif name in _LITERALS:
                 stack.append(_V(arg))
-            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE"):
-                stack.append(_V({"EMPTY_LIST": [], "EMPTY_DICT": {}, "EMPTY_TUPLE": ()}[name]))
+            elif name in _PY2_STRINGS:
+                if not str(arg).isascii():
+                    fail(f"a Python 2 string at byte {pos} is not ASCII (corrupt or crafted)")
+                stack.append(_V(str(arg)))
+            elif name == "BYTEARRAY8":
+                stack.append(_V(bytearray(arg)))
+            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE", "EMPTY_SET"):
+                stack.append(_V({"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_TUPLE": tuple,
+                                 "EMPTY_SET": set}[name]()))
             elif name == "MARK":
                 if len(marks) >= limits.depth:
                     fail(f"refused: more than {limits.depth} nested MARKs (budget: nesting depth {limits.depth})")
@@ -418,9 +486,10 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
                 stack.append(nest(_V(tuple(i.obj for i in items)), items))
             elif name == "DICT":
                 items = pop_mark()
-                v = _V({})
-                v.obj.update(keyed(items))
-                stack.append(nest(v, items))
+                stack.append(nest(_V(dict(pairs(items))), items))
+            elif name == "FROZENSET":
+                items = pop_mark()
+                stack.append(nest(_V(frozenset(keys(items, "set item"))), items))
             elif name in ("APPEND", "APPENDS"):
                 items = pop(1) if name == "APPEND" else pop_mark()
                 target = top()
@@ -429,7 +498,12 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
             elif name in ("SETITEM", "SETITEMS"):
                 items = pop(2) if name == "SETITEM" else pop_mark()
                 target = top()
-                mutate(target, (dict, _ODict), name, items).update(keyed(items))
+                mutate(target, (dict, _ODict), name, items).update(pairs(items))
+                nest(target, items)
+            elif name == "ADDITEMS":
+                items = pop_mark()
+                target = top()
+                mutate(target, (set,), name, items).update(keys(items, "set item"))
                 nest(target, items)
             elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 index = len(memo) if name == "MEMOIZE" else arg
@@ -454,34 +528,30 @@ def _evaluate(stream, limits: Limits, what: str, persistent=None):
                     module, _, attr = str(arg).partition(" ")
                 else:
                     module, attr = (v.obj for v in pop(2))
-                key = (module, attr) if type(module) is str and type(attr) is str else None
-                if key not in allowed:
-                    fail(f"refused: the pickle asks for the Python global '{str(module)[:100]}.{str(attr)[:100]}', "
-                         "which torch's layout of saved weights never needs here")
-                stack.append(_V(_StorageType(_STORAGE_TYPES[key]) if key in _STORAGE_TYPES else
-                                _Global(f"{module}.{attr}")))
-            elif name == "REDUCE":
-                func, args = pop(2)
-                if not (isinstance(func.obj, _Global) and type(args.obj) is tuple):
-                    fail(f"refused: the pickle calls a {_kind(func.obj)}")
-                result = _V(_call(func.obj.name, args.obj, counts, limits))
-                stack.append(result if isinstance(result.obj, dict) else nest(result, [args]))
+                stack.append(_V(hooks.find(module, attr)))
+            elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+                func, args = pop(2) if name != "NEWOBJ_EX" else pop(3)[:2]
+                if type(args.obj) is not tuple:
+                    fail(f"refused: a call ({name}) whose arguments are a {_kind(args.obj)}")
+                stack.append(nest(_V(hooks.call(func.obj, args.obj, name)), [args]))
             elif name == "BUILD":
                 state, = pop(1)
                 target = top()
-                # torch.save(module.state_dict()) sets the dict's `_metadata` (layer versions): read, then dropped
-                if type(target.obj) is not _ODict or type(state.obj) is not dict or target.used:
-                    fail(f"refused: BUILD applied to a {_kind(target.obj)}")
-                nest(_V([None]), [state])
-            elif name == "BINPERSID" and persistent is not None:
+                if target.used:
+                    fail(f"refused: BUILD applied to a {_kind(target.obj)} after it was used")
+                hooks.build(target.obj, state.obj)
+                nest(target, [state])
+            elif name == "BINPERSID":
                 pid, = pop(1)
-                stack.append(_V(persistent(pid.obj)))
-            else:
-                fail(f"refused: the opcode {name}, which torch's layout of saved weights never contains here")
+                stack.append(_V(hooks.persistent(pid.obj)))
+            else:  # PERSID, INST, OBJ, EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER and anything newer
+                fail(f"refused: the opcode {name}, which this pickle never contains")
     except TorchFileError:
         raise
     except Exception as e:  # noqa: BLE001 - genops raises ValueError mostly, but corrupt input may do more
-        fail(f"the pickle is truncated or corrupt ({_first_line(e)})")
+        if hooks.passthrough and isinstance(e, hooks.passthrough):
+            raise
+        fail(f"the pickle is truncated or corrupt ({type(e).__name__}: {_first_line(e)})")
     fail("the pickle is truncated (no STOP)")
 
 

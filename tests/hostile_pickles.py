@@ -153,7 +153,8 @@ STORAGE_ATTACKS = {  # title -> (inner bytes, words the refusal names)
     "bytearray(6e8)": (storage_bytearray, "the Python global 'builtins.bytearray'"),
     "shared-list graph as the version": (storage_shared_graph, "the protocol version: refused"),
     "stride-0 view of TypedStorage(1)": (storage_stride_zero, "the Python global 'torch._utils._rebuild_tensor_v2'"),
-    "1 MB of EMPTY_SET": (lambda: legacy_prefix(0) + empty_sets(1_000_000 - 64), "the opcode EMPTY_SET"),
+    "1 MB of EMPTY_SET": (lambda: legacy_prefix(0) + empty_sets(1_000_000 - 64),
+                          "the magic number: refused: more than 64 opcodes"),
 }
 
 
