@@ -84,7 +84,12 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     if sigmas is not None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)[:n + 1]
     measured = measured_text(params.metadata.get("measured"))
-    row_h, top, left, right = 46, 60 + (20 if measured else 0), 90, width - 290
+    # the verdicts at equal calls and at equal time, wrapped (at most 3 lines, the last one shortened)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    said = wrap(probe, measured, width - 20, _font(12)) if measured else []
+    if len(said) > 3:
+        said = said[:2] + [_fit(probe, " ".join(said[2:]), width - 20, _font(12))]
+    row_h, top, left, right = 46, 60 + 20 * len(said), 90, width - 290
     img = Image.new("RGB", (width, top + row_h * n + 30 + (20 if (n, k) != (total_n, total_k) else 0)), BG)
     d = ImageDraw.Draw(img)
     d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
@@ -93,8 +98,8 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
         "EPD-MS: the current point (r = 0) and look-ahead points t_k in one call; dot area ~ |coefficient w|; "
         "g: coefficients of the last 3 directions")
     d.text((10, 30), caption, fill=(90, 90, 90), font=_font(12))
-    if measured:  # the EPD Trainer's held-out comparison with the best built-in
-        d.text((10, 50), measured[:150], fill=(214, 39, 40) if "NOT" in measured else (44, 120, 44), font=_font(12))
+    for i, line in enumerate(said):  # the EPD Trainer's held-out comparison with the best built-in
+        d.text((10, 50 + 20 * i), line, fill=(214, 39, 40) if "NOT" in measured else (44, 120, 44), font=_font(12))
     if sigmas is not None:
         logs = torch.as_tensor(sigmas, dtype=torch.float64).log()
         lo, hi = float(logs.min()), float(logs.max())
@@ -218,8 +223,8 @@ def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int,
     """Curves of an error (y: log scale) over latency NFE, one per series name ({NFE: value}); the first series is
     drawn dashed black (the best built-in) and `labels` writes a short text at its points. With `times` ({series
     name: {NFE: seconds per image}}) a second panel beside it plots the same errors against the time per image,
-    each point labelled with its NFE. The legend runs under the panels in columns, so the panels use the whole
-    width of the picture."""
+    each point labelled with its NFE. The legend runs under the panels, so the panels use the whole width of the
+    picture."""
     vals = [v for s in series.values() for v in s.values() if math.isfinite(v) and v > 0]
     xs = sorted({n for s in series.values() for n in s})
     timed = {name: {n: t for n, t in (times or {}).get(name, {}).items() if t is not None and n in series[name]}
@@ -227,8 +232,15 @@ def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int,
     two = any(timed.values())
     font = _font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cols = 3 if max((probe.textlength(n, font=font) for n in series), default=0) < width / 3 - 40 else 2
-    rows = -(-len(series) // cols)
+    legend, x, y = [], 20, 0  # entries flow left to right under the panels, a new line when one is full
+    for j, name in enumerate(series):
+        text = _fit(probe, f"{'--' if j == 0 else '-'} {name}", width - 40, font)
+        w = probe.textlength(text, font=font)
+        if x > 20 and x + w > width - 20:
+            x, y = 20, y + 18
+        legend.append((x, y, text, FG if j == 0 else COLORS[(j - 1) % len(COLORS)]))
+        x += w + 36
+    rows = y // 18 + 1
     top, panel_h = 58, 300
     bottom = top + panel_h
     h = bottom + 48 + 18 * rows + 12
@@ -258,9 +270,6 @@ def nfe_chart(series: dict[str, dict[int, float]], title: str, labels: dict[int,
                f"time per image ({unit}, median on this device)", ticks, lo, hi,
                [(t, series[name][n], f"NFE {n}", (90, 90, 90) if j == 0 else COLORS[(j - 1) % len(COLORS)])
                 for j, name in enumerate(series) for n, t in timed[name].items()])
-    col_w = (width - 40) / cols
-    for j, name in enumerate(series):
-        col = FG if j == 0 else COLORS[(j - 1) % len(COLORS)]
-        x, y = 20 + (j % cols) * col_w, bottom + 48 + 18 * (j // cols)
-        d.text((x, y), _fit(d, f"{'--' if j == 0 else '-'} {name}", col_w - 10, font), fill=col, font=font)
+    for x, y, text, col in legend:
+        d.text((x, bottom + 48 + y), text, fill=col, font=font)
     return img

@@ -365,6 +365,13 @@ def test_preview_picture_states_the_measurement(pack):
     assert compare.measured_text(table.metadata["measured"]) == ("measured at NFE 6 on 8 held-out samples: does NOT "
                                                                   "beat the best built-in (ipndm (beta, 6 steps)): "
                                                                   "1.30x its error")
+    opponent = {"name": "ipndm (beta, 8 steps)", "nfe": 8, "seconds": 0.011, "ratio": 0.9}
+    table.metadata["measured"].update(time_verdict=compare.time_verdict(0.012, opponent))
+    both = pack.plotting.table_picture(table)
+    text = compare.measured_text(table.metadata["measured"])
+    assert text.endswith("; wins at equal time: 0.90x the error of the best built-in not slower (ipndm (beta, 8 "
+                         "steps) at NFE 8, 11 ms per image against 12 ms)")
+    assert both.height == plain.height + 40  # both verdicts, wrapped over two lines rather than cut
 
 
 @pytest.mark.server
