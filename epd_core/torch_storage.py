@@ -546,8 +546,10 @@ def evaluate(stream, limits: Limits, what: str, hooks: Hooks):
                 stack.append(_V(hooks.persistent(pid.obj)))
             else:  # PERSID, INST, OBJ, EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER and anything newer
                 fail(f"refused: the opcode {name}, which this pickle never contains")
-    except TorchFileError:
-        raise
+    except TorchFileError as e:  # a hook's refusal gets the pickle's name too
+        if str(e).startswith(f"{what}: "):
+            raise
+        raise TorchFileError(f"{what}: {e}") from None
     except Exception as e:  # noqa: BLE001 - genops raises ValueError mostly, but corrupt input may do more
         if hooks.passthrough and isinstance(e, hooks.passthrough):
             raise
