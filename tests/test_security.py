@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import epd_core.import_official as imp
 from epd_core.import_official import EPDImportError, import_official_bytes, import_official_isolated
@@ -472,3 +474,43 @@ def test_the_hand_made_storages_are_valid_when_consistent():
     raw = values.numpy().tobytes()
     assert torch.equal(read_storage(_legacy(4, 4, raw)), values)
     assert torch.equal(read_storage(_zip_storage(4, raw)), values)
+
+
+def _fuzz_bases() -> dict:
+    values = torch.arange(6, dtype=torch.float32)
+    sd = {"a.weight": torch.randn(3, 2), "a.bias": torch.zeros(3), "n": {"x": values[1:4]}}
+    out = {}
+    for zip_format in (False, True):
+        for name, obj in (("storage", values._typed_storage()), ("state_dict", sd)):
+            buf = io.BytesIO()
+            torch.save(obj, buf, _use_new_zipfile_serialization=zip_format)
+            out[(name, zip_format)] = buf.getvalue()
+    return out
+
+
+FUZZ_BASES = _fuzz_bases()
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(sorted(FUZZ_BASES)), cut=st.one_of(st.none(), st.integers(0, 2000)),
+       edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=4))
+def test_fuzzed_torch_files_fail_cleanly(base, cut, edits):
+    """Truncated or byte-edited storages and state dicts in both layouts: a result or a TorchFileError, nothing
+    else (no other exception type, no crash)."""
+    import tempfile
+    from epd_core.torch_storage import TorchFileError, read_state_dict, read_storage
+    data = bytearray(FUZZ_BASES[base])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = bytes(data[:cut] if cut is not None else data)
+    try:
+        if base[0] == "storage":
+            read_storage(data)
+        else:
+            with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+                f.write(data)
+                f.flush()
+                read_state_dict(f.name)
+    except TorchFileError:
+        pass
+
