@@ -61,9 +61,9 @@ class Limits(NamedTuple):
 HEADER_LIMITS = Limits(opcodes=64, depth=3, items=16)
 # One storage, as `_load_from_bytes` receives it: the object pickle is a single persistent id (12 opcodes)
 STORAGE_LIMITS = Limits(opcodes=64, depth=3, items=8, storages=1)
-# Reward-model state dicts: ViT-H-14 / BLIP have ~1000 tensors of ~25 opcodes each
-STATE_DICT_LIMITS = Limits(opcodes=2_000_000, depth=32, items=100_000, storages=100_000, tensors=100_000,
-                           pickle_bytes=256 << 20)
+# Reward-model state dicts: ViT-H-14 / BLIP have ~1000 tensors of ~25 opcodes each; 10x that is read in ~1 s
+STATE_DICT_LIMITS = Limits(opcodes=500_000, depth=32, items=25_000, storages=10_000, tensors=10_000,
+                           pickle_bytes=64 << 20)
 MAX_NDIM = 8
 MAX_ZIP_ENTRIES = 200_000
 
@@ -249,6 +249,8 @@ class _V:
 
 def _persistent_ids(refs: dict, limits: Limits, length: int, size: int):
     """The one persistent-id form torch writes: ('storage', StorageType, key, location, numel[, None])."""
+    claimed = [0]  # bytes of all storages so far (a running total: 100,000 storages stay linear)
+
     def load(pid):
         if not (type(pid) is tuple and len(pid) == length and pid[0] == "storage"):
             raise TorchFileError(f"a persistent id is {_kind(pid)}, not torch's ('storage', type, key, location, "
@@ -268,8 +270,8 @@ def _persistent_ids(refs: dict, limits: Limits, length: int, size: int):
         if len(refs) >= limits.storages:
             raise TorchFileError(f"the file holds more than {limits.storages} storage(s) (budget)")
         ref = _StorageRef(key, stype.dtype, numel)
-        claimed = sum(r.numel * r.itemsize for r in refs.values()) + numel * ref.itemsize
-        if claimed > size:  # checked exactly when the data is read; refused here before anything is built
+        claimed[0] += numel * ref.itemsize
+        if claimed[0] > size:  # checked exactly when the data is read; refused here before anything is built
             raise TorchFileError(f"storage '{key}' claims {numel} elements ({numel * ref.itemsize} bytes), more than "
                                  f"the file's {size} bytes (budget: a storage never claims more than the bytes "
                                  "the file has)")
