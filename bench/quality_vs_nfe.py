@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from conftest import import_comfy_sampling  # noqa: E402
 
+from epd_core import cfg_guard as guard  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.solver import sampler_sigmas  # noqa: E402
@@ -44,6 +46,8 @@ PAPER_BASELINES = [(s, sch) for s in ("ipndm", "dpmpp_2m") for sch in ("karras",
 SOLVER_KEYS = (("epd", "epd"), ("epd_plugin", "plugin"), ("epd_ms", "ms"))
 NODE_SCHEDULERS = ["ays_sd1", "gits_0.80", "gits_1.00", "gits_1.20", "gits_1.40"]  # SD1.5-sigma models only
 TABLE_PREFIX = {"demo": "demo_digits_", "mnist": "demo_mnist_"}
+# the solvers whose shipped tables carry measured_cfg (--record) and run through KSampler's CFG guard
+GUARDED = ("epd_ms",)
 
 
 class Counted:
@@ -153,9 +157,22 @@ def run(args):
     dtype = x_fit.dtype
     ref_sig = with_final_zero(polynomial(args.ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
     t0 = time.time()
-    with torch.no_grad():
-        ref_fit = k.sample_heun(Counted(model, extra_for(len(x_fit))), x_fit, ref_sig, disable=True)
-        ref_test = k.sample_heun(Counted(model, extra_for(len(x_test))), x_test, ref_sig, disable=True)
+    def reference(x, seed):  # cached on disk: deterministic, and the most expensive part of a run
+        cache = REPO / "bench" / "results" / ".cache" / f"ref_{args.model}_cfg{args.cfg:g}_s{seed}_n{len(x)}" \
+            f"_{args.ref_steps}.safetensors"
+        if cache.is_file():
+            return load_file(str(cache))["x"]
+        with torch.no_grad():
+            out = k.sample_heun(Counted(model, extra_for(len(x))), x, ref_sig, disable=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": out.contiguous()}, str(cache))
+        return out
+    ref_fit, ref_test = reference(x_fit, 101), reference(x_test, 202)
+    # validation noises: the CFG guard's ratios. On the fit noises the best of ~60 built-in configurations is
+    # chosen, so its error there is optimistic and a table's ratio there pessimistic; a second set is unbiased.
+    x_val = noise(404, args.val_samples) if args.val_samples else None
+    if x_val is not None:
+        ref_val = reference(x_val, 404)
     print(f"reference done in {time.time() - t0:.0f}s", flush=True)
     nfes = list(range(args.min_nfe, args.max_nfe + 1))
     import comfy.samplers
@@ -190,7 +207,7 @@ def run(args):
     samplers = args.samplers.split(",") if args.samplers else DETERMINISTIC
     reused = json.loads(Path(args.reuse_builtins).read_text()) if args.reuse_builtins else None
     if reused is not None:
-        for key in ("samples", "fit_samples", "cfg", "ref_steps"):
+        for key in ("samples", "fit_samples", "cfg", "ref_steps") + (("val_samples",) if args.val_samples else ()):
             if reused.get(key) != getattr(args, key):
                 raise SystemExit(f"--reuse-builtins: {key} is {reused.get(key)} there, {getattr(args, key)} here")
     # best (scheduler, steps) per sampler and NFE, chosen on the fit noises
@@ -211,7 +228,8 @@ def run(args):
                     best[(sampler, calls)] = (fit, sched, steps)
         print(f"  {sampler}: done ({time.time() - t0:.0f}s)", flush=True)
 
-    results = {"model": args.model, "samples": args.samples, "fit_samples": args.fit_samples, "cfg": args.cfg,
+    results = {"model": args.model, "samples": args.samples, "fit_samples": args.fit_samples,
+               "val_samples": args.val_samples, "cfg": args.cfg,
                "ref_steps": args.ref_steps, "fd_samples": args.fd_samples if fd else 0,
                "fd_ref_steps": args.fd_ref_steps if fd else 0, "schedulers": schedulers, "nfe": {},
                "builtins_from": args.reuse_builtins}
@@ -229,9 +247,12 @@ def run(args):
                 _, e, wrong = evaluate(lambda m, x: fn(m, x, sig), x_test, ref_test)
                 row[sampler] = {"scheduler": sched, "steps": steps, "fit": fit, "mean": float(e.mean()),
                                 "median": float(e.median()), "wrong_mode": wrong}
+                if x_val is not None:
+                    row[sampler]["val"] = float(evaluate(lambda m, x: fn(m, x, sig), x_val, ref_val)[1].mean())
         entry = results["nfe"][nfe] = {"builtins": row}
-        entry["paper_baseline"] = paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test)
         old = reused["nfe"].get(str(nfe), {}) if reused else {}
+        entry["paper_baseline"] = old["paper_baseline"] if "paper_baseline" in old else \
+            paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test)
         same_fd = reused is not None and all(reused.get(f) == results[f] for f in ("fd_samples", "fd_ref_steps"))
         if fd and row and same_fd and "fd_best_builtin" in old:  # same built-in, noises and reference
             entry["fd_best_builtin"], entry["fd_ref_best_builtin"] = old["fd_best_builtin"], old["fd_ref_best_builtin"]
@@ -255,14 +276,33 @@ def run(args):
         fn_sample = variant(solver).sample_fn()
         for params, sig in tables:
             calls, e, wrong = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_test, ref_test)
+            row = {"mean": float(e.mean()), "median": float(e.median()), "wrong_mode": wrong,
+                   "compute_nfe": calls + params.num_steps * (params.num_points - 1), "K": params.num_points,
+                   "first_samples": e[:16].tolist(), "sigmas": sig.tolist(), "table": params.metadata.get("_file"),
+                   "trained_cfg": guard.trained_range(params),
+                   "schedule": {k: params.schedule.get(k) for k in ("type", "rho", "sigma_min", "learned")}}
             entry = results["nfe"].setdefault(calls, {"builtins": {}})
-            entry[solver] = {"mean": float(e.mean()), "median": float(e.median()), "wrong_mode": wrong,
-                             "total_work": calls + params.num_steps * (params.num_points - 1), "K": params.num_points,
-                             "first_samples": e[:16].tolist(), "sigmas": sig.tolist(),
-                             "schedule": {k: params.schedule.get(k) for k in ("type", "rho", "sigma_min", "learned")}}
+            # several tables per NFE (EPD-MS: K = 1 and K >= 2): each scored, then the CFG guard's pick
+            _, e_fit, _ = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_fit, ref_fit)
+            row["fit"] = float(e_fit.mean())
+            if x_val is not None:
+                row["val"] = float(evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_val,
+                                            ref_val)[1].mean())
+            entry.setdefault(f"{solver}_tables", []).append((params, row))
+    for nfe, entry in results["nfe"].items():
+        for solver in ("epd", "epd_plugin", "epd_ms"):
+            scored_tables = entry.pop(f"{solver}_tables", None)
+            if not scored_tables:
+                continue
+            if solver in GUARDED:
+                guarded(args, entry, solver, scored_tables, frechet if fd else None, variant(solver).sample_fn())
+                continue
+            params, row = scored_tables[0]  # the paper's solvers: one shipped table per NFE, used as trained
+            entry[solver], entry[f"{solver}_tables"] = row, [row]
             if fd:
+                sig = torch.tensor(row["sigmas"], dtype=dtype)
                 entry[f"fd_{solver}"], entry[f"fd_ref_{solver}"] = frechet(
-                    lambda m, x: fn_sample(m, x, sig, params, disable=True))
+                    lambda m, x: variant(solver).sample_fn()(m, x, sig, params, disable=True))
     results["summary"] = summary(results)
     return results
 
@@ -285,6 +325,50 @@ def paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test
     return {"name": f"{sampler} ({sched})", "fit": fit, "mean": float(e.mean())}
 
 
+def best_builtin_of(row: dict) -> tuple[str, dict]:
+    """The built-in with the lowest FIT error in a row of built-ins (one NFE)."""
+    name = min(row, key=lambda s: row[s]["fit"])
+    return name, row[name]
+
+
+def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> None:
+    """The tables of one solver and NFE, each scored (entry["<solver>_tables"]), and the path KSampler takes at
+    this CFG (entry[solver]): epd_core.cfg_guard.choose over the tables with this run's FIT ratios recorded at this
+    CFG, as --record writes them into the shipped tables. Where it falls back, the path IS the best built-in (its
+    held-out error: ratio 1)."""
+    if not entry["builtins"]:
+        return
+    name, best = best_builtin_of(entry["builtins"])
+    tables = []
+    on = "val" if "val" in best else "fit"  # the validation noises when there are (see run)
+    for params, row in scored:
+        row["fit_ratio"], row["ratio"] = row[on] / best[on], row["mean"] / best["mean"]
+        measured = measured_entry(args, name, best, row)
+        params.metadata["measured_cfg"] = [m for m in guard.measurements(params) if m["cfg"] != args.cfg] + [measured]
+        tables.append(params)
+    entry[f"{solver}_tables"] = [row for _, row in scored]
+    choice = guard.choose(tables, args.cfg)
+    if choice.table is None:
+        entry[solver] = {"mean": best["mean"], "median": best["median"], "K": 1, "compute_nfe": None,
+                         "fallback": choice.builtin, "reason": choice.reason}
+        return
+    row = dict(next(r for p, r in scored if p is choice.table), reason=choice.reason)
+    entry[solver] = row
+    if frechet:
+        sig = torch.tensor(row["sigmas"], dtype=torch.float64)
+        entry[f"fd_{solver}"], entry[f"fd_ref_{solver}"] = frechet(
+            lambda m, x: sample(m, x, sig.to(x.dtype), choice.table, disable=True))
+
+
+def measured_entry(args, name: str, best: dict, row: dict) -> dict:
+    """A table's `measured_cfg` entry at this run's CFG (epd_core/cfg_guard.py reads it)."""
+    return {"cfg": args.cfg, "fit_ratio": round(row["fit_ratio"], 4), "ratio": round(row["ratio"], 4),
+            "fit_samples": args.fit_samples, "val_samples": getattr(args, "val_samples", 0), "samples": args.samples,
+            "ref_steps": args.ref_steps,
+            "best_builtin": {"sampler": name, "scheduler": best["scheduler"], "steps": best["steps"]},
+            "source": f"bench/quality_vs_nfe.py --model {args.model}"}
+
+
 def summary(results) -> list[dict]:
     """Per NFE: the best built-in (lowest FIT error) and EPD / EPD-Plugin, as ratios of held-out RMSE."""
     rows = []
@@ -294,7 +378,8 @@ def summary(results) -> list[dict]:
         if not b:
             continue
         name = min(b, key=lambda s: b[s]["fit"])
-        row = {"nfe": int(nfe), "best_builtin": f"{name} ({b[name]['scheduler']}, {b[name]['steps']} steps)",
+        row = {"nfe": int(nfe), "cfg": results.get("cfg"),
+               "best_builtin": f"{name} ({b[name]['scheduler']}, {b[name]['steps']} steps)",
                "best_builtin_rmse": b[name]["mean"]}
         paper = r.get("paper_baseline")
         if paper:
@@ -305,6 +390,18 @@ def summary(results) -> list[dict]:
                 row[f"{key}_over_best"] = r[solver]["mean"] / b[name]["mean"]
                 if paper:
                     row[f"{key}_over_paper"] = r[solver]["mean"] / paper["mean"]
+        if "epd_ms" in r:
+            ms = r["epd_ms"]
+            row["compute_nfe"] = ms.get("compute_nfe") or ms.get("total_work") or int(nfe)  # None: a built-in
+            row["ms_path"] = ms.get("reason", "")
+            for t in r.get("epd_ms_tables", []):
+                key = "ms_k1_over_best" if t["K"] == 1 else "ms_table_over_best"
+                if key not in row or t["ratio"] < row[key]:
+                    row[key] = t["ratio"]
+        for solver, key in SOLVER_KEYS:  # the tables' own ratios, whether or not the guard takes them
+            tables = r.get(f"{solver}_tables", [])
+            if tables and solver != "epd_ms":
+                row[f"{key}_table_over_best"] = min(t["mean"] for t in tables) / b[name]["mean"]
         for solver in ("best_builtin", "epd", "epd_plugin", "epd_ms"):
             for key in (f"fd_{solver}", f"fd_ref_{solver}"):
                 if key in r:
@@ -388,6 +485,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
             time.sleep(10)  # scripts/make_pretrained.sh still training (run side by side with this benchmark)
         for path in sorted((REPO / "pretrained_params").glob(pattern)):
             p = EPDParams.load(path)
+            p.metadata["_file"] = path.name  # for --record (never saved: --record writes the file's own table)
             out[p.solver].append((p, sampler_sigmas(p).to(dtype)))  # the list EPD Sigmas gives
         return out
     from epd_core.distill import DistillConfig, distill
@@ -525,10 +623,16 @@ def main(argv=None):
     ap.add_argument("--model", choices=("gmm", "demo", "mnist"), default="mnist")
     ap.add_argument("--samples", type=int, default=128, help="held-out (test) noises for the RMSE")
     ap.add_argument("--fit-samples", type=int, default=32, help="noises on which schedulers are chosen")
+    ap.add_argument("--val-samples", type=int, default=0, help="validation noises (seed 404) on which the CFG "
+                    "guard's ratios are measured (0: the fit noises)")
     ap.add_argument("--fd-samples", type=int, default=1000, help="mnist: generated digits per Frechet distance")
-    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: demo 2, mnist 1)")
+    ap.add_argument("--cfg", default=None, help="CFG scale, or a comma list for a sweep (default: demo 2, mnist 1); "
+                    "each CFG writes its own files (_cfg<c>, except the default) and a sweep adds a _cfg summary")
+    ap.add_argument("--record", action="store_true", help="write each shipped table's fit and held-out ratio at each "
+                    "CFG into its metadata (measured_cfg: what KSampler's CFG guard reads)")
     ap.add_argument("--fd-ref-steps", type=int, default=100, help="Heun steps of the FD reference samples")
-    ap.add_argument("--reuse-builtins", default=None, help="take the built-in rows from this earlier results JSON")
+    ap.add_argument("--reuse-builtins", default=None, help="take the built-in rows from this earlier results JSON (or "
+                    "from a sweep's folder: its run at each CFG)")
     ap.add_argument("--solvers", default="epd,epd_plugin,epd_ms",
                     help="the solvers whose tables are scored; with --reuse-builtins the others' rows (and the best "
                          "built-in's FD) are taken from that JSON")
@@ -549,21 +653,83 @@ def main(argv=None):
     ap.add_argument("--search-rho", default="7,10", help="rho values to try")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
-    if args.cfg is None:
-        args.cfg = 2.0 if args.model == "demo" else 1.0  # gmm: no guidance
+    default_cfg = 2.0 if args.model == "demo" else 1.0  # gmm: no guidance
+    cfgs = [float(c) for c in args.cfg.split(",")] if args.cfg else [default_cfg]
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    results = run(args)
-    results["seconds"] = round(time.time() - t0, 1)
-    stem = f"quality_vs_nfe_{args.model}" + ("_to_zero" if args.model == "gmm" and args.recipe == "to_zero" else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    table = report(results)
-    (args.out / f"{stem}.md").write_text(table + "\n")
-    plot(results, args.out / f"{stem}.png")
-    print(table)
-    print(f"\nwrote {args.out}/{stem}.(md|png|json) in {results['seconds']}s")
-    return results
+    runs = []
+    for cfg in cfgs:
+        one = argparse.Namespace(**{**vars(args), "cfg": cfg})
+        if args.reuse_builtins and Path(args.reuse_builtins).is_dir():  # a sweep's folder: its run at this CFG
+            stem = f"quality_vs_nfe_{args.model}" + ("" if cfg == default_cfg else f"_cfg{cfg:g}")
+            one.reuse_builtins = str(Path(args.reuse_builtins) / f"{stem}.json")
+        elif len(cfgs) > 1 and args.reuse_builtins and cfg != default_cfg:
+            one.reuse_builtins = None  # an earlier run's built-ins are for its own CFG
+        t0 = time.time()
+        results = run(one)
+        results["seconds"] = round(time.time() - t0, 1)
+        stem = f"quality_vs_nfe_{args.model}" + ("_to_zero" if args.model == "gmm" and args.recipe == "to_zero" else "")
+        stem += "" if cfg == default_cfg else f"_cfg{cfg:g}"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=_plain))
+        table = report(results)
+        (args.out / f"{stem}.md").write_text(table + "\n")
+        plot(results, args.out / f"{stem}.png")
+        print(table)
+        print(f"\nwrote {args.out}/{stem}.(md|png|json) in {results['seconds']}s", flush=True)
+        runs.append(results)
+        if args.record:
+            record(results)
+    if len(cfgs) > 1:
+        stem = f"quality_vs_nfe_{args.model}_cfg"
+        earlier = json.loads((args.out / f"{stem}.json").read_text()) if (args.out / f"{stem}.json").is_file() else {}
+        rows = [r for r in earlier.get("summary", []) if r["cfg"] not in cfgs]  # other CFGs' runs stay
+        sweep = {"model": args.model, "cfgs": sorted(set(cfgs) | set(earlier.get("cfgs", []))),
+                 "samples": args.samples, "fit_samples": args.fit_samples, "val_samples": args.val_samples,
+                 "ref_steps": args.ref_steps, "samplers": args.samplers or "all", "schedulers": runs[0]["schedulers"],
+                 "summary": sorted(rows + [row for r in runs for row in r["summary"]],
+                                   key=lambda r: (r["cfg"], r["nfe"]))}
+        (args.out / f"{stem}.json").write_text(json.dumps(sweep, indent=1))
+        (args.out / f"{stem}.md").write_text(cfg_report(sweep) + "\n")
+        print(cfg_report(sweep))
+    return runs[-1] if len(runs) == 1 else runs
 
+
+def _plain(v):
+    """JSON for what a results dict may hold besides plain values (a table's trained CFG range is a tuple)."""
+    return list(v) if isinstance(v, tuple) else str(v)
+
+
+def record(results) -> None:
+    """Write this run's `measured_cfg` entry (at its CFG) into every shipped table of a GUARDED solver it scored."""
+    for nfe, entry in results["nfe"].items():
+        if not entry.get("builtins"):
+            continue
+        name, best = best_builtin_of(entry["builtins"])
+        for row in [t for solver in GUARDED for t in entry.get(f"{solver}_tables", [])]:
+            path = REPO / "pretrained_params" / row["table"]
+            table = EPDParams.load(path)
+            measured = measured_entry(argparse.Namespace(**{k: results.get(k) for k in (
+                "cfg", "fit_samples", "val_samples", "samples", "ref_steps", "model")}), name, best, row)
+            table.metadata["measured_cfg"] = sorted(
+                [m for m in guard.measurements(table) if m["cfg"] != measured["cfg"]] + [measured],
+                key=lambda m: m["cfg"])
+            table.save(path)
+
+
+def cfg_report(sweep) -> str:
+    """Markdown: per CFG and NFE, the best built-in (fit-selected at that CFG) and EPD-MS as KSampler runs it (the
+    CFG guard's pick, or the fallback), with the K = 1 and K >= 2 tables' own ratios and the compute NFE."""
+    lines = [f"### {sweep['model']}: EPD-MS across CFG ({sweep['samples']} held-out noises, {sweep['ref_steps']}-step "
+             f"Heun reference at each CFG; built-ins {sweep['samplers']} x schedulers {', '.join(sweep['schedulers'])}"
+             f", chosen on {sweep['fit_samples']} fit noises)", "",
+             "| CFG | NFE | best built-in | its RMSE | EPD-MS as KSampler runs it (÷ best) | compute NFE | "
+             "K = 1 table ÷ best | K ≥ 2 table ÷ best | EPD ÷ best |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sweep["summary"]:
+        def ratio(key):
+            return f"{r[key]:.2f}" if key in r else "—"
+        lines.append(f"| {r['cfg']:g} | {r['nfe']} | {r['best_builtin']} | {r['best_builtin_rmse']:.4f} | "
+                     f"{ratio('ms_over_best')} | {r.get('compute_nfe', '—')} | {ratio('ms_k1_over_best')} | "
+                     f"{ratio('ms_table_over_best')} | {ratio('epd_over_best')} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,8 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
         k1 = [(r, t) for r, t in winners if t.num_points == 1] or winners
         r, table = min(k1, key=lambda rt: (rt[1].num_points, rt[0]))
         span = _measured_span(table, cfg)
-        return Choice(table, None, f"{_label(table)}: {r:.2f} of the best built-in's error at CFG {span} (fit noises)")
+        return Choice(table, None, f"{_label(table)}: {r:.2f} of the best built-in's error at CFG {span} "
+                      "(validation noises)")
     fallback = nearest_builtin(tables, cfg)
     if fallback is not None:
         b, at = fallback

@@ -1,0 +1,81 @@
+"""Transfer across CFG scales: each EPD-MS table (trained at CFG c, or over a range) scored at every CFG c' of the
+sweep, on the held-out noises of bench/quality_vs_nfe.py (seed 202, its cached reference at c'), as a ratio to
+the best built-in there (that run's fit-selected one). Tables: the shipped ones of the NFE (K = 1 and K >= 2, and
+the _cfg<c> / _cfg<lo>-<hi> ones), and with --candidates every trained candidate in bench/results/ms_candidates/.
+
+    .venv/bin/python bench/cfg_transfer.py --model demo --nfe 4,6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
+from quality_vs_nfe import TABLE_PREFIX, per_sample_rmse, problem  # noqa: E402
+
+from epd_core.cfg_guard import trained_range  # noqa: E402
+from epd_core.multistep import sample_epd_ms  # noqa: E402
+from epd_core.params import EPDParams  # noqa: E402
+from epd_core.solver import sampler_sigmas  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def sweep_run(model: str, cfg: float) -> dict:
+    default = 2.0 if model == "demo" else 1.0
+    return json.loads((RESULTS / "cfg" / (f"quality_vs_nfe_{model}.json" if cfg == default else
+                                          f"quality_vs_nfe_{model}_cfg{cfg:g}.json")).read_text())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("demo", "mnist"), default="demo")
+    ap.add_argument("--nfe", default="4,6")
+    ap.add_argument("--cfg", default="1,3,5,7.5")
+    ap.add_argument("--candidates", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cfgs = [float(c) for c in args.cfg.split(",")]
+    lines = [f"### {args.model}: EPD-MS tables across CFG (held-out ÷ best built-in at the scoring CFG)", "",
+             "| NFE | table | K | trained at | " + " | ".join(f"CFG {c:g}" for c in cfgs) + " |",
+             "|---|---|---|---|" + "---|" * len(cfgs)]
+    out = {}
+    for nfe in (int(n) for n in args.nfe.split(",")):
+        folders = [REPO / "pretrained_params"] + ([RESULTS / "ms_candidates"] if args.candidates else [])
+        paths = [p for f in folders for p in sorted(f.glob(f"{TABLE_PREFIX[args.model]}epd_ms*_nfe{nfe}.safetensors"))]
+        scores = {p: [] for p in paths}
+        for cfg in cfgs:
+            run = sweep_run(args.model, cfg)
+            model, ms, noise, extra_for, _, k = problem(args.model, cfg)
+            x = noise(202, run["samples"])
+            ref = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s202_n{run['samples']}"
+                                f"_{run['ref_steps']}.safetensors"))["x"]
+            b = run["nfe"][str(nfe)]["builtins"]
+            best = min(b.values(), key=lambda r: r["fit"])["mean"]
+            for p in paths:
+                t = EPDParams.load(p)
+                with torch.no_grad():
+                    y = sample_epd_ms(lambda z, s, **kw: model(z, s, **extra_for(len(x)), **kw), x,
+                                      sampler_sigmas(t).to(x.dtype), t, disable=True)
+                scores[p].append(float(per_sample_rmse(y, ref).mean()) / best)
+        for p in paths:
+            t = EPDParams.load(p)
+            rng = trained_range(t)
+            at = "?" if rng is None else (f"{rng[0]:g}" if rng[0] == rng[1] else f"{rng[0]:g}-{rng[1]:g}")
+            lines.append(f"| {nfe} | {p.name} | {t.num_points} | {at} | " + " | ".join(f"{v:.2f}" for v in scores[p])
+                         + " |")
+            out[f"{nfe}/{p.name}"] = {"K": t.num_points, "trained_at": rng, "over_best": dict(zip(cfgs, scores[p]))}
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / "cfg" / f"cfg_transfer_{args.model}.md").write_text(text + "\n")
+    (RESULTS / "cfg" / f"cfg_transfer_{args.model}.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
