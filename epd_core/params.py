@@ -31,6 +31,11 @@ HISTORY_WIDTHS = (3, 6)
 # little (docs/method.md). A table beyond this could not come from training, and a step with such a coefficient
 # amplifies the model's error into overflow: refused on load.
 MAX_MS_COEFFICIENT = 100.0
+# dyweight (epd_core/dyweight.py): theta_w is the (steps, steps) lower-triangular weight matrix W, theta_a holds the
+# evaluation-time scales a_i on its diagonal, theta_r and theta_c are unused zeros. Published tables have
+# |W| < 2.5 and a in [0.5, 1.5]; these bounds only refuse what no training produces (and what would overflow).
+DYWEIGHT_SCALE_RANGE = (0.1, 10.0)
+DYWEIGHT_NORMS = ("tau", "eval")  # d_i divided by tau_i (EDM / SD tables) or by the evaluation time (FLUX)
 SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "explicit")
 MAX_STEPS, MAX_POINTS = 4096, 64
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a real table is a few kB; refuse to read anything absurd
@@ -139,6 +144,8 @@ class EPDParams:
         epd_ms: r (N, K-1) look-ahead positions, w (N, K) and g (N, 3) free coefficients."""
         if self.solver == "epd_ms":
             return activate_ms(self.theta_r, self.theta_w, self.theta_h)
+        if self.solver == "dyweight":  # W (N, N) and the evaluation-time scales a (N,), as they are
+            return {"W": self.theta_w, "a": torch.diagonal(self.theta_a)}
         return activate(*self.tensors(), self.scale_dir, self.scale_time,
                         bool(self.metadata.get("fix_last_dir_scale")))
 
@@ -268,7 +275,9 @@ class EPDParams:
             if not (self.scale_dir == 0 and self.scale_time == 0 and self.to_zero):
                 fail("an epd_ms table has no direction / time scales and steps to 0 on its last row",
                      "Build it with multistep.ms_table or the trainer (scale bounds 0, schedule to_zero).")
-        elif self.theta_h is not None:
+        elif m["solver"] == "dyweight":
+            _validate_dyweight(self, fail)
+        if m["solver"] != "epd_ms" and self.theta_h is not None:
             fail(f"'{HISTORY_TENSOR}' belongs to epd_ms tables, not {m['solver']}", "Re-export the table.")
         problem = metadata_problem(m)
         if problem:
@@ -370,6 +379,33 @@ class EPDParams:
         sched = m["schedule"].get("type", "unspecified")
         return (f"{m['solver']} K={self.num_points} steps={self.num_steps} schedule={sched} afs={m['afs']} "
                 f"family={m.get('model_family')}")
+
+
+def _validate_dyweight(p: EPDParams, fail) -> None:
+    n, k = p.theta_r.shape
+    if n != k:
+        fail(f"a dyweight table is square (steps x steps), got {n} x {k}", "Re-import or re-export the table.")
+    if bool(p.theta_r.any()) or bool(p.theta_c.any()) or p.scale_dir != 0 or p.scale_time != 0:
+        fail("a dyweight table has no point positions, direction scales or scale bounds (theta_r, theta_c and the "
+             "bounds must be 0)", "Build it with dyweight.dyweight_table or the importer.")
+    w, a = p.theta_w.detach(), p.theta_a.detach()
+    if bool(torch.triu(w, 1).any()):
+        fail("dyweight weights above the diagonal (a step would use a direction not computed yet)",
+             "The file is corrupt or crafted: re-import the table.")
+    big = float(w.abs().max())
+    if big > MAX_MS_COEFFICIENT:
+        fail(f"'theta_w' has a weight of magnitude {big:.3g}, beyond the limit {MAX_MS_COEFFICIENT:g} (no trained "
+             "table comes near it; sampling it would overflow)", "The file is corrupt or crafted: re-import it.")
+    scales = torch.diagonal(a)
+    lo, hi = DYWEIGHT_SCALE_RANGE
+    if bool((a - torch.diag(scales)).any()) or not bool(((scales >= lo) & (scales <= hi)).all()):
+        fail(f"dyweight evaluation-time scales must lie on theta_a's diagonal, within [{lo:g}, {hi:g}]",
+             "The file is corrupt or crafted: re-import the table.")
+    spec = p.metadata.get("dyweight")
+    norm = spec.get("norm") if isinstance(spec, dict) else None
+    if norm not in DYWEIGHT_NORMS:
+        fail(f"metadata 'dyweight' must give 'norm' as one of {DYWEIGHT_NORMS}, got {repr(norm)[:40]}",
+             "Re-import the table (python -m epd_core.import_official).")
 
 
 def _checked(cls, t, scale_dir, scale_time, meta, source, theta_h=None):

@@ -46,6 +46,9 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
                   "combined with the last 3 directions by learned coefficients on a learned schedule", 1, 1,
                   ("theta_r", "theta_w", "theta_h"), False, True, ".multistep:sample_epd_ms", False, 0.1,
                   "gradient_estimation", "rmse"),
+    SolverVariant("dyweight", "DyWeight", "one call per step: past directions combined by a learned lower-triangular "
+                  "weight matrix, each evaluated at a learned time scale (arXiv 2603.11607)", 1, 1,
+                  ("theta_w", "theta_a"), False, True, ".dyweight:sample_dyweight", True, 0.1, "euler"),
 )}
 NAMES = tuple(SOLVERS)
 

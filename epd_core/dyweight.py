@@ -1,0 +1,214 @@
+"""DyWeight (arXiv 2603.11607; docs/method.md, "DyWeight"), in the k-diffusion / ComfyUI model convention
+`model(x, sigma * s_in, **extra_args) -> denoised`. One sequential model call per step on a fixed grid
+t_0 > ... > t_N, with tau_0 = t_0:
+
+    d_i      = (x_i - D(x_i, a_i tau_i)) / n_i         n_i = tau_i (EDM / SD tables), or a_i tau_i (FLUX: the raw
+                                                       velocity at the evaluation time, ComfyUI's CONST convention)
+    x_{i+1}  = x_i + (t_{i+1} - tau_i) * sum_{j<=i} W_ij d_j
+    tau_{i+1} = tau_i + (sum_j W_ij) (t_{i+1} - tau_i)
+
+W is lower triangular and unconstrained (a band: the current and a few past directions), a_i a learned
+evaluation-time scale. tau does not depend on x, so every step is fixed coefficients C_ij = (t_{i+1} - tau_i) W_ij
+applied to the stored directions. Tables trained with AFS take d_0 = x_0 / sqrt(1 + t_0^2) without a call.
+There is no final denoise: the last step lands on the grid end (0 for FLUX, sigma_min for EDM), and where the
+rows do not sum to 1 the true tau_N is not the grid end, by design.
+
+A table (EPDParams, solver "dyweight") stores W as theta_w (N, N), a on theta_a's diagonal and its grid as the
+schedule's sigmas: N + 1 positive sigmas, or (schedule "to_zero") the first N grid points and an unused anchor,
+the grid then ending in 0. W = I, a = 1 is ComfyUI's euler on any sigma list; the Adams-Bashforth rows of
+`dyweight_table(start="ipndm", window=w)` are ComfyUI's ipndm with max_order w.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
+from .params import EPDParams
+from .runtime import warn_once
+
+log = logging.getLogger("epd")
+ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
+STARTS = ("euler", "ipndm")
+
+
+# ---- grids ------------------------------------------------------------------------------------------------
+def flux_mu(width: int, height: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's shift mu for an image size: linear in the packed sequence length (width/16 * height/16 tokens)
+    between 256 tokens (base_shift) and 4096 (max_shift); 0.63 at 512 x 512, where DyWeight's tables were trained."""
+    seq = (width // 16) * (height // 16)
+    return base_shift + (max_shift - base_shift) * (seq - 256) / (4096 - 256)
+
+
+def flux_grid(steps: int, mu: float) -> torch.Tensor:
+    """DyWeight's FLUX grid: time_shift(mu, linspace(1, 0, steps + 1)), ending in 0 (float64)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    inner = math.exp(mu) / (math.exp(mu) + (1 / t[:-1] - 1))
+    return torch.cat([inner, t.new_zeros(1)])
+
+
+def table_grid(params: EPDParams) -> list[float] | None:
+    """The N + 1 grid points a table was trained on (ending in 0 for a "to_zero" table), or None."""
+    sig = params.schedule.get("sigmas")
+    if sig is None:
+        return None
+    return [float(s) for s in sig[:-1]] + [0.0] if params.to_zero else [float(s) for s in sig]
+
+
+def taus(W: torch.Tensor, grid) -> torch.Tensor:
+    """tau_0 .. tau_N: tau_0 = t_0, tau_{i+1} = tau_i + (sum_j W_ij)(t_{i+1} - tau_i). Differentiable in W."""
+    t = torch.as_tensor(grid, dtype=W.dtype, device=W.device)
+    out = [t[0]]
+    for i, row_sum in enumerate(W.sum(1)):
+        out.append(out[-1] + row_sum * (t[i + 1] - out[-1]))
+    return torch.stack(out)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+def integrate_dyweight(model, x, grid, W: torch.Tensor, a: torch.Tensor, extra_args=None, callback=None,
+                       disable=None, afs: bool = False, norm: str = "tau", detach_steps: bool = False,
+                       checkpoint_steps: bool = False):
+    """Run DyWeight over `grid` (N + 1 descending sigmas, the last may be 0) with W (N, N) and a (N,).
+    `norm`: "tau" divides d_i by tau_i, "eval" by the evaluation time a_i tau_i. `callback` gets k-diffusion's
+    keys (sigma: the grid point) plus x_next."""
+    extra_args = extra_args or {}
+    sig = check_sigmas(grid)
+    steps = len(sig) - 1
+    if tuple(W.shape) != (steps, steps) or tuple(a.shape) != (steps,):
+        raise EPDSamplingError(f"a dyweight table of {W.shape[0]} steps cannot run {steps} steps")
+    if norm not in ("tau", "eval"):
+        raise EPDSamplingError(f"unknown dyweight normalisation {norm!r}: use 'tau' or 'eval'")
+    acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
+    W, a = W.to(device=x.device, dtype=acc), a.to(device=x.device, dtype=acc)
+    tau = taus(W.double(), sig).to(acc)
+    evals = a * tau[:-1]
+    bad = [i for i in range(steps) if not (float(tau[i]) > 0 and float(evals[i]) > 0)]
+    if bad:
+        raise EPDSamplingError(f"this dyweight table's weights move the normalisation time tau_{bad[0]} to "
+                               f"{float(tau[bad[0]]):.4g} (evaluation time {float(evals[bad[0]]):.4g}), not above 0: "
+                               "its rows do not fit this sigma list. Use the table's own schedule (EPD Sigmas) or "
+                               "re-import / re-train it")
+    grid_t = torch.as_tensor(sig, dtype=acc, device=x.device)
+    coeffs = (grid_t[1:] - tau[:-1])[:, None] * W  # C_ij = (t_{i+1} - tau_i) W_ij
+    nz = [i - j for i in range(steps) for j in range(i + 1) if float(W[i, j]) != 0.0]
+    window = max(nz, default=0)  # past directions any row uses
+    s_in = x.new_ones([x.shape[0]])
+
+    def step(i, x, *history):
+        """(x_{i+1}, d_i, denoised) from x_i and the past directions (oldest first)."""
+        if afs and i == 0:
+            d = x.to(acc) / torch.sqrt(1 + tau[0] ** 2)  # analytic first direction: no model call
+            denoised = (x.to(acc) - tau[0] * d).to(x.dtype)
+        else:
+            denoised = model(x, evals[i].to(x.dtype) * s_in, **extra_args)
+            d = (x.to(acc) - denoised.to(acc)) / (tau[i] if norm == "tau" else evals[i])
+        mix = coeffs[i, i] * d
+        for back, h in enumerate(reversed(history), 1):
+            mix = mix + coeffs[i, i - back] * h
+        return (x.to(acc) + mix).to(x.dtype), d, denoised
+
+    def keep(history, d, _):
+        return (list(history) + [d])[-window:] if window else []
+
+    x, bad_steps = run_steps(step, x, grid_t, steps, keep, callback, disable, detach_steps, checkpoint_steps)
+    check_finite(bad_steps, sig)
+    return x
+
+
+# ---- tables -----------------------------------------------------------------------------------------------
+def start_rows(start: str, steps: int, window: int = 4, last_to_zero: bool = False) -> torch.Tensor:
+    """W (steps, steps) of an untrained table: euler (identity), or ipndm (Adams-Bashforth of order
+    min(i + 1, window), the step to 0 a plain Euler step, as ComfyUI's ipndm with max_order = window)."""
+    if start not in STARTS:
+        raise EPDSamplingError(f"a dyweight table starts from one of {STARTS}, not {start!r}")
+    W = torch.eye(steps, dtype=torch.float64)
+    if start == "ipndm":
+        if not 1 <= window <= 4:
+            raise EPDSamplingError(f"ipndm uses 1..4 directions, not window {window}")
+        for i in range(steps - int(last_to_zero)):
+            coeffs = AB_COEFFS[min(window, i + 1)]  # newest first
+            for back, c in enumerate(coeffs):
+                W[i, i - back] = c
+    return W
+
+
+def dyweight_table(sigmas, start: str = "euler", window: int = 4, scales=None, norm: str = "tau",
+                   afs: bool = False, **metadata) -> EPDParams:
+    """An untrained dyweight table on `sigmas` (a list ending in 0, as ComfyUI's schedulers give, or N + 1
+    positive sigmas): `start`'s rows (`start_rows`), evaluation-time scales `scales` (default 1). On its own
+    sigmas it samples exactly as that ComfyUI sampler."""
+    sig = check_sigmas(sigmas)
+    if len(sig) < 2 or sig[-2] == 0:
+        raise EPDSamplingError("a dyweight table needs at least one step to a sigma below the first")
+    to_zero = sig[-1] == 0
+    steps = len(sig) - 1
+    W = start_rows(start, steps, window, last_to_zero=to_zero)
+    a = torch.ones(steps, dtype=torch.float64) if scales is None else torch.as_tensor(scales, dtype=torch.float64)
+    window_used = 1 if start == "euler" else window
+    return from_weights(W, a, sig, norm=norm, afs=afs, window=window_used,
+                        provenance=metadata.pop("provenance", None) or {"source": f"untrained: {start}"}, **metadata)
+
+
+def from_weights(W, a, grid, norm: str = "tau", afs: bool = False, window: int | None = None,
+                 schedule: dict | None = None, **metadata) -> EPDParams:
+    """A dyweight table from W (N, N), a (N,) and its grid (N + 1 sigmas; a final 0 is stored as "to_zero")."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    sig = [float(s) for s in grid]
+    steps = W.shape[0]
+    if len(sig) != steps + 1:
+        raise EPDSamplingError(f"{steps} dyweight steps need {steps + 1} grid points, got {len(sig)}")
+    to_zero = sig[-1] == 0
+    stored = sig[:-1] + [sig[-2] * ANCHOR_RATIO] if to_zero else sig
+    spec = dict(schedule or {})
+    spec.setdefault("type", "explicit")
+    spec.update(sigmas=stored, to_zero=to_zero, final_zero=False, override_sigmas=True)
+    zeros = torch.zeros(steps, steps, dtype=torch.float64)
+    meta = {"solver": "dyweight", "afs": bool(afs), "schedule": spec, "latency_nfe": steps - int(bool(afs)),
+            "dyweight": {"norm": norm, "window": int(window if window is not None else steps)}, **metadata}
+    return EPDParams(zeros, W, zeros.clone(), torch.diag(a), 0.0, 0.0, meta)
+
+
+# ---- the sampler ------------------------------------------------------------------------------------------
+def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None,
+                    disable=None, strict: bool = False, own_schedule=None, **_ignored):
+    """DyWeight with the k-diffusion signature. With a table: on its own grid when `sigmas` is a full denoise of
+    its step count (same first sigma), else row i for step i when the step counts agree. Without a table, or
+    when they do not agree (logged; `strict`: an error), W = I and a = 1 on the given sigmas: exactly ComfyUI's
+    euler."""
+    if len(sigmas) < 2:
+        return x
+    if params is not None and not isinstance(params, EPDParams):
+        raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
+    if params is not None and params.solver != "dyweight":
+        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); DyWeight needs a dyweight "
+                               "table (python -m epd_core.import_official), or sample it with its own solver")
+    steps = len(sigmas) - 1
+    grid = sigmas
+    if params is not None:
+        own = table_grid(params)
+        same_start = own is not None and math.isclose(float(sigmas[0]), own[0], rel_tol=1e-3)
+        if own is not None and own_schedule is not False and not strict and same_start \
+                and params.num_steps == steps:
+            if not all(math.isclose(float(s), g, rel_tol=1e-4, abs_tol=1e-8) for s, g in zip(sigmas, own)):
+                warn_once((id(params), steps, "dyweight-own"), "DyWeight: this table samples on its own grid "
+                          "(%s); the scheduler's sigmas are replaced (%s)", params.describe(),
+                          ", ".join(f"{g:.4g}" for g in own))
+            grid = torch.tensor(own, dtype=torch.float64)
+        elif params.num_steps != steps:
+            if strict:
+                raise EPDSamplingError(f"the sigma list has {steps} steps, this dyweight table {params.num_steps}; "
+                                       "use its own schedule (EPD Sigmas) or a table for this step count")
+            warn_once((id(params), steps, "dyweight"), "DyWeight: no table row for each of the %d steps (%s); "
+                      "sampling as euler instead", steps, params.describe())
+            params = None
+    if params is None:
+        W, a = torch.eye(steps, dtype=torch.float64), torch.ones(steps, dtype=torch.float64)
+        afs, norm = False, "tau"
+    else:
+        rows = params.activated()
+        W, a = rows["W"].double(), rows["a"].double()
+        afs, norm = params.afs, params.metadata["dyweight"]["norm"]
+    return integrate_dyweight(model, x, grid, W, a, extra_args, callback, disable, afs=afs, norm=norm)

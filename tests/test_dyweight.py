@@ -1,0 +1,214 @@
+"""DyWeight, the fourth solver variant (epd_core/dyweight.py): an untrained table IS ComfyUI's euler / ipndm, a
+table samples exactly as plain transcriptions of the published FLUX and EDM loops, tables go through files and
+bad ones are refused."""
+import math
+
+import pytest
+import torch
+
+from epd_core.dyweight import dyweight_table, flux_grid, flux_mu, from_weights, sample_dyweight, taus
+from epd_core.epd import EPDSamplingError
+from epd_core.params import EPDParams, EPDParamsError
+from epd_core.solvers import variant
+
+
+def karras_list(k, steps, smin=0.002, smax=80.0):
+    return k.get_sigmas_karras(steps, smin, smax, 7.0).double()
+
+
+def noise(n=4, dim=32, seed=1, scale=80.0):
+    return scale * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def banded(steps, width, seed, around=1.0):
+    """A trained-looking lower-triangular W: the current direction near `around`, `width - 1` past ones small."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.zeros(steps, steps, dtype=torch.float64)
+    for i in range(steps):
+        W[i, i] = around + 0.1 * torch.randn((), generator=g, dtype=torch.float64)
+        for back in range(1, min(width, i + 1)):
+            W[i, i - back] = 0.1 * torch.randn((), generator=g, dtype=torch.float64)
+    return W
+
+
+def flux_model(gmm):
+    """A flow-matching (CONST) denoiser from the analytic mixture: x_t = (1 - t) x0 + t n, D = E[x0 | x_t] in
+    closed form (component j: x_t ~ N((1 - t) mu_j, v I), v = (1 - t)^2 s^2 + t^2), defined for t > 1 too (a
+    learned a_0 evaluates slightly above t = 1); ComfyUI's convention model(x, t) -> denoised."""
+    mu, s2 = gmm.means, gmm.std ** 2
+
+    def model(x, t, **_):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1)
+        v = (1 - t) ** 2 * s2 + t ** 2
+        centred = x[:, None, :] - (1 - t)[:, :, None] * mu[None]  # (B, J, dim)
+        post = torch.softmax(-0.5 * (centred ** 2).sum(-1) / v, dim=1)
+        cond = mu[None] + ((1 - t) * s2 / v)[:, :, None] * centred
+        return (post[:, :, None] * cond).sum(1)
+    return model
+
+
+# ---- plain transcriptions of the published loops (Westlake-AGI-Lab/DyWeight at 620534e), in our convention --
+def published_flux_loop(model, x, sigmas, W, t_scales):
+    """models/flux/dyweight_pipeline_flux.py, step_mode 'dyweight': velocity at sigma_true * t_scales[i],
+    full row W[i, :i+1] over all past velocities, sigma_true moved by the row sum. The transformer's velocity is
+    (x - D(x, s)) / s in ComfyUI's CONST convention."""
+    outputs = []
+    sigma_true = sigmas[0]
+    for i in range(len(sigmas) - 1):
+        sigma_cur, sigma_next = sigma_true, sigmas[i + 1]
+        s = sigma_cur * t_scales[i]
+        v = (x - model(x, s.expand(x.shape[0]))) / s
+        outputs.append(v)
+        weight = W[i, :i + 1]
+        v_hat = torch.tensordot(weight, torch.stack(outputs[:i + 1]), dims=([0], [0]))
+        x = x + (sigma_next - sigma_cur) * v_hat
+        sigma_true = sigma_cur + (sigma_next - sigma_cur) * weight.sum()
+    return x
+
+
+def published_edm_loop(net, x, t_steps, hybrid_weights, t_scale, afs):
+    """solvers.py dyweight_sampler: t_scale index i - 1 under AFS (none on step 0), d divided by (t_cur + 1e-8)
+    with t_cur the true time, no final denoise. `x` is already latents * t_steps[0]."""
+    derivatives = []
+    t_next_true = t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x
+        t_cur = t_next_true
+        if afs and i == 0:
+            d_cur = x_cur / ((1 + t_cur ** 2).sqrt())
+        else:
+            idx = i - 1 if afs else i
+            scaled = (t_scale[idx] * t_cur).abs() if t_scale is not None and 0 <= idx < len(t_scale) else t_cur
+            d_cur = (x_cur - net(x_cur, scaled.expand(x.shape[0]))) / (t_cur + 1e-8)
+        derivatives.append(d_cur)
+        w = hybrid_weights[i, :i + 1]
+        weighted = torch.zeros_like(d_cur)
+        for j in range(i + 1):
+            weighted = weighted + w[j] * derivatives[j]
+        x = x_cur + (t_next - t_cur) * weighted
+        t_next_true = t_cur + w.sum() * (t_next - t_cur)
+    return x
+
+
+# ---- reductions to ComfyUI ------------------------------------------------------------------------------------
+def test_an_untrained_table_is_comfyuis_euler(comfy_sampling, gmm32, float64_one_thread):
+    sigmas = karras_list(comfy_sampling, 6)
+    x = noise()
+    expected = comfy_sampling.sample_euler(gmm32, x, sigmas, disable=True)
+    table = EPDParams.from_bytes(dyweight_table(sigmas).to_bytes())  # through a file
+    diffs = [float((sample_dyweight(gmm32, x, sigmas, p, disable=True) - expected).abs().max())
+             for p in (table, None)]
+    assert max(diffs) < 1e-6, diffs
+    # and on a flow model's list, where the call happens at the exact sigmas ComfyUI's euler uses
+    fm = flux_model(gmm32)
+    grid = flux_grid(5, 0.63)
+    xf = noise(scale=1.0)
+    expected = comfy_sampling.sample_euler(fm, xf, grid, disable=True)
+    assert float((sample_dyweight(fm, xf, grid, dyweight_table(grid, norm="eval"), disable=True)
+                  - expected).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("window", [3, 4])
+def test_the_banded_ipndm_start_is_comfyuis_ipndm(comfy_sampling, gmm32, float64_one_thread, window):
+    sigmas = karras_list(comfy_sampling, 7)
+    x = noise(seed=2)
+    expected = comfy_sampling.sample_ipndm(gmm32, x, sigmas, disable=True, max_order=window)
+    table = EPDParams.from_bytes(dyweight_table(sigmas, "ipndm", window=window).to_bytes())
+    got = sample_dyweight(gmm32, x, sigmas, table, disable=True)
+    # to 1e-6: a file stores 23/12, 55/24, ... as float32
+    assert float((got - expected).abs().max()) < 1e-6
+
+
+def test_the_registry_entry_runs_with_the_k_diffusion_signature(gmm32, float64_one_thread):
+    v = variant("dyweight")
+    assert v.sample_fn() is sample_dyweight and v.calls_per_step == 1 and v.untrained == "euler"
+    sigmas = flux_grid(3, 0.63)
+    calls = []
+
+    def model(x, s, **kw):
+        calls.append((float(s[0]), kw))
+        return flux_model(gmm32)(x, s)
+    table = from_weights(banded(3, 2, 0), [1.02, 0.98, 0.99], sigmas, norm="eval")
+    v.sample_fn()(model, noise(scale=1.0), sigmas, table, extra_args={"cond": None}, disable=True)
+    assert len(calls) == 3 and all(kw == {"cond": None} for _, kw in calls)  # one sequential call per step
+    assert math.isclose(calls[0][0], 1.02, rel_tol=1e-6)  # the first call at a_0 * t_0, above t = 1
+
+
+# ---- the published loops -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [3, 5, 7])
+def test_a_flux_table_samples_as_the_published_flux_loop(gmm32, float64_one_thread, steps):
+    fm = flux_model(gmm32)
+    grid = flux_grid(steps, flux_mu(512, 512))
+    W = banded(steps, 2, steps, around=0.9)  # rows summing to ~0.9: tau_N is not the grid end
+    a = 0.5 + torch.sigmoid(0.1 * torch.randn(steps, generator=torch.Generator().manual_seed(steps),
+                                              dtype=torch.float64))
+    W, a = W.float().double(), a.float().double()  # what a file holds
+    x = noise(scale=1.0, seed=steps)
+    expected = published_flux_loop(fm, x, grid, W, a)
+    table = EPDParams.from_bytes(from_weights(W, a, grid, norm="eval").to_bytes())
+    got = sample_dyweight(fm, x, grid, table, disable=True)
+    assert float((got - expected).abs().max()) < 1e-6
+    assert float(taus(W, grid)[-1]) > 0.01  # the true end time is not 0, by design
+
+
+@pytest.mark.parametrize("afs", [False, True])
+def test_an_edm_table_samples_as_the_published_edm_loop(comfy_sampling, gmm32, float64_one_thread, afs):
+    steps = 6
+    grid = karras_list(comfy_sampling, steps + 1)[:-1]  # 7 positive points: polynomial rho 7 on [0.002, 80]
+    W = banded(steps, 3, 7).float().double()
+    t_scale = (1 + 0.05 * torch.randn(steps - int(afs), generator=torch.Generator().manual_seed(3),
+                                      dtype=torch.float64)).float().double()
+    x = noise(seed=4)
+    expected = published_edm_loop(gmm32, x, grid, W, t_scale, afs)
+    ours_a = torch.cat([torch.ones(1, dtype=torch.float64), t_scale]) if afs else t_scale  # the a-index shift
+    table = EPDParams.from_bytes(from_weights(W, ours_a, grid, afs=afs).to_bytes())
+    model_calls = []
+
+    def counted(x, s, **kw):
+        model_calls.append(1)
+        return gmm32(x, s, **kw)
+    got = sample_dyweight(counted, x, torch.cat([grid[:-1], grid.new_zeros(1)]), table, disable=True)
+    assert len(model_calls) == steps - int(afs)  # AFS: no call on step 0
+    assert float((got - expected).abs().max()) < 1e-6
+
+
+# ---- the sampler's choices and refusals ----------------------------------------------------------------------
+def test_a_table_of_another_step_count_falls_back_to_euler_or_is_refused_when_strict(comfy_sampling, gmm32,
+                                                                                     float64_one_thread):
+    table = dyweight_table(karras_list(comfy_sampling, 4), "ipndm")
+    sigmas = karras_list(comfy_sampling, 5)
+    x = noise(seed=5)
+    expected = comfy_sampling.sample_euler(gmm32, x, sigmas, disable=True)
+    assert float((sample_dyweight(gmm32, x, sigmas, table, disable=True) - expected).abs().max()) < 1e-6
+    with pytest.raises(EPDSamplingError, match="5 steps, this dyweight table 4"):
+        sample_dyweight(gmm32, x, sigmas, table, strict=True, disable=True)
+
+
+def test_nan_from_the_model_and_a_table_that_drives_tau_below_zero_are_refused(comfy_sampling, gmm32,
+                                                                             float64_one_thread):
+    sigmas = karras_list(comfy_sampling, 4)
+    with pytest.raises(EPDSamplingError, match="NaN/inf at step 0"):
+        sample_dyweight(lambda x, s, **_: x * float("nan"), noise(), sigmas, None, disable=True)
+    W = torch.eye(4, dtype=torch.float64)
+    W[0, 0] = 3.0  # tau_1 = 80 + 3 (t_1 - 80) < 0
+    with pytest.raises(EPDSamplingError, match="tau_1"):
+        sample_dyweight(gmm32, noise(), sigmas, from_weights(W, torch.ones(4), sigmas), disable=True)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.theta_w.__setitem__((0, 2), 0.5), "above the diagonal"),
+    (lambda t: t.theta_w.__setitem__((2, 1), 1e4), "beyond the limit"),
+    (lambda t: t.theta_a.__setitem__((1, 1), 50.0), "evaluation-time scales"),
+    (lambda t: t.theta_a.__setitem__((1, 0), 0.5), "evaluation-time scales"),
+    (lambda t: t.theta_r.__setitem__((1, 0), 0.5), "no point positions"),
+    (lambda t: t.metadata["dyweight"].__setitem__("norm", "velocity"), "'norm'"),
+])
+def test_bad_tables_are_refused_on_load_with_the_problem_named(comfy_sampling, edit, problem):
+    table = dyweight_table(karras_list(comfy_sampling, 4), "ipndm")
+    edit(table)
+    data = table.to_bytes()
+    with pytest.raises(EPDParamsError, match=problem):
+        EPDParams.from_bytes(data)
+    with pytest.raises(EPDParamsError, match="square"):
+        EPDParams(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), 0.0, 0.0,
+                  {"solver": "dyweight", "dyweight": {"norm": "tau"}})
