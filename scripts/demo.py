@@ -1,6 +1,7 @@
 """The one-command demo: a real ComfyUI, started headless, runs the shipped side-by-side workflow (EPD-MS, EPD,
-the best built-in, euler and dpmpp_2m at equal NFE on the pack's 28x28 MNIST model); then a quick quality-vs-NFE
-benchmark of the same model is plotted. Everything lands in out/demo/ (override with --out)."""
+the best built-in, euler and dpmpp_2m at equal NFE on the pack's 28x28 MNIST model, and a 100-step reference from
+the same seeds, at CFG 1 and CFG 5); then a quick quality-vs-NFE benchmark of the same model is plotted.
+Everything lands in out/demo/ (override with --out)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,8 @@ from comfyui_server import ComfyServer, error_message  # noqa: E402
 WORKFLOW = REPO / "workflows" / "api" / "epd_demo_side_by_side.json"
 
 
-def run_workflow(out: Path) -> list[Path]:
+def run_workflow(out: Path) -> list[tuple[str, list[Path]]]:
+    """Run the workflow; per Save Image node in the graph's order, its title (sampler, NFE, CFG) and its files."""
     base = out / "comfyui_base"
     shutil.rmtree(base, ignore_errors=True)
     graph = json.loads(WORKFLOW.read_text())
@@ -42,30 +44,51 @@ def run_workflow(out: Path) -> list[Path]:
         bar.close()
         if entry["status"]["status_str"] != "success":
             raise SystemExit(f"workflow failed: {error_message(entry)}\n{server.log_tail()}")
-        images = []
-        for node_id, output in entry["outputs"].items():
-            for img in output.get("images", []):
-                target = out / Path(img["filename"]).name
-                shutil.copy(server.output_path(img), target)
-                images.append(target)
+        images = saved_images(graph, entry, server, out)
         log_lines = [line for line in server.log_path.read_text().splitlines() if "EPD:" in line]
     (out / "comfyui_epd_log.txt").write_text("\n".join(log_lines) + "\n")
     return images
 
 
-def side_by_side(out: Path, images: list[Path]) -> Path:
-    """One labelled picture: a row of samples per sampler (the workflow saves one file per sample)."""
-    from PIL import Image, ImageDraw
-    rows = {}
-    for p in sorted(images):
-        rows.setdefault(p.name.split("side_by_side_")[-1].rsplit("_", 2)[0], []).append(Image.open(p))
-    w, h = next(iter(rows.values()))[0].size
-    grid = Image.new("RGB", (150 + w * max(len(r) for r in rows.values()), h * len(rows)), "white")
+def saved_images(graph: dict, entry: dict, server, out: Path) -> list[tuple[str, list[Path]]]:
+    """The run's images copied to `out`: per Save Image node in the graph's order, its title and its files."""
+    images = []
+    for node_id in graph:
+        files = []
+        for img in entry["outputs"].get(node_id, {}).get("images", []):
+            target = out / Path(img["filename"]).name
+            shutil.copy(server.output_path(img), target)
+            files.append(target)
+        if files:
+            images.append((graph[node_id].get("_meta", {}).get("title", node_id), files))
+    return images
+
+
+def side_by_side(out: Path, images: list[tuple[str, list[Path]]]) -> Path:
+    """One labelled picture: a row of samples per Save Image node, labelled with its title (sampler, NFE, CFG);
+    a gap between the CFG blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows = [(label, [Image.open(p) for p in sorted(files)]) for label, files in images]
+    w, h = rows[0][1][0].size
+    font = ImageFont.load_default(size=13)
+    label_w, gap = 300, 16
+    blocks = [label.rsplit("CFG ", 1)[-1] for label, _ in rows]
+    gaps = [gap * sum(a != b for a, b in zip(blocks, blocks[1:i + 1])) for i in range(len(rows))]
+    grid = Image.new("RGB", (label_w + w * max(len(r) for _, r in rows), h * len(rows) + gaps[-1]), "white")
     draw = ImageDraw.Draw(grid)
-    for y, (name, ims) in enumerate(rows.items()):
-        draw.text((8, y * h + h // 2 - 6), name, fill="black")
+    for y, ((label, ims), extra) in enumerate(zip(rows, gaps)):
+        top = y * h + extra
+        lines, line = [], ""  # word-wrapped: a long title stays inside the label column
+        for word in label.split():
+            if line and draw.textlength(f"{line} {word}", font=font) > label_w - 16:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        draw.multiline_text((8, top + h // 2 - 8 * len(lines)), "\n".join(lines), fill="black", font=font)
         for x, im in enumerate(ims):
-            grid.paste(im, (150 + x * w, y * h))
+            grid.paste(im, (label_w + x * w, top))
     path = out / "side_by_side.png"
     grid.save(path)
     return path
@@ -81,7 +104,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     images = run_workflow(args.out)
-    print(f"workflow done in {time.time() - t0:.0f}s: {len(images)} images")
+    print(f"workflow done in {time.time() - t0:.0f}s: {sum(len(f) for _, f in images)} images")
     grid = side_by_side(args.out, images)
     if not args.skip_bench:
         import quality_vs_nfe
@@ -95,7 +118,7 @@ def main():
         shutil.copy(args.out / "quality_vs_nfe_mnist.png", args.out / "quality_vs_nfe.png")
         shutil.copy(args.out / "quality_vs_nfe_mnist.md", args.out / "quality_vs_nfe.md")
     print(f"\nDone in {time.time() - t0:.0f}s. Results in {args.out}:")
-    print(f"  images: {len(images)} files in {args.out}, side by side: {grid}")
+    print(f"  images: {sum(len(f) for _, f in images)} files in {args.out}, side by side: {grid}")
     print("  what ran:", args.out / "comfyui_epd_log.txt")
     if not args.skip_bench:
         print("  plot: ", args.out / "quality_vs_nfe.png")

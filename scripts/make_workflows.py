@@ -37,8 +37,8 @@ def demo_head(batch=DEMO_BATCH, spec=MNIST):
             "3": node("EmptyLatentImage", width=spec["size"], height=spec["size"], batch_size=batch)}
 
 
-def demo_sampler(sampler, steps, seed=2026, title=None):
-    return node("KSampler", title, model=["1", 0], seed=seed, steps=steps, cfg=DEMO_CFG, sampler_name=sampler,
+def demo_sampler(sampler, steps, seed=2026, title=None, cfg=DEMO_CFG):
+    return node("KSampler", title, model=["1", 0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
                 scheduler="karras", positive=["2", 0], negative=["2", 1], latent_image=["3", 0], denoise=1.0)
 
 
@@ -50,24 +50,46 @@ def demo_txt2img():
     return g
 
 
+SIDE_BY_SIDE_CFGS = (DEMO_CFG, 5.0)  # the tables' own CFG, then one users pick (they were not trained there)
+REFERENCE_STEPS = 100  # the reference row: DPM++ 2M with this many steps, near the exact ODE solution
+
+
 def demo_side_by_side():
-    """Equal latency NFE: epd_ms, epd, the best built-in on the MNIST model at this NFE (gradient_estimation on
-    AlignYourSteps, bench/results/quality_vs_nfe_mnist.md; through SamplerCustom, since AYS is a scheduler node),
-    and euler / dpmpp_2m on karras as what most users run."""
+    """Equal latency NFE, one block per CFG in SIDE_BY_SIDE_CFGS: epd_ms, epd, gradient_estimation on
+    AlignYourSteps (the best built-in on the MNIST model at this NFE and CFG 1, bench/results/quality_vs_nfe_mnist.md;
+    through SamplerCustom, since AYS is a scheduler node), euler / dpmpp_2m on karras as what most users run, and
+    a reference row (many steps) from the same seed: the closer a row is to it, the better it solved the ODE. Every
+    title and Save Image node names the sampler, its NFE and CFG (scripts/demo.py labels its rows with them)."""
     g = demo_head()
-    runs = [("epd_ms", DEMO_NFE), ("epd", DEMO_NFE), ("euler", DEMO_NFE), ("dpmpp_2m", DEMO_NFE)]
-    for i, (sampler, steps) in enumerate(runs):
-        s, d, v = str(4 + 3 * i), str(5 + 3 * i), str(6 + 3 * i)
-        g[s] = demo_sampler(sampler, steps, title=f"{sampler}: {DEMO_NFE} sequential model calls")
-        g[d] = node("EPDDemoDecode", samples=[s, 0], scale=MNIST["scale"])
-        g[v] = node("SaveImage", images=[d, 0], filename_prefix=f"epd_demo/side_by_side_{sampler}")
-    g["30"] = node("KSamplerSelect", sampler_name="gradient_estimation")
-    g["31"] = node("AlignYourStepsScheduler", model_type="SD1", steps=DEMO_NFE, denoise=1.0)
-    g["32"] = node("SamplerCustom", f"gradient_estimation + AlignYourSteps: {DEMO_NFE} model calls (best built-in)",
-                   model=["1", 0], add_noise=True, noise_seed=2026, cfg=DEMO_CFG, positive=["2", 0],
-                   negative=["2", 1], sampler=["30", 0], sigmas=["31", 0], latent_image=["3", 0])
-    g["33"] = node("EPDDemoDecode", samples=["32", 0], scale=MNIST["scale"])
-    g["34"] = node("SaveImage", images=["33", 0], filename_prefix="epd_demo/side_by_side_gradient_estimation_ays")
+    ids = iter(range(4, 1000))
+
+    def row(block, key, label, sampler_id):
+        decode, save = str(next(ids)), str(next(ids))
+        g[decode] = node("EPDDemoDecode", samples=[sampler_id, 0], scale=MNIST["scale"])
+        g[save] = node("SaveImage", label, images=[decode, 0], filename_prefix=f"epd_demo/side_by_side_{block}_{key}")
+
+    for cfg in SIDE_BY_SIDE_CFGS:
+        block, tail = f"cfg{cfg:g}", f"NFE {DEMO_NFE}, CFG {cfg:g}"
+        for sampler in ("epd_ms", "epd"):
+            sid = str(next(ids))
+            g[sid] = demo_sampler(sampler, DEMO_NFE, title=f"{sampler}: {tail}", cfg=cfg)
+            row(block, sampler, f"{sampler}: {tail}", sid)
+        select, ays, custom = str(next(ids)), str(next(ids)), str(next(ids))
+        g[select] = node("KSamplerSelect", sampler_name="gradient_estimation")
+        g[ays] = node("AlignYourStepsScheduler", model_type="SD1", steps=DEMO_NFE, denoise=1.0)
+        label = f"gradient_estimation + AlignYourSteps (best built-in at CFG 1): {tail}"
+        g[custom] = node("SamplerCustom", label, model=["1", 0], add_noise=True, noise_seed=2026, cfg=cfg,
+                         positive=["2", 0], negative=["2", 1], sampler=[select, 0], sigmas=[ays, 0],
+                         latent_image=["3", 0])
+        row(block, "gradient_estimation_ays", label, custom)
+        for sampler in ("euler", "dpmpp_2m"):
+            sid = str(next(ids))
+            g[sid] = demo_sampler(sampler, DEMO_NFE, title=f"{sampler} (karras): {tail}", cfg=cfg)
+            row(block, sampler, f"{sampler} (karras): {tail}", sid)
+        sid = str(next(ids))
+        label = f"reference: dpmpp_2m (karras), NFE {REFERENCE_STEPS}, CFG {cfg:g}"
+        g[sid] = demo_sampler("dpmpp_2m", REFERENCE_STEPS, title=label, cfg=cfg)
+        row(block, "reference", label, sid)
     return g
 
 
@@ -130,7 +152,7 @@ def demo_trainer():
     g["4"] = node("EPDTrainer", "EPD Trainer (distill)", mode="distill", model=["1", 0], positive=["2", 0],
                   negative=["2", 1], latent=["3", 0], steps=4, num_points=2, solver="epd", schedule="karras",
                   teacher="heun", inserted_steps=3, iterations=100, learning_rate=0.1, batch=8, seed=0, cfg=TRAINER_CFG,
-                  objective="per_step+end_to_end", name="my_demo_table")
+                  objective="per_step+end_to_end", name="my_demo_table", measure_minutes=10.0)
     g["5"] = node("PreviewImage", "Loss curve", images=["4", 1])
     g["6"] = node("PreviewEPDParams", params=["4", 0])
     g["7"] = node("EPDSampler", params=["4", 0], solver="auto", max_order=0, afs="auto", execution="auto", max_batch=0)
@@ -162,13 +184,15 @@ def demo_rl_trainer():
 def compare_demo():
     """EPD Compare on the MNIST model: the pack's tables against ComfyUI's strongest deterministic samplers (each
     with the scheduler it does best with on seeds 0-1), RMSE to a 100-step DPM++ 2M reference on seeds 2-3, at
-    4, 6 and 8 model calls per image. About 40 s on a CPU."""
+    4, 6 and 8 model calls per image, each candidate timed on the device. 353 s and 446 s (server start excluded)
+    on a shared 2-core CPU at a load average of 5-7 on 2026-12-06; max_minutes 60 because the estimate follows
+    the load (10 were refused there)."""
     g = demo_head(batch=4)
     g["4"] = node("EPDCompare", "EPD Compare: is the table better than the best built-in?", model=["1", 0],
                   positive=["2", 0], negative=["2", 1], latent=["3", 0], cfg=DEMO_CFG, seeds="0,1,2,3", fit_seeds=2,
                   nfe="4,6,8", pack_pick="all", builtins="ipndm,ipndm_v,dpmpp_2m,deis,uni_pc,gradient_estimation",
                   schedulers="karras,exponential,sgm_uniform,beta,ays", reference_sampler="dpmpp_2m",
-                  reference_scheduler="karras", reference_steps=100, max_minutes=10.0)
+                  reference_scheduler="karras", reference_steps=100, max_minutes=60.0, timing_repeats=3)
     g["5"] = node("SaveImage", "Quality vs NFE", images=["4", 0], filename_prefix="epd_demo/compare_plot")
     g["6"] = node("SaveImage", "Same seed: tables, best built-in, reference", images=["4", 2],
                   filename_prefix="epd_demo/compare_grid")
