@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 
+from .import_dyweight import import_flux_pt, is_torch_zip
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
 from .torch_storage import Hooks, Limits, TorchFileError, evaluate, read_storage
 
@@ -101,18 +102,27 @@ class OfficialFile(NamedTuple):
     name: str
     size: int      # bytes
     sha256: str
+    where: str = ""  # its path in the repository at `base`; "" for the EPD authors' exps/<family>/<name>.pkl
+    base: str = ""   # the raw URL of the repository at its pinned commit; "" for the EPD authors' (DEFAULT_BASE_URL)
 
     @property
     def path(self) -> str:
         """Where the file lies in the authors' repository: exps/<family>/<name>.pkl, the family being the name
         without its last part (sd3-1024-best -> exps/sd3-1024/sd3-1024-best.pkl), as the authors' README links it."""
-        return f"exps/{self.name.rsplit('-', 1)[0]}/{self.name}.pkl"
+        return self.where or f"exps/{self.name.rsplit('-', 1)[0]}/{self.name}.pkl"
+
+    @property
+    def published_url(self) -> str:
+        return f"{self.base or DEFAULT_BASE_URL}/{self.path}"
 
 
 OFFICIAL_REPO = "BeierZhu/EPD"
 OFFICIAL_BRANCH = "EPD-Solver++"
 OFFICIAL_COMMIT = "88a91f0914069afd700bfee1b590c7b61ceae240"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}"
+DYWEIGHT_REPO = "Westlake-AGI-Lab/DyWeight"  # no license file: its numbers are never shipped, only fetched by name
+DYWEIGHT_COMMIT = "620534e32eab5235077a4a0545b8d59b7076fcec"
+DYWEIGHT_BASE_URL = f"https://raw.githubusercontent.com/{DYWEIGHT_REPO}/{DYWEIGHT_COMMIT}"
 BASE_URL_ENV = "EPD_OFFICIAL_BASE_URL"  # e.g. a mirror; tests point it at a local server
 DOWNLOAD_TIMEOUT = 30.0                 # seconds for the whole download (connecting included)
 MAX_DOWNLOAD_BYTES = 1024 * 1024        # the published files are ~7 kB
@@ -129,6 +139,19 @@ OFFICIAL_FILES: dict[str, OfficialFile] = {f.name: f for f in (
     OfficialFile("sd3-512-best", 7319, "fd088ef6d9b6c4156c5abe20b303bb626329edcbf00e655c749c2a33a28f0344"),
     OfficialFile("sd3-512-distilled", 7319, "c315cb5a1f8548228d08a8e8be4f2c4da6e9b95fd71bc50e5bfbcec1f9033527"),
     OfficialFile("sd3-512-start", 7166, "9f53994ff9428690792650c64c96009d4c1c668652d16dd6fa26658f4d78caab"),
+    # DyWeight (epd_core/dyweight.py): FLUX.1-dev at NFE 3 / 5 / 7 (.pt, epd_core/import_dyweight.py) and SD1.5
+    # (MS-COCO, CFG 7.5) at 8 / 12 / 16 / 20 evaluations (.pkl), from their repository at DYWEIGHT_COMMIT
+    *(OfficialFile(f"dyweight-flux-nfe{n}", size, sha, f"dyweight_flux/checkpoints/dyweight_nfe{n}.pt",
+                   DYWEIGHT_BASE_URL) for n, size, sha in (
+        (3, 2662, "abf1bf591dce72b4316d0ff2c52e36afd7dca39e3a426b8ece38e78a17e83a78"),
+        (5, 2918, "3aae083cfc9229b2abe703b43b8e6e565c3a2d6e58e1020aeccaedbecce71e5a"),
+        (7, 3430, "436b83e51aa020e5194e7d1305702597029b4539118cd54f9409da7fcb30543a"))),
+    *(OfficialFile(f"dyweight-sd15-nfe{n}", size, sha, f"exps/{run}-mscoco-nfe{n}/network-snapshot-000005.pkl",
+                   DYWEIGHT_BASE_URL) for n, run, size, sha in (
+        (8, "00036", 15599, "c594beace26d9bd6f4a1f2b9be298a1be0648d65da2ddf271258ea917521dd18"),
+        (12, "00037", 15774, "1efdb43fe17ee39ac83f996b27f8671782bc65812318c38fb91885aa52846fb0"),
+        (16, "00038", 16380, "095cb79b219ad7f272e2ccf5445083e802cb9d4b86424a6319af6f20d48f1d20"),
+        (20, "00039", 16300, "f9d04587c675de6b1ef2b313dfe24761f0ea886343caf2aca4f4bf6fff1a1788"))),
 )}
 
 
@@ -143,13 +166,15 @@ def official_file(name: str) -> OfficialFile:
 def official_url(name: str, base_url: str | None = None) -> str:
     """The file's raw URL: `base_url`, else $EPD_OFFICIAL_BASE_URL, else the authors' repository at the pinned
     commit, followed by the file's path."""
-    base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-    return f"{base.rstrip('/')}/{official_file(name).path}"
+    entry = official_file(name)
+    base = base_url or os.environ.get(BASE_URL_ENV) or entry.base or DEFAULT_BASE_URL
+    return f"{base.rstrip('/')}/{entry.path}"
 
 
 def convert_command(name: str, pkl: str | None = None, out: str = "OUT.safetensors") -> str:
     """The command that verifies and converts a copy of the file fetched by hand."""
-    return f"python -m epd_core.import_official --official {name} {pkl or name + '.pkl'} {out}"
+    suffix = Path(official_file(name).path).suffix if name in OFFICIAL_FILES else ".pkl"
+    return f"python -m epd_core.import_official --official {name} {pkl or name + suffix} {out}"
 
 
 def verify_official(name: str, data: bytes, source: str) -> bytes:
@@ -161,7 +186,7 @@ def verify_official(name: str, data: bytes, source: str) -> bytes:
             f"{source}: refused: this is not the published '{name}' predictor (expected {entry.size} bytes with "
             f"SHA-256 {entry.sha256}, got {len(data)} bytes with SHA-256 {digest}). Nothing was unpickled or "
             f"written. The download was corrupted or altered, or the file is another one: fetch "
-            f"{official_url(name, DEFAULT_BASE_URL)} again.")
+            f"{official_file(name).published_url} again.")
     return data
 
 
@@ -203,7 +228,7 @@ def download_official(name: str, base_url: str | None = None, timeout: float = D
     def offline(problem: str):
         raise EPDImportError(
             f"cannot download the official predictor '{name}' from {url}: {problem}. Without network access, "
-            f"fetch {official_url(name, DEFAULT_BASE_URL)} by hand ({entry.size} bytes, SHA-256 {entry.sha256}) "
+            f"fetch {official_file(name).published_url} by hand ({entry.size} bytes, SHA-256 {entry.sha256}) "
             f"and convert it with: {convert_command(name, out=out_hint)}")
 
     deadline = time.monotonic() + timeout
@@ -265,7 +290,7 @@ def import_official_by_name(name: str, data: bytes, source: str, isolated: bool 
     convert = import_official_isolated if isolated else import_official_bytes
     params = convert(data, source=source, name=f"{name}.pkl")
     params.metadata["provenance"]["official_name"] = name
-    params.metadata["provenance"]["official_url"] = official_url(name, DEFAULT_BASE_URL)
+    params.metadata["provenance"]["official_url"] = official_file(name).published_url
     return params
 
 
@@ -605,6 +630,8 @@ def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None
     fail = _failer(source)
     if len(data) > MAX_PKL_BYTES:
         fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
+    if is_torch_zip(data):  # torch.save's zip layout: only DyWeight's FLUX checkpoints are imported
+        return import_flux_pt(data, name or source, fail)
     _check_magic(data, fail)
     _prescan(data, fail)
     try:
@@ -1122,8 +1149,11 @@ def _first_line(e: BaseException) -> str:
 
 # ---- command line -----------------------------------------------------------------------------------------
 def format_table(params: EPDParams) -> str:
-    """The activated table, one line per step: r, w, c, a for each point."""
+    """The activated table, one line per step: r, w, c, a for each point (dyweight: its row of W and a)."""
     act = params.activated()
+    if params.solver == "dyweight":
+        return "\n".join(["step       a  W row"] + [f"{i:4d}{float(act['a'][i]):8.4f}  " + " ".join(
+            f"{float(v):8.4f}" for v in act["W"][i, :i + 1]) for i in range(params.num_steps)])
     points = range(params.num_points)
     lines = ["step" + "  ".join("".join(f"{n + str(j):>8}" for n in "rwca") for j in points)]
     for i in range(params.num_steps):
@@ -1134,9 +1164,10 @@ def format_table(params: EPDParams) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m epd_core.import_official",
-        description="Convert an official EPD predictor (.pkl) into an EPD safetensors table, without executing "
-                    "anything from the pickle. With --official NAME, download the authors' published file (or "
-                    "verify a copy fetched by hand) and check its SHA-256 first.",
+        description="Convert an official EPD predictor (.pkl) or a published DyWeight FLUX checkpoint (.pt) into "
+                    "an EPD safetensors table, without executing anything from the file. With --official NAME, "
+                    "download the authors' published file (or verify a copy fetched by hand) and check its SHA-256 "
+                    "first.",
         epilog=f"Published names: {', '.join(OFFICIAL_FILES)}.")
     ap.add_argument("paths", nargs="+", metavar="IN.pkl OUT.safetensors",
                     help="official predictor file (.pkl) and the table to write (.safetensors); with --official, "

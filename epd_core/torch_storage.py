@@ -97,6 +97,19 @@ def read_state_dict(path) -> object:
     return _materialize(result, storages, [STATE_DICT_LIMITS.items * 10], 0)
 
 
+def read_bytes(data: bytes, limits: Limits = STATE_DICT_LIMITS) -> object:
+    """`read_state_dict` for file contents already in memory, under `limits` (e.g. tighter budgets for a file
+    known to be a few kB)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise TorchFileError("a torch file is not given as bytes")
+    data = bytes(data)
+    if data[:4] == b"PK\x03\x04":
+        result, storages = _read_zip(io.BytesIO(data), limits, len(data))
+    else:
+        result, storages = _read_legacy(data, limits)
+    return _materialize(result, storages, [limits.items * 10], 0)
+
+
 # ---- the two layouts -------------------------------------------------------------------------------------
 def _read_legacy(data: bytes, limits: Limits):
     stream = io.BytesIO(data)

@@ -212,3 +212,124 @@ def test_bad_tables_are_refused_on_load_with_the_problem_named(comfy_sampling, e
     with pytest.raises(EPDParamsError, match="square"):
         EPDParams(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), 0.0, 0.0,
                   {"solver": "dyweight", "dyweight": {"norm": "tau"}})
+
+
+# ---- importing the published FLUX checkpoints ----------------------------------------------------------------
+def published_flux_checkpoint(path, W, a, window=2, low=0.5, high=1.5, extra=None, meta=True):
+    """A file in the layout of dyweight_flux/checkpoints/dyweight_nfe*.pt, written here by torch.save (zip, pickle
+    protocol 2, float32 tensors): their train_flux.py dict plus the published files' meta and raw parameters."""
+    k = W.shape[0]
+    tril = torch.tril(torch.ones(k, k))
+    band = tril * torch.triu(torch.ones(k, k), diagonal=-(window - 1))
+    obj = {"window_size": window, "dyweight_weights_raw": W.float(), "dyweight_t_scales": a.float()}
+    if meta:
+        obj["dyweight_meta"] = {"K": k, "tscale_low": low, "tscale_high": high}
+        obj["dyweight_params"] = {"theta": W.float(), "phi": torch.logit((a.float() - low) / (high - low)),
+                                  "tril_mask": tril, "win_mask": band}
+    obj.update(extra or {})
+    torch.save(obj, path, pickle_protocol=2)
+    return path.read_bytes()
+
+
+def published_flux_schedule(steps, mu=0.63):
+    """models/flux/sampling.py get_schedule: time_shift(mu, 1, linspace(1, 0, steps + 1)) in float32."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float32)
+    return (math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)).double()
+
+
+@pytest.mark.parametrize("steps", [3, 7])
+def test_an_imported_flux_checkpoint_samples_as_the_published_loop(tmp_path, gmm32, float64_one_thread, steps):
+    from epd_core.import_official import import_official_bytes
+    W = banded(steps, 2, 10 + steps, around=0.9).float()
+    a = 0.5 + torch.sigmoid(0.2 * torch.randn(steps, generator=torch.Generator().manual_seed(steps))).float()
+    data = published_flux_checkpoint(tmp_path / "final-step.pt", W, a)
+    table = import_official_bytes(data, "dyweight_nfe.pt")
+    assert table.solver == "dyweight"
+    assert table.metadata["model_family"] == "flux" and table.metadata["dyweight"] == {"norm": "eval", "window": 2}
+    assert torch.equal(table.activated()["W"], W) and torch.equal(table.activated()["a"], a)
+    fm = flux_model(gmm32)
+    x = noise(scale=1.0, seed=steps)
+    expected = published_flux_loop(fm, x, published_flux_schedule(steps), W.double(), a.double())
+    comfy_list = flux_grid(steps, flux_mu(512, 512))  # what a scheduler gives: the same start, ending in 0
+    got = sample_dyweight(fm, x, comfy_list, EPDParams.from_bytes(table.to_bytes()), disable=True)
+    assert float((got - expected).abs().max()) < 1e-6
+    # the training script's own final save (no meta / raw parameters) reads the same
+    plain = import_official_bytes(published_flux_checkpoint(tmp_path / "plain.pt", W, a, meta=False), "plain.pt")
+    assert torch.equal(plain.theta_w, table.theta_w) and torch.equal(plain.theta_a, table.theta_a)
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+def _truncated_storage(data: bytes) -> bytes:
+    import io
+    import zipfile
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            body = src.read(info)
+            z.writestr(info.filename, body[:-4] if info.filename.endswith("data/0") else body)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("global", "global"),
+    ("truncated", "storage '0' claims"),
+    ("upper", "above the diagonal"),
+    ("scale", "outside their range"),
+    ("nan", "NaN"),
+    ("extra", "unexpected entries"),
+    ("huge", "square float matrix"),
+    ("not_dyweight", "not a DyWeight FLUX checkpoint"),
+])
+def test_hostile_or_broken_flux_checkpoints_are_refused_with_the_problem_named(tmp_path, case, problem):
+    from epd_core.import_official import EPDImportError, import_official_bytes
+    W, a = torch.tril(torch.ones(3, 3)) * 0.3, torch.ones(3)
+    path = tmp_path / "final-step.pt"
+    if case == "global":
+        data = published_flux_checkpoint(path, W, a, extra={"x": Payload()})
+    elif case == "truncated":
+        data = _truncated_storage(published_flux_checkpoint(path, W, a))
+    elif case == "upper":
+        data = published_flux_checkpoint(path, W + torch.triu(torch.ones(3, 3), 1), a)
+    elif case == "scale":
+        data = published_flux_checkpoint(path, W, a * 2)
+    elif case == "nan":
+        data = published_flux_checkpoint(path, W * float("nan"), a)
+    elif case == "extra":
+        data = published_flux_checkpoint(path, W, a, extra={"payload": 1})
+    elif case == "huge":
+        data = published_flux_checkpoint(path, torch.tril(torch.ones(100, 100)), torch.ones(100), meta=False)
+    else:
+        torch.save({"state_dict": {"w": W}}, path)
+        data = path.read_bytes()
+    with pytest.raises(EPDImportError, match=problem):
+        import_official_bytes(data, "x.pt")
+
+
+def test_the_published_names_are_pinned_and_a_wrong_file_is_refused_before_reading(tmp_path):
+    from epd_core.import_official import (DYWEIGHT_COMMIT, OFFICIAL_FILES, EPDImportError, convert_command,
+                                          import_official_by_name, official_url)
+    names = [n for n in OFFICIAL_FILES if n.startswith("dyweight-")]
+    assert names == ["dyweight-flux-nfe3", "dyweight-flux-nfe5", "dyweight-flux-nfe7", "dyweight-sd15-nfe8",
+                     "dyweight-sd15-nfe12", "dyweight-sd15-nfe16", "dyweight-sd15-nfe20"]
+    assert official_url("dyweight-flux-nfe3", None).endswith(
+        f"Westlake-AGI-Lab/DyWeight/{DYWEIGHT_COMMIT}/dyweight_flux/checkpoints/dyweight_nfe3.pt")
+    assert convert_command("dyweight-flux-nfe5").endswith("dyweight-flux-nfe5.pt OUT.safetensors")
+    data = published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(3), torch.ones(3))
+    with pytest.raises(EPDImportError, match="not the published 'dyweight-flux-nfe3'"):
+        import_official_by_name("dyweight-flux-nfe3", data, "nfe3.pt")
+
+
+def test_the_command_line_converts_a_flux_checkpoint_in_its_isolated_child(tmp_path, capsys):
+    from epd_core.import_official import main
+    W = torch.tril(torch.ones(3, 3)) * 0.3
+    src = tmp_path / "final-step.pt"
+    published_flux_checkpoint(src, W, torch.ones(3))
+    assert main([str(src), str(tmp_path / "t.safetensors"), "--print"]) == 0
+    table = EPDParams.load(tmp_path / "t.safetensors")
+    assert table.solver == "dyweight" and table.to_zero and table.schedule["mu"] == pytest.approx(0.63)
+    assert "W row" in capsys.readouterr().out

@@ -130,8 +130,10 @@ def test_names_paths_and_urls_follow_the_authors_repository(monkeypatch):
     monkeypatch.delenv(imp.BASE_URL_ENV, raising=False)
     assert list(imp.OFFICIAL_FILES) == [
         "flux-best", "flux-start", "sd15-best", "sd15-distilled", "sd15-start", "sd3-1024-best",
-        "sd3-1024-distilled", "sd3-1024-start", "sd3-512-best", "sd3-512-distilled", "sd3-512-start"]
-    assert all(7000 < f.size < 8000 and len(f.sha256) == 64 for f in imp.OFFICIAL_FILES.values())
+        "sd3-1024-distilled", "sd3-1024-start", "sd3-512-best", "sd3-512-distilled", "sd3-512-start",
+        *(f"dyweight-flux-nfe{n}" for n in (3, 5, 7)), *(f"dyweight-sd15-nfe{n}" for n in (8, 12, 16, 20))]
+    epd = [f for f in imp.OFFICIAL_FILES.values() if not f.name.startswith("dyweight-")]  # tests/test_dyweight.py
+    assert all(7000 < f.size < 8000 and len(f.sha256) == 64 for f in epd)
     assert imp.official_file("sd15-best").sha256 == "2e14a48e6b28944091b49d7cb3f0aa009bafad8668888fa584b09da5205ba227"
     # the layout of the authors' README (exps/<family>/<name>.pkl; flux files seen in the repository itself)
     assert imp.official_url("sd15-best") == f"{REAL_BASE}/exps/sd15/sd15-best.pkl"

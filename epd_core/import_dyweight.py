@@ -1,0 +1,91 @@
+"""DyWeight's published FLUX tables (Westlake-AGI-Lab/DyWeight, dyweight_flux/checkpoints/dyweight_nfe*.pt) as
+dyweight EPDParams tables (epd_core/dyweight.py), read without torch.load: torch's zip layout parsed by the
+pack's bounded reader (epd_core/torch_storage.py) under budgets sized for a 3 kB file.
+
+What the file holds (their train_flux.py `materialize_dyweight`): `window_size`, `dyweight_weights_raw` W (K, K)
+lower triangular, `dyweight_t_scales` a (K,) already through 0.5 + sigmoid, and in the published files also
+`dyweight_meta` {K, tscale_low, tscale_high} and `dyweight_params` {theta, phi, tril_mask, win_mask}. The grid is
+not in the file: their sampler uses time_shift(mu, linspace(1, 0, K + 1)) with mu from the image size, and the
+published tables were trained at 512 x 512 (their train_example.yaml), mu 0.63. The velocity is normalised by the
+evaluation time (norm "eval"); FLUX.1-dev's guidance 3.5 goes through its guidance input.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .dyweight import flux_grid, flux_mu, from_weights
+from .params import MAX_POINTS, EPDParams, EPDParamsError
+from .torch_storage import Limits, TorchFileError, read_bytes
+
+FLUX_TRAINED_SIZE = (512, 512)
+FLUX_GUIDANCE = 3.5
+# the published data.pkl has ~150 opcodes, 6 storages, 6 tensors, dicts of 5 entries, nesting 4
+FLUX_LIMITS = Limits(opcodes=4000, depth=8, items=64, storages=16, tensors=16, pickle_bytes=64 * 1024)
+_REQUIRED = ("window_size", "dyweight_weights_raw", "dyweight_t_scales")
+_KNOWN = (*_REQUIRED, "dyweight_meta", "dyweight_params")
+IMPORTER_VERSION = 1
+
+
+def is_torch_zip(data: bytes) -> bool:
+    return data[:4] == b"PK\x03\x04"
+
+
+def import_flux_pt(data: bytes, name: str, fail) -> EPDParams:
+    """The dyweight table of a DyWeight FLUX checkpoint's bytes; `fail(problem, fix)` raises the importer's error."""
+    try:
+        top = read_bytes(data, FLUX_LIMITS)
+    except TorchFileError as e:
+        fail(f"refused: {e}", "The file is not a DyWeight FLUX checkpoint (dyweight_nfe*.pt) or has been tampered "
+                              "with; nothing in it was run. Download it again.")
+    if not isinstance(top, dict) or not all(k in top for k in _REQUIRED):
+        fail("this is a zip archive (a torch.save checkpoint) but not a DyWeight FLUX checkpoint (expected a dict with "
+             f"{', '.join(_REQUIRED)})", "Pass a published dyweight_nfe*.pt file, or an EPD/DyWeight .pkl predictor.")
+    unknown = [str(k)[:40] for k in top if k not in _KNOWN]
+    if unknown:
+        fail(f"unexpected entries {unknown} in a DyWeight FLUX checkpoint", "Download the published file again.")
+    W, a, window = top["dyweight_weights_raw"], top["dyweight_t_scales"], top["window_size"]
+    if not (isinstance(W, torch.Tensor) and W.dim() == 2 and W.shape[0] == W.shape[1]
+            and 1 <= W.shape[0] <= MAX_POINTS and W.is_floating_point()):
+        fail(f"dyweight_weights_raw is not a square float matrix of at most {MAX_POINTS} steps "
+             f"({_shape(W)})", "Download the published file again.")
+    steps = W.shape[0]
+    if not (isinstance(a, torch.Tensor) and tuple(a.shape) == (steps,) and a.is_floating_point()):
+        fail(f"dyweight_t_scales must be {steps} floats, got {_shape(a)}", "Download the published file again.")
+    if not (type(window) is int and 1 <= window <= steps + 1):
+        fail(f"window_size {str(window)[:20]!r} is not a number of directions in 1..{steps + 1}",
+             "Download the published file again.")
+    if not (torch.isfinite(W).all() and torch.isfinite(a).all()):
+        fail("the weights or time scales contain NaN or inf", "The training run diverged; use another file.")
+    meta = top.get("dyweight_meta")
+    low, high = 0.5, 1.5
+    if meta is not None:
+        if not (isinstance(meta, dict) and meta.get("K") == steps
+                and all(type(meta.get(k)) is float for k in ("tscale_low", "tscale_high"))):
+            fail("dyweight_meta does not describe this table (K and the time-scale range)",
+                 "Download the published file again.")
+        low, high = meta["tscale_low"], meta["tscale_high"]
+    if not bool(((a >= low - 1e-6) & (a <= high + 1e-6)).all()) or not 0 < low < high <= 10:
+        fail(f"time scales outside their range [{low:g}, {high:g}]", "Download the published file again.")
+    mu = flux_mu(*FLUX_TRAINED_SIZE)
+    grid = flux_grid(steps, mu)
+    metadata = {
+        "guidance_scale": FLUX_GUIDANCE, "model_family": "flux",
+        "provenance": {"format": "DyWeight FLUX checkpoint (.pt)", "source": Path(name).name[:200],
+                       "sha256": hashlib.sha256(data).hexdigest(), "importer_version": IMPORTER_VERSION,
+                       "method": "DyWeight (arXiv 2603.11607)"},
+    }
+    schedule = {"type": "explicit", "mu": mu, "grid": "flux_time_shift", "trained_size": list(FLUX_TRAINED_SIZE)}
+    try:
+        return from_weights(W.double(), a.double(), grid.tolist(), norm="eval", window=window, schedule=schedule,
+                            **metadata)
+    except EPDParamsError as e:
+        fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
+
+
+def _shape(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return type(v).__name__
