@@ -333,3 +333,40 @@ def test_the_command_line_converts_a_flux_checkpoint_in_its_isolated_child(tmp_p
     table = EPDParams.load(tmp_path / "t.safetensors")
     assert table.solver == "dyweight" and table.to_zero and table.schedule["mu"] == pytest.approx(0.63)
     assert "W row" in capsys.readouterr().out
+
+
+# ---- a real ComfyUI server -----------------------------------------------------------------------------------
+@pytest.mark.server
+def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_listed_one(comfy_server, comfy_ref):
+    """KSampler `dyweight` on the 8x8 demo model: with no table for its step count it is exactly euler (and says
+    so); a listed dyweight table of the demo family (here ipndm's rows on KSampler's karras list) is picked and
+    sampled on its grid, one model call per step: exactly ipndm."""
+    from comfyui_server import error_message
+    from test_server_sampling import BATCH, base_graph, batches, ksampler, read_latent, save_latent
+    folder = comfy_server.base / "models" / "epd_params"
+    table_steps, plain_steps, seed = 6, 7, 11
+    sigmas = comfy_ref["samplers"].KSampler(comfy_ref["stub"], table_steps, "cpu", "dyweight", "karras", 1.0).sigmas
+    dyweight_table(sigmas.double(), "ipndm", window=4, model_family="epd_demo_digits",
+                   guidance_scale=2.0).save(folder / "dyweight_demo.safetensors")
+    (folder / "ksampler_presets.txt").write_text("dyweight_demo\n")
+    try:
+        g = base_graph("ks_dyweight")
+        runs = (("dw_table", "dyweight", table_steps), ("ipndm", "ipndm", table_steps),
+                ("dw_plain", "dyweight", plain_steps), ("euler", "euler", plain_steps))
+        for name, sampler, steps in runs:
+            g[name] = ksampler(("empty", 0), sampler, steps, seed, model=("logged", 0) if name == "dw_table"
+                               else ("model", 0))
+            g[f"save_{name}"] = save_latent(name, f"dyweight_{name}")
+        entry = comfy_server.run(g)
+        assert entry["status"]["status_str"] == "success", error_message(entry)
+        latent = lambda node: read_latent(comfy_server, entry, node)  # noqa: E731
+        torch.testing.assert_close(latent("save_dw_table"), latent("save_ipndm"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(latent("save_dw_plain"), latent("save_euler"), rtol=0, atol=1e-5)
+        assert not torch.allclose(latent("save_dw_table"), latent("save_dw_plain"), atol=1e-3)
+        assert batches(comfy_server, "ks_dyweight") == [2 * BATCH] * table_steps  # cond + uncond, one call a step
+        log = comfy_server.log_path.read_text(errors="replace")
+        assert f"dyweight on epd_demo_digits with {table_steps - 1} steps uses dyweight_demo.safetensors" in log
+        assert f"no dyweight table of {plain_steps} steps for this model: exactly euler" in log
+    finally:
+        (folder / "ksampler_presets.txt").unlink(missing_ok=True)
+        (folder / "dyweight_demo.safetensors").unlink(missing_ok=True)
