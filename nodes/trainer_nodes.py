@@ -48,17 +48,23 @@ def _should_stop():
     return False
 
 
+def cfg_range_of(cfg: float, cfg_max: float) -> list[float] | None:
+    """The trainer's CFG range: [cfg, cfg_max] when cfg_max is above cfg (one scale per noise batch), else None
+    (all batches at cfg)."""
+    return [float(cfg), float(cfg_max)] if cfg_max and cfg_max > cfg else None
+
+
 def _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations, learning_rate,
-                    batch, seed, cfg, objective, ckpt: Path) -> DistillConfig:
+                    batch, seed, cfg, objective, ckpt: Path, cfg_max: float = 0.0) -> DistillConfig:
     if solver == "epd_ms":
         return _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate,
-                          batch, seed, cfg, ckpt)
+                          batch, seed, cfg, ckpt, cfg_range_of(cfg, cfg_max))
     sigmas, spec = training_sigmas(model, schedule, steps)
     return DistillConfig(
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
         inserted_steps=inserted_steps, objective=objective, iterations=iterations, lr=learning_rate, batch=batch,
         seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
-        resume="auto", guidance_scale=cfg, model_family=model_family(model),
+        resume="auto", guidance_scale=cfg, model_family=model_family(model), cfg_range=cfg_range_of(cfg, cfg_max),
         teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min),  # not below what it knows
         # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way):
         # 0.18x the peak memory on the MNIST demo model (bench/train_memory.py)
@@ -66,9 +72,10 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
 
 
 def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate, batch, seed,
-               cfg, ckpt: Path) -> DistillConfig:
+               cfg, ckpt: Path, cfg_range: list | None = None) -> DistillConfig:
     """EPD-MS: `steps` model calls on the scheduler's list (KSampler's `steps`), its positive sigmas plus the last
-    step's anchor, learned end to end with the schedule from gradient_estimation's coefficients."""
+    step's anchor, learned end to end with the schedule from the coefficients of the built-in that is strongest at
+    the CFG it trains for (ms_starting_builtin)."""
     if schedule in EPD_SCHEDULES:
         raise ValueError(f"EPD Trainer: epd_ms starts from a ComfyUI scheduler's list (e.g. sgm_uniform, karras, "
                          f"beta), not {schedule!r}; pick one in 'schedule'")
@@ -76,12 +83,20 @@ def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iter
     positive = anchored(sigmas)
     sigma_min = float(model.get_model_object("model_sampling").sigma_min)
     return DistillConfig(
-        sigmas=positive, schedule=spec, num_points=num_points, solver="epd_ms", builtin="gradient_estimation",
+        sigmas=positive, schedule=spec, num_points=num_points, solver="epd_ms",
+        builtin=ms_starting_builtin(sum(cfg_range) / 2 if cfg_range else cfg), cfg_range=cfg_range,
         to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25, objective="end_to_end",
         teacher=teacher, inserted_steps=inserted_steps, iterations=iterations,
         lr=learning_rate * variant("epd_ms").lr_scale, schedule_lr=learning_rate * 0.2, batch=batch, seed=seed,
         checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto",
         guidance_scale=cfg, model_family=model_family(model), teacher_sigma_min=sigma_min, grad_checkpointing=True)
+
+
+def ms_starting_builtin(cfg: float) -> str:
+    """Where an EPD-MS table starts: at low CFG gradient_estimation, from CFG 4 up dpmpp_2m, the best built-ins
+    there on both demo models (docs/results.md, "Across CFG"; at CFG 6 gradient_estimation is nearly twice as
+    wrong as dpmpp_2m on MNIST at 4 steps)."""
+    return "dpmpp_2m" if cfg >= 4.0 else "gradient_estimation"
 
 
 def refuse_existing_table(stem: str) -> None:
@@ -100,7 +115,7 @@ def _finish(table: EPDParams, stem: str, folder: Path, chart, text: str) -> io.N
 
 def run_distill(node_id, model, positive, negative, latent, steps, num_points, solver, schedule, teacher,
                 inserted_steps, iterations, learning_rate, batch, seed, cfg, objective, name,
-                measure_minutes=MEASURE_MINUTES, **_):
+                measure_minutes=MEASURE_MINUTES, cfg_max=0.0, **_):
     stem = table_stem(name)
     refuse_existing_table(stem)
     shape = tuple(fix_empty_latent(model, latent).shape)  # the shape KSampler samples for this latent
@@ -111,7 +126,7 @@ def run_distill(node_id, model, positive, negative, latent, steps, num_points, s
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / CHECKPOINT_FILE
     config = _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations,
-                             learning_rate, batch, seed, cfg, objective, ckpt)
+                             learning_rate, batch, seed, cfg, objective, ckpt, cfg_max or 0.0)
     progress = TrainingProgress(iterations, losses_so_far(ckpt), node_id, stem)
     history: list[float] = []
     try:
@@ -310,6 +325,9 @@ class EPDTrainer(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the training noises and the RL policy: same seed, same table."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale to train for."),
+                io.Float.Input("cfg_max", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Above cfg: train one table for the range cfg..cfg_max (each noise batch "
+                                       "gets its own scale), so it holds wherever you sample in it. 0: cfg only."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default=DistillConfig.objective,
                                tooltip="per_step: each step from the student's own state (the paper). "
                                        "end_to_end: the final image. Both: per-step, then end-to-end fine-tuning."),

@@ -63,7 +63,7 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
         "mode": "distill", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
         "latent": ["empty", 0], "steps": steps, "num_points": 2, "solver": "epd_ms", "schedule": "sgm_uniform",
         "teacher": "dpmpp", "inserted_steps": 1, "iterations": 30, "learning_rate": 0.1, "batch": 4, "seed": 3,
-        "cfg": 2.0, "objective": "end_to_end", "name": name}}
+        "cfg": 2.0, "cfg_max": 7.0, "objective": "end_to_end", "name": name}}
     g["sampler"] = {"class_type": "EPDSampler", "inputs": {"params": ["trainer", 0], "solver": "auto", "max_order": 0,
                                                            "afs": "auto", "execution": "auto", "max_batch": 0}}
     g["sigmas"] = {"class_type": "EPDSigmas", "inputs": {"model": ["logged", 0], "params": ["trainer", 0],
@@ -76,7 +76,9 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
     assert entry["status"]["status_str"] == "success", error_message(entry) + comfy_server.log_tail()
     table = EPDParams.load(comfy_server.base / "models" / "epd_params" / f"{name}.safetensors")
     assert table.solver == "epd_ms" and table.num_steps == steps and table.metadata["latency_nfe"] == steps
-    assert table.metadata["initial_builtin"] == "gradient_estimation" and table.schedule["learned"]
+    # one table for CFG 2..7, from the built-in strongest at its middle scale (4.5: dpmpp_2m)
+    assert table.metadata["cfg_range"] == [2.0, 7.0] and table.metadata["initial_builtin"] == "dpmpp_2m"
+    assert table.schedule["learned"]
     assert table.metadata["provenance"]["loss"] == "rmse"  # the registry's loss for epd_ms (docs/method.md)
     # EPD Sigmas gives its N learned sigmas and 0; it samples on them: still one call of K points per step
     assert batches(comfy_server, "trained_ms") == [2 * BATCH * 2] * steps
