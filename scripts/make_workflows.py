@@ -152,7 +152,7 @@ def demo_trainer():
     g["4"] = node("EPDTrainer", "EPD Trainer (distill)", mode="distill", model=["1", 0], positive=["2", 0],
                   negative=["2", 1], latent=["3", 0], steps=4, num_points=2, solver="epd", schedule="karras",
                   teacher="heun", inserted_steps=3, iterations=100, learning_rate=0.1, batch=8, seed=0, cfg=TRAINER_CFG,
-                  objective="per_step+end_to_end", name="my_demo_table", measure_minutes=10.0)
+                  objective="per_step+end_to_end", name="my_demo_table", cfg_max=0.0, measure_minutes=10.0)
     g["5"] = node("PreviewImage", "Loss curve", images=["4", 1])
     g["6"] = node("PreviewEPDParams", params=["4", 0])
     g["7"] = node("EPDSampler", params=["4", 0], solver="auto", max_order=0, afs="auto", execution="auto", max_batch=0)
