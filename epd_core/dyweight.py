@@ -28,6 +28,7 @@ import torch
 from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
 from .params import EPDParams
 from .runtime import warn_once
+from .schedules import sigmas_for
 
 log = logging.getLogger("epd")
 ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
@@ -55,6 +56,28 @@ def table_grid(params: EPDParams) -> list[float] | None:
     if sig is None:
         return None
     return [float(s) for s in sig[:-1]] + [0.0] if params.to_zero else [float(s) for s in sig]
+
+
+def model_sampling_of(model):
+    """The noise schedule behind a ComfyUI sampler function's `model` (its CFG wrapper's patcher), found by duck
+    typing (epd_core never imports ComfyUI); None elsewhere."""
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    try:
+        return patcher.get_model_object("model_sampling") if patcher is not None else None
+    except (AttributeError, KeyError):
+        return None
+
+
+def own_grid(params: EPDParams, model=None) -> list[float] | None:
+    """The table's grid: recorded, else its schedule rebuilt (for tables whose sigma range or discrete sigmas
+    are the model's, from the model's noise schedule); None when neither is possible."""
+    grid = table_grid(params)
+    if grid is not None or params.schedule.get("type") in (None, "explicit"):
+        return grid
+    try:
+        return sigmas_for(params.schedule, params.num_steps, model_sampling_of(model)).tolist()
+    except (ValueError, AttributeError, TypeError, RuntimeError):
+        return None
 
 
 def taus(W: torch.Tensor, grid) -> torch.Tensor:
@@ -188,7 +211,7 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
     steps = len(sigmas) - 1
     grid = sigmas
     if params is not None:
-        own = table_grid(params)
+        own = own_grid(params, model)
         same_start = own is not None and math.isclose(float(sigmas[0]), own[0], rel_tol=1e-3)
         if own is not None and own_schedule is not False and not strict and same_start \
                 and params.num_steps == steps:

@@ -1,6 +1,8 @@
-"""DyWeight's published FLUX tables (Westlake-AGI-Lab/DyWeight, dyweight_flux/checkpoints/dyweight_nfe*.pt) as
-dyweight EPDParams tables (epd_core/dyweight.py), read without torch.load: torch's zip layout parsed by the
-pack's bounded reader (epd_core/torch_storage.py) under budgets sized for a 3 kB file.
+"""DyWeight's published tables (Westlake-AGI-Lab/DyWeight) as dyweight EPDParams tables (epd_core/dyweight.py).
+FLUX (dyweight_flux/checkpoints/dyweight_nfe*.pt) is read without torch.load: torch's zip layout parsed by the
+pack's bounded reader (epd_core/torch_storage.py) under budgets sized for a 3 kB file. The EDM / SD snapshots
+(exps/*/network-snapshot-*.pkl) go through import_official's restricted evaluator, which hands `edm_table` the
+predictor's tensors and the plain hyperparameters.
 
 What the file holds (their train_flux.py `materialize_dyweight`): `window_size`, `dyweight_weights_raw` W (K, K)
 lower triangular, `dyweight_t_scales` a (K,) already through 0.5 + sigmoid, and in the published files also
@@ -18,6 +20,7 @@ import torch
 
 from .dyweight import flux_grid, flux_mu, from_weights
 from .params import MAX_POINTS, EPDParams, EPDParamsError
+from .schedules import sigmas_for
 from .torch_storage import Limits, TorchFileError, read_bytes
 
 FLUX_TRAINED_SIZE = (512, 512)
@@ -27,6 +30,14 @@ FLUX_LIMITS = Limits(opcodes=4000, depth=8, items=64, storages=16, tensors=16, p
 _REQUIRED = ("window_size", "dyweight_weights_raw", "dyweight_t_scales")
 _KNOWN = (*_REQUIRED, "dyweight_meta", "dyweight_params")
 IMPORTER_VERSION = 1
+# the sampler functions DyWeight's solvers.py defines: a snapshot's loss object names its student and teacher
+DYWEIGHT_FUNCTIONS = ("dyweight_sampler", "heun_sampler", "euler_sampler", "ipndm_sampler", "dpm_sampler",
+                      "dpmpp_sampler", "unipc_sampler")
+_EDM_SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete")
+_LATENT_DATASETS = ("ms_coco", "lsun_bedroom_ldm")  # latent models: their sigma range is the model's
+# dataset_name -> model_family (the names KSampler matches tables by, epd_core/params.py FAMILY_NAME)
+_FAMILIES = {"ms_coco": "sd15", "cifar10": "cifar10", "ffhq": "ffhq", "afhqv2": "afhqv2",
+             "imagenet64": "imagenet64", "lsun_bedroom_ldm": "lsun_bedroom_ldm"}
 
 
 def is_torch_zip(data: bytes) -> bool:
@@ -83,6 +94,71 @@ def import_flux_pt(data: bytes, name: str, fail) -> EPDParams:
                             **metadata)
     except EPDParamsError as e:
         fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
+
+
+def edm_table(hybrid_weights, mask, t_scale, state: dict, data: bytes, name: str, fail) -> EPDParams:
+    """The dyweight table of a DyWeight EDM / SD snapshot: W = hybrid_weights * mask (K x K, K = num_steps - 1),
+    a from t_scale (K entries, or K - 1 with AFS: step 0 then makes no call, so a_i = t_scale[i - 1]; entries the
+    published sampler has none for are 1), d normalised by tau; the grid of the loss object's schedule."""
+    steps = state.get("num_steps")
+    if not (type(steps) is int and 2 <= steps <= MAX_POINTS + 1):
+        fail(f"num_steps {str(steps)[:20]!r} is not a number of time points in 2..{MAX_POINTS + 1}",
+             "Download the file again.")
+    k, afs = steps - 1, state.get("afs")
+    if type(afs) is not bool:
+        fail(f"afs {str(afs)[:20]!r} is not true or false", "Download the file again.")
+    if tuple(hybrid_weights.shape) != (k, k) or tuple(mask.shape) != (k, k):
+        fail(f"hybrid_weights / mask are {tuple(hybrid_weights.shape)} / {tuple(mask.shape)}, num_steps {steps} "
+             f"requires ({k}, {k})", "The file is inconsistent; download it again.")
+    if not (torch.isfinite(hybrid_weights).all() and torch.isfinite(mask).all()):
+        fail("the weights contain NaN or inf", "The training run diverged; use another file.")
+    a = torch.ones(k, dtype=torch.float64)
+    if t_scale is not None:
+        if t_scale.dim() != 1 or t_scale.numel() > k or not torch.isfinite(t_scale).all():
+            fail(f"t_scale has shape {tuple(t_scale.shape)}, expected at most {k} finite numbers",
+                 "The file is inconsistent; download it again.")
+        shift = int(afs)
+        n = min(t_scale.numel(), k - shift)
+        a[shift:shift + n] = t_scale[:n]
+    kind = state.get("schedule_type")
+    if kind not in _EDM_SCHEDULES:
+        fail(f"schedule_type {str(kind)[:40]!r} is not one of {_EDM_SCHEDULES}", "Download the file again.")
+    dataset = state.get("dataset_name")
+    schedule = {"type": kind, "rho": float(state["schedule_rho"]) if _number(state.get("schedule_rho")) else 7.0}
+    # DyWeight samples on the network's own sigma range (their sample.py): 0.002..80 for the EDM models, the
+    # model's for the latent ones (SD1.5 0.0292..14.6), whatever the loss object recorded; the latter's grid is
+    # built from the connected model when sampled (dyweight.sample_dyweight)
+    grid = None
+    if kind != "discrete" and dataset not in _LATENT_DATASETS:
+        schedule.update(sigma_min=0.002, sigma_max=80.0)
+        grid = sigmas_for(schedule, k).tolist()
+    guidance = state.get("guidance_rate")
+    metadata = {
+        "guidance_scale": float(guidance) if _number(guidance) else None,
+        "model_family": _FAMILIES.get(dataset) if isinstance(dataset, str) else None,
+        "provenance": {"format": "DyWeight snapshot (.pkl)", "source": Path(name).name[:200],
+                       "sha256": hashlib.sha256(data).hexdigest(), "importer_version": IMPORTER_VERSION,
+                       "method": "DyWeight (arXiv 2603.11607)", "dataset_name": dataset,
+                       "teacher": state.get("teacher"), "teacher_steps": state.get("teacher_steps"),
+                       "max_history_steps": state.get("max_history_steps")},
+    }
+    W = hybrid_weights * mask  # what the predictor's forward() returns
+    band = max((i - j for i in range(k) for j in range(i + 1) if float(W[i, j]) != 0.0), default=0) + 1
+    try:
+        if grid is not None:
+            return from_weights(W, a, grid, norm="tau", afs=afs, window=band, schedule=schedule, **metadata)
+        table = from_weights(W, a, [float(k - i) for i in range(k + 1)], norm="tau", afs=afs, window=band,
+                             schedule=schedule, **metadata)
+        for key in ("sigmas", "to_zero", "override_sigmas"):  # the grid comes from the model when sampled
+            table.metadata["schedule"].pop(key)
+        table.validate()
+        return table
+    except EPDParamsError as e:
+        fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and v == v and abs(v) < 1e9
 
 
 def _shape(v) -> str:

@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from .import_dyweight import import_flux_pt, is_torch_zip
+from .import_dyweight import DYWEIGHT_FUNCTIONS, edm_table, import_flux_pt, is_torch_zip
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
 from .torch_storage import Hooks, Limits, TorchFileError, evaluate, read_storage
 
@@ -416,6 +416,15 @@ def _ordered_dict(*args):
     return {}
 
 
+class _FunctionName(_Inert):
+    """A training-code function a DyWeight snapshot names (its loss object's solver_stu / solver_tea): kept as its
+    name, never resolved, imported or called (the walk gives it a call budget of 0)."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
 class _StandIn(_Inert):
     """What find_class hands out for a function: an object, not the bare function, because pickle's BUILD
     opcode can set attributes (e.g. __defaults__) on a function and so corrupt it for the whole process."""
@@ -442,6 +451,8 @@ _ALLOWED = {
     # the official files use protocol 4, which needs neither.
     ("builtins", "set"): set, ("__builtin__", "set"): set,
     ("_codecs", "encode"): _StandIn(_latin1_encode),
+    # DyWeight's snapshots name their student and teacher sampler functions (Westlake-AGI-Lab/DyWeight solvers.py)
+    **{("solvers", n): _FunctionName(n) for n in DYWEIGHT_FUNCTIONS},
 }
 # Classes handed out (the placeholders above, set) are safe from BUILD: ours define __setstate__, which pickle
 # then calls unbound and which fails; built-in types refuse new attributes.
@@ -450,7 +461,7 @@ _ALLOWED = {
 # The authors' older branch (EPD-Solver, for EDM pixel-space models such as CIFAR-10) pickles its training
 # snapshot with the loss object, whose attributes name the training code's solver functions (e.g.
 # solvers.epd_sampler). Such a file is recognised by that global and refused with a message saying what it is.
-_OLD_BRANCH_MODULES = ("solvers", "solvers_amed")
+_OLD_BRANCH_MODULES = ("solvers", "solvers_amed")  # after DyWeight's own names (_ALLOWED)
 _FIX_OLD_BRANCH = ("Nothing in it was run. The EPD-Solver++ predictors for Stable Diffusion 1.5, SD3 and Flux import "
                    "directly, e.g. python -m epd_core.import_official --official sd15-best OUT.safetensors; for "
                    "other models, train a table with the EPD Trainer node or python -m epd_core.train.")
@@ -948,6 +959,8 @@ def _literal_ints(v: _Val):
 
 
 def _extract(top, data: bytes, name: str, fail) -> EPDParams:
+    if isinstance(top, dict) and "predictor" in top and "model" not in top:
+        return _extract_dyweight(top, data, name, fail)
     record = top.get("model") if isinstance(top, dict) else None
     if not isinstance(record, _Record):
         fail("not an official EPD predictor: expected a pickled dict whose 'model' entry was saved with "
@@ -1030,6 +1043,45 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
         return EPDParams(*tables, *scales, metadata)
     except EPDParamsError as e:
         fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
+
+
+def _extract_dyweight(top: dict, data: bytes, name: str, fail) -> EPDParams:
+    """A DyWeight EDM / SD snapshot: {'predictor': <persistent DyWeight_predictor>, 'loss_fn': <persistent
+    DyWeight_loss>}, the numbers in the predictor (hybrid_weights, t_scale, the band mask), schedule in the loss."""
+    def state_of(key: str, class_name: str) -> dict:
+        record = top.get(key)
+        meta = record.meta if isinstance(record, _Record) else None
+        if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("class_name") == class_name
+                and isinstance(meta.get("state"), dict)):
+            fail(f"not a DyWeight snapshot: its '{key}' entry is not a persistent {class_name}",
+                 "Pass a network-snapshot-*.pkl from DyWeight's exps/ folder.")
+        return meta["state"]
+    pred, loss = state_of("predictor", "DyWeight_predictor"), state_of("loss_fn", "DyWeight_loss")
+
+    def tensor(group: str, key: str, required: bool = True):
+        holder = pred.get(group)
+        arr = holder.get(key) if isinstance(holder, dict) else None
+        if arr is None and not required:
+            return None
+        if not isinstance(arr, _Array) or not arr.tensor.is_floating_point():
+            fail(f"the predictor's {group}['{key}'] is missing or not a float tensor", "Download the file again.")
+        return arr.tensor.double()
+    budget = _Budget()
+    try:
+        plain = {k: _plain(v, budget, k) for k, v in (
+            ("num_steps", pred.get("num_steps")), ("afs", pred.get("afs")),
+            ("guidance_rate", pred.get("guidance_rate")), ("max_history_steps", pred.get("max_history_steps")),
+            ("schedule_type", loss.get("schedule_type")), ("schedule_rho", loss.get("schedule_rho")),
+            ("sigma_min", loss.get("sigma_min")), ("sigma_max", loss.get("sigma_max")),
+            ("dataset_name", loss.get("dataset_name")), ("teacher_steps", loss.get("teacher_steps")))}
+    except _TooBig as e:
+        fail(str(e), "A DyWeight snapshot records a few small hyperparameters; this file is crafted.")
+    teacher = loss.get("solver_tea")
+    plain["teacher"] = teacher.name if isinstance(teacher, _FunctionName) else None
+    if not (isinstance(loss.get("solver_stu"), _FunctionName) and loss["solver_stu"].name == "dyweight_sampler"):
+        fail("the snapshot's student sampler is not dyweight_sampler", "Pass a DyWeight snapshot.")
+    return edm_table(tensor("_parameters", "hybrid_weights"), tensor("_buffers", "mask"),
+                     tensor("_parameters", "t_scale", required=False), plain, data, name, fail)
 
 
 def _int(state: dict, key: str, fail) -> int:

@@ -370,3 +370,96 @@ def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_
     finally:
         (folder / "ksampler_presets.txt").unlink(missing_ok=True)
         (folder / "dyweight_demo.safetensors").unlink(missing_ok=True)
+
+
+# ---- importing the published EDM / SD snapshots (.pkl) -------------------------------------------------------
+def dyweight_snapshot(W, t_scale, afs, dataset="cifar10", schedule_type="polynomial", window=3, protocol=4,
+                      solver_stu=("solvers", "dyweight_sampler"), extra_loss=None, mask=None):
+    """A file with the structure of DyWeight's exps/*/network-snapshot-*.pkl: {'predictor': <persistent
+    DyWeight_predictor>, 'loss_fn': <persistent DyWeight_loss>} (tests/official_pickle.py writes the persistence
+    hook and the solver functions as bare globals; tensors as torch pickles them)."""
+    import collections
+    import io
+
+    from official_pickle import PERSISTENCE_HOOK, FakeCall, FakeGlobal, OfficialPickler, persistent_model
+    k = W.shape[0]
+    if mask is None:
+        mask = torch.tril(torch.ones(k, k)) * torch.triu(torch.ones(k, k), diagonal=-(window - 1))
+    module = torch.nn.Module()
+    module.register_parameter("hybrid_weights", torch.nn.Parameter(W.float().clone()))
+    if t_scale is not None:
+        module.register_parameter("t_scale", torch.nn.Parameter(t_scale.float().clone()))
+    module.register_buffer("mask", mask)
+    state = dict(module.__dict__)
+    state["_parameters"] = collections.OrderedDict(state["_parameters"])
+    state["_buffers"] = collections.OrderedDict(state["_buffers"])
+    attrs = dict(num_steps=k + 1, max_history_steps=window, init_mode="ipndm", enable_t_scale_learning=True,
+                 t_scale_init_mode="ones", afs=afs, guidance_rate=None, guidance_type=None,
+                 effective_window_size=window - 1)
+    state.update(attrs, _init_args=(), _init_kwargs=dict(attrs))
+    loss_state = dict(num_steps=k + 1, solver_stu=FakeGlobal(*solver_stu),
+                      solver_tea=FakeGlobal("solvers", "heun_sampler"), teacher_steps=35, schedule_type=schedule_type,
+                      schedule_rho=7.0, afs=afs, max_order=2, sigma_min=0.002, sigma_max=80.0, dataset_name=dataset,
+                      **(extra_loss or {}))
+    loss = FakeCall(PERSISTENCE_HOOK, (dict(type="class", version=6, module_src="class DyWeight_loss:\n    pass\n",
+                                            module_name="training.loss", class_name="DyWeight_loss",
+                                            state=loss_state),))
+    buf = io.BytesIO()
+    OfficialPickler(buf, protocol).dump({"predictor": persistent_model(state, "DyWeight_predictor"), "loss_fn": loss})
+    return buf.getvalue(), mask.double()
+
+
+@pytest.mark.parametrize("afs", [False, True])
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_an_imported_edm_snapshot_samples_as_the_published_edm_loop(comfy_sampling, gmm32, float64_one_thread, afs,
+                                                                    protocol):
+    from epd_core.import_official import import_official_bytes
+    steps = 5
+    W = banded(steps, 4, 20, around=1.0).float().double()  # entries outside the band: the mask removes them
+    t_scale = (1 + 0.05 * torch.randn(steps - int(afs), generator=torch.Generator().manual_seed(5))).float()
+    data, mask = dyweight_snapshot(W, t_scale, afs, protocol=protocol)
+    table = EPDParams.from_bytes(import_official_bytes(data, "network-snapshot-000010.pkl").to_bytes())
+    assert table.afs is afs and table.metadata["model_family"] == "cifar10" and table.metadata["latency_nfe"] == \
+        steps - int(afs)
+    assert table.metadata["provenance"]["teacher"] == "heun_sampler"
+    grid = karras_list(comfy_sampling, steps + 1)[:-1]  # polynomial rho 7 on [0.002, 80]
+    assert torch.allclose(torch.tensor(table.schedule["sigmas"], dtype=torch.float64), grid, rtol=1e-12)
+    x = noise(seed=6)
+    expected = published_edm_loop(gmm32, x, grid, W * mask, t_scale.double(), afs)
+    got = sample_dyweight(gmm32, x, torch.cat([grid[:-1], grid.new_zeros(1)]), table, disable=True)
+    assert float((got - expected).abs().max()) < 1e-6
+
+
+def test_an_sd15_snapshot_keeps_the_models_sigma_range_and_its_cfg():
+    from epd_core.import_official import import_official_bytes
+    data, _ = dyweight_snapshot(torch.eye(4), torch.ones(4), False, dataset="ms_coco", schedule_type="discrete",
+                                window=2, extra_loss={"guidance_rate": 7.5})
+    table = import_official_bytes(data, "network-snapshot-000005.pkl")
+    assert table.metadata["model_family"] == "sd15" and table.schedule == {"type": "discrete", "rho": 7.0,
+                                                                           "final_zero": False}
+    assert table.metadata["dyweight"] == {"norm": "tau", "window": 1}  # W = I: one direction a row
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("global", "os.system"),
+    ("student", "not dyweight_sampler"),
+    ("upper", "above the diagonal"),
+    ("scale", "evaluation-time scales"),
+    ("shape", "requires"),
+])
+def test_hostile_or_broken_snapshots_are_refused_with_the_problem_named(case, problem):
+    from epd_core.import_official import EPDImportError, import_official_bytes
+    W, t_scale, kw = torch.eye(3), torch.ones(3), {}
+    if case == "global":
+        kw["solver_stu"] = ("os", "system")
+    elif case == "student":
+        kw["solver_stu"] = ("solvers", "heun_sampler")
+    elif case == "upper":  # a band mask with entries above the diagonal lets them through
+        W, kw["mask"] = W + torch.triu(torch.ones(3, 3), 1), torch.ones(3, 3)
+    elif case == "scale":
+        t_scale = -t_scale
+    data, _ = dyweight_snapshot(W, t_scale, False, **kw)
+    if case == "shape":  # num_steps 5 for a 3 x 3 table
+        data = data.replace(b"\x8c\tnum_steps\x94K\x04", b"\x8c\tnum_steps\x94K\x05", 1)
+    with pytest.raises(EPDImportError, match=problem):
+        import_official_bytes(data, "x.pkl")
