@@ -72,12 +72,30 @@ def own_grid(params: EPDParams, model=None) -> list[float] | None:
     """The table's grid: recorded, else its schedule rebuilt (for tables whose sigma range or discrete sigmas
     are the model's, from the model's noise schedule); None when neither is possible."""
     grid = table_grid(params)
-    if grid is not None or params.schedule.get("type") in (None, "explicit"):
+    spec = params.schedule
+    if grid is not None and spec.get("grid") == "flux_time_shift":
+        return _flux_grid_for(params, grid, model_sampling_of(model))
+    if grid is not None or spec.get("type") in (None, "explicit"):
         return grid
     try:
         return sigmas_for(params.schedule, params.num_steps, model_sampling_of(model)).tolist()
     except (ValueError, AttributeError, TypeError, RuntimeError):
         return None
+
+
+def _flux_grid_for(params: EPDParams, grid: list[float], model_sampling) -> list[float]:
+    """A FLUX table's grid for the connected model: its shift mu follows the image size (ComfyUI's
+    ModelSamplingFlux holds it as `shift`), and DyWeight's grid is time_shift(mu, ...) at the sampled size. Another
+    mu than the table's gets the grid of that mu, and a log line that the table was trained at another size."""
+    mu = getattr(model_sampling, "shift", None) if "flux" in type(model_sampling).__name__.lower() else None
+    trained = params.schedule.get("mu")
+    if type(mu) not in (int, float) or type(trained) not in (int, float) or abs(mu - trained) < 1e-4:
+        return grid
+    size = params.schedule.get("trained_size") or "?"
+    warn_once((id(params), "dyweight-mu", round(mu, 4)), "DyWeight: this table was trained at %s (mu %.3g); this "
+              "model samples with mu %.3g (another image size), so its grid is rebuilt for that mu",
+              "x".join(str(v) for v in size) if isinstance(size, list) else size, trained, mu)
+    return flux_grid(params.num_steps, float(mu)).tolist()
 
 
 def taus(W: torch.Tensor, grid) -> torch.Tensor:

@@ -463,3 +463,46 @@ def test_hostile_or_broken_snapshots_are_refused_with_the_problem_named(case, pr
         data = data.replace(b"\x8c\tnum_steps\x94K\x04", b"\x8c\tnum_steps\x94K\x05", 1)
     with pytest.raises(EPDImportError, match=problem):
         import_official_bytes(data, "x.pkl")
+
+
+# ---- grids and EPD Sigmas ------------------------------------------------------------------------------------
+class ModelSamplingFlux:  # the name and `shift` of ComfyUI's FLUX noise schedule (mu), nothing else
+    def __init__(self, shift):
+        self.shift = shift
+
+
+class Patched:
+    """What a ComfyUI sampler function receives: a wrapper whose inner model's patcher holds model_sampling."""
+    def __init__(self, model, model_sampling):
+        self.model = model
+        patcher = type("Patcher", (), {"get_model_object": lambda _, name: model_sampling})()
+        self.inner_model = type("Inner", (), {"model_patcher": patcher})()
+
+    def __call__(self, x, sigma, **kw):
+        return self.model(x, sigma, **kw)
+
+
+def test_a_flux_table_samples_on_the_grid_of_the_models_mu_and_says_so(tmp_path, gmm32, float64_one_thread, caplog):
+    from epd_core.import_official import import_official_bytes
+    table = import_official_bytes(published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(4) * 0.9,
+                                                            torch.ones(4)), "nfe4.pt")
+    seen = []
+    model = Patched(flux_model(gmm32), ModelSamplingFlux(1.15))  # 1024 x 1024
+    with caplog.at_level("WARNING", logger="epd"):
+        sample_dyweight(model, noise(scale=1.0), flux_grid(4, 1.15), table, disable=True,
+                        callback=lambda info: seen.append(float(info["sigma"])))
+    assert seen == pytest.approx(flux_grid(4, 1.15)[:-1].tolist(), rel=1e-12)
+    assert "trained at 512x512 (mu 0.63)" in caplog.text and "mu 1.15" in caplog.text
+    seen.clear()  # at the trained size: the table's own grid
+    sample_dyweight(Patched(flux_model(gmm32), ModelSamplingFlux(0.63)), noise(scale=1.0), flux_grid(4, 1.15), table,
+                    disable=True, callback=lambda info: seen.append(float(info["sigma"])))
+    assert seen == pytest.approx(flux_grid(4, 0.63)[:-1].tolist(), rel=1e-12)
+
+
+def test_epd_sigmas_gives_a_dyweight_tables_grid(comfy_sampling):
+    from epd_core.solver import sampler_sigmas
+    grid = flux_grid(3, 0.63)
+    assert torch.allclose(sampler_sigmas(from_weights(torch.eye(3), torch.ones(3), grid, norm="eval")), grid)
+    edm = karras_list(comfy_sampling, 5)[:-1]  # 5 positive points: the list of a scheduler's 4 steps ending in 0
+    listed = sampler_sigmas(from_weights(torch.eye(4), torch.ones(4), edm))
+    assert torch.allclose(listed[:-1], edm[:-1]) and listed[-1] == 0  # the sampler then lands on its own 0.002
