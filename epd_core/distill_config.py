@@ -123,6 +123,9 @@ class DistillConfig:
         need(isinstance(self.num_points, int) and 1 <= self.num_points <= 64,
              f"K (num_points) must be 1..64, got {self.num_points!r}", "Use K = 1..3 as in the paper.")
         need(self.solver in SOLVER_NAMES, f"unknown solver {self.solver!r}", f"Use one of {SOLVER_NAMES}.")
+        need(self.solver != "dyweight", "training dyweight tables is not available yet",
+             "Import a published one (python -m epd_core.import_official --official dyweight-flux-nfe5 "
+             "OUT.safetensors, or the Import node), or train epd / epd_plugin / epd_ms.")
         if self.solver == "epd_ms":
             from .multistep import BUILTINS
             need(self.builtin in BUILTINS, f"unknown starting built-in {self.builtin!r}", f"Use one of {BUILTINS}.")

@@ -71,6 +71,8 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a.
     At most MAX_DRAWN_STEPS steps (the first ones) and MAX_DRAWN_POINTS points per step are drawn; a line says
     what was left out, so the picture's size is bounded whatever the table."""
+    if params.solver == "dyweight":
+        return dyweight_picture(params, sigmas, width)
     act = {k: v.detach().double() for k, v in params.activated().items()}
     history = None
     if params.solver == "epd_ms":  # point 0 is the current point (r = 0); w are free coefficients; no c, a
@@ -132,6 +134,44 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     if (n, k) != (total_n, total_k):
         d.text((10, top + row_h * n + 20), f"showing the first {n} of {total_n} steps and {k} of {total_k} points "
                                            "per step", fill=(90, 90, 90), font=_font(12))
+    return img
+
+
+def dyweight_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: int = 900) -> Image.Image:
+    """A DyWeight table: W as a lower-triangular grid of cells (red > 0 > blue, intensity |W_ij| up to 1.5, the value
+    written in), per row the evaluation-time scale a_i, the row sum and the grid point t_i. At most
+    MAX_DRAWN_STEPS rows and columns are drawn."""
+    from epd_core.dyweight import own_grid, taus
+    act = {k: v.detach().double() for k, v in params.activated().items()}
+    total = params.num_steps
+    n = min(total, MAX_DRAWN_STEPS)
+    grid = [float(s) for s in sigmas] if sigmas is not None else own_grid(params)
+    tau = taus(act["W"], grid).tolist() if grid is not None and len(grid) == total + 1 else None
+    cell = max(16, min(56, (width - 420) // max(n, 1)))
+    top, left = 60, 10
+    img = Image.new("RGB", (width, top + cell * n + 40 + (20 if n < total else 0)), BG)
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"DyWeight table: {params.describe()}", fill=FG, font=_font(15))
+    d.text((10, 30), "row i: the weights W_ij of the directions d_j (red > 0 > blue); a: evaluation-time scale; "
+                     "tau: the time x_i is at", fill=(90, 90, 90), font=_font(12))
+    for i in range(n):
+        y = top + cell * i
+        for j in range(min(i + 1, n)):
+            v = float(act["W"][i, j])
+            t = max(-1.0, min(1.0, v / 1.5))
+            end = (220, 60, 50) if t > 0 else (50, 90, 220)
+            col = tuple(int(255 + (e - 255) * abs(t)) for e in end)
+            x = left + cell * j
+            d.rectangle([x, y, x + cell - 2, y + cell - 2], fill=col, outline=GRID)
+            if cell >= 40:
+                d.text((x + 3, y + cell // 2 - 7), f"{v:.2f}", fill=FG, font=_font(11))
+        text = f"a {float(act['a'][i]):.3f}  sum {float(act['W'][i].sum()):.3f}"
+        if grid is not None and i < len(grid):
+            text += f"  t {grid[i]:.4g}" + (f"  tau {tau[i]:.4g}" if tau is not None else "")
+        d.text((left + cell * n + 15, y + cell // 2 - 7), text, fill=FG, font=_font(12))
+    if n < total:
+        d.text((10, top + cell * n + 20), f"showing the first {n} of {total} steps", fill=(90, 90, 90),
+               font=_font(12))
     return img
 
 

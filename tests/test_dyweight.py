@@ -506,3 +506,26 @@ def test_epd_sigmas_gives_a_dyweight_tables_grid(comfy_sampling):
     edm = karras_list(comfy_sampling, 5)[:-1]  # 5 positive points: the list of a scheduler's 4 steps ending in 0
     listed = sampler_sigmas(from_weights(torch.eye(4), torch.ones(4), edm))
     assert torch.allclose(listed[:-1], edm[:-1]) and listed[-1] == 0  # the sampler then lands on its own 0.002
+
+
+def test_preview_draws_w_and_a(comfy_sampling):
+    """Preview EPD Params' picture of a dyweight table (nodes/plotting.py): one row of cells per step, W's sign
+    in the colours, a and tau written beside."""
+    import numpy as np
+    from conftest import import_pack_nodes
+    plotting = import_pack_nodes("plotting")["plotting"]
+    W = banded(5, 2, 3, around=0.9)
+    W[3, 2] = -0.4
+    table = from_weights(W, torch.full((5,), 1.02), flux_grid(5, 0.63), norm="eval")
+    img = plotting.table_picture(table)
+    pixels = torch.from_numpy(np.asarray(img).astype(np.int64)).reshape(-1, 3)
+    assert img.width == 900 and (pixels[:, 0] > pixels[:, 2] + 30).any() and (pixels[:, 2] > pixels[:, 0] + 30).any()
+    big = plotting.table_picture(from_weights(torch.eye(64), torch.ones(64), karras_list(comfy_sampling, 64)))
+    assert big.height < 1200  # the largest table (64 steps) in cells of 16 pixels
+
+
+def test_training_a_dyweight_table_is_refused_with_the_way_to_get_one():
+    from epd_core.distill_config import DistillConfig, DistillError
+    cfg = DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.1], solver="dyweight")
+    with pytest.raises(DistillError, match="training dyweight tables is not available yet.*import_official"):
+        cfg.validate()
