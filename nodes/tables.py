@@ -39,6 +39,11 @@ FOLDER = "epd_params"
 EXTENSIONS = {".safetensors", ".pkl"}  # .pkl only for Import EPD Predictor; never unpickled elsewhere
 PRESET_LIST = "ksampler_presets.txt"   # the operator's allow-list of user tables KSampler may pick by itself
 PRESET_MAX_POINTS, PRESET_MAX_STEPS = 8, 200  # what the EPD Trainer can produce; more only through EPD Sampler
+
+
+def preset_max_points(solver) -> int:
+    """A dyweight table's columns are its past directions (K = its step count), not points batched in one call."""
+    return PRESET_MAX_STEPS if solver == "dyweight" else PRESET_MAX_POINTS
 _PRESET_LIST_BYTES = 64 * 1024
 
 # ComfyUI model_config class names -> the family names tables carry in their metadata.
@@ -245,7 +250,7 @@ def find_presets(family: str, solver: str, steps: int, calls: int | None = None)
             if meta.get("model_family") != family or meta.get("solver") != solver:
                 continue
             meta = dict(meta, num_steps=_count(meta, "num_steps", PRESET_MAX_STEPS))
-            _count(meta, "num_points", PRESET_MAX_POINTS)
+            _count(meta, "num_points", preset_max_points(meta.get("solver")))
             if not isinstance(meta.setdefault("schedule", {}), dict):
                 raise ValueError(f"'schedule' is {str(meta['schedule'])[:40]!r}, expected an object")
             rank = _rank(meta, steps, pretrained, shown, calls)
@@ -262,7 +267,7 @@ def find_presets(family: str, solver: str, steps: int, calls: int | None = None)
         except Exception as e:  # noqa: BLE001 - a broken file must not break sampling with the others
             _skip(path, shown, str(e) if isinstance(e, EPDParamsError) else f"{type(e).__name__}: {str(e)[:120]}")
             continue
-        if params.num_points > PRESET_MAX_POINTS or params.num_steps > PRESET_MAX_STEPS:
+        if params.num_points > preset_max_points(params.solver) or params.num_steps > PRESET_MAX_STEPS:
             _skip(path, shown, f"{params.num_steps} steps x K={params.num_points} exceeds the limits "
                                f"({PRESET_MAX_STEPS} x {PRESET_MAX_POINTS})")
             continue
