@@ -1,6 +1,7 @@
-"""Import EPD Predictor: converts an official EPD predictor (.pkl) into an EPD table (.safetensors) without
-running anything from the pickle (epd_core/import_official.py), saves it into models/epd_params/ and
-outputs it, so the Load EPD Params combo lists it from then on.
+"""Import EPD Predictor: converts an official EPD predictor (.pkl) or a published DyWeight table (.pkl snapshot,
+FLUX .pt checkpoint) into an EPD table (.safetensors) without running anything from the file
+(epd_core/import_official.py), saves it into models/epd_params/ and outputs it, so the Load EPD Params combo lists
+it from then on.
 
 The predictor is a .pkl in models/epd_params/, an upload in input/ (pkl_path), or one of the authors' published
 files by name ("official: sd15-best"): downloaded once from their repository at a pinned commit, its size and
@@ -29,6 +30,7 @@ from .privacy import private_errors
 from .tables import FOLDER, output_dir, save_table, table_stem
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
+SOURCE_SUFFIXES = (".pkl", ".pt")  # .pt: DyWeight's FLUX checkpoints (torch zip, read by the bounded parser)
 OFFICIAL_PREFIX = "official: "  # combo entries for the authors' published files, downloaded on first use
 OFFICIAL_CACHE = "official"     # subfolder of models/epd_params/ holding the downloaded copies
 log = logging.getLogger("epd")
@@ -54,7 +56,7 @@ def _is_cached_official(entry: str) -> bool:
 def pkl_files() -> list[str]:
     """Local .pkl files (the cached official downloads are listed by name instead), then the published names."""
     local = [f for f in folder_paths.get_filename_list(FOLDER)
-             if f.lower().endswith(".pkl") and not _is_cached_official(f)]
+             if f.lower().endswith(SOURCE_SUFFIXES) and not _is_cached_official(f)]
     return (local or [_NO_FILE]) + official_choices()
 
 
@@ -115,7 +117,7 @@ def resolve_source(predictor: str, pkl_path: str) -> Path:
             f"pkl_path {given[:200]!r}: not an existing .pkl file in ComfyUI's input/ or models/epd_params/ folder. "
             "Upload the official EPD predictor (it lands in input/) and give its name, e.g. 'sd15_epd.pkl', or "
             "leave pkl_path empty and pick a file in 'predictor'.")
-        if "\x00" in given or Path(given).suffix.lower() != ".pkl":
+        if "\x00" in given or Path(given).suffix.lower() not in SOURCE_SUFFIXES:
             raise refused
         raw = Path(given).expanduser()
         candidates = [raw] if raw.is_absolute() else [Path(folder_paths.get_input_directory()) / raw]

@@ -36,7 +36,8 @@ log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PACK_DIR / "pretrained_params"
 FOLDER = "epd_params"
-EXTENSIONS = {".safetensors", ".pkl"}  # .pkl only for Import EPD Predictor; never unpickled elsewhere
+# .pkl / .pt (DyWeight's FLUX checkpoints) only for Import EPD Predictor, which never unpickles them either
+EXTENSIONS = {".safetensors", ".pkl", ".pt"}
 PRESET_LIST = "ksampler_presets.txt"   # the operator's allow-list of user tables KSampler may pick by itself
 PRESET_MAX_POINTS, PRESET_MAX_STEPS = 8, 200  # what the EPD Trainer can produce; more only through EPD Sampler
 

@@ -529,3 +529,49 @@ def test_training_a_dyweight_table_is_refused_with_the_way_to_get_one():
     cfg = DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.1], solver="dyweight")
     with pytest.raises(DistillError, match="training dyweight tables is not available yet.*import_official"):
         cfg.validate()
+
+
+IMPORT_NODE_SCRIPT = r"""
+import importlib.util, json, sys
+from pathlib import Path
+repo, comfy, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.append(comfy)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+spec = importlib.util.spec_from_file_location("ComfyUI_EPD", repo / "__init__.py",
+                                              submodule_search_locations=[str(repo)])
+pack = importlib.util.module_from_spec(spec); sys.modules["ComfyUI_EPD"] = pack; spec.loader.exec_module(pack)
+import folder_paths
+from ComfyUI_EPD.nodes.tables import EXTENSIONS
+folder_paths.folder_names_and_paths["epd_params"] = ([models], EXTENSIONS)
+from ComfyUI_EPD.nodes.import_node import EPDImportPredictor
+info = EPDImportPredictor.GET_NODE_INFO_V1()
+options = {**info["input"]["required"], **info["input"].get("optional", {})}["predictor"][1]["options"]
+out = EPDImportPredictor.execute(predictor="dyweight_nfe3.pt", output_name="", overwrite=False)
+print("RESULT" + json.dumps({"options": options, "describe": out.args[0].describe()}))
+"""
+
+
+def test_the_import_node_converts_a_flux_checkpoint_from_the_models_folder(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    comfy = Path(os.environ.get("COMFYUI_PATH", repo / ".comfyui"))
+    if not (comfy / "comfy_api").is_dir():
+        pytest.skip("no ComfyUI runtime (run scripts/setup_runtime.sh)")
+    models = tmp_path / "epd_params"
+    models.mkdir()
+    W, a = torch.tril(torch.ones(3, 3)) * 0.3, torch.full((3,), 1.01)
+    published_flux_checkpoint(models / "dyweight_nfe3.pt", W, a)
+    proc = subprocess.run([sys.executable, "-c", IMPORT_NODE_SCRIPT, str(repo), str(comfy), str(models)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[0][len("RESULT"):])
+    assert res["options"][0] == "dyweight_nfe3.pt" and "official: dyweight-flux-nfe7" in res["options"]
+    assert res["describe"].startswith("dyweight K=3 steps=3")
+    table = EPDParams.load(models / "dyweight_nfe3.safetensors")
+    assert torch.equal(table.activated()["W"], W) and torch.equal(table.activated()["a"], a)
