@@ -9,7 +9,6 @@
   * through a real server: the shipped epd_compare_demo workflow, the EPD Trainer writing `measured` into its
     table, and (slow) the node on the random-weight SD1.5 architecture with a VAE grid.
 """
-import argparse
 import json
 import re
 import sys
@@ -210,14 +209,14 @@ def bench_ratios(tmp_path) -> dict[int, float]:
     def one_digit(name, cfg):
         model, ms, noise, _, mode_of, k = original(name, cfg)
         return model, ms, noise, lambda n: {"cond": torch.full((n,), s["digit"])}, mode_of, k
-    args = argparse.Namespace(model="mnist", samples=s["batch"], fit_samples=s["batch"], fd_samples=0, cfg=1.0,
-                              fd_ref_steps=10, reuse_builtins=None, wait_for_tables=0, recipe="final_euler",
-                              min_nfe=min(s["nfe"]), max_nfe=max(s["nfe"]), schedulers=s["schedulers"],
-                              iterations=0, threads=1, ref_steps=s["ref_steps"], samplers=s["samplers"],
-                              schedule_search=False, out=tmp_path)
+    argv = ["--model", "mnist", "--samples", str(s["batch"]), "--fit-samples", str(s["batch"]), "--fd-samples", "0",
+            "--cfg", "1", "--solvers", "epd", "--recipe", "final_euler", "--min-nfe", str(min(s["nfe"])),
+            "--max-nfe", str(max(s["nfe"])), "--schedulers", s["schedulers"], "--threads", "1",
+            "--ref-steps", str(s["ref_steps"]), "--samplers", s["samplers"], "--no-schedule-search",
+            "--out", str(tmp_path)]  # through its command line: every option it has since gets its default
     bench.problem = one_digit
     try:
-        results = bench.run(args)
+        results = bench.main(argv)
     finally:
         bench.problem = original
     (tmp_path / "bench.json").write_text(json.dumps(results["summary"], indent=1))
@@ -235,6 +234,10 @@ def test_node_ratios_agree_with_the_benchmark_on_mnist(pack, tmp_path, one_threa
         reference_steps=s["ref_steps"], max_minutes=10.0, timing_repeats=2)
     plot, text, grid = out.result
     assert plot.shape[-1] == 3 and plot.shape[1] > 200 and grid.shape[1] > 50
+    # the plot fills its width: the frames of the NFE panel and of the time panel run along the top edge of the
+    # panels over 85 % of the width between the margins (one panel with a legend column beside it: 67 %)
+    edge = (plot[0, 58, 62:-20] < 0.3).all(-1).float().mean()
+    assert edge > 0.85, float(edge)
     assert "median of 2 interleaved runs of 8 sample(s) on cpu" in text and "Verdict at equal time" in text
     node = {n: ratio for name, per in _ratios_from_text(text).items() for n, ratio in per.items()}
     bench = bench_ratios(tmp_path)
@@ -242,6 +245,17 @@ def test_node_ratios_agree_with_the_benchmark_on_mnist(pack, tmp_path, one_threa
     for n in s["nfe"]:
         assert bench[n]["best_builtin"].split(" (")[0] in text.split("\n")[3 + s["nfe"].index(n)]
         assert node[n] == pytest.approx(bench[n]["epd_over_best"], rel=RATIO_TOLERANCE)
+
+
+def test_labels_wrap_and_are_never_cut(pack):
+    """The grid's and the preview's labels: every line fits the width, and together they are the whole text."""
+    from PIL import Image, ImageDraw
+    d, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), pack.plotting._font(11)
+    for text in ("best built-in: gradient_estimation/ays", "epd_ms pick - demo_mnist_epd_ms_k1_nfe10",
+                 "x" * 80, "reference: dpmpp_2m (karras, 100 steps)"):
+        lines = pack.plotting.wrap(d, text, 150, font)
+        assert all(d.textlength(line, font=font) <= 150 for line in lines), lines
+        assert "".join(lines).replace(" ", "") == text.replace(" ", ""), lines
 
 
 @pytest.fixture
