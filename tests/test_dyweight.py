@@ -367,6 +367,7 @@ def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_
         log = comfy_server.log_path.read_text(errors="replace")
         assert f"dyweight on epd_demo_digits with {table_steps - 1} steps uses dyweight_demo.safetensors" in log
         assert f"no dyweight table of {plain_steps} steps for this model: exactly euler" in log
+        assert "dyweight runs the 1 points of each step" in log  # W's columns are past directions, not points
     finally:
         (folder / "ksampler_presets.txt").unlink(missing_ok=True)
         (folder / "dyweight_demo.safetensors").unlink(missing_ok=True)
