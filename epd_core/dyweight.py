@@ -122,18 +122,28 @@ def integrate_dyweight(model, x, grid, W: torch.Tensor, a: torch.Tensor, extra_a
     if norm not in ("tau", "eval"):
         raise EPDSamplingError(f"unknown dyweight normalisation {norm!r}: use 'tau' or 'eval'")
     acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
-    W, a = W.to(device=x.device, dtype=acc), a.to(device=x.device, dtype=acc)
-    tau = taus(W.double(), sig).to(acc)
-    evals = a * tau[:-1]
-    bad = [i for i in range(steps) if not (float(tau[i]) > 0 and float(evals[i]) > 0)]
+    # tau and the coefficients in float64 on the host (a few numbers; MPS has no float64), on the device only
+    # where a trainer needs their gradient
+    W_host, a_host = W.detach().double().cpu(), a.detach().double().cpu()
+    tau_host = taus(W_host, sig)
+    evals_host = a_host * tau_host[:-1]
+    bad = [i for i in range(steps) if not (float(tau_host[i]) > 0 and float(evals_host[i]) > 0)]
     if bad:
         raise EPDSamplingError(f"this dyweight table's weights move the normalisation time tau_{bad[0]} to "
-                               f"{float(tau[bad[0]]):.4g} (evaluation time {float(evals[bad[0]]):.4g}), not above 0: "
-                               "its rows do not fit this sigma list. Use the table's own schedule (EPD Sigmas) or "
-                               "re-import / re-train it")
-    grid_t = torch.as_tensor(sig, dtype=acc, device=x.device)
-    coeffs = (grid_t[1:] - tau[:-1])[:, None] * W  # C_ij = (t_{i+1} - tau_i) W_ij
-    nz = [i - j for i in range(steps) for j in range(i + 1) if float(W[i, j]) != 0.0]
+                               f"{float(tau_host[bad[0]]):.4g} (evaluation time {float(evals_host[bad[0]]):.4g}), not "
+                               "above 0: its rows do not fit this sigma list. Use the table's own schedule (EPD "
+                               "Sigmas) or re-import / re-train it")
+    grid_host = torch.tensor(sig, dtype=torch.float64)
+    if W.requires_grad or a.requires_grad:
+        W, a = W.to(device=x.device, dtype=acc), a.to(device=x.device, dtype=acc)
+        tau = taus(W, sig)
+        evals = a * tau[:-1]
+        coeffs = (grid_host[1:].to(W) - tau[:-1])[:, None] * W
+    else:
+        tau, evals = tau_host.to(device=x.device, dtype=acc), evals_host.to(device=x.device, dtype=acc)
+        coeffs = ((grid_host[1:] - tau_host[:-1])[:, None] * W_host).to(device=x.device, dtype=acc)
+    grid_t = grid_host.to(device=x.device, dtype=acc)  # C_ij = (t_{i+1} - tau_i) W_ij above
+    nz = [i - j for i in range(steps) for j in range(i + 1) if float(W_host[i, j]) != 0.0]
     window = max(nz, default=0)  # past directions any row uses
     s_in = x.new_ones([x.shape[0]])
 

@@ -576,3 +576,24 @@ def test_the_import_node_converts_a_flux_checkpoint_from_the_models_folder(tmp_p
     assert res["describe"].startswith("dyweight K=3 steps=3")
     table = EPDParams.load(models / "dyweight_nfe3.safetensors")
     assert torch.equal(table.activated()["W"], W) and torch.equal(table.activated()["a"], a)
+
+
+def test_float32_latents_and_the_gradient_path(comfy_sampling, gmm32):
+    """A float32 latent samples as ComfyUI's float32 euler (coefficients made in float64 on the host, no float64
+    on the device); with W and a requiring grad (a trainer) the same result comes with finite gradients."""
+    from epd_core.dyweight import integrate_dyweight
+    sigmas = karras_list(comfy_sampling, 5).float()
+    x = noise(seed=9).float()
+    model = lambda x, s, **kw: gmm32(x.double(), s.double(), **kw).float()  # noqa: E731
+    expected = comfy_sampling.sample_euler(model, x, sigmas, disable=True)
+    got = sample_dyweight(model, x, sigmas, dyweight_table(sigmas), disable=True)
+    assert got.dtype == torch.float32 and float((got - expected).abs().max()) < 1e-4
+    W = (0.9 * torch.eye(5, dtype=torch.float64) + torch.diag(torch.full((4,), 0.05, dtype=torch.float64), -1))
+    W.requires_grad_()
+    a = torch.full((5,), 1.01, dtype=torch.float64, requires_grad=True)
+    xd = noise(seed=9)
+    out = integrate_dyweight(gmm32, xd, sigmas.double(), W, a, disable=True)
+    out.square().mean().backward()
+    assert torch.isfinite(W.grad).all() and W.grad.abs().sum() > 0 and torch.isfinite(a.grad).all()
+    plain = integrate_dyweight(gmm32, xd, sigmas.double(), W.detach(), a.detach(), disable=True)
+    assert float((out.detach() - plain).abs().max()) < 1e-9
