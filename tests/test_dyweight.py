@@ -597,3 +597,24 @@ def test_float32_latents_and_the_gradient_path(comfy_sampling, gmm32):
     assert torch.isfinite(W.grad).all() and W.grad.abs().sum() > 0 and torch.isfinite(a.grad).all()
     plain = integrate_dyweight(gmm32, xd, sigmas.double(), W.detach(), a.detach(), disable=True)
     assert float((out.detach() - plain).abs().max()) < 1e-9
+
+
+def test_by_name_download_fetches_the_pinned_path_and_converts(tmp_path, monkeypatch, capsys):
+    """`--official dyweight-flux-nfe3` fetches dyweight_flux/checkpoints/dyweight_nfe3.pt (here from a local server
+    through EPD_OFFICIAL_BASE_URL, the pin replaced by the generated file's), checks it, converts it in the child."""
+    import hashlib
+
+    import epd_core.import_official as imp
+    from test_official_tables import file_server
+    data = published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(3) * 0.9, torch.ones(3))
+    name = "dyweight-flux-nfe3"
+    monkeypatch.setitem(imp.OFFICIAL_FILES, name, imp.OFFICIAL_FILES[name]._replace(
+        size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    out = tmp_path / "nfe3.safetensors"
+    with file_server({name: data}) as server:
+        monkeypatch.setenv(imp.BASE_URL_ENV, server.url)
+        assert imp.main(["--official", name, str(out)]) == 0, capsys.readouterr().err
+        assert server.requests == ["/dyweight_flux/checkpoints/dyweight_nfe3.pt"]
+    prov = EPDParams.load(out).metadata["provenance"]
+    assert prov["official_name"] == name and prov["official_url"] == (
+        f"{imp.DYWEIGHT_BASE_URL}/dyweight_flux/checkpoints/dyweight_nfe3.pt")
