@@ -146,6 +146,25 @@ def flux_custom():
     return custom_advanced(["1", 0], ["4", 0], "flux_epd.safetensors", g, ["3", 0], "epd_flux")
 
 
+def flux_dyweight():
+    """FLUX.1-dev with DyWeight's published 5-call table, fetched by name (SHA-256 pinned) and converted by Import
+    EPD Predictor; at 512 x 512, where it was trained (ModelSamplingFlux: mu 0.63), EPD Sigmas gives its own grid.
+    Another size works too: the sampler rebuilds the grid for that size's mu and says so in the log."""
+    g = {"1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
+         "2": node("DualCLIPLoader", clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", type="flux",
+                   device="default"),
+         "3": node("VAELoader", vae_name="ae.safetensors"),
+         "5": node("CLIPTextEncode", "Prompt", clip=["2", 0], text="a cozy reading nook with plants, soft light"),
+         "6": node("FluxGuidance", conditioning=["5", 0], guidance=3.5),
+         "7": node("ModelSamplingFlux", model=["1", 0], max_shift=1.15, base_shift=0.5, width=512, height=512),
+         "4": node("EmptySD3LatentImage", width=512, height=512, batch_size=1),
+         "30": node("BasicGuider", model=["7", 0], conditioning=["6", 0])}
+    g = custom_advanced(["7", 0], ["4", 0], "unused", g, ["3", 0], "epd_flux_dyweight")
+    g["20"] = node("EPDImportPredictor", "DyWeight FLUX table (5 calls), downloaded by name",
+                   predictor="official: dyweight-flux-nfe5", output_name="", overwrite=False, pkl_path="")
+    return g
+
+
 def demo_trainer():
     """Train a table for the demo model inside the graph, look at it, and sample with it at once."""
     g = demo_head(batch=8, spec=DIGITS)
@@ -205,6 +224,7 @@ WORKFLOWS = {
     "epd_sd15_ksampler": sd15_ksampler_epd,
     "epd_sdxl_custom_sampler": sdxl_custom,
     "epd_flux_custom_sampler": flux_custom,
+    "epd_flux_dyweight": flux_dyweight,
     "epd_demo_trainer": demo_trainer,
     "epd_demo_rl_trainer": demo_rl_trainer,
     "epd_compare_demo": compare_demo,
