@@ -11,10 +11,11 @@ the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the
      (K = 1: the same compute as a built-in; the K-point tables only when no K = 1 table exists), then the lowest
      expected ratio;
   2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler;
-  3. no measurement at all: the table trained nearest `cfg` (the first of `tables` among equals), said to be
+  3. no measurement near `cfg`: the table trained nearest `cfg` (the first of `tables` among equals), said to be
      unmeasured there.
-The expected ratio at `cfg` is the worse of the two measured entries around it (the nearest one outside the
-measured span), so a table is never trusted between two scales where one of them showed it losing.
+The expected ratio at `cfg` is the worse of the two measured entries around it (outside the measured span the
+nearest one, up to MAX_EXTRAPOLATION away), so a table is never trusted between two scales where one of them
+showed it losing, nor far from where it was measured.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from .params import EPDParams
 
 MAX_ENTRIES = 64  # measured_cfg entries read from one table (a file may be crafted: stay cheap)
+MAX_EXTRAPOLATION = 1.5  # CFG units beyond its measured span a table's nearest measurement still speaks for
 
 
 @dataclass
@@ -57,10 +59,14 @@ def measurements(params: EPDParams) -> list[dict]:
 
 
 def around(entries: list[dict], cfg: float) -> list[dict]:
-    """The measured entries that bound `cfg`: the one at it, or the nearest below and above (one at the ends)."""
+    """The measured entries that bound `cfg`: the one at it, or the nearest below and above; beyond the measured
+    span the nearest one, if it lies within MAX_EXTRAPOLATION (else none: a measurement far away says nothing)."""
     below = [e for e in entries if float(e["cfg"]) <= cfg]
     above = [e for e in entries if float(e["cfg"]) >= cfg]
-    picked = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    if not (below and above):
+        near = below[-1:] or above[:1]
+        return [e for e in near if abs(float(e["cfg"]) - cfg) <= MAX_EXTRAPOLATION]
+    picked = [below[-1], above[0]]
     return picked[:1] if len(picked) == 2 and picked[0] is picked[1] else picked
 
 
@@ -72,7 +78,8 @@ def expected_ratio(params: EPDParams, cfg: float) -> float | None:
 
 def nearest_builtin(tables: list[EPDParams], cfg: float) -> tuple[dict, float] | None:
     """The best built-in recorded at the measured CFG nearest `cfg` over `tables`, and that CFG."""
-    entries = [e for t in tables for e in measurements(t)]
+    entries = [e for t in tables for e in measurements(t) if abs(float(e["cfg"]) - cfg) <= MAX_EXTRAPOLATION
+               or any(e2 is e for e2 in around(measurements(t), cfg))]
     if not entries:
         return None
     e = min(entries, key=lambda e: abs(float(e["cfg"]) - cfg))
@@ -97,7 +104,7 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     fallback = nearest_builtin(tables, cfg)
     if fallback is not None:
         b, at = fallback
-        best = min(r for r, _ in rated if r is not None)
+        best = min((r for r, _ in rated if r is not None), default=math.inf)
         return Choice(None, b, f"no table beats the best built-in at CFG {cfg:g} (best table: {best:.2f} of its "
                       f"error, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
     # nearest trained CFG; ties (and tables that do not say) keep the caller's order (KSampler: operator's first)

@@ -30,6 +30,11 @@ def test_a_table_runs_where_it_was_measured_to_win_and_the_builtin_runs_where_it
     # between two measured scales the worse one decides: 4 lies between a win (3) and a loss (5)
     assert expected_ratio(t, 4.0) == 1.9 and choose([t], 4.0).table is None
     assert expected_ratio(t, 2.0) == 0.9 and choose([t], 2.0).table is t
+    # far from where it was measured a measurement says nothing, neither for the table nor for a built-in
+    only_high = table(trained_at=7.5, cfg7_5=0.7)
+    assert choose([only_high], 7.0).table is only_high
+    far = choose([only_high], 2.0)
+    assert expected_ratio(only_high, 2.0) is None and far.table is only_high and "not measured at CFG 2" in far.reason
 
 
 def test_one_call_per_step_is_preferred_and_per_cfg_tables_are_picked_at_their_scale():
