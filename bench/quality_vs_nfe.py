@@ -652,8 +652,17 @@ def main(argv=None):
     ap.add_argument("--search-sigma-min", default="0.002,0.03,0.2,0.35", help="last student sigmas to try")
     ap.add_argument("--search-rho", default="7,10", help="rho values to try")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--merge", action="store_true", help="only rebuild the _cfg summary (and with --record the tables' "
+                    "measured_cfg) from the per-CFG runs already in --out")
     args = ap.parse_args(argv)
     default_cfg = 2.0 if args.model == "demo" else 1.0  # gmm: no guidance
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in sorted(args.out.glob(f"quality_vs_nfe_{args.model}*.json"))
+                if not p.stem.endswith("_cfg")]
+        for results in runs if args.record else ():
+            record(results)
+        write_sweep(args, sorted({r["cfg"] for r in runs}), runs, merge=False)
+        return runs
     cfgs = [float(c) for c in args.cfg.split(",")] if args.cfg else [default_cfg]
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -679,18 +688,25 @@ def main(argv=None):
         if args.record:
             record(results)
     if len(cfgs) > 1:
-        stem = f"quality_vs_nfe_{args.model}_cfg"
-        earlier = json.loads((args.out / f"{stem}.json").read_text()) if (args.out / f"{stem}.json").is_file() else {}
-        rows = [r for r in earlier.get("summary", []) if r["cfg"] not in cfgs]  # other CFGs' runs stay
-        sweep = {"model": args.model, "cfgs": sorted(set(cfgs) | set(earlier.get("cfgs", []))),
-                 "samples": args.samples, "fit_samples": args.fit_samples, "val_samples": args.val_samples,
-                 "ref_steps": args.ref_steps, "samplers": args.samplers or "all", "schedulers": runs[0]["schedulers"],
-                 "summary": sorted(rows + [row for r in runs for row in r["summary"]],
-                                   key=lambda r: (r["cfg"], r["nfe"]))}
-        (args.out / f"{stem}.json").write_text(json.dumps(sweep, indent=1))
-        (args.out / f"{stem}.md").write_text(cfg_report(sweep) + "\n")
-        print(cfg_report(sweep))
+        write_sweep(args, cfgs, runs)
     return runs[-1] if len(runs) == 1 else runs
+
+
+def write_sweep(args, cfgs, runs, merge=True) -> None:
+    """The _cfg summary of a sweep: these runs' rows, plus (merge) the rows of the other CFGs already there."""
+    stem = f"quality_vs_nfe_{args.model}_cfg"
+    path = args.out / f"{stem}.json"
+    earlier = json.loads(path.read_text()) if merge and path.is_file() else {}
+    rows = [r for r in earlier.get("summary", []) if r["cfg"] not in cfgs]  # other CFGs' runs stay
+    fields = sorted({f"{r.get('cfg')}: {len(r['schedulers'])} schedulers" for r in runs})
+    sweep = {"model": args.model, "cfgs": sorted(set(cfgs) | set(earlier.get("cfgs", []))),
+             "samples": runs[0]["samples"], "fit_samples": runs[0]["fit_samples"],
+             "val_samples": runs[0].get("val_samples"), "ref_steps": runs[0]["ref_steps"],
+             "samplers": args.samplers or "see each CFG's run", "schedulers": runs[0]["schedulers"], "fields": fields,
+             "summary": sorted(rows + [row for r in runs for row in r["summary"]], key=lambda r: (r["cfg"], r["nfe"]))}
+    path.write_text(json.dumps(sweep, indent=1))
+    (args.out / f"{stem}.md").write_text(cfg_report(sweep) + "\n")
+    print(cfg_report(sweep))
 
 
 def _plain(v):
