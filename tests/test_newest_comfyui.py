@@ -403,7 +403,7 @@ def trainer_graph(name, iterations, mode="distill"):
              "mode": mode, "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
              "latent": ["empty", 0], "steps": 3, "num_points": 2, "solver": "epd", "schedule": "epd_discrete",
              "teacher": "heun", "inserted_steps": 1, "iterations": iterations, "learning_rate": 0.1, "batch": 2,
-             "seed": 7, "cfg": 2.0, "objective": "per_step", "name": name}}}
+             "seed": 7, "cfg": 2.0, "objective": "per_step", "name": name, "measure_minutes": 0.0}}}
     if mode == "rl":
         g["reward"] = {"class_type": "EPDRewardDemoClassifier", "inputs": {}}
         g["settings"] = {"class_type": "EPDRLSettings", "inputs": {

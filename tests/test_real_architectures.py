@@ -292,7 +292,8 @@ class TestSD15:
             "mode": "distill", "model": ["logged", 0], "positive": ["pos", 0], "negative": ["neg", 0],
             "latent": ["empty", 0], "steps": 2, "num_points": 2, "solver": "epd", "schedule": "epd_discrete",
             "teacher": "euler", "inserted_steps": 0, "iterations": 1, "learning_rate": 0.1, "batch": 1,
-            "seed": 7, "cfg": CFG, "objective": "per_step", "name": "real_sd15_trained"}}
+            "seed": 7, "cfg": CFG, "objective": "per_step", "name": "real_sd15_trained",
+            "measure_minutes": 0.0}}
         t0 = time.time()
         run_ok(server, g, timeout=900)
         print(f"  EPD Trainer, 1 iteration at {SIZE}x{SIZE}: {time.time() - t0:.1f}s, "

@@ -63,7 +63,7 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
         "mode": "distill", "model": ["model", 0], "positive": ["cond", 0], "negative": ["cond", 1],
         "latent": ["empty", 0], "steps": steps, "num_points": 2, "solver": "epd_ms", "schedule": "sgm_uniform",
         "teacher": "dpmpp", "inserted_steps": 1, "iterations": 30, "learning_rate": 0.1, "batch": 4, "seed": 3,
-        "cfg": 2.0, "cfg_max": 7.0, "objective": "end_to_end", "name": name}}
+        "cfg": 2.0, "cfg_max": 7.0, "objective": "end_to_end", "name": name, "measure_minutes": 0.0}}
     g["sampler"] = {"class_type": "EPDSampler", "inputs": {"params": ["trainer", 0], "solver": "auto", "max_order": 0,
                                                            "afs": "auto", "execution": "auto", "max_batch": 0}}
     g["sigmas"] = {"class_type": "EPDSigmas", "inputs": {"model": ["logged", 0], "params": ["trainer", 0],
