@@ -275,8 +275,8 @@ import sys
 if {repo!r} not in sys.path:
     sys.path.append({repo!r})
 import epd_core.import_official as imp
-for name, (size, sha) in {entries!r}.items():
-    imp.OFFICIAL_FILES[name] = imp.OfficialFile(name, size, sha)
+for name, entry in {entries!r}.items():
+    imp.OFFICIAL_FILES[name] = imp.OfficialFile(name, *entry)
 NODE_CLASS_MAPPINGS = {{}}
 """
 
