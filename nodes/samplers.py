@@ -88,7 +88,7 @@ def builtin_sigmas(model_sampling, sampler: str, scheduler: str, steps: int):
 def run_builtin(builtin: dict, model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Sample exactly as a ComfyUI built-in ({"sampler", "scheduler", "steps"}, as a table's measured_cfg records
     it): on that scheduler's sigmas for a full denoise of the same step count, else on the given sigmas."""
-    fn = comfy.samplers.ksampler(builtin["sampler"]).sampler_function
+    fn = comfy.samplers.sampler_object(builtin["sampler"]).sampler_function  # uni_pc is no k-diffusion function
     ms = model_sampling_of(model)
     full = ms is not None and abs(float(sigmas[0]) - float(ms.sigma_max)) <= 1e-3 * float(ms.sigma_max)
     if full and builtin.get("steps") == len(sigmas) - 1:

@@ -92,30 +92,30 @@ def test_ksampler_epd_ms_at_a_cfg_where_its_table_lost_samples_exactly_as_the_re
     sigmas = comfy_server_sigmas(steps)
     measured = [{"cfg": 2.0, "fit_ratio": 0.8, "ratio": 0.8, "best_builtin": {"sampler": "ipndm", "scheduler":
                                                                                    "karras", "steps": steps}},
-                {"cfg": 5.0, "fit_ratio": 1.6, "ratio": 1.7, "best_builtin": {"sampler": "dpmpp_2m", "scheduler":
-                                                                                   "sgm_uniform", "steps": steps}}]
+                {"cfg": 5.0, "fit_ratio": 1.6, "ratio": 1.7, "best_builtin": {"sampler": "uni_pc", "scheduler":
+                                                                                   "normal", "steps": steps}}]
     ms_table(sigmas, "ipndm", model_family="epd_demo_digits", guidance_scale=2.0,
              measured_cfg=measured).save(folder / "cfg_guarded.safetensors")
     (folder / "ksampler_presets.txt").write_text("cfg_guarded\n")
     try:
         g = base_graph("cfg_guard")
         runs = (("ms2", "epd_ms", "karras", 2.0), ("ms5", "epd_ms", "karras", 5.0), ("ipndm", "ipndm", "karras", 2.0),
-                ("dpm", "dpmpp_2m", "sgm_uniform", 5.0))
+                ("unipc", "uni_pc", "normal", 5.0))
         for name, sampler, scheduler, cfg in runs:
             g[name] = ksampler(("empty", 0), sampler, steps, seed, scheduler=scheduler, cfg=cfg)
             g[f"save_{name}"] = save_latent(name, f"guard_{name}")
         entry = comfy_server.run(g)
         assert entry["status"]["status_str"] == "success", error_message(entry)
         latent = lambda node: read_latent(comfy_server, entry, node)  # noqa: E731
-        # CFG 2: the table (an untrained ipndm table on karras sigmas is ipndm itself); CFG 5: dpmpp_2m on its own
-        # scheduler's sigmas, not the table and not KSampler's karras list
+        # CFG 2: the table (an untrained ipndm table on karras sigmas is ipndm itself); CFG 5: uni_pc (no k-diffusion
+        # function, and KSampler drops its penultimate sigma) on its own scheduler's sigmas, not the table's or karras
         torch.testing.assert_close(latent("save_ms2"), latent("save_ipndm"), rtol=0, atol=1e-5)
-        torch.testing.assert_close(latent("save_ms5"), latent("save_dpm"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(latent("save_ms5"), latent("save_unipc"), rtol=0, atol=1e-5)
         assert not torch.allclose(latent("save_ms5"), latent("save_ms2"), atol=1e-3)  # CFG 5 is another image
         log = comfy_server.log_path.read_text(errors="replace")
         assert f"epd_ms on epd_demo_digits with {steps - 1} steps uses cfg_guarded.safetensors" in log
         assert "EPD: epd_ms at CFG 5: no table beats the best built-in at CFG 5 (best table: 1.60" in log
-        assert f"epd_ms on epd_demo_digits with {steps - 1} steps uses the built-in dpmpp_2m (sgm_uniform)" in log
+        assert f"epd_ms on epd_demo_digits with {steps - 1} steps uses the built-in uni_pc (normal)" in log
     finally:
         (folder / "ksampler_presets.txt").unlink(missing_ok=True)
         (folder / "cfg_guarded.safetensors").unlink(missing_ok=True)
