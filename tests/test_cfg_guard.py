@@ -82,3 +82,21 @@ def test_a_table_trained_over_a_cfg_range_sees_one_scale_per_batch_and_records_t
     assert len(scales) == 3 and all(1.0 <= c <= 7.5 for c in scales)  # one per noise batch, inside the range
     assert None not in seen[1:]                                        # every call after the probe gets its batch's
     assert EPDParams.from_bytes(t.to_bytes()).metadata["cfg_range"] == [1.0, 7.5]
+
+
+def test_the_fallback_samples_on_the_very_sigmas_the_benchmark_measured_the_builtin_on():
+    """nodes/samplers.builtin_sigmas (what KSampler's fallback runs on) against the benchmark's comfy_sigmas, for
+    KSampler schedulers, the discard-penultimate samplers and the AlignYourSteps / GITS scheduler nodes."""
+    import sys
+    from conftest import REPO, import_pack_nodes
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality_vs_nfe import comfy_sigmas, problem
+    samplers = import_pack_nodes("samplers")["samplers"]
+    _, ms, *_ = problem("demo", 2.0)
+    for sampler, scheduler in (("uni_pc", "normal"), ("dpmpp_2m", "ays_sd1"), ("ipndm", "gits_1.20"),
+                               ("res_multistep", "sgm_uniform"), ("deis", "beta")):
+        for steps in (3, 6, 10):
+            ours = samplers.builtin_sigmas(ms, sampler, scheduler, steps)
+            torch.testing.assert_close(ours.double(), comfy_sigmas(ms, sampler, scheduler, steps), rtol=1e-6, atol=0)
+            assert len(ours) == steps + 1
+    assert samplers.builtin_sigmas(ms, "euler", "a_scheduler_from_another_pack", 4) is None
