@@ -4,6 +4,11 @@ the best built-in there (that run's fit-selected one). Tables: the shipped ones 
 the _cfg<c> / _cfg<lo>-<hi> ones), and with --candidates every trained candidate in bench/results/ms_candidates/.
 
     .venv/bin/python bench/cfg_transfer.py --model demo --nfe 4,6
+    .venv/bin/python bench/cfg_transfer.py --model mnist --nfe 4 --tables demo_mnist_epd_ms_k1_cfg5_nfe4 --record
+
+--record writes each scored table's measured_cfg (as bench/quality_vs_nfe.py --record does: the ratio on the sweep's
+validation noises, seed 404, for the guard; the held-out one; the best built-in) for a table trained after the
+sweep, without scoring the whole field again.
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
-from quality_vs_nfe import TABLE_PREFIX, per_sample_rmse, problem  # noqa: E402
+from quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, per_sample_rmse, problem  # noqa: E402
 
-from epd_core.cfg_guard import trained_range  # noqa: E402
+from epd_core.cfg_guard import measurements, trained_range  # noqa: E402
 from epd_core.multistep import sample_epd_ms  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.solver import sampler_sigmas  # noqa: E402
@@ -39,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--nfe", default="4,6")
     ap.add_argument("--cfg", default="1,3,5,7.5")
     ap.add_argument("--candidates", action="store_true")
+    ap.add_argument("--tables", default="", help="only these table names (comma list, without .safetensors)")
+    ap.add_argument("--record", action="store_true", help="write measured_cfg into the scored tables")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfgs = [float(c) for c in args.cfg.split(",")]
@@ -49,7 +56,10 @@ def main(argv=None):
     for nfe in (int(n) for n in args.nfe.split(",")):
         folders = [REPO / "pretrained_params"] + ([RESULTS / "ms_candidates"] if args.candidates else [])
         paths = [p for f in folders for p in sorted(f.glob(f"{TABLE_PREFIX[args.model]}epd_ms*_nfe{nfe}.safetensors"))]
+        if args.tables:
+            paths = [p for p in paths if p.stem in args.tables.split(",")]
         scores = {p: [] for p in paths}
+        entries = {p: [] for p in paths}
         for cfg in cfgs:
             run = sweep_run(args.model, cfg)
             model, ms, noise, extra_for, _, k = problem(args.model, cfg)
@@ -57,15 +67,32 @@ def main(argv=None):
             ref = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s202_n{run['samples']}"
                                 f"_{run['ref_steps']}.safetensors"))["x"]
             b = run["nfe"][str(nfe)]["builtins"]
-            best = min(b.values(), key=lambda r: r["fit"])["mean"]
-            for p in paths:
-                t = EPDParams.load(p)
+            name, best_row = best_builtin_of(b)
+            best = best_row["mean"]
+            x_val = noise(404, run["val_samples"]) if args.record else None
+            ref_val = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s404_n{run['val_samples']}"
+                                    f"_{run['ref_steps']}.safetensors"))["x"] if args.record else None
+
+            def error(t, x, ref):
                 with torch.no_grad():
                     y = sample_epd_ms(lambda z, s, **kw: model(z, s, **extra_for(len(x)), **kw), x,
                                       sampler_sigmas(t).to(x.dtype), t, disable=True)
-                scores[p].append(float(per_sample_rmse(y, ref).mean()) / best)
+                return float(per_sample_rmse(y, ref).mean())
+            for p in paths:
+                t = EPDParams.load(p)
+                scores[p].append(error(t, x, ref) / best)
+                if args.record:
+                    row = {"fit_ratio": error(t, x_val, ref_val) / best_row["val"], "ratio": scores[p][-1]}
+                    entries[p].append(measured_entry(argparse.Namespace(cfg=cfg, model=args.model, **{
+                        k: run[k] for k in ("fit_samples", "val_samples", "samples", "ref_steps")}), name, best_row,
+                        row))
         for p in paths:
             t = EPDParams.load(p)
+            if args.record:
+                cfgs_now = {e["cfg"] for e in entries[p]}
+                t.metadata["measured_cfg"] = sorted([m for m in measurements(t) if m["cfg"] not in cfgs_now]
+                                                    + entries[p], key=lambda m: m["cfg"])
+                t.save(p)
             rng = trained_range(t)
             at = "?" if rng is None else (f"{rng[0]:g}" if rng[0] == rng[1] else f"{rng[0]:g}-{rng[1]:g}")
             lines.append(f"| {nfe} | {p.name} | {t.num_points} | {at} | " + " | ".join(f"{v:.2f}" for v in scores[p])
@@ -73,8 +100,9 @@ def main(argv=None):
             out[f"{nfe}/{p.name}"] = {"K": t.num_points, "trained_at": rng, "over_best": dict(zip(cfgs, scores[p]))}
     text = "\n".join(lines)
     print(text)
-    (RESULTS / "cfg" / f"cfg_transfer_{args.model}.md").write_text(text + "\n")
-    (RESULTS / "cfg" / f"cfg_transfer_{args.model}.json").write_text(json.dumps(out, indent=1))
+    suffix = "" if not args.tables else "_" + args.tables.replace(",", "_")
+    (RESULTS / "cfg" / f"cfg_transfer_{args.model}{suffix}.md").write_text(text + "\n")
+    (RESULTS / "cfg" / f"cfg_transfer_{args.model}{suffix}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
