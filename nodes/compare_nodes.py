@@ -19,7 +19,7 @@ import comfy.utils
 import torch
 from PIL import Image, ImageDraw
 
-from epd_core import compare
+from epd_core import cfg_guard, compare
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
@@ -29,7 +29,7 @@ from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons
 from .sockets import CATEGORY, EPDParamsType
 from .progress import duration
 from .plotting import _font, nfe_chart, to_image_tensor, wrap
-from .tables import find_preset, model_family
+from .tables import find_presets, model_family
 
 log = logging.getLogger("epd")
 # ComfyUI's deterministic samplers (the benchmark's field); the default is the strongest of them there
@@ -120,18 +120,25 @@ def table_candidate(params: EPDParams, name: str, model_sampling, sequential: bo
     return cand
 
 
-def pack_picks(model_patcher, which: str, nfes: list[int]) -> list[tuple[str, EPDParams]]:
-    """The tables KSampler would pick by itself for this model at each NFE (nodes/tables.py find_preset)."""
+def pack_picks(model_patcher, which: str, nfes: list[int], cfg: float | None = None) -> list[tuple[str, EPDParams]]:
+    """The tables KSampler would pick by itself for this model at each NFE and this CFG (nodes/tables.py
+    find_presets, then epd_core.cfg_guard as KSampler chooses; where it would sample as a built-in there is no
+    table to add: the built-ins are compared anyway)."""
     if which == "none":
         return []
     family, found = model_family(model_patcher), {}
     for solver in (SOLVER_NAMES if which == "all" else [which]):
         for n in nfes:
-            hit = find_preset(family, solver, max(1, n // 2), n)
-            if hit is None or (solver == "epd_ms" and hit[0].num_steps != n):
+            hits = find_presets(family, solver, max(1, n // 2), n)
+            if variant(solver).untrained:  # rows per step: only a table of exactly n steps is used
+                hits = [h for h in hits if h[0].num_steps == n]
+            hits = [h for h in hits if h[2] == hits[0][2]] if hits else []  # the operator's before the pack's
+            if not hits:
                 continue
-            params, name = hit
-            found.setdefault(name, params)
+            choice = cfg_guard.choose([h[0] for h in hits], cfg)
+            for params, name, _ in hits:
+                if params is choice.table:
+                    found.setdefault(name, params)
     return [(f"{p.solver} pick - {name.removesuffix('.safetensors')}", p) for name, p in found.items()]
 
 
@@ -442,7 +449,7 @@ class EPDCompare(io.ComfyNode):
         scheds = parse_names(schedulers, [*comfy.samplers.SCHEDULER_NAMES, "ays"], "scheduler(s)")
         tables = [(f"table {i + 1} - {p.solver}, {p.num_steps} steps, K={p.num_points}", p)
                   for i, p in enumerate((params, params_2, params_3)) if p is not None]
-        tables += pack_picks(model, pack_pick, nfes)
+        tables += pack_picks(model, pack_pick, nfes, cfg)
         if not tables:
             log.warning("EPD Compare: no table connected and no pack's pick for this model: built-ins only")
         result, latent_out = run_comparison(model, positive, negative, cfg, latent, seed_list[:fit_seeds],
