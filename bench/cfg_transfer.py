@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, per_sample_rmse, problem  # noqa: E402
 
-from epd_core.cfg_guard import measurements, trained_range  # noqa: E402
+from epd_core.cfg_guard import span, trained_range, with_measurements  # noqa: E402
 from epd_core.multistep import sample_epd_ms  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
 from epd_core.solver import sampler_sigmas  # noqa: E402
@@ -89,12 +89,10 @@ def main(argv=None):
         for p in paths:
             t = EPDParams.load(p)
             if args.record:
-                cfgs_now = {e["cfg"] for e in entries[p]}
-                t.metadata["measured_cfg"] = sorted([m for m in measurements(t) if m["cfg"] not in cfgs_now]
-                                                    + entries[p], key=lambda m: m["cfg"])
+                t.metadata["measured_cfg"] = with_measurements(t, entries[p])
                 t.save(p)
             rng = trained_range(t)
-            at = "?" if rng is None else (f"{rng[0]:g}" if rng[0] == rng[1] else f"{rng[0]:g}-{rng[1]:g}")
+            at = "?" if rng is None else span(*rng)
             lines.append(f"| {nfe} | {p.name} | {t.num_points} | {at} | " + " | ".join(f"{v:.2f}" for v in scores[p])
                          + " |")
             out[f"{nfe}/{p.name}"] = {"K": t.num_points, "trained_at": rng, "over_best": dict(zip(cfgs, scores[p]))}

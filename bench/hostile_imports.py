@@ -37,25 +37,20 @@ def measure_one(title: str) -> dict:
     from official_pickle import official_pickle
     data = payloads()[title]()
     import_official_bytes(official_pickle())  # warm-up: imports and first-call allocations
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    try:
-        import_official_bytes(data, source="hostile.pkl")
-        message = "ACCEPTED"
-    except EPDImportError as e:
-        message = str(e)
-    parser_s = time.perf_counter() - start
-    parser_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    try:
-        import_official_isolated(data, source="hostile.pkl")
-        isolated = "ACCEPTED"
-    except EPDImportError as e:
-        isolated = str(e)
+
+    def refusal(convert):
+        """(its error, or ACCEPTED; seconds; growth of this process's peak RSS in MB) of one conversion."""
+        peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+        try:
+            convert(data, source="hostile.pkl")
+            said = "ACCEPTED"
+        except EPDImportError as e:
+            said = str(e)
+        return said, time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    message, parser_s, parser_mb = refusal(import_official_bytes)
+    isolated, isolated_s, isolated_mb = refusal(import_official_isolated)
     return {"bytes": len(data), "parser_ms": parser_s * 1e3, "parser_mb": parser_mb,
-            "isolated_s": time.perf_counter() - start,
-            "isolated_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024,
+            "isolated_s": isolated_s, "isolated_mb": isolated_mb,
             "child_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "message": message, "same": message == isolated}
 

@@ -344,7 +344,7 @@ def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> No
     for params, row in scored:
         row["fit_ratio"], row["ratio"] = row[on] / best[on], row["mean"] / best["mean"]
         measured = measured_entry(args, name, best, row)
-        params.metadata["measured_cfg"] = [m for m in guard.measurements(params) if m["cfg"] != args.cfg] + [measured]
+        params.metadata["measured_cfg"] = guard.with_measurements(params, [measured])
         tables.append(params)
     entry[f"{solver}_tables"] = [row for _, row in scored]
     choice = guard.choose(tables, args.cfg)
@@ -725,9 +725,7 @@ def record(results) -> None:
             table = EPDParams.load(path)
             measured = measured_entry(argparse.Namespace(**{k: results.get(k) for k in (
                 "cfg", "fit_samples", "val_samples", "samples", "ref_steps", "model")}), name, best, row)
-            table.metadata["measured_cfg"] = sorted(
-                [m for m in guard.measurements(table) if m["cfg"] != measured["cfg"]] + [measured],
-                key=lambda m: m["cfg"])
+            table.metadata["measured_cfg"] = guard.with_measurements(table, [measured])
             table.save(path)
 
 

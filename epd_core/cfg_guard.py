@@ -78,8 +78,7 @@ def expected_ratio(params: EPDParams, cfg: float) -> float | None:
 
 def nearest_builtin(tables: list[EPDParams], cfg: float) -> tuple[dict, float] | None:
     """The best built-in recorded at the measured CFG nearest `cfg` over `tables`, and that CFG."""
-    entries = [e for t in tables for e in measurements(t) if abs(float(e["cfg"]) - cfg) <= MAX_EXTRAPOLATION
-               or any(e2 is e for e2 in around(measurements(t), cfg))]
+    entries = [e for t in tables for e in around(measurements(t), cfg)]  # the nearest entries of each table
     if not entries:
         return None
     e = min(entries, key=lambda e: abs(float(e["cfg"]) - cfg))
@@ -98,8 +97,8 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     if winners:
         k1 = [(r, t) for r, t in winners if t.num_points == 1] or winners
         r, table = min(k1, key=lambda rt: (rt[1].num_points, rt[0]))
-        span = _measured_span(table, cfg)
-        return Choice(table, None, f"{_label(table)}: {r:.2f} of the best built-in's error at CFG {span} "
+        measured_at = _measured_span(table, cfg)
+        return Choice(table, None, f"{_label(table)}: {r:.2f} of the best built-in's error at CFG {measured_at} "
                       "(validation noises)")
     fallback = nearest_builtin(tables, cfg)
     if fallback is not None:
@@ -110,11 +109,17 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     # nearest trained CFG; ties (and tables that do not say) keep the caller's order (KSampler: operator's first)
     table = min(tables, key=lambda t: _distance(t, cfg))
     rng = trained_range(table)
-    where = "an unknown CFG" if rng is None else (f"CFG {rng[0]:g}" if rng[0] == rng[1] else
-                                                   f"CFG {rng[0]:g}-{rng[1]:g}")
+    where = "an unknown CFG" if rng is None else f"CFG {span(*rng)}"
     note = "" if rng is not None and rng[0] <= cfg <= rng[1] else \
         f"; not measured at CFG {cfg:g}, its gain may not hold there (EPD Compare measures it)"
     return Choice(table, None, f"{_label(table)}, trained at {where}{note}")
+
+
+def with_measurements(params: EPDParams, entries: list[dict]) -> list[dict]:
+    """The table's `measured_cfg` with `entries` added, replacing those at the same CFG scales, sorted by CFG."""
+    new = {float(e["cfg"]) for e in entries}
+    return sorted([m for m in measurements(params) if float(m["cfg"]) not in new] + entries,
+                  key=lambda m: float(m["cfg"]))
 
 
 def _distance(params: EPDParams, cfg: float) -> float:
@@ -125,9 +130,13 @@ def _distance(params: EPDParams, cfg: float) -> float:
 
 
 def _measured_span(params: EPDParams, cfg: float) -> str:
-    near = around(measurements(params), cfg)
-    cfgs = sorted({float(e["cfg"]) for e in near})
-    return f"{cfgs[0]:g}" if len(cfgs) == 1 else f"{cfgs[0]:g}-{cfgs[-1]:g}"
+    cfgs = [float(e["cfg"]) for e in around(measurements(params), cfg)]
+    return span(min(cfgs), max(cfgs))
+
+
+def span(lo: float, hi: float) -> str:
+    """'5' or '1-7.5': a CFG scale or range as tables and messages show it."""
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
 
 
 def _label(params: EPDParams) -> str:

@@ -273,11 +273,14 @@ def verdict(ratio: float | None, builtin: str) -> str:
     """One plain sentence on a ratio (table RMSE / best built-in RMSE)."""
     if ratio is None:
         return "no built-in to compare with at this NFE"
-    if ratio < 0.95:
-        return f"wins: {ratio:.2f}x the error of the best built-in ({builtin})"
-    if ratio <= 1.05:
-        return f"ties with the best built-in ({builtin}): {ratio:.2f}x its error"
-    return f"does NOT beat the best built-in ({builtin}): {ratio:.2f}x its error"
+    return {"wins": f"wins: {ratio:.2f}x the error of the best built-in ({builtin})",
+            "ties": f"ties with the best built-in ({builtin}): {ratio:.2f}x its error",
+            "loses": f"does NOT beat the best built-in ({builtin}): {ratio:.2f}x its error"}[outcome(ratio)]
+
+
+def outcome(ratio: float) -> str:
+    """'wins' below 0.95x the error of the opponent, 'ties' up to 1.05x, else 'loses' (both verdicts' bands)."""
+    return "wins" if ratio < 0.95 else "ties" if ratio <= 1.05 else "loses"
 
 
 def per_image(seconds: float | None) -> str:
@@ -298,11 +301,10 @@ def time_verdict(seconds: float | None, opponent: dict | None) -> str:
                                          f"{per_image(seconds)}")
     if ratio is None:
         return f"no error to compare with ({who})"
-    if ratio < 0.95:
-        return f"wins at equal time: {ratio:.2f}x the error of the best built-in not slower ({who})"
-    if ratio <= 1.05:
-        return f"ties at equal time with the best built-in not slower ({who}): {ratio:.2f}x its error"
-    return f"does NOT beat at equal time the best built-in not slower ({who}): {ratio:.2f}x its error"
+    return {"wins": f"wins at equal time: {ratio:.2f}x the error of the best built-in not slower ({who})",
+            "ties": f"ties at equal time with the best built-in not slower ({who}): {ratio:.2f}x its error",
+            "loses": f"does NOT beat at equal time the best built-in not slower ({who}): {ratio:.2f}x its error"
+            }[outcome(ratio)]
 
 
 def _nfe(value: float | None) -> str:

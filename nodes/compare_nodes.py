@@ -29,7 +29,7 @@ from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons
 from .sockets import CATEGORY, EPDParamsType
 from .progress import duration
 from .plotting import _font, nfe_chart, to_image_tensor, wrap
-from .tables import find_presets, model_family
+from .tables import ksampler_tables, model_family
 
 log = logging.getLogger("epd")
 # ComfyUI's deterministic samplers (the benchmark's field); the default is the strongest of them there
@@ -122,21 +122,18 @@ def table_candidate(params: EPDParams, name: str, model_sampling, sequential: bo
 
 def pack_picks(model_patcher, which: str, nfes: list[int], cfg: float | None = None) -> list[tuple[str, EPDParams]]:
     """The tables KSampler would pick by itself for this model at each NFE and this CFG (nodes/tables.py
-    find_presets, then epd_core.cfg_guard as KSampler chooses; where it would sample as a built-in there is no
+    ksampler_tables, then epd_core.cfg_guard as KSampler chooses; where it would sample as a built-in there is no
     table to add: the built-ins are compared anyway)."""
     if which == "none":
         return []
     family, found = model_family(model_patcher), {}
     for solver in (SOLVER_NAMES if which == "all" else [which]):
         for n in nfes:
-            hits = find_presets(family, solver, max(1, n // 2), n)
-            if variant(solver).untrained:  # rows per step: only a table of exactly n steps is used
-                hits = [h for h in hits if h[0].num_steps == n]
-            hits = [h for h in hits if h[2] == hits[0][2]] if hits else []  # the operator's before the pack's
+            hits = ksampler_tables(family, solver, max(1, n // 2), n)
             if not hits:
                 continue
             choice = cfg_guard.choose([h[0] for h in hits], cfg)
-            for params, name, _ in hits:
+            for params, name in hits:
                 if params is choice.table:
                     found.setdefault(name, params)
     return [(f"{p.solver} pick - {name.removesuffix('.safetensors')}", p) for name, p in found.items()]

@@ -17,7 +17,7 @@ from epd_core.solver import with_own_sigmas
 from epd_core.solvers import NAMES, variant
 
 from .compat import few_step_hint, model_problem, send_progress_text, sequential_reasons
-from .tables import find_presets, model_family, neutral_table
+from .tables import ksampler_tables, model_family, neutral_table
 
 log = logging.getLogger("epd")
 SAMPLER_NAMES = NAMES
@@ -129,12 +129,8 @@ def _dropdown_sampler(solver: str):
         if steps > MAX_STEPS:  # no table, not even the neutral one, has more rows
             raise ValueError(f"EPD: KSampler '{solver}' takes at most {MAX_STEPS + 1} steps ({steps} steps to a "
                              f"positive sigma were asked); use fewer steps")
-        found = find_presets(family, solver, steps, calls)
+        found = ksampler_tables(family, solver, steps, calls)
         untrained = variant(solver).untrained
-        if untrained:  # its rows are per step: a table of another step count is not used (its built-in is)
-            found = [f for f in found if f[0].num_steps == calls]
-        # the operator's listed tables before the pack's own (nodes/tables.py): the guard chooses within the first
-        found = [(t, shown) for t, shown, pretrained in found if pretrained == found[0][2]] if found else []
         if found:
             return run_guarded(solver, found, model, x, sigmas, extra_args, callback, disable,
                                what=f"{solver} on {family} with {steps} steps", **opts)

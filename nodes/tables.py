@@ -277,6 +277,16 @@ def find_presets(family: str, solver: str, steps: int, calls: int | None = None)
     return found
 
 
+def ksampler_tables(family: str, solver: str, steps: int, calls: int) -> list[tuple[EPDParams, str]]:
+    """The (table, name) candidates KSampler's entry hands the CFG guard: `find_presets`, only tables of exactly
+    `calls` rows for a variant whose rows are per step (it runs its built-in otherwise), and only the first tier
+    of the operator's listed tables before the pack's own."""
+    found = find_presets(family, solver, steps, calls)
+    if variant(solver).untrained:
+        found = [f for f in found if f[0].num_steps == calls]
+    return [(t, shown) for t, shown, pretrained in found if pretrained == found[0][2]] if found else []
+
+
 def _skip(path, shown: str, problem: str) -> None:
     try:
         mtime = os.path.getmtime(path)

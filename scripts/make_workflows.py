@@ -134,13 +134,18 @@ def sdxl_custom():
     return custom_advanced(["1", 0], ["4", 0], "sdxl_epd.safetensors", g, ["1", 2], "epd_sdxl")
 
 
+def flux_head() -> dict:
+    """FLUX.1-dev's loaders and its prompt with guidance 3.5 (nodes 1, 2, 3, 5, 6)."""
+    return {"1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
+            "2": node("DualCLIPLoader", clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors",
+                      type="flux", device="default"),
+            "3": node("VAELoader", vae_name="ae.safetensors"),
+            "5": node("CLIPTextEncode", "Prompt", clip=["2", 0], text="a cozy reading nook with plants, soft light"),
+            "6": node("FluxGuidance", conditioning=["5", 0], guidance=3.5)}
+
+
 def flux_custom():
-    g = {"1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
-         "2": node("DualCLIPLoader", clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", type="flux",
-                   device="default"),
-         "3": node("VAELoader", vae_name="ae.safetensors"),
-         "5": node("CLIPTextEncode", "Prompt", clip=["2", 0], text="a cozy reading nook with plants, soft light"),
-         "6": node("FluxGuidance", conditioning=["5", 0], guidance=3.5),
+    g = {**flux_head(),
          "4": node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1),
          "30": node("BasicGuider", model=["1", 0], conditioning=["6", 0])}
     return custom_advanced(["1", 0], ["4", 0], "flux_epd.safetensors", g, ["3", 0], "epd_flux")
@@ -150,12 +155,7 @@ def flux_dyweight():
     """FLUX.1-dev with DyWeight's published 5-call table, fetched by name (SHA-256 pinned) and converted by Import
     EPD Predictor; at 512 x 512, where it was trained (ModelSamplingFlux: mu 0.63), EPD Sigmas gives its own grid.
     Another size works too: the sampler rebuilds the grid for that size's mu and says so in the log."""
-    g = {"1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
-         "2": node("DualCLIPLoader", clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", type="flux",
-                   device="default"),
-         "3": node("VAELoader", vae_name="ae.safetensors"),
-         "5": node("CLIPTextEncode", "Prompt", clip=["2", 0], text="a cozy reading nook with plants, soft light"),
-         "6": node("FluxGuidance", conditioning=["5", 0], guidance=3.5),
+    g = {**flux_head(),
          "7": node("ModelSamplingFlux", model=["1", 0], max_shift=1.15, base_shift=0.5, width=512, height=512),
          "4": node("EmptySD3LatentImage", width=512, height=512, batch_size=1),
          "30": node("BasicGuider", model=["7", 0], conditioning=["6", 0])}

@@ -10,6 +10,7 @@ from epd_core.dyweight import dyweight_table, flux_grid, flux_mu, from_weights, 
 from epd_core.epd import EPDSamplingError
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.solvers import variant
+from test_import_official import PACK_IN_A_PROCESS
 
 
 def karras_list(k, steps, smin=0.002, smax=80.0):
@@ -532,17 +533,7 @@ def test_training_a_dyweight_table_is_refused_with_the_way_to_get_one():
         cfg.validate()
 
 
-IMPORT_NODE_SCRIPT = r"""
-import importlib.util, json, sys
-from pathlib import Path
-repo, comfy, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-sys.path.append(comfy)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-spec = importlib.util.spec_from_file_location("ComfyUI_EPD", repo / "__init__.py",
-                                              submodule_search_locations=[str(repo)])
-pack = importlib.util.module_from_spec(spec); sys.modules["ComfyUI_EPD"] = pack; spec.loader.exec_module(pack)
-import folder_paths
+IMPORT_NODE_SCRIPT = PACK_IN_A_PROCESS + r"""
 from ComfyUI_EPD.nodes.tables import EXTENSIONS
 folder_paths.folder_names_and_paths["epd_params"] = ([models], EXTENSIONS)
 from ComfyUI_EPD.nodes.import_node import EPDImportPredictor

@@ -481,7 +481,8 @@ def test_fuzz_ran_enough_cases():
 
 
 # ---- ComfyUI node ------------------------------------------------------------------------------------------
-NODE_SCRIPT = r"""
+# the pack loaded as ComfyUI loads it, in a fresh process: argv = repo, ComfyUI folder, the epd_params folder
+PACK_IN_A_PROCESS = r"""
 import importlib.util, json, sys
 from pathlib import Path
 repo, comfy, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -492,6 +493,8 @@ spec = importlib.util.spec_from_file_location("ComfyUI_EPD", repo / "__init__.py
                                               submodule_search_locations=[str(repo)])
 pack = importlib.util.module_from_spec(spec); sys.modules["ComfyUI_EPD"] = pack; spec.loader.exec_module(pack)
 import folder_paths
+"""
+NODE_SCRIPT = PACK_IN_A_PROCESS + r"""
 folder_paths.folder_names_and_paths["epd_params"] = ([models], {".safetensors", ".pkl"})
 from ComfyUI_EPD.nodes.import_node import EPDImportPredictor, IMPORT_NODES
 info = EPDImportPredictor.GET_NODE_INFO_V1()
