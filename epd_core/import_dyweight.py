@@ -21,18 +21,14 @@ import torch
 from .dyweight import flux_grid, flux_mu, from_weights
 from .params import MAX_POINTS, EPDParams, EPDParamsError
 from .schedules import sigmas_for
-from .torch_storage import Limits, TorchFileError, read_bytes
+from .predictor_pickle import _FIX_NOT_FLUX, FLUX_LIMITS
+from .torch_storage import TorchFileError, read_bytes
 
 FLUX_TRAINED_SIZE = (512, 512)
 FLUX_GUIDANCE = 3.5
-# the published data.pkl has ~150 opcodes, 6 storages, 6 tensors, dicts of 5 entries, nesting 4
-FLUX_LIMITS = Limits(opcodes=4000, depth=8, items=64, storages=16, tensors=16, pickle_bytes=64 * 1024)
 _REQUIRED = ("window_size", "dyweight_weights_raw", "dyweight_t_scales")
 _KNOWN = (*_REQUIRED, "dyweight_meta", "dyweight_params")
 IMPORTER_VERSION = 1
-# the sampler functions DyWeight's solvers.py defines: a snapshot's loss object names its student and teacher
-DYWEIGHT_FUNCTIONS = ("dyweight_sampler", "heun_sampler", "euler_sampler", "ipndm_sampler", "dpm_sampler",
-                      "dpmpp_sampler", "unipc_sampler")
 _EDM_SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete")
 _LATENT_DATASETS = ("ms_coco", "lsun_bedroom_ldm")  # latent models: their sigma range is the model's
 # dataset_name -> model_family (the names KSampler matches tables by, epd_core/params.py FAMILY_NAME)
@@ -40,17 +36,12 @@ _FAMILIES = {"ms_coco": "sd15", "cifar10": "cifar10", "ffhq": "ffhq", "afhqv2": 
              "imagenet64": "imagenet64", "lsun_bedroom_ldm": "lsun_bedroom_ldm"}
 
 
-def is_torch_zip(data: bytes) -> bool:
-    return data[:4] == b"PK\x03\x04"
-
-
 def import_flux_pt(data: bytes, name: str, fail) -> EPDParams:
     """The dyweight table of a DyWeight FLUX checkpoint's bytes; `fail(problem, fix)` raises the importer's error."""
     try:
         top = read_bytes(data, FLUX_LIMITS)
     except TorchFileError as e:
-        fail(f"refused: {e}", "The file is not a DyWeight FLUX checkpoint (dyweight_nfe*.pt) or has been tampered "
-                              "with; nothing in it was run. Download it again.")
+        fail(f"refused: {e}", _FIX_NOT_FLUX)
     if not isinstance(top, dict) or not all(k in top for k in _REQUIRED):
         fail("this is a zip archive (a torch.save checkpoint) but not a DyWeight FLUX checkpoint (expected a dict with "
              f"{', '.join(_REQUIRED)})", "Pass a published dyweight_nfe*.pt file, or an EPD/DyWeight .pkl predictor.")

@@ -12,6 +12,9 @@ The two layouts torch writes (torch/serialization.py):
 * zip (`_save`): one top-level folder holding `data.pkl` (the object; persistent ids ('storage', StorageType,
   key, location, numel)) and `data/<key>` entries with each storage's raw bytes, stored uncompressed.
 
+The parse itself is pure Python + numpy (torch is imported only to hand tensors out), so the isolated importer's
+child refuses a hostile file before it pays torch's start-up (epd_core/import_official.py).
+
 Every pickle runs through `_evaluate`: it builds only literals (None, bools, ints, floats, strings, bytes, lists,
 tuples, dicts with string keys), the allowed storage types, and - for state dicts - tensors through checked
 stand-ins of `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` and `collections.OrderedDict`. Any other
@@ -28,18 +31,21 @@ import sys
 import zipfile
 from typing import NamedTuple
 
-import torch
+import numpy as np
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py: the legacy layout's first pickle
 PROTOCOL_VERSION = 1001                # its second
 
-# torch.<Name>Storage -> dtype (what `TypedStorage._pickle_storage_type()` names); UntypedStorage holds bytes
+# torch.<Name>Storage -> torch dtype name (what `TypedStorage._pickle_storage_type()` names); UntypedStorage holds
+# bytes. Each is read into numpy as itself, bfloat16 (which numpy lacks) as its 16-bit patterns (int16, which
+# torch.from_numpy takes in every torch version).
 STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "ComplexDoubleStorage": torch.complex128, "ComplexFloatStorage": torch.complex64,
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128", "ComplexFloatStorage": "complex64",
 }
+_NUMPY = {name: np.dtype(np.int16 if name == "bfloat16" else name) for name in STORAGE_DTYPES.values()}
 
 
 class TorchFileError(ValueError):
@@ -68,9 +74,25 @@ MAX_NDIM = 8
 MAX_ZIP_ENTRIES = 200_000
 
 
-def read_storage(data: bytes) -> torch.Tensor:
+class Storage(NamedTuple):
+    """One storage's elements as read: a flat numpy array with memory of its own, and torch's dtype name."""
+    array: np.ndarray
+    dtype: str
+
+    def torch(self):
+        import torch  # only here: the parse itself never needs it
+        flat = torch.from_numpy(self.array)
+        return flat.view(torch.bfloat16) if self.dtype == "bfloat16" else flat
+
+
+def read_storage(data: bytes):
     """The storage `torch.storage._load_from_bytes(data)` would return, as a flat tensor of its dtype (its own
     memory). `data` is torch's legacy or zip layout of ONE storage, nothing else."""
+    return read_storage_array(data).torch()
+
+
+def read_storage_array(data: bytes) -> Storage:
+    """`read_storage` without torch: the storage as a numpy array and its dtype name."""
     if not isinstance(data, (bytes, bytearray)):
         raise TorchFileError("a tensor storage is not stored as bytes")
     if bytes(data[:4]) == b"PK\x03\x04":
@@ -100,14 +122,22 @@ def read_state_dict(path) -> object:
 def read_bytes(data: bytes, limits: Limits = STATE_DICT_LIMITS) -> object:
     """`read_state_dict` for file contents already in memory, under `limits` (e.g. tighter budgets for a file
     known to be a few kB)."""
+    result, storages = _read(data, limits)
+    return _materialize(result, storages, [limits.items * 10], 0)
+
+
+def check_bytes(data: bytes, limits: Limits = STATE_DICT_LIMITS) -> None:
+    """Everything `read_bytes` checks, without torch (no tensors are handed out): TorchFileError or None."""
+    _read(data, limits)
+
+
+def _read(data: bytes, limits: Limits):
     if not isinstance(data, (bytes, bytearray)):
         raise TorchFileError("a torch file is not given as bytes")
     data = bytes(data)
     if data[:4] == b"PK\x03\x04":
-        result, storages = _read_zip(io.BytesIO(data), limits, len(data))
-    else:
-        result, storages = _read_legacy(data, limits)
-    return _materialize(result, storages, [limits.items * 10], 0)
+        return _read_zip(io.BytesIO(data), limits, len(data))
+    return _read_legacy(data, limits)
 
 
 # ---- the two layouts -------------------------------------------------------------------------------------
@@ -201,17 +231,14 @@ def _read_zip(f, limits: Limits, size: int):
     return obj, storages
 
 
-def _tensor_from(data: bytes, offset: int, count: int, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """`count` elements at `offset`, copied into a tensor of its own (checked in bounds by the caller)."""
+def _tensor_from(data: bytes, offset: int, count: int, dtype: str, key: str) -> Storage:
+    """`count` elements at `offset`, copied into an array of its own (checked in bounds by the caller)."""
     if sys.byteorder != "little":
         raise TorchFileError("reading torch files needs a little-endian machine")
-    if count == 0:
-        return torch.empty(0, dtype=dtype)
-    nbytes = count * torch.empty(0, dtype=dtype).element_size()
-    raw = bytearray(memoryview(data)[offset:offset + nbytes])  # a private, writable copy
-    if dtype == torch.bool and max(raw) > 1:
+    raw = bytearray(memoryview(data)[offset:offset + count * _NUMPY[dtype].itemsize])  # a private, writable copy
+    if dtype == "bool" and count and max(raw) > 1:
         raise TorchFileError(f"bool storage '{key}' holds bytes other than 0 and 1")
-    return torch.frombuffer(raw, dtype=dtype)
+    return Storage(np.frombuffer(raw, dtype=_NUMPY[dtype]), dtype)
 
 
 # ---- the bounded evaluator -------------------------------------------------------------------------------
@@ -220,7 +247,7 @@ class _StorageRef:
 
     def __init__(self, key, dtype, numel):
         self.key, self.dtype, self.numel = key, dtype, numel
-        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.itemsize = _NUMPY[dtype].itemsize
 
 
 class _StorageType:
@@ -246,7 +273,7 @@ class _Global:
 
 
 _STORAGE_TYPES = {("torch", n): d for n, d in STORAGE_DTYPES.items()}
-_STORAGE_TYPES[("torch", "UntypedStorage")] = _STORAGE_TYPES[("torch.storage", "UntypedStorage")] = torch.uint8
+_STORAGE_TYPES[("torch", "UntypedStorage")] = _STORAGE_TYPES[("torch.storage", "UntypedStorage")] = "uint8"
 _CALLABLES = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
               ("collections", "OrderedDict")}
 
@@ -579,7 +606,7 @@ def _materialize(v, storages: dict, budget: list, depth: int):
     if budget[0] < 0 or depth > STATE_DICT_LIMITS.depth:
         raise TorchFileError("refused: the saved object is a graph of too many shared values (budget)")
     if isinstance(v, _Pending):
-        return storages[v.ref.key].as_strided(v.size, v.stride, v.offset)
+        return storages[v.ref.key].torch().as_strided(v.size, v.stride, v.offset)
     if isinstance(v, _StorageRef):
         raise TorchFileError("the file holds a bare storage, not tensors")
     if isinstance(v, dict):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import epd_core.import_official as imp
-from epd_core import schedules
+from epd_core import predictor_pickle, schedules
 from epd_core.gmm import GaussianMixtureDenoiser
 from epd_core.import_official import EPDImportError, import_official, import_official_bytes
 from epd_core.params import EPDParams, EPDParamsError
@@ -245,8 +245,9 @@ def test_build_cannot_modify_the_stand_ins(tmp_path, target):
     """BUILD with a slot state does setattr(obj, '__defaults__', (1,)) on whatever the global resolved to."""
     data = b"\x80\x02c" + target + b"N}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
     refuse(tmp_path, data)
-    assert imp._rebuild_parameter.__defaults__ == (False, None)
-    assert not hasattr(imp._Sigmoid, "__defaults__") and not hasattr(collections.OrderedDict, "__defaults__")
+    assert predictor_pickle._rebuild_parameter.__defaults__ == (False, None)
+    assert not hasattr(predictor_pickle._Sigmoid, "__defaults__")
+    assert not hasattr(collections.OrderedDict, "__defaults__")
     import_official_bytes(official_pickle())  # the importer still works
 
 
@@ -265,7 +266,7 @@ def _values(dtype, n=37):
 
 @pytest.mark.parametrize("protocol", [2, 4])
 @pytest.mark.parametrize("zip_format", [False, True])
-@pytest.mark.parametrize("dtype", sorted(set(STORAGE_DTYPES.values()), key=str))
+@pytest.mark.parametrize("dtype", [getattr(torch, name) for name in sorted(set(STORAGE_DTYPES.values()))])
 def test_storages_read_exactly_as_torch_writes_them(dtype, zip_format, protocol):
     for values in (_values(dtype), torch.empty(0, dtype=dtype)):  # also an empty storage
         buf = io.BytesIO()

@@ -400,10 +400,26 @@ def test_the_isolated_converters_budgets_turn_a_timeout_or_a_crash_into_a_refusa
     assert "a crash costs the import, not the server" in str(err.value)
 
 
+@pytest.mark.parametrize("payload", ["deep_tuple_key", "storage_deep_tuple_zip"])
+def test_the_isolated_child_refuses_a_hostile_file_before_it_imports_torch(payload):
+    """A refusal costs the child's Python start-up, not torch's (~2 s): the parse is torch-free
+    (epd_core/predictor_pickle.py and torch_storage.py), and torch is imported only for a file that passed."""
+    data = (hostile_pickles.deep_tuple_key() if payload == "deep_tuple_key"
+            else hostile_pickles.storage_call(hostile_pickles.STORAGE_ATTACKS["deep tuple key (zip data.pkl)"][0]()))
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from epd_core.import_child import main\n"
+              "code = main(['bad.pkl', 'bad.pkl', str(512 << 20)])\n"
+              "print('EXIT', code, 'torch' in sys.modules, 'epd_core.params' in sys.modules, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO)], input=data, capture_output=True, timeout=300)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0 and proc.stdout == b"", stderr[-2000:]
+    assert "EXIT 2 False False" in stderr, stderr[-2000:]
+    assert "@@epd-import-error@@" in stderr and "bad.pkl: refused" in stderr
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RLIMIT_AS is set from /proc (Linux)")
 def test_the_isolated_converters_address_space_limit_holds():
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import epd_core.import_official as imp\n"
-              "assert imp._limit_address_space(64 << 20)\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from epd_core.import_child import limit_address_space\n"
+              "assert limit_address_space(64 << 20)\n"
               "try:\n    bytearray(512 << 20)\nexcept MemoryError:\n    print('REFUSED')\n")
     proc = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "REFUSED", proc.stderr[-2000:]
