@@ -28,6 +28,7 @@ from .distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, Distill
 from .epd import EPDSamplingError, integrate, positive_steps
 from .fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
                      write_checkpoint)
+from .dyweight import TRAIN_WINDOW, dyweight_table, from_weights, integrate_dyweight
 from .multistep import integrate_ms, ms_table
 from .params import HISTORY_TENSOR, TENSOR_NAMES, EPDParams, activate, activate_ms
 from .points import PointEvaluator
@@ -105,6 +106,10 @@ def end_to_end_loss(model, x, sigmas, rows, target, extra_args=None, max_order=1
     """Error of the final state through the whole student trajectory: every row gets gradient. `checkpointed`
     recomputes each step in backward (activations of one step at a time: big models)."""
     extra_args = extra_args or {}
+    if solver == "dyweight":  # its grid ends where its last step lands (0 or sigma_min): no final denoise
+        x_final = integrate_dyweight(model, x, sigmas, rows["W"], rows["a"], extra_args, disable=True, afs=afs,
+                                     checkpoint_steps=checkpointed)
+        return _final_loss(x_final, target, feature_fn, loss)
     x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order,
                            afs=afs, evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
     return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn, loss)
@@ -193,15 +198,20 @@ def _stage_at(cfg, it):
 def initial_logits(cfg: DistillConfig, init: EPDParams | None, steps: int, device):
     """Logits (float64 leaves) and scale bounds. A given table must have the right shape; its own bounds are
     kept (the logits mean nothing without them)."""
+    if cfg.solver == "dyweight":
+        steps = len(cfg.sigmas) - 1  # a row per step, the step to 0 included (no final denoise)
     if init is None and cfg.solver == "epd_ms":  # starts as its built-in on the student's sigmas, exactly
         init = ms_table(cfg.sigmas, cfg.builtin, cfg.num_points, spread=cfg.spread)
+    elif init is None and cfg.solver == "dyweight":  # euler or ipndm on the student's grid, exactly
+        init = dyweight_table(cfg.sigmas, start=cfg.builtin, window=TRAIN_WINDOW, afs=cfg.afs)
     elif init is None:
         init = EPDParams.neutral(steps, cfg.num_points, spread=cfg.spread, scale_dir=cfg.scale_dir,
                                  scale_time=cfg.scale_time)
     elif init.solver != cfg.solver:
         raise DistillError(f"the initial table is an {init.solver} table, the run trains {cfg.solver}. Use a table "
                            "of the same solver or none.")
-    if (init.num_steps, init.num_points) != (steps, cfg.num_points):
+    points = steps if cfg.solver == "dyweight" else cfg.num_points  # W is (steps, steps)
+    if (init.num_steps, init.num_points) != (steps, points):
         raise DistillError(f"the initial table has {init.num_steps} steps x K={init.num_points}, the run needs "
                            f"{steps} x K={cfg.num_points}. Use a matching table or none.")
     theta = [t.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for t in init.tensors()]
@@ -342,6 +352,11 @@ def _rows(theta, scales, cfg: DistillConfig) -> dict:
     table = _table_leaves(theta, cfg)
     if cfg.solver == "epd_ms":
         return activate_ms(table[0], table[1], table[4])
+    if cfg.solver == "dyweight":  # the band of TRAIN_WINDOW directions and the diagonal are free, the rest 0
+        n = table[1].shape[0]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        band = ((i - j >= 0) & (i - j < TRAIN_WINDOW)).to(table[1])
+        return {"W": table[1] * band, "a": torch.diagonal(table[3])}
     return activate(*table, *scales)
 
 
@@ -384,7 +399,10 @@ def _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn,
         grads = torch.autograd.grad(loss, theta, allow_unused=True)
     for t, g in zip(theta, grads):
         t.grad = g
-    return float(reduce_gradients(theta, world, extra=loss.detach())[-1])
+    value = float(reduce_gradients(theta, world, extra=loss.detach())[-1])
+    if cfg.grad_clip:  # after the all-reduce: every rank clips the same averaged gradient
+        torch.nn.utils.clip_grad_norm_(theta, cfg.grad_clip)
+    return value
 
 
 def _grad_or_zero(t: torch.Tensor) -> torch.Tensor:
@@ -437,5 +455,11 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
         meta["initial_builtin"] = cfg.builtin
     if cfg.cfg_range is not None:  # what epd_core.cfg_guard reads as the scales the table was trained on
         meta["cfg_range"] = [float(v) for v in cfg.cfg_range]
+    if cfg.solver == "dyweight":
+        rows = {k: v.detach().cpu() for k, v in _rows(theta, scales, cfg).items()}
+        provenance.update(grad_clip=cfg.grad_clip, start=cfg.builtin)
+        keep = {k: meta[k] for k in ("guidance_scale", "model_family", "provenance", "cfg_range") if k in meta}
+        return from_weights(rows["W"], rows["a"], cfg.sigmas, afs=cfg.afs, window=TRAIN_WINDOW,
+                            schedule={k: v for k, v in schedule.items() if k == "type"}, **keep)
     t = [p.detach().to("cpu", torch.float32) for p in theta]
     return EPDParams(*t[:4], scales[0], scales[1], meta, theta_h=t[4] if len(t) > 4 else None)

@@ -20,7 +20,7 @@ LOSSES = ("mse", "rmse")  # mean squared error over the batch; mean over samples
 RESULT_FIELDS = ("sigmas", "num_points", "solver", "max_order", "afs", "teacher", "inserted_steps", "objective",
                  "teacher_steps", "teacher_sigma_min", "iterations", "per_step_fraction", "lr", "lr_schedule", "batch",
                  "num_batches", "seed", "spread", "scale_dir", "scale_time", "learn_schedule", "schedule_floor",
-                 "schedule_lr", "to_zero", "builtin", "learn_table", "loss", "cfg_range")
+                 "schedule_lr", "to_zero", "builtin", "learn_table", "loss", "cfg_range", "grad_clip")
 
 
 class DistillError(RuntimeError):
@@ -78,8 +78,11 @@ class DistillConfig:
     # A list of positive sigmas only: the last row steps to sigma 0 with its points anchored at the last sigma
     # (solver.integrate's to_zero): a denoised result with no final model call. Needs the teacher's end point.
     to_zero: bool = False
-    # epd_ms: the ComfyUI sampler its untrained table reproduces, where training starts (multistep.BUILTINS)
-    builtin: str = "gradient_estimation"
+    # epd_ms / dyweight: the ComfyUI sampler its untrained table reproduces, where training starts
+    # (multistep.BUILTINS, dyweight.STARTS); None: the solver's own (SolverVariant.untrained)
+    builtin: str | None = None
+    # the gradient-norm clip (0: none); None: the solver's own (SolverVariant.grad_clip: 1.0 for dyweight)
+    grad_clip: float | None = None
     grad_checkpointing: bool = False               # recompute each student step in backward (end-to-end, big models)
     sequential_points: bool = False                # one model call per point (graphs that cannot batch K points)
     checkpoint_path: str | None = None             # a single file, written atomically
@@ -95,8 +98,17 @@ class DistillConfig:
     model_family: str | None = None                # metadata only
 
     def __post_init__(self):
-        if self.loss is None and self.solver in SOLVER_NAMES:  # an unknown solver is refused by validate()
-            self.loss = variant(self.solver).loss
+        if self.solver not in SOLVER_NAMES:  # refused by validate()
+            return
+        v = variant(self.solver)
+        if self.loss is None:
+            self.loss = v.loss
+        if self.builtin is None:
+            self.builtin = v.untrained or "gradient_estimation"
+        if self.grad_clip is None:
+            self.grad_clip = v.grad_clip
+        if v.objective is not None and self.objective == OBJECTIVES[-1]:  # the default: the solver's own instead
+            self.objective = v.objective
 
     @property
     def calls_per_step(self) -> int:
@@ -123,9 +135,18 @@ class DistillConfig:
         need(isinstance(self.num_points, int) and 1 <= self.num_points <= 64,
              f"K (num_points) must be 1..64, got {self.num_points!r}", "Use K = 1..3 as in the paper.")
         need(self.solver in SOLVER_NAMES, f"unknown solver {self.solver!r}", f"Use one of {SOLVER_NAMES}.")
-        need(self.solver != "dyweight", "training dyweight tables is not available yet",
-             "Import a published one (python -m epd_core.import_official --official dyweight-flux-nfe5 "
-             "OUT.safetensors, or the Import node), or train epd / epd_plugin / epd_ms.")
+        own = variant(self.solver).objective
+        need(own is None or self.objective == own, f"{self.solver} trains with the {own} objective only, not "
+             f"{self.objective!r}", f"Use objective='{own}'.")
+        need(self.grad_clip is not None and math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+             f"grad_clip={self.grad_clip!r}", "Use a positive gradient-norm bound such as 1.0, or 0 for none.")
+        if self.solver == "dyweight":
+            from .dyweight import STARTS
+            need(self.builtin in STARTS, f"unknown starting sampler {self.builtin!r} for dyweight",
+                 f"Use one of {STARTS}.")
+            need(self.num_points == 1 and not self.to_zero and not self.learn_schedule,
+                 "dyweight makes one call per step on a fixed grid that ends where its last step lands",
+                 "Use K = 1, to_zero=False and learn_schedule=False (a sigma list ending in 0 lands on 0).")
         if self.solver == "epd_ms":
             from .multistep import BUILTINS
             need(self.builtin in BUILTINS, f"unknown starting built-in {self.builtin!r}", f"Use one of {BUILTINS}.")

@@ -33,6 +33,7 @@ from .schedules import sigmas_for
 log = logging.getLogger("epd")
 ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
 STARTS = ("euler", "ipndm")
+TRAIN_WINDOW = 3  # directions a trained row combines: the current and 2 past (DyWeight's EDM / SD tables)
 
 
 # ---- grids ------------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class SolverVariant:
     # the distance to the teacher a trainer uses unless told (DistillConfig.loss): "rmse", the mean of per-sample
     # RMSEs (the benchmark's metric), trained better EPD-MS tables than "mse" side by side (docs/results.md)
     loss: str = "mse"
+    # its training recipe where it differs from DistillConfig's defaults: the only objective it trains with (None:
+    # any), and the gradient-norm clip (0: none)
+    objective: str | None = None
+    grad_clip: float = 0.0
 
     def sample_fn(self):
         module, fn = self.sampler.split(":")
@@ -48,7 +52,9 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
                   "gradient_estimation", "rmse"),
     SolverVariant("dyweight", "DyWeight", "one call per step: past directions combined by a learned lower-triangular "
                   "weight matrix, each evaluated at a learned time scale (arXiv 2603.11607)", 1, 1,
-                  ("theta_w", "theta_a"), False, True, ".dyweight:sample_dyweight", True, 0.1, "euler"),
+                  ("theta_w", "theta_a"), False, True, ".dyweight:sample_dyweight", True, 0.1, "euler",
+                  # DyWeight's recipe: Adam, cosine decay, gradient clipping, end-to-end L2 to the teacher
+                  objective="end_to_end", grad_clip=1.0),
 )}
 NAMES = tuple(SOLVERS)
 

@@ -37,9 +37,11 @@ CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetenso
 _SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family", "cfg_range"}
 _HELP = {
     "num_points": "K, parallel points per step (1-3 in the paper)",
-    "solver": "epd, epd_plugin (Adams-Bashforth predictor) or epd_ms (one call per step; implies --to-zero, "
-              "the last positive sigma anchoring the step to 0; try --lr 0.01 --learn-schedule)",
-    "builtin": "epd_ms: the ComfyUI sampler its untrained table reproduces, where training starts",
+    "solver": "epd, epd_plugin (Adams-Bashforth predictor), epd_ms (one call per step; implies --to-zero, "
+              "the last positive sigma anchoring the step to 0; try --lr 0.01 --learn-schedule) or dyweight "
+              "(one call per step, end to end with gradient clipping; try --lr 0.01)",
+    "builtin": "epd_ms / dyweight: the ComfyUI sampler its untrained table reproduces, where training starts",
+    "grad_clip": "gradient-norm clip (0: none)",
     "max_order": "EPD-Plugin predictor order 1..4",
     "afs": "analytic first step (saves one model call)",
     "teacher": f"teacher solver: {', '.join(TEACHERS)}",
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument(flag, default=None, choices=_CHOICES["loss"],
                            help=_HELP["loss"] + "; default: the solver's (" +
                            ", ".join(f"{v.name}: {v.loss}" for v in SOLVERS.values()) + ")")
+        elif f.name in ("builtin", "grad_clip"):  # None: the solver's own (DistillConfig)
+            d.add_argument(flag, type=str if f.name == "builtin" else float, default=None,
+                           help=_HELP[f.name] + "; default: the solver's")
         elif isinstance(f.default, bool):
             d.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
         else:

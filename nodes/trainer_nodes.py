@@ -59,10 +59,15 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
     if solver == "epd_ms":
         return _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate,
                           batch, seed, cfg, ckpt, cfg_range_of(cfg, cfg_max))
-    sigmas, spec = training_sigmas(model, schedule, steps)
+    if solver == "dyweight":  # steps = KSampler steps = model calls: the scheduler's list with `steps` steps to 0
+        sigmas, spec = training_sigmas(model, schedule, steps - 1)
+        num_points = 1
+    else:
+        sigmas, spec = training_sigmas(model, schedule, steps)
     return DistillConfig(
         sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
-        inserted_steps=inserted_steps, objective=objective, iterations=iterations, lr=learning_rate, batch=batch,
+        inserted_steps=inserted_steps, objective=objective, iterations=iterations,
+        lr=learning_rate * variant(solver).lr_scale, batch=batch,
         seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
         resume="auto", guidance_scale=cfg, model_family=model_family(model), cfg_range=cfg_range_of(cfg, cfg_max),
         teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min),  # not below what it knows
@@ -306,7 +311,10 @@ class EPDTrainer(io.ComfyNode):
                                        "epd_ms (this pack's own, distill only): one model call per step, starts "
                                        "as gradient_estimation on the chosen ComfyUI scheduler and learns its "
                                        "coefficients with the schedule; steps = KSampler steps = model calls, "
-                                       "K counts the current point, learning rate x0.1."),
+                                       "K counts the current point, learning rate x0.1. dyweight (DyWeight, "
+                                       "distill only): one call per step combining past directions with learned "
+                                       "weights and time scales, from euler; steps = model calls, K ignored, "
+                                       "learning rate x0.1, end to end with gradient clipping."),
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),

@@ -2,6 +2,9 @@
 table samples exactly as plain transcriptions of the published FLUX and EDM loops, tables go through files and
 bad ones are refused."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from epd_core.epd import EPDSamplingError
 from epd_core.params import EPDParams, EPDParamsError
 from epd_core.solvers import variant
 from test_import_official import PACK_IN_A_PROCESS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def karras_list(k, steps, smin=0.002, smax=80.0):
@@ -526,11 +531,64 @@ def test_preview_draws_w_and_a(comfy_sampling):
     assert big.height < 1200  # the largest table (64 steps) in cells of 16 pixels
 
 
-def test_training_a_dyweight_table_is_refused_with_the_way_to_get_one():
+# ---- training (DyWeight's recipe: Adam, cosine decay, gradient clipping, end-to-end L2) ---------------------
+def test_distilling_a_dyweight_table_starts_at_euler_and_lowers_the_held_out_error(comfy_sampling):
+    """The 8x8 demo model at CFG 2 on karras' 4-step list: the run starts exactly at euler (its untrained table),
+    trains only the band of TRAIN_WINDOW directions and the time scales, and ends below euler on noises it never
+    saw."""
+    from epd_core.distill import distill
+    from epd_core.distill_config import DistillConfig
+    from epd_core.dyweight import TRAIN_WINDOW
+    from epd_core.problems import demo_problem
+    torch.manual_seed(0)
+    train = demo_problem("digits", guidance_scale=2.0)
+    sig = karras_list(comfy_sampling, 4, smin=float(train.sigma_min), smax=float(train.sigma_max))
+    cfg = DistillConfig(sigmas=sig.tolist(), solver="dyweight", num_points=1, iterations=30, lr=0.01, batch=8,
+                        num_batches=4, teacher="heun", teacher_steps=60, teacher_sigma_min=float(train.sigma_min))
+    assert (cfg.objective, cfg.grad_clip, cfg.builtin) == ("end_to_end", 1.0, "euler")  # the registry's recipe
+    table = distill(train.model, None, train.noise_fn(float(sig[0])), cfg, train.extra_args_fn)
+    rows = table.activated()
+    i, j = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    assert table.solver == "dyweight" and table.num_steps == 4 and table.metadata["dyweight"]["window"] == TRAIN_WINDOW
+    assert torch.all(rows["W"][(i - j >= TRAIN_WINDOW) | (j > i)] == 0) and not torch.equal(rows["W"], torch.eye(4))
+    assert table.metadata["provenance"]["grad_clip"] == 1.0
+    g = torch.Generator().manual_seed(202)  # held-out noises and labels
+    x = torch.randn(32, 1, 8, 8, generator=g, dtype=torch.float64).float() * float(sig[0])
+    extra = {"cond": torch.arange(32) % 10}
+    ref_sig = karras_list(comfy_sampling, 200, smin=float(train.sigma_min), smax=float(train.sigma_max))
+    with torch.no_grad():
+        ref = comfy_sampling.sample_heun(train.model, x, ref_sig.float(), extra_args=extra, disable=True)
+        euler = comfy_sampling.sample_euler(train.model, x, sig.float(), extra_args=extra, disable=True)
+        start = sample_dyweight(train.model, x, sig.float(), dyweight_table(sig), extra_args=extra)
+        trained = sample_dyweight(train.model, x, sig.float(), table, extra_args=extra)
+    assert torch.allclose(start, euler, atol=1e-5)
+
+    def rmse(a):
+        return float((a - ref).square().flatten(1).mean(1).sqrt().mean())
+    assert rmse(trained) < 0.9 * rmse(euler), (rmse(trained), rmse(euler))
+
+
+def test_dyweight_trains_end_to_end_only_and_says_so():
     from epd_core.distill_config import DistillConfig, DistillError
-    cfg = DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.1], solver="dyweight")
-    with pytest.raises(DistillError, match="training dyweight tables is not available yet.*import_official"):
+    cfg = DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.0], solver="dyweight", num_points=1, objective="per_step")
+    with pytest.raises(DistillError, match="dyweight trains with the end_to_end objective only.*'end_to_end'"):
         cfg.validate()
+    with pytest.raises(DistillError, match="Use K = 1"):
+        DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.0], solver="dyweight", num_points=2).validate()
+    with pytest.raises(DistillError, match="unknown starting sampler 'dpmpp_2m' for dyweight"):
+        DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.0], solver="dyweight", num_points=1, builtin="dpmpp_2m").validate()
+
+
+def test_the_command_line_distils_a_dyweight_table(tmp_path):
+    out = tmp_path / "dw.safetensors"
+    cmd = [sys.executable, "-m", "epd_core.train", "distill", "--model", "demo", "--solver", "dyweight", "-K", "1",
+           "--steps", "3", "--iterations", "3", "--batch", "4", "--num-batches", "1", "--teacher-steps", "20",
+           "--lr", "0.01", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = EPDParams.load(out)
+    assert table.solver == "dyweight" and table.num_steps == 4  # 3 steps to positive sigmas + the step to 0
+    assert table.metadata["provenance"]["objective"] == "end_to_end" and table.metadata["latency_nfe"] == 4
 
 
 IMPORT_NODE_SCRIPT = PACK_IN_A_PROCESS + r"""
