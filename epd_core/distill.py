@@ -2,11 +2,13 @@
 
     teacher:  a more accurate solver on a fine grid (teachers.py), run once per noise batch without gradients;
               its states at the student's sigmas are cached.
-    student:  EPD / EPD-Plugin with differentiable rows r, w, c, a = activate(logits)  (params.activate).
+    student:  the table's differentiable rows: EPD / EPD-Plugin r, w, c, a = activate(logits) (params.activate);
+              EPD-MS r, w and the history coefficients (params.activate_ms); DyWeight W (a band) and a.
     per_step:   sum_i |x_{i+1}(row i; x_i detached) - T_{i+1}|^2   (the paper: each step from the student's
                 own previous state; gradients reach only row i)
     end_to_end: |x_final(all rows) - T_final|^2                     (through the whole student trajectory)
-    optimiser:  Adam on the logits (theta_r, theta_w, theta_c, theta_a), cosine learning-rate decay.
+    optimiser:  Adam on the table's tensors (and the schedule logits when learned), cosine learning-rate decay,
+                the gradient norm clipped where the solver's recipe says (DyWeight).
 
 Works with any callable `model(x, sigma_vector, **extra_args) -> denoised` (k-diffusion convention, CFG included
 through extra_args). Fault tolerant: periodic atomic checkpoints (logits, Adam state, iteration, config) that

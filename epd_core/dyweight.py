@@ -20,7 +20,6 @@ the grid then ending in 0. W = I, a = 1 is ComfyUI's euler on any sigma list; th
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -30,7 +29,6 @@ from .params import EPDParams
 from .runtime import warn_once
 from .schedules import sigmas_for
 
-log = logging.getLogger("epd")
 ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
 STARTS = ("euler", "ipndm")
 TRAIN_WINDOW = 3  # directions a trained row combines: the current and 2 past (DyWeight's EDM / SD tables)

@@ -58,12 +58,6 @@ class GaussianMixtureDenoiser:
         cond_means = mu[None] + shrink * (x[:, None, :] - mu[None])  # (B, J, dim)
         return (post[:, :, None] * cond_means).sum(1).reshape(shape)
 
-    def sample_data(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        comp = torch.randint(0, self.means.shape[0], (n,), generator=g)
-        x0 = self.means[comp] + self.std * torch.randn(n, self.dim, generator=g, dtype=self.means.dtype)
-        return x0, comp
-
     def mode_of(self, x0: torch.Tensor) -> torch.Tensor:
         """Nearest component of clean samples (to count samples that land in the wrong mode)."""
         return torch.cdist(x0.reshape(x0.shape[0], -1).to(self.means), self.means).argmin(1)

@@ -22,7 +22,6 @@ and u = 0.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -33,7 +32,6 @@ from .points import PointEvaluator
 from .runtime import warn_once
 from .solver import table_schedule_for
 
-log = logging.getLogger("epd")
 HISTORY = 3                # past directions a row combines
 ANCHOR_RATIO = 0.5         # look-ahead anchor of a step to 0 on a list that has none
 # the ComfyUI samplers an untrained table is, exactly

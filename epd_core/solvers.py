@@ -1,8 +1,9 @@
-"""The solver variants this pack knows, in one place: a new variant is one entry here plus its loop function.
-
-Everything that lists or branches on solvers reads this registry: table validation (params.py), distillation
-(distill_config.py), RL, the command line, the node dropdowns and KSampler's sampler names. Imports nothing from
-the package (params.py imports it); the loop and front-end functions are looked up lazily by name.
+"""The solver variants this pack knows and their shared facts, in one place: every list of solvers (table
+validation, the trainers' options, the command line, the node dropdowns, KSampler's sampler names) and the
+training recipe's per-solver values (loss, objective, gradient clip, learning-rate scale) are read from here.
+Not yet here: each variant's tensors and validation (params.py), its untrained table and training loop hooks
+(distill.py) and its picture (nodes/plotting.py) still branch on the name, so a new variant touches those too.
+Imports nothing from the package (params.py imports it); the sampling front-ends are looked up lazily by name.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""What distillation (distill.py) and RDPO (rl/rdpo.py) share around their updates: the one resume rule for a
-checkpoint path, the settings check before resuming, the gradient all-reduce over torchrun ranks, when rank 0
-saves, and the Cancel message. Each trainer keeps only its loss, its state and its checkpoint format."""
+"""Helpers distillation (distill.py) and RDPO (rl/rdpo.py) both call around their updates: the one resume rule for
+a checkpoint path, the settings check before resuming, the gradient all-reduce over torchrun ranks, when rank 0
+saves, and the Cancel message. Each trainer still runs its own loop (iteration, checkpoint, progress) around
+them."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,8 @@
-"""ComfyUI adapter (V3 schema). Importing this package registers `epd` / `epd_plugin` in the KSampler
-dropdowns and the epd_params model folder; `comfy_entrypoint` returns the extension with all nodes."""
+"""ComfyUI adapter (V3 schema). Importing this package registers every solver of the registry (`epd`,
+`epd_plugin`, `epd_ms`, `dyweight`) in the KSampler dropdowns and the epd_params model folder; `comfy_entrypoint`
+returns the extension with all nodes."""
 from __future__ import annotations
 
-import logging
 import sys
 
 from .compare_nodes import COMPARE_NODES
@@ -16,7 +16,6 @@ from .samplers import register_dropdown_samplers
 from .tables import register_folder
 from .trainer_nodes import TRAINER_NODES
 
-log = logging.getLogger("epd")
 register_folder()
 register_dropdown_samplers()
 

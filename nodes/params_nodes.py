@@ -17,7 +17,6 @@ from .sockets import CATEGORY, EPDParamsType
 from .samplers import patcher_of, run_guarded
 from .tables import load_table, model_family, save_table, table_files
 
-log = logging.getLogger("epd")
 AFS_CHOICES, EXECUTION_CHOICES = ("auto", "on", "off"), ("auto", "batched", "sequential")
 
 

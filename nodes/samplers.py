@@ -19,7 +19,6 @@ from epd_core.solvers import NAMES, variant
 from .compat import few_step_hint, model_problem, send_progress_text, sequential_reasons
 from .tables import ksampler_tables, model_family, neutral_table
 
-log = logging.getLogger("epd")
 SAMPLER_NAMES = NAMES
 
 

@@ -1,4 +1,5 @@
-"""Where parameter tables live in ComfyUI, and which one the KSampler `epd` / `epd_plugin` entries use.
+"""Where parameter tables live in ComfyUI, and which one the KSampler solver entries (`epd`, `epd_plugin`,
+`epd_ms`, `dyweight`) use.
 
 Files: `models/epd_params/` (the user's, first so new files land there) and the pack's `pretrained_params/`,
 both under the one folder name "epd_params" so a single Load EPD Params combo lists them.
@@ -32,7 +33,6 @@ from epd_core.solvers import predictor_order, variant
 
 from .compat import sampling_variant
 
-log = logging.getLogger("epd")
 PACK_DIR = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PACK_DIR / "pretrained_params"
 FOLDER = "epd_params"

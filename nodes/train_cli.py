@@ -18,16 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_epd_pack"  # the pack imported as a package, as ComfyUI does (ComfyUI has its own `nodes`)
 
 
-def comfyui_path(argv: list[str]) -> str | None:
-    """--comfyui PATH (or --comfyui=PATH) from the command line, else $COMFYUI_PATH."""
-    for i, arg in enumerate(argv):
-        if arg == "--comfyui" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--comfyui="):
-            return arg.split("=", 1)[1]
-    return os.environ.get("COMFYUI_PATH")
-
-
 def import_pack(comfy_path: str):
     """ComfyUI first on sys.path (its `nodes`, `comfy`, `folder_paths`), then the pack as a package."""
     import torch

@@ -5,7 +5,6 @@ through is in training.py. Progress shows the stage (teacher / training, rollout
 """
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from .tables import FOLDER, model_family, output_dir, save_table, table_stem
 from .training import (CHECKPOINT_FILE, EPD_SCHEDULES, RL_CHECKPOINT_FILE, check_memory, distill_with_comfy_model,
                        rl_with_comfy_model, rollout_bytes, schedule_names, teacher_pool_bytes, training_sigmas)
 
-log = logging.getLogger("epd")
 
 
 # ================================================================================================== modes
