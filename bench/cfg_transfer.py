@@ -66,7 +66,11 @@ def main(argv=None):
             x = noise(202, run["samples"])
             ref = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s202_n{run['samples']}"
                                 f"_{run['ref_steps']}.safetensors"))["x"]
-            b = run["nfe"][str(nfe)]["builtins"]
+            b = run["nfe"].get(str(nfe), {}).get("builtins")
+            if not b:  # the sweep did not run this NFE at this CFG (MNIST: NFE 4, 6, 8 at CFG 3 and 7.5)
+                for p in paths:
+                    scores[p].append(float("nan"))
+                continue
             name, best_row = best_builtin_of(b)
             best = best_row["mean"]
             x_val = noise(404, run["val_samples"]) if args.record else None
@@ -93,8 +97,8 @@ def main(argv=None):
                 t.save(p)
             rng = trained_range(t)
             at = "?" if rng is None else span(*rng)
-            lines.append(f"| {nfe} | {p.name} | {t.num_points} | {at} | " + " | ".join(f"{v:.2f}" for v in scores[p])
-                         + " |")
+            cells = ["—" if v != v else f"{v:.2f}" for v in scores[p]]  # nan: not in the sweep
+            lines.append(f"| {nfe} | {p.name} | {t.num_points} | {at} | " + " | ".join(cells) + " |")
             out[f"{nfe}/{p.name}"] = {"K": t.num_points, "trained_at": rng, "over_best": dict(zip(cfgs, scores[p]))}
     text = "\n".join(lines)
     print(text)
