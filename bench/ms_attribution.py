@@ -50,12 +50,18 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma list: only the rows whose labels contain one, e.g. 'oracle'")
     ap.add_argument("--loss", choices=("mse", "rmse"), default="mse",
                     help="the distillation loss of the trained rows (rmse: their labels say so)")
+    ap.add_argument("--cfg", type=float, default=None, help="the CFG scale (default: the model's own): its sweep's "
+                    "noises, reference and best built-ins (bench/results/cfg/quality_vs_nfe_<model>_cfg<C>.json)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    bench = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
-    model, ms, noise, extra_for, _, k = problem(args.model, CFG[args.model])
-    train = demo_problem(args.model, guidance_scale=CFG[args.model])
+    scale = CFG[args.model] if args.cfg is None else args.cfg
+    tag = "" if args.cfg is None else f"_cfg{args.cfg:g}"
+    sweep = "" if args.cfg is None or args.cfg == CFG[args.model] else tag  # the sweep's run at the model's own CFG
+    bench = json.loads((REPO / "bench" / "results" / (f"cfg/quality_vs_nfe_{args.model}{sweep}.json" if tag else
+                                                      f"quality_vs_nfe_{args.model}.json")).read_text())
+    model, ms, noise, extra_for, _, k = problem(args.model, scale)
+    train = demo_problem(args.model, guidance_scale=scale)
     x_test = noise(202, bench["samples"])
     labels = extra_for(len(x_test))
     ref_sig = with_final_zero(polynomial(bench["ref_steps"], float(ms.sigma_min), float(ms.sigma_max))).double()
@@ -69,8 +75,8 @@ def main(argv=None):
         with torch.no_grad():
             return float(per_sample_rmse(fn(lambda x, s, **kw: model(x, s, **labels, **kw), x_test), ref).mean())
 
-    out = {"model": args.model, "samples": bench["samples"], "iterations": args.iterations, "nfe": {}}
-    results_path = args.out / f"ms_attribution_{args.model}.json"
+    out = {"model": args.model, "cfg": scale, "samples": bench["samples"], "iterations": args.iterations, "nfe": {}}
+    results_path = args.out / f"ms_attribution_{args.model}{tag}.json"
     if results_path.exists():  # rows of earlier runs with the same setting stay; one measured again is replaced
         old = json.loads(results_path.read_text())
         if all(old.get(key) == out[key] for key in ("model", "samples", "iterations")):
@@ -88,7 +94,8 @@ def main(argv=None):
 
         def trained(num_points, learn_table=True, oracle=False):
             cfg = ms_recipe(positive, builtin, num_points, float(ms.sigma_min), learn_table=learn_table,
-                            loss=args.loss, iterations=args.iterations, model_family=train.family)
+                            loss=args.loss, iterations=args.iterations, model_family=train.family,
+                            **({"num_batches": len(x_test) // 8} if oracle else {}))  # oracle: every test noise once
             noise_fn, extra_fn = train.noise_fn(positive[0]), train.extra_args_fn
             if oracle:  # batch j = test noises 8j..8j+7 with their labels (make_batch draws batch j from this seed)
                 index = {batch_seed(cfg.seed, j): j for j in range(cfg.num_batches)}
@@ -127,12 +134,13 @@ def main(argv=None):
                     m, x, own.to(x.dtype), table, disable=True))
         out["nfe"][nfe] = {"rmse": rows, "over_best": {r: v / best for r, v in rows.items()}, "names": names}
         results_path.write_text(json.dumps(out, indent=1))
-    (args.out / f"ms_attribution_{args.model}.md").write_text(report(out) + "\n")
+    (args.out / f"ms_attribution_{args.model}{tag}.md").write_text(report(out) + "\n")
     print(report(out))
 
 
 def report(out: dict) -> str:
-    lines = [f"### EPD-MS attribution, {out['model']}: RMSE on {out['samples']} held-out noises (÷ best built-in)", "",
+    lines = [f"### EPD-MS attribution, {out['model']} at CFG {out.get('cfg')}: RMSE on {out['samples']} held-out "
+             "noises (÷ best built-in)", "",
              "| row | " + " | ".join(f"NFE {n}" for n in out["nfe"]) + " |", "|---|" + "---|" * len(out["nfe"])]
     labels = {label for v in out["nfe"].values() for label in v["rmse"]}
     for label in sorted(labels, key=lambda t: (t[0] == "(", t.startswith("(d)"), "oracle" in t, t)):

@@ -43,11 +43,12 @@ from epd_core.solvers import variant  # noqa: E402
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation"]
 PAPER_BASELINES = [(s, sch) for s in ("ipndm", "dpmpp_2m") for sch in ("karras", "exponential", "normal")]
-SOLVER_KEYS = (("epd", "epd"), ("epd_plugin", "plugin"), ("epd_ms", "ms"))
+SOLVER_KEYS = (("epd", "epd"), ("epd_plugin", "plugin"), ("epd_ms", "ms"), ("dyweight", "dw"))
+TABLE_SOLVERS = tuple(solver for solver, _ in SOLVER_KEYS)  # the pack's solvers a run scores
 NODE_SCHEDULERS = ["ays_sd1", "gits_0.80", "gits_1.00", "gits_1.20", "gits_1.40"]  # SD1.5-sigma models only
 TABLE_PREFIX = {"demo": "demo_digits_", "mnist": "demo_mnist_"}
 # the solvers whose shipped tables carry measured_cfg (--record) and run through KSampler's CFG guard
-GUARDED = ("epd_ms",)
+GUARDED = ("epd_ms", "dyweight")
 
 
 class Counted:
@@ -147,7 +148,7 @@ class FrechetMetric:
 
 def scored_solvers(args) -> set[str]:
     """--solvers (callers that build their own Namespace without it: all three)."""
-    return set(getattr(args, "solvers", "epd,epd_plugin,epd_ms").split(","))
+    return set(getattr(args, "solvers", ",".join(TABLE_SOLVERS)).split(","))
 
 
 def run(args):
@@ -264,9 +265,10 @@ def run(args):
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
     scored = scored_solvers(args)
+    results["solvers"] = sorted(scored & set(TABLE_SOLVERS))  # what --record may write into (the others: copied)
     for nfe_key, old in (reused["nfe"].items() if reused else ()):  # the rows of the solvers not scored here
-        for solver in {"epd", "epd_plugin", "epd_ms"} - scored:
-            for key in (solver, f"fd_{solver}", f"fd_ref_{solver}"):
+        for solver in set(TABLE_SOLVERS) - scored:
+            for key in (solver, f"{solver}_tables", f"fd_{solver}", f"fd_ref_{solver}"):
                 if key in old:
                     results["nfe"].setdefault(int(nfe_key), {"builtins": {}})[key] = old[key]
     for solver, tables in epd_tables(args, model, ms, extra_for, noise, dtype, x_fit, ref_fit,
@@ -290,14 +292,14 @@ def run(args):
                                             ref_val)[1].mean())
             entry.setdefault(f"{solver}_tables", []).append((params, row))
     for nfe, entry in results["nfe"].items():
-        for solver in ("epd", "epd_plugin", "epd_ms"):
+        for solver in scored & set(TABLE_SOLVERS):  # (a solver not scored keeps the rows copied above)
             scored_tables = entry.pop(f"{solver}_tables", None)
             if not scored_tables:
                 continue
             if solver in GUARDED:
                 guarded(args, entry, solver, scored_tables, frechet if fd else None, variant(solver).sample_fn())
                 continue
-            params, row = scored_tables[0]  # the paper's solvers: one shipped table per NFE, used as trained
+            params, row = scored_tables[0]  # the others: one shipped table per NFE, used as trained
             entry[solver], entry[f"{solver}_tables"] = row, [row]
             if fd:
                 sig = torch.tensor(row["sigmas"], dtype=dtype)
@@ -400,9 +402,9 @@ def summary(results) -> list[dict]:
                     row[key] = t["ratio"]
         for solver, key in SOLVER_KEYS:  # the tables' own ratios, whether or not the guard takes them
             tables = r.get(f"{solver}_tables", [])
-            if tables and solver != "epd_ms":
+            if tables and solver != "epd_ms":  # (EPD-MS: per K, above)
                 row[f"{key}_table_over_best"] = min(t["mean"] for t in tables) / b[name]["mean"]
-        for solver in ("best_builtin", "epd", "epd_plugin", "epd_ms"):
+        for solver in ("best_builtin",) + TABLE_SOLVERS:
             for key in (f"fd_{solver}", f"fd_ref_{solver}"):
                 if key in r:
                     row[key] = r[key]
@@ -478,7 +480,7 @@ def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fi
 
 def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=None, builtin_rows=None):
     """(table, sigmas) per solver: shipped tables for the demo, distilled here for the mixture."""
-    out = {"epd": [], "epd_plugin": [], "epd_ms": []}
+    out = {solver: [] for solver in TABLE_SOLVERS}
     if args.model in TABLE_PREFIX:
         pattern = TABLE_PREFIX[args.model] + "*_nfe*.safetensors"  # the current tables (8x8: not the older s3..s6)
         while len(list((REPO / "pretrained_params").glob(pattern))) < args.wait_for_tables:
@@ -549,8 +551,8 @@ def report(results) -> str:
              f"{results.get('fit_samples', '?')} fit samples)"
              + (f"; FD on {results['fd_samples']} samples" if fd else ""),
              "", "| latency NFE | best built-in (scheduler, fit-selected) | its RMSE | paper's baseline, RMSE "
-             "| EPD RMSE (÷ best, ÷ paper) | EPD-Plugin RMSE (÷ best, ÷ paper) | EPD-MS RMSE (÷ best, ÷ paper) |",
-             "|---|---|---|---|---|---|---|"]
+             "| EPD RMSE (÷ best, ÷ paper) | EPD-Plugin RMSE (÷ best, ÷ paper) | EPD-MS RMSE (÷ best, ÷ paper) "
+             "| DyWeight RMSE (÷ best, ÷ paper) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def cell(key):
             if f"{key}_rmse" not in r:
@@ -559,15 +561,15 @@ def report(results) -> str:
             return f"{r[f'{key}_rmse']:.4f} (**{r[f'{key}_over_best']:.2f}**{paper})"
         paper = f"{r['paper_baseline']}, {r['paper_baseline_rmse']:.4f}" if "paper_baseline" in r else "—"
         lines.append(f"| {r['nfe']} | {r['best_builtin']} | {r['best_builtin_rmse']:.4f} | {paper} | {cell('epd')} | "
-                     f"{cell('plugin')} | {cell('ms')} |")
+                     f"{cell('plugin')} | {cell('ms')} | {cell('dw')} |")
     if fd:
         lines += ["", "Frechet distance in the MNIST classifier's features: to the 5,000 real digits / to the "
                   f"reference solver's own samples from the same noises ({results.get('fd_ref_steps')}-step Heun; "
                   "what the solver alone adds).", "",
-                  "| latency NFE | best built-in | EPD | EPD-Plugin | EPD-MS |", "|---|---|---|---|---|"]
+                  "| latency NFE | best built-in | EPD | EPD-Plugin | EPD-MS | DyWeight |", "|---|---|---|---|---|---|"]
         for r in rows:
             cells = [" / ".join(f"{r[k]:.2f}" if k in r else "—" for k in (f"fd_{s}", f"fd_ref_{s}"))
-                     for s in ("best_builtin", "epd", "epd_plugin", "epd_ms")]
+                     for s in ("best_builtin",) + TABLE_SOLVERS]
             lines.append(f"| {r['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -586,7 +588,8 @@ def plot(results, path: Path):
                if sampler in results["nfe"][n]["builtins"]]
         if pts:
             ax.plot(*zip(*pts), color="0.75", lw=1, marker=".")
-    for solver, color in (("epd", "tab:red"), ("epd_plugin", "tab:blue"), ("epd_ms", "tab:green")):
+    for solver, color in (("epd", "tab:red"), ("epd_plugin", "tab:blue"), ("epd_ms", "tab:green"),
+                          ("dyweight", "tab:purple")):
         pts = [(int(n), results["nfe"][n][solver]["mean"]) for n in nfes if solver in results["nfe"][n]]
         if pts:
             ax.plot(*zip(*pts), color=color, lw=2.5, marker="o", label=solver.replace("_", "-").upper())
@@ -602,7 +605,8 @@ def plot(results, path: Path):
         ax = axes[0, 1]
         for key, color, label in (("fd_ref_best_builtin", "black", "best built-in (by fit RMSE)"),
                                   ("fd_ref_epd", "tab:red", "EPD"), ("fd_ref_epd_plugin", "tab:blue", "EPD-PLUGIN"),
-                                  ("fd_ref_epd_ms", "tab:green", "EPD-MS")):
+                                  ("fd_ref_epd_ms", "tab:green", "EPD-MS"), ("fd_ref_dyweight", "tab:purple",
+                                                                             "DYWEIGHT")):
             pts = [(r["nfe"], r[key]) for r in fd if key in r]
             if pts:
                 ax.plot(*zip(*pts), color=color, lw=2 if key != "fd_ref_best_builtin" else 1.5, marker="o",
@@ -633,7 +637,7 @@ def main(argv=None):
     ap.add_argument("--fd-ref-steps", type=int, default=100, help="Heun steps of the FD reference samples")
     ap.add_argument("--reuse-builtins", default=None, help="take the built-in rows from this earlier results JSON (or "
                     "from a sweep's folder: its run at each CFG)")
-    ap.add_argument("--solvers", default="epd,epd_plugin,epd_ms",
+    ap.add_argument("--solvers", default=",".join(TABLE_SOLVERS),
                     help="the solvers whose tables are scored; with --reuse-builtins the others' rows (and the best "
                          "built-in's FD) are taken from that JSON")
     ap.add_argument("--wait-for-tables", type=int, default=0, help="wait until this many shipped tables exist")
@@ -720,7 +724,8 @@ def record(results) -> None:
         if not entry.get("builtins"):
             continue
         name, best = best_builtin_of(entry["builtins"])
-        for row in [t for solver in GUARDED for t in entry.get(f"{solver}_tables", [])]:
+        solvers = [s for s in GUARDED if s in results.get("solvers", GUARDED)]
+        for row in [t for solver in solvers for t in entry.get(f"{solver}_tables", [])]:
             path = REPO / "pretrained_params" / row["table"]
             table = EPDParams.load(path)
             measured = measured_entry(argparse.Namespace(**{k: results.get(k) for k in (
@@ -731,18 +736,21 @@ def record(results) -> None:
 
 def cfg_report(sweep) -> str:
     """Markdown: per CFG and NFE, the best built-in (fit-selected at that CFG) and EPD-MS as KSampler runs it (the
-    CFG guard's pick, or the fallback), with the K = 1 and K >= 2 tables' own ratios and the compute NFE."""
+    CFG guard's pick, or the fallback), with the K = 1 and K >= 2 tables' own ratios and the compute NFE; DyWeight
+    the same way."""
     lines = [f"### {sweep['model']}: EPD-MS across CFG ({sweep['samples']} held-out noises, {sweep['ref_steps']}-step "
              f"Heun reference at each CFG; built-ins {sweep['samplers']} x schedulers {', '.join(sweep['schedulers'])}"
              f", chosen on {sweep['fit_samples']} fit noises)", "",
              "| CFG | NFE | best built-in | its RMSE | EPD-MS as KSampler runs it (÷ best) | compute NFE | "
-             "K = 1 table ÷ best | K ≥ 2 table ÷ best | EPD ÷ best |", "|---|---|---|---|---|---|---|---|---|"]
+             "K = 1 table ÷ best | K ≥ 2 table ÷ best | EPD ÷ best | DyWeight as KSampler runs it (its table) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sweep["summary"]:
         def ratio(key):
             return f"{r[key]:.2f}" if key in r else "—"
         lines.append(f"| {r['cfg']:g} | {r['nfe']} | {r['best_builtin']} | {r['best_builtin_rmse']:.4f} | "
                      f"{ratio('ms_over_best')} | {r.get('compute_nfe', '—')} | {ratio('ms_k1_over_best')} | "
-                     f"{ratio('ms_table_over_best')} | {ratio('epd_over_best')} |")
+                     f"{ratio('ms_table_over_best')} | {ratio('epd_over_best')} | {ratio('dw_over_best')} "
+                     f"({ratio('dw_table_over_best')}) |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

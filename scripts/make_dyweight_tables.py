@@ -1,0 +1,97 @@
+"""Train the shipped DyWeight tables for the demo models, one per NFE (seeded, CPU).
+
+    .venv/bin/python scripts/make_dyweight_tables.py --model demo --nfe 3-10
+    .venv/bin/python scripts/make_dyweight_tables.py --model mnist --nfe 3-10
+
+Per NFE the grid is the scheduler the benchmark chose for its best built-in on FIT noises
+(bench/results/quality_vs_nfe_<model>.json), with NFE steps ending in 0, and DyWeight's recipe (the registry's:
+end-to-end L2 to a Heun teacher, Adam with cosine decay, gradient clipping) trains from each of its untrained
+starts (euler, and ipndm with 3 directions). The untrained starts are candidates too: the candidate with the
+lowest error on the FIT noises (seed 101) ships as <out>/<prefix>_dyweight_nfe<N>.safetensors; the benchmark scores
+it on its held-out noises (bench/quality_vs_nfe.py --solvers dyweight).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
+from make_ms_tables import CFG, PREFIX, nfe_list  # noqa: E402
+from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+
+from epd_core.distill import distill  # noqa: E402
+from epd_core.distill_config import DistillConfig  # noqa: E402
+from epd_core.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402
+from epd_core.problems import demo_problem  # noqa: E402
+from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=tuple(PREFIX), default="demo")
+    ap.add_argument("--nfe", default="3-10")
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--num-batches", type=int, default=16)
+    ap.add_argument("--fit-samples", type=int, default=32)
+    ap.add_argument("--starts", default=",".join(STARTS))
+    ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    import json
+    results = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
+    cfg_scale = CFG[args.model]
+    model_eval, ms, noise, extra_for, _, k = problem(args.model, cfg_scale)
+    train = demo_problem(args.model, guidance_scale=cfg_scale)
+    x_fit = noise(101, args.fit_samples)
+    extra = extra_for(len(x_fit))
+
+    def m_fit(x, s, **kw):
+        return model_eval(x, s, **extra, **kw)
+    ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).to(x_fit.dtype)
+    with torch.no_grad():
+        ref_fit = k.sample_heun(m_fit, x_fit, ref_sig, disable=True)
+
+    def fit_error(table, sig) -> float:
+        with torch.no_grad():
+            return float(per_sample_rmse(sample_dyweight(m_fit, x_fit, sig.to(x_fit.dtype), table), ref_fit).mean())
+    for nfe in nfe_list(args.nfe):
+        row = results["nfe"][str(nfe)]["builtins"]
+        best_name = min(row, key=lambda s: row[s]["fit"])
+        scheduler = row[best_name]["scheduler"]
+        sig = comfy_sigmas(ms, "euler", scheduler, nfe).double()
+        if len(sig) - 1 != nfe or float(sig[-1]) != 0.0:
+            print(f"NFE {nfe}: {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
+            continue
+        meta = dict(model_family=train.family, guidance_scale=cfg_scale)
+        best = None
+        for start in args.starts.split(","):
+            untrained = dyweight_table(sig, start=start, window=TRAIN_WINDOW, **meta)
+            fit0 = fit_error(untrained, sig)
+            if best is None or fit0 < best[0]:
+                best = (fit0, untrained, f"untrained {start}")
+            t0 = time.time()
+            cfg = DistillConfig(sigmas=sig.tolist(), solver="dyweight", builtin=start, num_points=1,
+                                iterations=args.iterations, lr=args.lr, batch=args.batch, num_batches=args.num_batches,
+                                teacher="heun", inserted_steps=3, teacher_steps=100, seed=0,
+                                teacher_sigma_min=float(ms.sigma_min), schedule={"type": "explicit"}, **meta)
+            table = distill(train.model, None, train.noise_fn(float(sig[0])), cfg, train.extra_args_fn)
+            fit = fit_error(table, sig)
+            table.metadata["provenance"].update(fit_rmse=fit, fit_rmse_start=fit0, scheduler=scheduler,
+                                                fit_samples=args.fit_samples)
+            print(f"NFE {nfe} from {start} on {scheduler}: fit RMSE {fit0:.4f} -> {fit:.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+            if fit < best[0]:
+                best = (fit, table, f"trained from {start}")
+        print(f"NFE {nfe}: ships {best[2]} (fit {best[0]:.4f})", flush=True)
+        best[1].save(args.out / f"{PREFIX[args.model]}_dyweight_nfe{nfe}.safetensors")
+
+
+if __name__ == "__main__":
+    main()
