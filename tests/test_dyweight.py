@@ -350,7 +350,8 @@ def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_
     from comfyui_server import error_message
     from test_server_sampling import BATCH, base_graph, batches, ksampler, read_latent, save_latent
     folder = comfy_server.base / "models" / "epd_params"
-    table_steps, plain_steps, seed = 10, 7, 11  # 10 steps: more columns than an EPD table may have points
+    table_steps, plain_steps, seed = 10, 12, 11  # 10: more columns than an EPD table may have points; 12: no
+    # shipped demo table (NFE 3-10)
     sigmas = comfy_ref["samplers"].KSampler(comfy_ref["stub"], table_steps, "cpu", "dyweight", "karras", 1.0).sigmas
     dyweight_table(sigmas.double(), "ipndm", window=4, model_family="epd_demo_digits",
                    guidance_scale=2.0).save(folder / "dyweight_demo.safetensors")
