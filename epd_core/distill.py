@@ -2,8 +2,9 @@
 
     teacher:  a more accurate solver on a fine grid (teachers.py), run once per noise batch without gradients;
               its states at the student's sigmas are cached.
-    student:  the table's differentiable rows: EPD / EPD-Plugin r, w, c, a = activate(logits) (params.activate);
-              EPD-MS r, w and the history coefficients (params.activate_ms); DyWeight W (a band) and a.
+    student:  the table's differentiable rows (the variant's train_rows: EPD / EPD-Plugin r, w, c, a; EPD-MS r, w
+              and the history coefficients; DyWeight W (a band) and a), run by its train_loop; each variant's
+              start table, rows, loop and result are its registry entry's (solvers.SOLVERS).
     per_step:   sum_i |x_{i+1}(row i; x_i detached) - T_{i+1}|^2   (the paper: each step from the student's
                 own previous state; gradients reach only row i)
     end_to_end: |x_final(all rows) - T_final|^2                     (through the whole student trajectory)
@@ -27,16 +28,15 @@ from pathlib import Path
 import torch
 
 from .distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, DistillConfig, DistillError
-from .epd import EPDSamplingError, integrate, positive_steps
+from .epd import EPDSamplingError, positive_steps
 from .fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
                      write_checkpoint)
-from .dyweight import TRAIN_WINDOW, dyweight_table, from_weights, integrate_dyweight
-from .multistep import integrate_ms, ms_table
-from .params import HISTORY_TENSOR, TENSOR_NAMES, EPDParams, activate, activate_ms
+from .params import EPDParams
 from .points import PointEvaluator
 from .runtime import any_rank, batch_seed, rank_and_world
 from .schedules import schedule_logits, sigmas_from_logits
-from .teachers import TEACHERS, denoiser, refine_sigmas, teacher_grid, teacher_states
+from .solvers import variant
+from .teachers import TEACHERS, refine_sigmas, teacher_grid, teacher_states
 from .trainer import cancel_message, check_same_settings, due, kept, open_checkpoint, reduce_gradients
 
 # the run's settings and the teachers, re-exported: `from epd_core.distill import DistillConfig, teacher_states`
@@ -52,27 +52,6 @@ CHECKPOINT_FORMAT = "epd-distill-checkpoint-v1"
 
 def mse(a, b):
     return (a - b).square().mean()
-
-
-def _final_state(model, x_last, sigmas, extra_args):
-    """A sigma list ending in 0 finishes with the plain Euler step x = D(x, sigma_N) (no table row)."""
-    if float(sigmas[-1].detach()) != 0.0:
-        return x_last
-    return denoiser(model, extra_args)(x_last, sigmas[-2])
-
-
-def _positive(sigmas):
-    return sigmas[:-1] if float(sigmas[-1].detach()) == 0.0 else sigmas
-
-
-def _loop(solver: str):
-    """The loop that runs `solver`'s rows (epd.integrate, or multistep.integrate_ms for epd_ms)."""
-    if solver != "epd_ms":
-        return integrate
-
-    def run_ms(model, x, sigmas, rows, extra_args, callback=None, disable=None, max_order=1, afs=False, **kw):
-        return integrate_ms(model, x, sigmas, rows, extra_args, callback, disable, **kw)
-    return run_ms
 
 
 def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=1, afs=False, evaluate=None,
@@ -97,9 +76,9 @@ def per_step_losses(model, x, sigmas, rows, targets, extra_args=None, max_order=
     def on_step(info):
         if info["i"] < last_row:  # the last row's loss is on the final output, below
             done(distance(info["x_next"], targets[info["i"] + 1]))
-    x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, on_step, disable=True,
-                           max_order=max_order, afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
-    done(_final_loss(_final_state(model, x_last, sigmas, extra_args), targets[-1], feature_fn, loss))
+    final = variant(solver).train_loop(model, x, sigmas, rows, extra_args, on_step, disable=True, max_order=max_order,
+                                       afs=afs, evaluate=evaluate, detach_steps=True, to_zero=to_zero)
+    done(_final_loss(final, targets[-1], feature_fn, loss))
     return losses
 
 
@@ -108,13 +87,9 @@ def end_to_end_loss(model, x, sigmas, rows, target, extra_args=None, max_order=1
     """Error of the final state through the whole student trajectory: every row gets gradient. `checkpointed`
     recomputes each step in backward (activations of one step at a time: big models)."""
     extra_args = extra_args or {}
-    if solver == "dyweight":  # its grid ends where its last step lands (0 or sigma_min): no final denoise
-        x_final = integrate_dyweight(model, x, sigmas, rows["W"], rows["a"], extra_args, disable=True, afs=afs,
-                                     checkpoint_steps=checkpointed)
-        return _final_loss(x_final, target, feature_fn, loss)
-    x_last = _loop(solver)(model, x, _positive(sigmas), rows, extra_args, disable=True, max_order=max_order,
-                           afs=afs, evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
-    return _final_loss(_final_state(model, x_last, sigmas, extra_args), target, feature_fn, loss)
+    final = variant(solver).train_loop(model, x, sigmas, rows, extra_args, disable=True, max_order=max_order, afs=afs,
+                                       evaluate=evaluate, checkpoint_steps=checkpointed, to_zero=to_zero)
+    return _final_loss(final, target, feature_fn, loss)
 
 
 def per_sample_rmse(a, b):
@@ -197,25 +172,18 @@ def _stage_at(cfg, it):
     return next(s for s in _stages(cfg) if s[1] <= it < s[2])
 
 
-def initial_logits(cfg: DistillConfig, init: EPDParams | None, steps: int, device):
-    """Logits (float64 leaves) and scale bounds. A given table must have the right shape; its own bounds are
-    kept (the logits mean nothing without them)."""
-    if cfg.solver == "dyweight":
-        steps = len(cfg.sigmas) - 1  # a row per step, the step to 0 included (no final denoise)
-    if init is None and cfg.solver == "epd_ms":  # starts as its built-in on the student's sigmas, exactly
-        init = ms_table(cfg.sigmas, cfg.builtin, cfg.num_points, spread=cfg.spread)
-    elif init is None and cfg.solver == "dyweight":  # euler or ipndm on the student's grid, exactly
-        init = dyweight_table(cfg.sigmas, start=cfg.builtin, window=TRAIN_WINDOW, afs=cfg.afs)
-    elif init is None:
-        init = EPDParams.neutral(steps, cfg.num_points, spread=cfg.spread, scale_dir=cfg.scale_dir,
-                                 scale_time=cfg.scale_time)
-    elif init.solver != cfg.solver:
+def initial_logits(cfg: DistillConfig, init: EPDParams | None, device):
+    """Logits (float64 leaves) and scale bounds of `init`, or of the variant's untrained table on the student's
+    sigmas (the shape a given table must have; its own bounds are kept: the logits mean nothing without them)."""
+    if init is not None and init.solver != cfg.solver:
         raise DistillError(f"the initial table is an {init.solver} table, the run trains {cfg.solver}. Use a table "
                            "of the same solver or none.")
-    points = steps if cfg.solver == "dyweight" else cfg.num_points  # W is (steps, steps)
-    if (init.num_steps, init.num_points) != (steps, points):
+    start = variant(cfg.solver).untrained_table(cfg.sigmas, cfg.num_points, cfg.builtin, spread=cfg.spread,
+                                                scale_dir=cfg.scale_dir, scale_time=cfg.scale_time, afs=cfg.afs)
+    init = start if init is None else init
+    if (init.num_steps, init.num_points) != (start.num_steps, start.num_points):
         raise DistillError(f"the initial table has {init.num_steps} steps x K={init.num_points}, the run needs "
-                           f"{steps} x K={cfg.num_points}. Use a matching table or none.")
+                           f"{start.num_steps} x K={cfg.num_points}. Use a matching table or none.")
     theta = [t.detach().to(device=device, dtype=torch.float64).clone().requires_grad_(True) for t in init.tensors()]
     return theta, (float(init.scale_dir), float(init.scale_time))
 
@@ -271,7 +239,7 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
     anchor_below_end = cfg.to_zero and end_target and len(sig) > 2 and float(sig[-1]) < cfg.teacher_sigma_min
     if anchor_below_end:
         teacher_sig = torch.cat([sig[:-1], sig.new_zeros(1)])
-    theta, scales, optimizer, start, losses = _starting_state(cfg, init, ckpt, steps, device)
+    theta, scales, optimizer, start, losses = _starting_state(cfg, init, ckpt, device)
     _check_model_gradient(model, x_probe, sig[0], extra_probe)
     teacher_cache: dict[int, tuple] = {}
     poll = _poller(should_stop) if world == 1 else None
@@ -324,9 +292,9 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
     return _result_table(_table_leaves(theta, cfg), scales, cfg, losses, steps, world)
 
 
-def _starting_state(cfg, init, ckpt, steps, device):
+def _starting_state(cfg, init, ckpt, device):
     """Logits, scale bounds, Adam, first iteration and loss history: fresh, or exactly as checkpointed."""
-    theta, scales = initial_logits(cfg, init, steps, device)
+    theta, scales = initial_logits(cfg, init, device)
     if cfg.learn_schedule:
         positive = [s for s in cfg.sigmas if s > 0]
         theta.append(schedule_logits(positive, cfg.schedule_floor).to(device).requires_grad_(True))
@@ -342,8 +310,7 @@ def _starting_state(cfg, init, ckpt, steps, device):
 
 def _leaf_names(cfg: DistillConfig) -> tuple[str, ...]:
     """The trained leaves in order: the table's tensors, then the schedule logits when the schedule is learned."""
-    table = TENSOR_NAMES + ((HISTORY_TENSOR,) if cfg.solver == "epd_ms" else ())
-    return table + (("schedule_logits",) if cfg.learn_schedule else ())
+    return variant(cfg.solver).tensors + (("schedule_logits",) if cfg.learn_schedule else ())
 
 
 def _table_leaves(theta, cfg: DistillConfig):
@@ -351,15 +318,7 @@ def _table_leaves(theta, cfg: DistillConfig):
 
 
 def _rows(theta, scales, cfg: DistillConfig) -> dict:
-    table = _table_leaves(theta, cfg)
-    if cfg.solver == "epd_ms":
-        return activate_ms(table[0], table[1], table[4])
-    if cfg.solver == "dyweight":  # the band of TRAIN_WINDOW directions and the diagonal are free, the rest 0
-        n = table[1].shape[0]
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        band = ((i - j >= 0) & (i - j < TRAIN_WINDOW)).to(table[1])
-        return {"W": table[1] * band, "a": torch.diagonal(table[3])}
-    return activate(*table, *scales)
+    return variant(cfg.solver).train_rows(_table_leaves(theta, cfg), scales)
 
 
 def _adam(theta, cfg: DistillConfig):
@@ -437,7 +396,7 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
     schedule.setdefault("type", "explicit")
     schedule["sigmas"] = positive
     schedule["final_zero"] = cfg.sigmas[-1] == 0
-    if cfg.override_sigmas or cfg.learn_schedule or cfg.solver == "epd_ms":
+    if cfg.override_sigmas or cfg.learn_schedule:
         schedule["override_sigmas"] = True
     if cfg.learn_schedule:
         schedule.update(type="explicit", learned=True, floor=cfg.schedule_floor)
@@ -453,15 +412,6 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
             "guidance_scale": cfg.guidance_scale, "model_family": cfg.model_family, "provenance": provenance,
             "num_points": cfg.num_points,  # to_zero: no final call
             "latency_nfe": cfg.calls_per_step * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}
-    if cfg.solver == "epd_ms":
-        meta["initial_builtin"] = cfg.builtin
     if cfg.cfg_range is not None:  # what epd_core.cfg_guard reads as the scales the table was trained on
         meta["cfg_range"] = [float(v) for v in cfg.cfg_range]
-    if cfg.solver == "dyweight":
-        rows = {k: v.detach().cpu() for k, v in _rows(theta, scales, cfg).items()}
-        provenance.update(grad_clip=cfg.grad_clip, start=cfg.builtin)
-        keep = {k: meta[k] for k in ("guidance_scale", "model_family", "provenance", "cfg_range") if k in meta}
-        return from_weights(rows["W"], rows["a"], cfg.sigmas, afs=cfg.afs, window=TRAIN_WINDOW,
-                            schedule={k: v for k, v in schedule.items() if k == "type"}, **keep)
-    t = [p.detach().to("cpu", torch.float32) for p in theta]
-    return EPDParams(*t[:4], scales[0], scales[1], meta, theta_h=t[4] if len(t) > 4 else None)
+    return variant(cfg.solver).trained_table(theta, scales, cfg, meta)

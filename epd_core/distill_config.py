@@ -38,7 +38,7 @@ class DistillConfig:
     sigmas: list = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # type info for the table, e.g. {"type": "polynomial", "rho": 7}
     num_points: int = 2                            # K
-    solver: str = "epd"                            # a name of solvers.SOLVERS: 'epd' | 'epd_plugin' | 'epd_ms'
+    solver: str = "epd"                            # a name of solvers.NAMES (its entry: the variant's training)
     max_order: int = 3                             # Adams-Bashforth order of EPD-Plugin (EPD always uses 1)
     afs: bool = False                              # analytic first step
     # DPM++(2M): one model call per fine step, half of Heun's; on the MNIST demo at NFE 4 and 8 its own error stays
@@ -79,7 +79,7 @@ class DistillConfig:
     # (solver.integrate's to_zero): a denoised result with no final model call. Needs the teacher's end point.
     to_zero: bool = False
     # epd_ms / dyweight: the ComfyUI sampler its untrained table reproduces, where training starts
-    # (multistep.BUILTINS, dyweight.STARTS); None: the solver's own (SolverVariant.untrained)
+    # (its check_config names them); None: the solver's own (SolverVariant.untrained)
     builtin: str | None = None
     # the gradient-norm clip (0: none); None: the solver's own (SolverVariant.grad_clip: 1.0 for dyweight)
     grad_clip: float | None = None
@@ -135,23 +135,12 @@ class DistillConfig:
         need(isinstance(self.num_points, int) and 1 <= self.num_points <= 64,
              f"K (num_points) must be 1..64, got {self.num_points!r}", "Use K = 1..3 as in the paper.")
         need(self.solver in SOLVER_NAMES, f"unknown solver {self.solver!r}", f"Use one of {SOLVER_NAMES}.")
-        own = variant(self.solver).objective
-        need(own is None or self.objective == own, f"{self.solver} trains with the {own} objective only, not "
-             f"{self.objective!r}", f"Use objective='{own}'.")
+        own = variant(self.solver)  # its recipe and checks
+        need(own.objective in (None, self.objective), f"{self.solver} trains with the {own.objective} objective "
+             f"only, not {self.objective!r}", f"Use objective='{own.objective}'.")
         need(self.grad_clip is not None and math.isfinite(self.grad_clip) and self.grad_clip >= 0,
              f"grad_clip={self.grad_clip!r}", "Use a positive gradient-norm bound such as 1.0, or 0 for none.")
-        if self.solver == "dyweight":
-            from .dyweight import STARTS
-            need(self.builtin in STARTS, f"unknown starting sampler {self.builtin!r} for dyweight",
-                 f"Use one of {STARTS}.")
-            need(self.num_points == 1 and not self.to_zero and not self.learn_schedule,
-                 "dyweight makes one call per step on a fixed grid that ends where its last step lands",
-                 "Use K = 1, to_zero=False and learn_schedule=False (a sigma list ending in 0 lands on 0).")
-        if self.solver == "epd_ms":
-            from .multistep import BUILTINS
-            need(self.builtin in BUILTINS, f"unknown starting built-in {self.builtin!r}", f"Use one of {BUILTINS}.")
-            need(self.to_zero and not self.afs, "epd_ms steps to 0 on its last row and has its first call anyway",
-                 "Use to_zero=True (positive sigmas, the last one anchoring the step to 0) and afs=False.")
+        own.check_config(self, need)
         need(self.cfg_range is None or (isinstance(self.cfg_range, (list, tuple)) and len(self.cfg_range) == 2
                                         and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
                                                 for v in self.cfg_range) and self.cfg_range[0] <= self.cfg_range[1]),

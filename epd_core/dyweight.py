@@ -16,7 +16,8 @@ rows do not sum to 1 the true tau_N is not the grid end, by design.
 A table (EPDParams, solver "dyweight") stores W as theta_w (N, N), a on theta_a's diagonal and its grid as the
 schedule's sigmas: N + 1 positive sigmas, or (schedule "to_zero") the first N grid points and an unused anchor,
 the grid then ending in 0. W = I, a = 1 is ComfyUI's euler on any sigma list; the Adams-Bashforth rows of
-`dyweight_table(start="ipndm", window=w)` are ComfyUI's ipndm with max_order w.
+`dyweight_table(start="ipndm", window=w)` are ComfyUI's ipndm with max_order w. The functions at the end are what
+its registry entry (solvers.SOLVERS["dyweight"]) refers to.
 """
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ import math
 import torch
 
 from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
-from .params import EPDParams
+from .params import MAX_MS_COEFFICIENT, EPDParams
 from .runtime import warn_once
 from .schedules import sigmas_for
 
 ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
 STARTS = ("euler", "ipndm")
 TRAIN_WINDOW = 3  # directions a trained row combines: the current and 2 past (DyWeight's EDM / SD tables)
+# Published tables have |W| < 2.5 and a in [0.5, 1.5]; these bounds only refuse what no training produces (and what
+# would overflow): a table's W within MAX_MS_COEFFICIENT, its scales within SCALE_RANGE.
+SCALE_RANGE = (0.1, 10.0)
+NORMS = ("tau", "eval")  # d_i divided by tau_i (EDM / SD tables) or by the evaluation time (FLUX)
 
 
 # ---- grids ------------------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def integrate_dyweight(model, x, grid, W: torch.Tensor, a: torch.Tensor, extra_a
     steps = len(sig) - 1
     if tuple(W.shape) != (steps, steps) or tuple(a.shape) != (steps,):
         raise EPDSamplingError(f"a dyweight table of {W.shape[0]} steps cannot run {steps} steps")
-    if norm not in ("tau", "eval"):
+    if norm not in NORMS:
         raise EPDSamplingError(f"unknown dyweight normalisation {norm!r}: use 'tau' or 'eval'")
     acc = torch.promote_types(x.dtype, torch.float32)  # combine in >= fp32 for fp16/bf16 models
     # tau and the coefficients in float64 on the host (a few numbers; MPS has no float64), on the device only
@@ -262,3 +267,82 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
         W, a = rows["W"].double(), rows["a"].double()
         afs, norm = params.afs, params.metadata["dyweight"]["norm"]
     return integrate_dyweight(model, x, grid, W, a, extra_args, callback, disable, afs=afs, norm=norm)
+
+
+# ---- its registry entry's table and training (solvers.SOLVERS["dyweight"]) --------------------------------------
+def table_rows(tensors, scales=None, fix_last_dir_scale: bool = False) -> dict:
+    """W (N, N) and the evaluation-time scales a (N,), as they are."""
+    return {"W": tensors[1], "a": torch.diagonal(tensors[3])}
+
+
+def train_rows(tensors, scales=None) -> dict:
+    """The rows a trainer runs: the band of TRAIN_WINDOW directions and the diagonal are free, the rest 0."""
+    n = tensors[1].shape[0]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    band = ((i - j >= 0) & (i - j < TRAIN_WINDOW)).to(tensors[1])
+    return {"W": tensors[1] * band, "a": torch.diagonal(tensors[3])}
+
+
+def check_table(p: EPDParams, fail) -> None:
+    """Square, lower-triangular W within MAX_MS_COEFFICIENT, scales on theta_a's diagonal within SCALE_RANGE, the
+    rest zero, and the normalisation its loop divides by."""
+    n, k = p.theta_r.shape
+    if n != k:
+        fail(f"a dyweight table is square (steps x steps), got {n} x {k}", "Re-import or re-export the table.")
+    if bool(p.theta_r.any()) or bool(p.theta_c.any()) or p.scale_dir != 0 or p.scale_time != 0:
+        fail("a dyweight table has no point positions, direction scales or scale bounds (theta_r, theta_c and the "
+             "bounds must be 0)", "Build it with dyweight.dyweight_table or the importer.")
+    w, a = p.theta_w.detach(), p.theta_a.detach()
+    if bool(torch.triu(w, 1).any()):
+        fail("dyweight weights above the diagonal (a step would use a direction not computed yet)",
+             "The file is corrupt or crafted: re-import the table.")
+    big = float(w.abs().max())
+    if big > MAX_MS_COEFFICIENT:
+        fail(f"'theta_w' has a weight of magnitude {big:.3g}, beyond the limit {MAX_MS_COEFFICIENT:g} (no trained "
+             "table comes near it; sampling it would overflow)", "The file is corrupt or crafted: re-import it.")
+    scales = torch.diagonal(a)
+    lo, hi = SCALE_RANGE
+    if bool((a - torch.diag(scales)).any()) or not bool(((scales >= lo) & (scales <= hi)).all()):
+        fail(f"dyweight evaluation-time scales must lie on theta_a's diagonal, within [{lo:g}, {hi:g}]",
+             "The file is corrupt or crafted: re-import the table.")
+    spec = p.metadata.get("dyweight")
+    norm = spec.get("norm") if isinstance(spec, dict) else None
+    if norm not in NORMS:
+        fail(f"metadata 'dyweight' must give 'norm' as one of {NORMS}, got {repr(norm)[:40]}",
+             "Re-import the table (python -m epd_core.import_official).")
+
+
+def untrained_table(sigmas, num_points: int = 1, builtin: str = "euler", afs: bool = False, **_unused) -> EPDParams:
+    """A training run's start: euler or ipndm (`builtin`) on the student's grid, exactly, in the band a trainer
+    learns (TRAIN_WINDOW directions); a row per step, the step to 0 included (no final denoise)."""
+    return dyweight_table(sigmas, start=builtin, window=TRAIN_WINDOW, afs=afs)
+
+
+def train_loop(model, x, sigmas, rows, extra_args, callback=None, disable=None, afs=False, detach_steps=False,
+               checkpoint_steps=False, **_unused):
+    """Distillation's student: the grid ends where its last step lands (0 or sigma_min), with no final denoise."""
+    return integrate_dyweight(model, x, sigmas, rows["W"], rows["a"], extra_args, callback, disable, afs=afs,
+                              detach_steps=detach_steps, checkpoint_steps=checkpoint_steps)
+
+
+def trained_table(leaves, scales, cfg, metadata: dict) -> EPDParams:
+    """W (its band) and a on the student's grid (from_weights), with the generic metadata a table of it keeps."""
+    rows = {k: v.detach().cpu() for k, v in train_rows(leaves, scales).items()}
+    metadata["provenance"].update(grad_clip=cfg.grad_clip, start=cfg.builtin)
+    keep = {k: metadata[k] for k in ("guidance_scale", "model_family", "provenance", "cfg_range") if k in metadata}
+    return from_weights(rows["W"], rows["a"], cfg.sigmas, afs=cfg.afs, window=TRAIN_WINDOW,
+                        schedule={k: v for k, v in metadata["schedule"].items() if k == "type"}, **keep)
+
+
+def check_config(cfg, need) -> None:
+    need(cfg.builtin in STARTS, f"unknown starting sampler {cfg.builtin!r} for dyweight", f"Use one of {STARTS}.")
+    need(cfg.num_points == 1 and not cfg.to_zero and not cfg.learn_schedule,
+         "dyweight makes one call per step on a fixed grid that ends where its last step lands",
+         "Use K = 1, to_zero=False and learn_schedule=False (a sigma list ending in 0 lands on 0).")
+
+
+def trainer_fields(scheduler_list, steps: int, **_recipe) -> dict:
+    """The EPD Trainer's run: steps = KSampler steps = model calls, the scheduler's list with `steps` steps to 0,
+    K = 1."""
+    sigmas, spec = scheduler_list(steps - 1)
+    return {"sigmas": sigmas, "schedule": spec, "num_points": 1}

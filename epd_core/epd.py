@@ -99,6 +99,19 @@ def integrate(model, x, sigmas, rows, extra_args=None, callback=None, disable=No
     return x
 
 
+def positive_part(sigmas):
+    """A sigma list without its final 0 (the rows of a table cover the steps to a positive sigma)."""
+    return sigmas[:-1] if float(sigmas[-1].detach()) == 0.0 else sigmas
+
+
+def final_euler_step(model, x, sigmas, extra_args):
+    """x after `positive_part(sigmas)`, finished with the plain Euler step x = D(x, sigma_N) (no table row) when the
+    list ends in 0."""
+    if float(sigmas[-1].detach()) != 0.0:
+        return x
+    return model(x, sigmas[-2] * x.new_ones([x.shape[0]]), **extra_args)
+
+
 def run_steps(step, x, sigmas, steps: int, keep, callback=None, disable=None, detach_steps: bool = False,
               checkpoint_steps: bool = False):
     """The loop every solver variant shares: `step(i, x, *history) -> (x_next, d_cur, denoised)` for i < steps,

@@ -48,12 +48,13 @@ from .import_dyweight import edm_table, import_flux_pt
 from .params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
 from .predictor_pickle import (_FIX_BUDGET, MAX_PKL_BYTES, Refusal, _Array, _FunctionName, _Record, _first_line,
                                failer, parse)
+from .solvers import SOLVERS, variant
 
 IMPORTER_VERSION = 1
 # official parameter name -> ours (same activations, docs/method.md, "The table")
 _TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_params",
            "theta_a": "scale_time_params"}
-_SOLVERS = {"epd": "epd", "ipndm": "epd_plugin"}  # official sampler_stu -> our solver
+_SOLVERS = {v.official: v.name for v in SOLVERS.values() if v.official}  # official sampler_stu -> our solver
 _OFFICIAL_SCHEDULES = ("discrete", "polynomial", "logsnr", "time_uniform", "flowmatch")
 _SCHEDULE_NUMBERS = ("sigma_min", "sigma_max", "shift", "mu")  # copied when the file records them
 # What the provenance copy of untrusted attributes may hold in all (values and characters): a real file's
@@ -403,7 +404,7 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
         fail(f"student sampler {_brief(sampler)} is not supported",
              "Only 'epd' (EPD-Solver) and 'ipndm' (EPD-Plugin) predictors can be imported.")
     max_order = 1
-    if solver == "epd_plugin":
+    if variant(solver).default_order > 1:  # a multistep predictor: its order is in the file
         max_order = state.get("max_order")
         if not (type(max_order) is int and 1 <= max_order <= 4):
             fail(f"max_order={_brief(max_order)} for an iPNDM predictor", "EPD-Plugin supports orders 1..4.")
@@ -603,7 +604,7 @@ def _brief(v) -> str:
 def format_table(params: EPDParams) -> str:
     """The activated table, one line per step: r, w, c, a for each point (dyweight: its row of W and a)."""
     act = params.activated()
-    if params.solver == "dyweight":
+    if "W" in act:  # a weight matrix over past directions (dyweight), not K points
         return "\n".join(["step       a  W row"] + [f"{i:4d}{float(act['a'][i]):8.4f}  " + " ".join(
             f"{float(v):8.4f}" for v in act["W"][i, :i + 1]) for i in range(params.num_steps)])
     points = range(params.num_points)

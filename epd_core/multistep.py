@@ -18,7 +18,7 @@ training starts from the strongest built-in at the user's CFG.
 The last row steps to sigma 0 (t_end = 0): its t_next, the table's last (positive) sigma, only anchors the
 look-ahead points. A sigma list that ends in 0 gets the anchor ANCHOR_RATIO * its last positive sigma.
 A table stores (g, u) as theta_h of shape (steps, 2 * HISTORY); tables written before u existed have (steps, HISTORY)
-and u = 0.
+and u = 0. The functions at the end are what its registry entry (solvers.SOLVERS["epd_ms"]) refers to.
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ import math
 
 import torch
 
-from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
-from .params import EPDParams
+from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, final_euler_step, positive_part, run_steps
+from .params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
 from .points import PointEvaluator
 from .runtime import warn_once
 from .solver import table_schedule_for
 
 HISTORY = 3                # past directions a row combines
+HISTORY_WIDTHS = (HISTORY, 2 * HISTORY)  # theta_h: g, then u (tables written before u existed: g only)
 ANCHOR_RATIO = 0.5         # look-ahead anchor of a step to 0 on a list that has none
 # the ComfyUI samplers an untrained table is, exactly
 BUILTINS = ("gradient_estimation", "ipndm", "ipndm_v", "euler", "dpmpp_2m", "res_multistep")
@@ -238,3 +239,76 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
     rows = ms_rows(params, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     evaluate = evaluate or PointEvaluator(model, extra_args or {}, max_batch=max_batch, sequential=sequential)
     return integrate_ms(model, x, sigmas, rows, extra_args, callback, disable, evaluate=evaluate, to_zero=to_zero)
+
+
+# ---- its registry entry's table and training (solvers.SOLVERS["epd_ms"]) ----------------------------------------
+def table_rows(tensors, scales=None, fix_last_dir_scale: bool = False) -> dict:
+    """Logits -> rows: r (N, K-1) look-ahead positions (column 0 of theta_r, the current point at r = 0, carries
+    nothing), w (N, K), g (N, 3) of the past directions and u (N, 3) of the past denoised outputs as they are (free
+    coefficients; u = 0 for a 3-column theta_h). No scale bounds. Differentiable."""
+    theta_r, theta_w, theta_h = tensors[0], tensors[1], tensors[4]
+    g, u = theta_h[:, :HISTORY], theta_h[:, HISTORY:]
+    return {"r": torch.sigmoid(theta_r[:, 1:]), "w": theta_w, "g": g, "u": u if u.shape[1] else torch.zeros_like(g)}
+
+
+def check_table(p: EPDParams, fail) -> None:
+    """theta_h of its shape, coefficients below MAX_MS_COEFFICIENT, no scale bounds, a last row that steps to 0."""
+    n = p.num_steps
+    if p.theta_h is None or tuple(p.theta_h.shape) not in ((n, w) for w in HISTORY_WIDTHS):
+        shape = None if p.theta_h is None else tuple(p.theta_h.shape)
+        fail(f"an epd_ms table needs '{HISTORY_TENSOR}' of shape ({n}, 6) (or ({n}, 3) from older versions), got "
+             f"{shape}", "Re-export the table with EPDParams.save() or re-run the trainer.")
+    for name, t in (("theta_w", p.theta_w), (HISTORY_TENSOR, p.theta_h)):
+        big = float(t.detach().abs().max())
+        if big > MAX_MS_COEFFICIENT:
+            fail(f"'{name}' has a coefficient of magnitude {big:.3g}, beyond the limit {MAX_MS_COEFFICIENT:g} for "
+                 "EPD-MS coefficients (no trained table comes near it; sampling it would overflow)",
+                 "The file is corrupt or crafted: re-train or re-download the table.")
+    if not (p.scale_dir == 0 and p.scale_time == 0 and p.to_zero):
+        fail("an epd_ms table has no direction / time scales and steps to 0 on its last row",
+             "Build it with multistep.ms_table or the trainer (scale bounds 0, schedule to_zero).")
+
+
+def untrained_table(sigmas, num_points: int = 1, builtin: str = "gradient_estimation", spread: float = 1.0,
+                    **_unused) -> EPDParams:
+    """A training run's start: `builtin` on the student's sigmas, exactly (ms_table)."""
+    return ms_table(sigmas, builtin, num_points, spread=spread)
+
+
+def train_loop(model, x, sigmas, rows, extra_args, callback=None, disable=None, max_order=1, afs=False, **options):
+    """Distillation's student: the rows over the list's positive sigmas (`options`: integrate_ms's; no predictor
+    order, no analytic first step), then the plain Euler step to 0 when the list ends there."""
+    x_last = integrate_ms(model, x, positive_part(sigmas), rows, extra_args, callback, disable, **options)
+    return final_euler_step(model, x_last, sigmas, extra_args)
+
+
+def trained_table(leaves, scales, cfg, metadata: dict) -> EPDParams:
+    """The trained table samples on its own (learned) sigmas and records the built-in it started from."""
+    t = [p.detach().to("cpu", torch.float32) for p in leaves]
+    metadata["schedule"]["override_sigmas"] = True
+    return EPDParams(*t[:4], scales[0], scales[1], dict(metadata, initial_builtin=cfg.builtin), theta_h=t[4])
+
+
+def check_config(cfg, need) -> None:
+    need(cfg.builtin in BUILTINS, f"unknown starting built-in {cfg.builtin!r}", f"Use one of {BUILTINS}.")
+    need(cfg.to_zero and not cfg.afs, "epd_ms steps to 0 on its last row and has its first call anyway",
+         "Use to_zero=True (positive sigmas, the last one anchoring the step to 0) and afs=False.")
+
+
+def trainer_fields(scheduler_list, steps: int, num_points: int, cfg_scale: float, lr: float,
+                   sigma_min: float) -> dict:
+    """The EPD Trainer's run: `steps` model calls on the scheduler's list (KSampler's `steps`), its positive sigmas
+    plus the last step's anchor, learned end to end with the schedule from the coefficients of the built-in that is
+    strongest at the CFG it trains for (starting_builtin)."""
+    sigmas, spec = scheduler_list(steps - 1)
+    positive = anchored(sigmas)
+    return dict(sigmas=positive, schedule=spec, num_points=num_points, builtin=starting_builtin(cfg_scale),
+                to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25,
+                objective="end_to_end", schedule_lr=lr * 0.2)
+
+
+def starting_builtin(cfg: float) -> str:
+    """Where an EPD-MS table starts: at low CFG gradient_estimation, from CFG 4 up dpmpp_2m, the best built-ins
+    there on both demo models (docs/results.md, "Across CFG"; at CFG 6 gradient_estimation is nearly twice as
+    wrong as dpmpp_2m on MNIST at 4 steps)."""
+    return "dpmpp_2m" if cfg >= 4.0 else "gradient_estimation"

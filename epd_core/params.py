@@ -19,23 +19,18 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 from .fileio import WriteError, atomic_write_bytes, read_safetensors_header
-from .solvers import NAMES as SOLVERS
 
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("theta_r", "theta_w", "theta_c", "theta_a")
-# epd_ms only: (steps, 6) coefficients of the last 3 directions, then of the last 3 denoised outputs; tables
-# written before the denoised outputs took part have (steps, 3) and mean 0 for them
+# epd_ms only (multistep.py): (steps, 6) coefficients of the last 3 directions, then of the last 3 denoised outputs;
+# tables written before the denoised outputs took part have (steps, 3) and mean 0 for them
 HISTORY_TENSOR = "theta_h"
-HISTORY_WIDTHS = (3, 6)
-# epd_ms coefficients are free numbers: the built-ins it starts from have |coefficient| <= 3 and training moves them
-# little (docs/method.md). A table beyond this could not come from training, and a step with such a coefficient
-# amplifies the model's error into overflow: refused on load.
+# epd_ms and dyweight coefficients are free numbers: the built-ins they start from have |coefficient| <= 3 and
+# training moves them little (docs/method.md). A table beyond this could not come from training, and a step with such
+# a coefficient amplifies the model's error into overflow: refused on load (each variant's check_table).
 MAX_MS_COEFFICIENT = 100.0
-# dyweight (epd_core/dyweight.py): theta_w is the (steps, steps) lower-triangular weight matrix W, theta_a holds the
-# evaluation-time scales a_i on its diagonal, theta_r and theta_c are unused zeros. Published tables have
-# |W| < 2.5 and a in [0.5, 1.5]; these bounds only refuse what no training produces (and what would overflow).
-DYWEIGHT_SCALE_RANGE = (0.1, 10.0)
-DYWEIGHT_NORMS = ("tau", "eval")  # d_i divided by tau_i (EDM / SD tables) or by the evaluation time (FLUX)
+# dyweight (dyweight.py): theta_w is the (steps, steps) lower-triangular weight matrix W, theta_a holds the
+# evaluation-time scales a_i on its diagonal, theta_r and theta_c are unused zeros.
 SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "explicit")
 MAX_STEPS, MAX_POINTS = 4096, 64
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a real table is a few kB; refuse to read anything absurd
@@ -51,13 +46,20 @@ SCHEDULE_NUMBER_RANGES = {"rho": (0.01, 1000.0), "sigma_min": (1e-8, 1e8), "sigm
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # model_family: what KSampler matches tables by
 
 
+def _registry():
+    """The solver registry (solvers.py), imported when first needed: it imports the variant modules, which import
+    this one, so a module-level import would close a cycle."""
+    from . import solvers
+    return solvers
+
+
 class EPDParamsError(ValueError):
     """A parameter file or table is unusable; the message says why and how to fix it."""
 
 
 def _default_metadata() -> dict:
     return {
-        "solver": "epd",            # a name of solvers.SOLVERS: 'epd', 'epd_plugin' or 'epd_ms'
+        "solver": "epd",            # a name of solvers.NAMES: its variant (EPDParams.variant)
         "max_order": 1,             # Adams-Bashforth order of the EPD-Plugin predictor (1..4)
         "afs": False,               # analytic first step (saves one model call)
         "fix_last_dir_scale": False,  # c_k = 1 on the last step ('fcn' in the official files)
@@ -79,7 +81,7 @@ class EPDParams:
     scale_dir: float = 0.0
     scale_time: float = 0.0
     metadata: dict = field(default_factory=_default_metadata)
-    theta_h: torch.Tensor | None = None  # epd_ms: history coefficients (steps, 3); None for the paper's solvers
+    theta_h: torch.Tensor | None = None  # epd_ms: history coefficients (steps, 6); None for the other variants
 
     def __post_init__(self):
         meta = _default_metadata()
@@ -117,6 +119,11 @@ class EPDParams:
         return self.metadata["solver"]
 
     @property
+    def variant(self):
+        """The solver variant (solvers.SolverVariant) this table is for: its rows, checks, sampler and trainer."""
+        return _registry().variant(self.solver)
+
+    @property
     def max_order(self) -> int:
         return int(self.metadata["max_order"])
 
@@ -140,14 +147,10 @@ class EPDParams:
         return None if sig is None else torch.tensor(sig, dtype=torch.float64)
 
     def activated(self) -> dict[str, torch.Tensor]:
-        """r, w, c, a as tensors of shape (N, K); c is 1 on the last step if the table says so.
-        epd_ms: r (N, K-1) look-ahead positions, w (N, K) and g (N, 3) free coefficients."""
-        if self.solver == "epd_ms":
-            return activate_ms(self.theta_r, self.theta_w, self.theta_h)
-        if self.solver == "dyweight":  # W (N, N) and the evaluation-time scales a (N,), as they are
-            return {"W": self.theta_w, "a": torch.diagonal(self.theta_a)}
-        return activate(*self.tensors(), self.scale_dir, self.scale_time,
-                        bool(self.metadata.get("fix_last_dir_scale")))
+        """The rows its variant's loop runs (SolverVariant.table_rows): the paper's r, w, c, a of shape (N, K), c 1
+        on the last step if the table says so; epd_ms r (N, K-1), w (N, K), g and u (N, 3); dyweight W and a."""
+        return self.variant.table_rows(self.tensors(), (self.scale_dir, self.scale_time),
+                                       bool(self.metadata.get("fix_last_dir_scale")))
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -222,8 +225,10 @@ class EPDParams:
             if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s < 1.0):
                 fail(f"{name}={s!r} is not a bound in [0, 1)", "Use a small bound such as 0.05, or 0 to disable.")
         m = self.metadata
-        if m["solver"] not in SOLVERS:
-            fail(f"unknown solver {str(m['solver'])[:40]!r}", f"Use one of {SOLVERS}.")
+        solvers = _registry()
+        if m["solver"] not in solvers.NAMES:
+            fail(f"unknown solver {str(m['solver'])[:40]!r}", f"Use one of {solvers.NAMES}.")
+        own = solvers.variant(m["solver"])  # the table's variant: its own checks below
         if not (isinstance(m["max_order"], int) and 1 <= m["max_order"] <= 4):
             fail(f"max_order={m['max_order']!r}", "EPD-Plugin supports Adams-Bashforth orders 1..4.")
         sched = m["schedule"]
@@ -261,24 +266,10 @@ class EPDParams:
                 type(family).__name__
             fail(f"model_family {shown} is not a plain name", "Use letters, digits and '_', '.', '+', '-' only, "
                  "at most 64 characters (e.g. 'sd15').")
-        if m["solver"] == "epd_ms":
-            if self.theta_h is None or tuple(self.theta_h.shape) not in ((n, w) for w in HISTORY_WIDTHS):
-                shape = None if self.theta_h is None else tuple(self.theta_h.shape)
-                fail(f"an epd_ms table needs '{HISTORY_TENSOR}' of shape ({n}, 6) (or ({n}, 3) from older "
-                     f"versions), got {shape}", "Re-export the table with EPDParams.save() or re-run the trainer.")
-            for name, t in (("theta_w", self.theta_w), (HISTORY_TENSOR, self.theta_h)):
-                big = float(t.detach().abs().max())
-                if big > MAX_MS_COEFFICIENT:
-                    fail(f"'{name}' has a coefficient of magnitude {big:.3g}, beyond the limit "
-                         f"{MAX_MS_COEFFICIENT:g} for EPD-MS coefficients (no trained table comes near it; sampling "
-                         "it would overflow)", "The file is corrupt or crafted: re-train or re-download the table.")
-            if not (self.scale_dir == 0 and self.scale_time == 0 and self.to_zero):
-                fail("an epd_ms table has no direction / time scales and steps to 0 on its last row",
-                     "Build it with multistep.ms_table or the trainer (scale bounds 0, schedule to_zero).")
-        elif m["solver"] == "dyweight":
-            _validate_dyweight(self, fail)
-        if m["solver"] != "epd_ms" and self.theta_h is not None:
-            fail(f"'{HISTORY_TENSOR}' belongs to epd_ms tables, not {m['solver']}", "Re-export the table.")
+        own.check_table(self, fail)
+        if self.theta_h is not None and HISTORY_TENSOR not in own.tensors:
+            owners = ", ".join(v.name for v in solvers.SOLVERS.values() if HISTORY_TENSOR in v.tensors)
+            fail(f"'{HISTORY_TENSOR}' belongs to {owners} tables, not {m['solver']}", "Re-export the table.")
         problem = metadata_problem(m)
         if problem:
             fail(f"metadata {problem}", "Keep metadata to plain JSON values: strings, numbers, lists and objects.")
@@ -381,33 +372,6 @@ class EPDParams:
                 f"family={m.get('model_family')}")
 
 
-def _validate_dyweight(p: EPDParams, fail) -> None:
-    n, k = p.theta_r.shape
-    if n != k:
-        fail(f"a dyweight table is square (steps x steps), got {n} x {k}", "Re-import or re-export the table.")
-    if bool(p.theta_r.any()) or bool(p.theta_c.any()) or p.scale_dir != 0 or p.scale_time != 0:
-        fail("a dyweight table has no point positions, direction scales or scale bounds (theta_r, theta_c and the "
-             "bounds must be 0)", "Build it with dyweight.dyweight_table or the importer.")
-    w, a = p.theta_w.detach(), p.theta_a.detach()
-    if bool(torch.triu(w, 1).any()):
-        fail("dyweight weights above the diagonal (a step would use a direction not computed yet)",
-             "The file is corrupt or crafted: re-import the table.")
-    big = float(w.abs().max())
-    if big > MAX_MS_COEFFICIENT:
-        fail(f"'theta_w' has a weight of magnitude {big:.3g}, beyond the limit {MAX_MS_COEFFICIENT:g} (no trained "
-             "table comes near it; sampling it would overflow)", "The file is corrupt or crafted: re-import it.")
-    scales = torch.diagonal(a)
-    lo, hi = DYWEIGHT_SCALE_RANGE
-    if bool((a - torch.diag(scales)).any()) or not bool(((scales >= lo) & (scales <= hi)).all()):
-        fail(f"dyweight evaluation-time scales must lie on theta_a's diagonal, within [{lo:g}, {hi:g}]",
-             "The file is corrupt or crafted: re-import the table.")
-    spec = p.metadata.get("dyweight")
-    norm = spec.get("norm") if isinstance(spec, dict) else None
-    if norm not in DYWEIGHT_NORMS:
-        fail(f"metadata 'dyweight' must give 'norm' as one of {DYWEIGHT_NORMS}, got {repr(norm)[:40]}",
-             "Re-import the table (python -m epd_core.import_official).")
-
-
 def _checked(cls, t, scale_dir, scale_time, meta, source, theta_h=None):
     """Construct without __post_init__ so validation errors name the file."""
     obj = cls.__new__(cls)
@@ -463,14 +427,6 @@ def activate(theta_r, theta_w, theta_c, theta_a, scale_dir: float, scale_time: f
         c = torch.cat([c[:-1], torch.ones_like(c[-1:])])
     return {"r": torch.sigmoid(theta_r), "w": torch.softmax(theta_w, dim=-1), "c": c,
             "a": bounded_scale(theta_a, scale_time)}
-
-
-def activate_ms(theta_r, theta_w, theta_h) -> dict[str, torch.Tensor]:
-    """EPD-MS logits -> rows: r (N, K-1) look-ahead positions (column 0 of theta_r, the current point at r = 0,
-    carries nothing), w (N, K), g (N, 3) of the past directions and u (N, 3) of the past denoised outputs as they
-    are (free coefficients; u = 0 for a 3-column theta_h). Differentiable."""
-    g, u = theta_h[:, :3], theta_h[:, 3:]
-    return {"r": torch.sigmoid(theta_r[:, 1:]), "w": theta_w, "g": g, "u": u if u.shape[1] else torch.zeros_like(g)}
 
 
 def bounded_scale(theta: torch.Tensor, bound: float) -> torch.Tensor:

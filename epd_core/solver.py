@@ -5,23 +5,26 @@ The step and the loop are in `epd.py`; this module owns which sigmas and rows a 
 for a model (`own_sigmas`; `sampler_sigmas`: the list EPD Sigmas outputs), a copy that records them when a
 caller's list is exactly those (`with_own_sigmas`, for schedules defined through the model), which rows a sigma
 list gets (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how
-options reach the loop.
+options reach the loop. At the end: the paper variants' table and training functions their registry entries
+(solvers.SOLVERS: epd, epd_plugin) refer to.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .epd import EPDSamplingError, adams_bashforth, check_sigmas, epd_step, integrate, positive_steps
-from .params import EPDParams, EPDParamsError
+from .epd import (EPDSamplingError, adams_bashforth, check_sigmas, epd_step, final_euler_step, integrate,
+                  positive_part, positive_steps)
+from .params import EPDParams, EPDParamsError, activate
 from .points import PointEvaluator
 from .runtime import warn_once
 from .schedules import REBUILDABLE, sigmas_for, with_final_zero
-from .solvers import predictor_order, variant
 
 __all__ = ["sample_epd", "sample_epd_plugin", "own_sigmas", "sampler_sigmas", "with_own_sigmas", "rows_for_sigmas",
            "table_schedule_for", "integrate",
            "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
+PLUGIN_ORDER = 3  # EPD-Plugin's predictor order unless a table or the caller gives one
+
 
 def own_sigmas(params: EPDParams, model_sampling=None) -> torch.Tensor:
     """The N+1 positive sigmas a table was trained on, rebuilt for a model (its ComfyUI `model_sampling`, needed
@@ -38,10 +41,10 @@ def sampler_sigmas(params: EPDParams, model_sampling=None, append_zero: bool | N
     its anchor out of a list ending in 0: N steps, as a scheduler would give them."""
     own = own_sigmas(params, model_sampling)
     if append_zero is None:
-        append_zero = params.schedule.get("final_zero", True) or variant(params.solver).own_last_step
+        append_zero = params.schedule.get("final_zero", True) or params.variant.own_last_step
     if not append_zero:
         return own
-    if variant(params.solver).own_last_step:
+    if params.variant.own_last_step:
         own = own[:-1]
     return with_final_zero(own)
 
@@ -152,9 +155,9 @@ def sample_epd(model, x, sigmas, params: EPDParams, extra_args=None, callback=No
 
 def sample_epd_plugin(model, x, sigmas, params: EPDParams, extra_args=None, callback=None, disable=None, **opts):
     """EPD-Plugin: EPD with an Adams-Bashforth (iPNDM) predictor. Extra option: max_order (1..4, default:
-    the table's own when it is an epd_plugin table, else 3)."""
-    own = params.max_order if params.solver == "epd_plugin" else None
-    order = predictor_order("epd_plugin", opts.pop("max_order", None) or own)
+    the table's own when its variant has a multistep predictor (an epd_plugin table), else PLUGIN_ORDER)."""
+    own = params.max_order if params.variant.default_order > 1 else None
+    order = int(opts.pop("max_order", None) or own or PLUGIN_ORDER)
     if not 1 <= order <= 4:
         raise EPDSamplingError(f"max_order={order}: EPD-Plugin supports orders 1..4")
     return _sample(model, x, sigmas, params, extra_args, callback, disable, max_order=order, **opts)
@@ -164,9 +167,10 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
             sequential=False, strict=False, evaluate=None, own_schedule=None):
     if not isinstance(params, EPDParams):
         raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
-    if params.solver == "epd_ms":
-        raise EPDSamplingError(f"this is an EPD-MS table ({params.describe()}): sample it with epd_ms "
-                               "(KSampler's epd_ms, or EPD Sampler with solver auto / epd_ms)")
+    v = params.variant
+    if v.table_rows is not table_rows:  # rows other than r, w, c, a: its own loop runs them
+        raise EPDSamplingError(f"this table is for {v.title} ({params.describe()}): sample it with {v.name} "
+                               f"(KSampler's {v.name}, or EPD Sampler with solver auto / {v.name})")
     if len(sigmas) < 2:
         return x
     if own_schedule is not False and not strict:
@@ -204,3 +208,41 @@ def _rescaled_progress(callback, total: int, steps: int):
         callback({**info, "i": (info["i"] + 1) * total // steps - 1})
     return rescaled
 
+
+# ---- the paper's variants: their table and training (solvers.SOLVERS["epd"], ["epd_plugin"]) ----------------------
+def table_rows(tensors, scales, fix_last_dir_scale: bool = False) -> dict:
+    """r, w, c, a (N, K): the logits activated within the scale bounds (params.activate). Differentiable."""
+    return activate(*tensors, *scales, fix_last_dir_scale)
+
+
+def check_table(params: EPDParams, fail) -> None:
+    """Nothing beyond the file format: any K, scale bounds and schedule."""
+
+
+def untrained_table(sigmas, num_points: int = 2, builtin=None, spread: float = 1.0, scale_dir: float = 0.0,
+                    scale_time: float = 0.0, afs: bool = False, **metadata) -> EPDParams:
+    """A row per step of `sigmas` to a positive sigma: EPDParams.neutral's K points spread around the geometric
+    midpoint with equal weights (`builtin`: none, the paper's tables start from no ComfyUI sampler)."""
+    return EPDParams.neutral(positive_steps(sigmas), num_points, spread, scale_dir=scale_dir, scale_time=scale_time,
+                             afs=afs, **metadata)
+
+
+def train_loop(model, x, sigmas, rows, extra_args, callback=None, **options):
+    """Distillation's student: the rows over the list's positive sigmas (`options`: epd.integrate's), then the
+    plain Euler step to 0 when the list ends there."""
+    x_last = integrate(model, x, positive_part(sigmas), rows, extra_args, callback, **options)
+    return final_euler_step(model, x_last, sigmas, extra_args)
+
+
+def trained_table(leaves, scales, cfg, metadata: dict) -> EPDParams:
+    return EPDParams(*(t.detach().to("cpu", torch.float32) for t in leaves), scales[0], scales[1], metadata)
+
+
+def check_config(cfg, need) -> None:
+    """Every run DistillConfig.validate accepts."""
+
+
+def trainer_fields(scheduler_list, steps: int, num_points: int, **_recipe) -> dict:
+    """The EPD Trainer's run: `steps` table rows on the chosen schedule (KSampler then takes steps + 1 steps)."""
+    sigmas, spec = scheduler_list(steps)
+    return {"sigmas": sigmas, "schedule": spec, "num_points": num_points}

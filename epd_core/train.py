@@ -25,11 +25,10 @@ from . import problems, schedules
 from .distill_config import LOSSES
 from .distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError, distill
 from .fileio import folder_problem
-from .multistep import BUILTINS
 from .params import EPDParams, EPDParamsError
 from .problems import Problem, vp_start_scale  # noqa: F401 - re-exported for existing imports
 from .solver import sampler_sigmas
-from .solvers import NAMES as SOLVER_NAMES, SOLVERS
+from .solvers import NAMES as SOLVER_NAMES, SOLVERS, variant
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
 
@@ -69,7 +68,7 @@ _HELP = {
     "to_zero": "the last row steps to sigma 0 (no final model call; implies --no-final-zero)",
 }
 _CHOICES = {"solver": SOLVER_NAMES, "teacher": TEACHERS, "objective": OBJECTIVES, "loss": LOSSES,
-            "lr_schedule": ("cosine", "constant"), "builtin": BUILTINS}
+            "lr_schedule": ("cosine", "constant")}
 
 
 class TrainCLIError(RuntimeError):
@@ -334,8 +333,8 @@ def run_distill(args, checkpoint_problem=None) -> EPDParams:
         problem = demo_problem(args)
     else:
         problem = gmm_problem(args)
-    if args.solver == "epd_ms":  # its last row always steps to 0; a paper-style analytic first step has no use
-        args.to_zero, args.afs = True, False
+    for option, value in variant(args.solver).implies:  # epd_ms: its last row always steps to 0, no analytic first step
+        setattr(args, option, value)
     if args.to_zero:  # the last row steps to 0 itself: no final Euler step
         args.final_zero = False
     sigmas, spec = student_sigmas(args, problem)

@@ -9,7 +9,7 @@ from epd_core.params import EPDParams
 from epd_core.runtime import log_once
 from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
-from epd_core.solvers import variant
+from epd_core.solvers import SOLVERS, variant
 
 from .compat import io
 from .privacy import private_errors
@@ -32,9 +32,9 @@ class EPDSampler(io.ComfyNode):
                 EPDParamsType.Input("params", tooltip="A parameter table (Load EPD Params, EPD Trainer, Import EPD "
                                                       "Predictor)."),
                 io.Combo.Input("solver", options=["auto", *SOLVER_NAMES], default="auto",
-                               tooltip="auto: the solver the table was trained for. epd_plugin adds an "
-                                       "Adams-Bashforth predictor; epd_ms (one call per step) needs an epd_ms "
-                                       "table."),
+                               tooltip="auto: the solver the table was trained for (another one runs only a "
+                                       "table of the same kind). " + " ".join(
+                                           f"{v.name} ({v.title}): {v.description}." for v in SOLVERS.values())),
                 io.Int.Input("max_order", default=0, min=0, max=4,
                              tooltip="EPD-Plugin predictor order (1-4); 0 = the table's own."),
                 io.Combo.Input("afs", options=list(AFS_CHOICES), default="auto",

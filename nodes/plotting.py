@@ -71,12 +71,11 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a.
     At most MAX_DRAWN_STEPS steps (the first ones) and MAX_DRAWN_POINTS points per step are drawn; a line says
     what was left out, so the picture's size is bounded whatever the table."""
-    if params.solver == "dyweight":
-        return dyweight_picture(params, sigmas, width)
     act = {k: v.detach().double() for k, v in params.activated().items()}
-    history = None
-    if params.solver == "epd_ms":  # point 0 is the current point (r = 0); w are free coefficients; no c, a
-        history = act["g"]
+    if "W" in act:  # rows of weights over past directions (dyweight), not points
+        return dyweight_picture(params, sigmas, width)
+    history = act.get("g")
+    if history is not None:  # EPD-MS: point 0 is the current point (r = 0); w are free coefficients; no c, a
         act = {"r": torch.cat([torch.zeros_like(act["w"][:, :1]), act["r"]], 1), "w": act["w"],
                "c": torch.ones_like(act["w"]), "a": torch.ones_like(act["w"])}
     total_n, total_k = params.num_steps, params.num_points

@@ -36,8 +36,8 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     reasons = sequential_reasons(model, extra_args) if execution == "auto" else []
     sequential = execution == "sequential" or bool(reasons)
     path = ("sequential (" + ", ".join(reasons) + ")") if reasons else ("sequential" if sequential else "batched")
-    # points batched in one call: a variant without positions (theta_r; dyweight) evaluates only the current one
-    points = params.num_points if params is not None and "theta_r" in variant(solver).learns else 1
+    # points batched in one call: a variant without parallel points (dyweight) evaluates only the current one
+    points = params.num_points if params is not None and variant(solver).parallel_points else 1
     log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {points} points of each step {path}"
              + ("" if sequential else " in one model call"))
     if params is not None:  # exact rows for a table whose schedule is defined through the model, from any node

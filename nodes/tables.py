@@ -43,8 +43,9 @@ PRESET_MAX_POINTS, PRESET_MAX_STEPS = 8, 200  # what the EPD Trainer can produce
 
 
 def preset_max_points(solver) -> int:
-    """A dyweight table's columns are its past directions (K = its step count), not points batched in one call."""
-    return PRESET_MAX_STEPS if solver == "dyweight" else PRESET_MAX_POINTS
+    """A table's K: points batched in one call, or (a variant without parallel points: dyweight) its past
+    directions, as many as its steps."""
+    return PRESET_MAX_POINTS if variant(solver).parallel_points else PRESET_MAX_STEPS
 _PRESET_LIST_BYTES = 64 * 1024
 
 # ComfyUI model_config class names -> the family names tables carry in their metadata.

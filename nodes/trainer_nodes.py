@@ -14,13 +14,12 @@ import folder_paths
 import torch
 
 from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError
-from epd_core.multistep import anchored
 from epd_core.params import EPDParams
 from epd_core.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
 from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES as SOLVER_NAMES
-from epd_core.solvers import variant
+from epd_core.solvers import SOLVERS, variant
 
 from .compare_nodes import MEASURE_MINUTES, record_measurement
 from .compat import fix_empty_latent, io, send_progress_text
@@ -54,52 +53,32 @@ def cfg_range_of(cfg: float, cfg_max: float) -> list[float] | None:
 
 def _distill_config(model, steps, num_points, solver, schedule, teacher, inserted_steps, iterations, learning_rate,
                     batch, seed, cfg, objective, ckpt: Path, cfg_max: float = 0.0) -> DistillConfig:
-    if solver == "epd_ms":
-        return _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate,
-                          batch, seed, cfg, ckpt, cfg_range_of(cfg, cfg_max))
-    if solver == "dyweight":  # steps = KSampler steps = model calls: the scheduler's list with `steps` steps to 0
-        sigmas, spec = training_sigmas(model, schedule, steps - 1)
-        num_points = 1
-    else:
-        sigmas, spec = training_sigmas(model, schedule, steps)
-    return DistillConfig(
-        sigmas=sigmas, schedule=spec, num_points=num_points, solver=solver, teacher=teacher,
-        inserted_steps=inserted_steps, objective=objective, iterations=iterations,
-        lr=learning_rate * variant(solver).lr_scale, batch=batch,
-        seed=seed, checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)),
-        resume="auto", guidance_scale=cfg, model_family=model_family(model), cfg_range=cfg_range_of(cfg, cfg_max),
-        teacher_sigma_min=float(model.get_model_object("model_sampling").sigma_min),  # not below what it knows
+    """The node's inputs as a run: what `steps`, K and the schedule mean for the solver (its registry entry's
+    trainer_fields, e.g. epd_ms: model calls on a learned schedule) over what every solver shares."""
+    v = variant(solver)
+    if v.from_scheduler and schedule in EPD_SCHEDULES:
+        raise ValueError(f"EPD Trainer: {solver} starts from a ComfyUI scheduler's list (e.g. sgm_uniform, karras, "
+                         f"beta), not {schedule!r}; pick one in 'schedule'")
+    cfg_range = cfg_range_of(cfg, cfg_max)
+    sigma_min = float(model.get_model_object("model_sampling").sigma_min)
+    own = v.trainer_fields(lambda rows: training_sigmas(model, schedule, rows), steps=steps, num_points=num_points,
+                           cfg_scale=sum(cfg_range) / 2 if cfg_range else cfg, lr=learning_rate, sigma_min=sigma_min)
+    shared = dict(
+        solver=solver, teacher=teacher, inserted_steps=inserted_steps, objective=objective, iterations=iterations,
+        lr=learning_rate * v.lr_scale, batch=batch, seed=seed, checkpoint_path=str(ckpt),
+        checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto", guidance_scale=cfg,
+        model_family=model_family(model), cfg_range=cfg_range,
+        teacher_sigma_min=sigma_min,  # not below what the model knows
         # end-to-end: one step's activations alive at a time, not all (the per-step stage already works that way):
         # 0.18x the peak memory on the MNIST demo model (bench/train_memory.py)
         grad_checkpointing=True)
+    return DistillConfig(**{**shared, **own})  # the solver's own fields win (epd_ms: end_to_end)
 
 
-def _ms_config(model, steps, num_points, schedule, teacher, inserted_steps, iterations, learning_rate, batch, seed,
-               cfg, ckpt: Path, cfg_range: list | None = None) -> DistillConfig:
-    """EPD-MS: `steps` model calls on the scheduler's list (KSampler's `steps`), its positive sigmas plus the last
-    step's anchor, learned end to end with the schedule from the coefficients of the built-in that is strongest at
-    the CFG it trains for (ms_starting_builtin)."""
-    if schedule in EPD_SCHEDULES:
-        raise ValueError(f"EPD Trainer: epd_ms starts from a ComfyUI scheduler's list (e.g. sgm_uniform, karras, "
-                         f"beta), not {schedule!r}; pick one in 'schedule'")
-    sigmas, spec = training_sigmas(model, schedule, steps - 1)
-    positive = anchored(sigmas)
-    sigma_min = float(model.get_model_object("model_sampling").sigma_min)
-    return DistillConfig(
-        sigmas=positive, schedule=spec, num_points=num_points, solver="epd_ms",
-        builtin=ms_starting_builtin(sum(cfg_range) / 2 if cfg_range else cfg), cfg_range=cfg_range,
-        to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25, objective="end_to_end",
-        teacher=teacher, inserted_steps=inserted_steps, iterations=iterations,
-        lr=learning_rate * variant("epd_ms").lr_scale, schedule_lr=learning_rate * 0.2, batch=batch, seed=seed,
-        checkpoint_path=str(ckpt), checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto",
-        guidance_scale=cfg, model_family=model_family(model), teacher_sigma_min=sigma_min, grad_checkpointing=True)
-
-
-def ms_starting_builtin(cfg: float) -> str:
-    """Where an EPD-MS table starts: at low CFG gradient_estimation, from CFG 4 up dpmpp_2m, the best built-ins
-    there on both demo models (docs/results.md, "Across CFG"; at CFG 6 gradient_estimation is nearly twice as
-    wrong as dpmpp_2m on MNIST at 4 steps)."""
-    return "dpmpp_2m" if cfg >= 4.0 else "gradient_estimation"
+def solver_tooltip() -> str:
+    """Each solver as its registry entry describes it, and what the trainer's inputs mean for it."""
+    return " ".join(f"{v.name} ({v.title}{'' if v.rl else ', distill only'}): {v.description}; {v.trainer_note}"
+                    + (f", learning rate x{v.lr_scale:g}" if v.lr_scale != 1 else "") + "." for v in SOLVERS.values())
 
 
 def refuse_existing_table(stem: str) -> None:
@@ -212,9 +191,10 @@ def run_rl(node_id, model, positive, negative, latent, steps, num_points, solver
     """RDPO (docs/method.md, "RL fine-tuning") from `init_params`, or from a table distilled first."""
     table_solver = init_params.solver if init_params is not None else solver
     if not variant(table_solver).rl:
-        raise ValueError(f"EPD Trainer mode 'rl' fine-tunes the paper's solvers (epd, epd_plugin); {table_solver} "
+        tunable = ", ".join(v.name for v in SOLVERS.values() if v.rl)
+        raise ValueError(f"EPD Trainer mode 'rl' fine-tunes the paper's solvers ({tunable}); {table_solver} "
                          "tables have free coefficients, not the weights RDPO's Dirichlet policy samples. Use "
-                         "mode 'distill' for epd_ms")
+                         f"mode 'distill' for {table_solver}")
     if reward is None:
         raise ValueError("EPD Trainer mode 'rl' needs a reward: connect an EPD Reward node to the 'reward' input")
     settings = dict(RL_DEFAULTS, **(rl_settings or {}))
@@ -304,15 +284,7 @@ class EPDTrainer(io.ComfyNode):
                              tooltip="Table rows = student steps to a positive sigma. With a ComfyUI scheduler, "
                                      "use the table in KSampler with steps + 1 steps."),
                 io.Int.Input("num_points", default=2, min=1, max=8, tooltip="K parallel points per step."),
-                io.Combo.Input("solver", options=list(SOLVER_NAMES), default="epd",
-                               tooltip="epd_plugin adds an Adams-Bashforth predictor to the parallel points. "
-                                       "epd_ms (this pack's own, distill only): one model call per step, starts "
-                                       "as gradient_estimation on the chosen ComfyUI scheduler and learns its "
-                                       "coefficients with the schedule; steps = KSampler steps = model calls, "
-                                       "K counts the current point, learning rate x0.1. dyweight (DyWeight, "
-                                       "distill only): one call per step combining past directions with learned "
-                                       "weights and time scales, from euler; steps = model calls, K ignored, "
-                                       "learning rate x0.1, end to end with gradient clipping."),
+                io.Combo.Input("solver", options=list(SOLVER_NAMES), default="epd", tooltip=solver_tooltip()),
                 io.Combo.Input("schedule", options=schedule_names(), default="epd_discrete",
                                tooltip="epd_discrete (SD1.5/SDXL), epd_flowmatch (SD3/Flux) are what EPD Sigmas "
                                        "rebuilds; a ComfyUI scheduler trains for its KSampler list."),
