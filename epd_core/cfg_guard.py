@@ -10,9 +10,10 @@ the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the
   1. the tables expected to beat the best built-in at `cfg` (expected ratio < 1), preferring one call per step
      (K = 1: the same compute as a built-in; the K-point tables only when no K = 1 table exists), then the lowest
      expected ratio;
-  2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler;
-  3. no measurement near `cfg`: the table trained nearest `cfg` (the first of `tables` among equals), said to be
-     unmeasured there.
+  2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler - also
+     when the tables were measured, but not near `cfg` (a table is not trusted far from where it was measured);
+  3. no table measured anywhere (the user's own, an official one): the table trained nearest `cfg` (the first of
+     `tables` among equals), said to be unmeasured there.
 The expected ratio at `cfg` is the worse of the two measured entries around it (outside the measured span the
 nearest one, up to MAX_EXTRAPOLATION away), so a table is never trusted between two scales where one of them
 showed it losing, nor far from where it was measured.
@@ -76,9 +77,10 @@ def expected_ratio(params: EPDParams, cfg: float) -> float | None:
     return max(float(e["fit_ratio"]) for e in near) if near else None
 
 
-def nearest_builtin(tables: list[EPDParams], cfg: float) -> tuple[dict, float] | None:
-    """The best built-in recorded at the measured CFG nearest `cfg` over `tables`, and that CFG."""
-    entries = [e for t in tables for e in around(measurements(t), cfg)]  # the nearest entries of each table
+def nearest_builtin(tables: list[EPDParams], cfg: float, anywhere: bool = False) -> tuple[dict, float] | None:
+    """The best built-in recorded at the measured CFG nearest `cfg` over `tables`, and that CFG (`anywhere`: however
+    far, else within MAX_EXTRAPOLATION)."""
+    entries = [e for t in tables for e in (measurements(t) if anywhere else around(measurements(t), cfg))]
     if not entries:
         return None
     e = min(entries, key=lambda e: abs(float(e["cfg"]) - cfg))
@@ -106,6 +108,11 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
         best = min((r for r, _ in rated if r is not None), default=math.inf)
         return Choice(None, b, f"no table beats the best built-in at CFG {cfg:g} (best table: {best:.2f} of its "
                       f"error, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
+    fallback = nearest_builtin(tables, cfg, anywhere=True)
+    if fallback is not None:  # measured, but far from this CFG: their gain there is unknown
+        b, at = fallback
+        return Choice(None, b, f"no table was measured near CFG {cfg:g} (nearest: CFG {at:g}); sampling exactly as "
+                      f"the best built-in recorded there, {b['sampler']} ({b['scheduler']})")
     # nearest trained CFG; ties (and tables that do not say) keep the caller's order (KSampler: operator's first)
     table = min(tables, key=lambda t: _distance(t, cfg))
     rng = trained_range(table)
