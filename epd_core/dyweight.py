@@ -27,6 +27,7 @@ import torch
 
 from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
 from .params import MAX_MS_COEFFICIENT, EPDParams
+from .plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
 from .runtime import warn_once
 from .schedules import sigmas_for
 
@@ -62,27 +63,19 @@ def table_grid(params: EPDParams) -> list[float] | None:
     return [float(s) for s in sig[:-1]] + [0.0] if params.to_zero else [float(s) for s in sig]
 
 
-def model_sampling_of(model):
-    """The noise schedule behind a ComfyUI sampler function's `model` (its CFG wrapper's patcher), found by duck
-    typing (epd_core never imports ComfyUI); None elsewhere."""
-    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
-    try:
-        return patcher.get_model_object("model_sampling") if patcher is not None else None
-    except (AttributeError, KeyError):
-        return None
-
-
-def own_grid(params: EPDParams, model=None) -> list[float] | None:
+def own_grid(params: EPDParams, model=None, model_sampling=None) -> list[float] | None:
     """The table's grid: recorded, else its schedule rebuilt (for tables whose sigma range or discrete sigmas
-    are the model's, from the model's noise schedule); None when neither is possible."""
+    are the model's, from the model's noise schedule: `model_sampling`, else the one `model` carries); None when
+    neither is possible."""
     grid = table_grid(params)
     spec = params.schedule
+    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
     if grid is not None and spec.get("grid") == "flux_time_shift":
-        return _flux_grid_for(params, grid, model_sampling_of(model))
+        return _flux_grid_for(params, grid, ms)
     if grid is not None or spec.get("type") in (None, "explicit"):
         return grid
     try:
-        return sigmas_for(params.schedule, params.num_steps, model_sampling_of(model)).tolist()
+        return sigmas_for(params.schedule, params.num_steps, ms).tolist()
     except (ValueError, AttributeError, TypeError, RuntimeError):
         return None
 
@@ -228,11 +221,11 @@ def from_weights(W, a, grid, norm: str = "tau", afs: bool = False, window: int |
 
 # ---- the sampler ------------------------------------------------------------------------------------------
 def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None,
-                    disable=None, strict: bool = False, own_schedule=None, **_ignored):
+                    disable=None, strict: bool = False, own_schedule=None, model_sampling=None, **_ignored):
     """DyWeight with the k-diffusion signature. With a table: on its own grid when `sigmas` is a full denoise of
-    its step count (same first sigma), else row i for step i when the step counts agree. Without a table, or
-    when they do not agree (logged; `strict`: an error), W = I and a = 1 on the given sigmas: exactly ComfyUI's
-    euler."""
+    its step count (`plan`), else row i for step i when the step counts agree. Without a table, or when they do
+    not agree (logged; `strict`: an error), W = I and a = 1 on the given sigmas: exactly ComfyUI's euler.
+    `model_sampling`: the model's noise schedule where `model` does not carry it."""
     if len(sigmas) < 2:
         return x
     if params is not None and not isinstance(params, EPDParams):
@@ -240,18 +233,39 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
     if params is not None and params.solver != "dyweight":
         raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); DyWeight needs a dyweight "
                                "table (python -m epd_core.import_official), or sample it with its own solver")
+    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
+    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict, model=model)
+    steps = len(p.sigmas) - 1
+    if p.table is None:
+        W, a = torch.eye(steps, dtype=torch.float64), torch.ones(steps, dtype=torch.float64)
+        afs, norm = False, "tau"
+    else:
+        rows = p.table.activated()
+        W, a = rows["W"].double(), rows["a"].double()
+        afs, norm = p.table.afs, p.table.metadata["dyweight"]["norm"]
+    return integrate_dyweight(model, x, p.sigmas, W, a, extra_args, callback, disable, afs=afs, norm=norm)
+
+
+def plan(params: EPDParams | None, sigmas, model_sampling=None, own_schedule=None, strict: bool = False,
+         model=None) -> Plan:
+    """DyWeight's part of plan.plan: a full denoise of the table's step count (plan.full_denoise) runs on its own
+    grid (`own_grid`, for the model: `model` or `model_sampling`; its first point the list's, plan.starting_at),
+    another list of its step count row i for step i; any other list (and no table) as euler (mode 'builtin',
+    logged; `strict`: an error). The grid's end is its own end point: no final denoise."""
+    sigma_max = sigma_max_of(model_sampling)
     steps = len(sigmas) - 1
-    grid = sigmas
+    grid, mode = sigmas, "by_index"
     if params is not None:
-        own = own_grid(params, model)
-        same_start = own is not None and math.isclose(float(sigmas[0]), own[0], rel_tol=1e-3)
-        if own is not None and own_schedule is not False and not strict and same_start \
-                and params.num_steps == steps:
+        own = own_grid(params, model, model_sampling)
+        full = own is not None and full_denoise(float(sigmas[0]), own, sigma_max,
+                                                [float(s) for s in sigmas if float(s) > 0])
+        if own is not None and own_schedule is not False and not strict and full and params.num_steps == steps:
+            own = starting_at(params, own, float(sigmas[0]))
             if not all(math.isclose(float(s), g, rel_tol=1e-4, abs_tol=1e-8) for s, g in zip(sigmas, own)):
                 warn_once((id(params), steps, "dyweight-own"), "DyWeight: this table samples on its own grid "
                           "(%s); the scheduler's sigmas are replaced (%s)", params.describe(),
                           ", ".join(f"{g:.4g}" for g in own))
-            grid = torch.tensor(own, dtype=torch.float64)
+            grid, mode = torch.tensor(own, dtype=torch.float64), "exact"
         elif params.num_steps != steps:
             if strict:
                 raise EPDSamplingError(f"the sigma list has {steps} steps, this dyweight table {params.num_steps}; "
@@ -260,13 +274,8 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
                       "sampling as euler instead", steps, params.describe())
             params = None
     if params is None:
-        W, a = torch.eye(steps, dtype=torch.float64), torch.ones(steps, dtype=torch.float64)
-        afs, norm = False, "tau"
-    else:
-        rows = params.activated()
-        W, a = rows["W"].double(), rows["a"].double()
-        afs, norm = params.afs, params.metadata["dyweight"]["norm"]
-    return integrate_dyweight(model, x, grid, W, a, extra_args, callback, disable, afs=afs, norm=norm)
+        return Plan(torch.as_tensor(sigmas), None, "builtin", False)
+    return Plan(torch.as_tensor(grid), params, mode, False, mode == "exact")
 
 
 # ---- its registry entry's table and training (solvers.SOLVERS["dyweight"]) --------------------------------------

@@ -30,7 +30,8 @@ from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, final_
 from .params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
 from .points import PointEvaluator
 from .runtime import warn_once
-from .solver import table_schedule_for
+from .plan import Plan, model_sampling_of, sigma_max_of
+from .plan import own_schedule as own_schedule_for
 
 HISTORY = 3                # past directions a row combines
 HISTORY_WIDTHS = (HISTORY, 2 * HISTORY)  # theta_h: g, then u (tables written before u existed: g only)
@@ -208,10 +209,11 @@ def ms_rows(params: EPDParams, device=None, dtype=torch.float32) -> dict:
 
 def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=None, callback=None, disable=None,
                   builtin: str = "gradient_estimation", max_batch=None, sequential=False, strict=False, evaluate=None,
-                  own_schedule=None, **_ignored):
+                  own_schedule=None, model_sampling=None, **_ignored):
     """EPD-MS. With a table: on its own schedule when the list is a full denoise (the table was trained with its
-    schedule), else row i for step i when the step counts agree. Without a table, or when they do not agree,
-    the untrained table of `builtin` on the given sigmas: exactly that ComfyUI sampler."""
+    schedule), else row i for step i when the step counts agree (`plan`). Without a table, or when they do not
+    agree, the untrained table of `builtin` on the given sigmas: exactly that ComfyUI sampler. `model_sampling`:
+    the model's noise schedule where `model` does not carry it (marks a full denoise by its sigma_max)."""
     if len(sigmas) < 2:
         return x
     if params is not None and not isinstance(params, EPDParams):
@@ -219,9 +221,30 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
     if params is not None and params.solver != "epd_ms":
         raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); EPD-MS needs an epd_ms "
                                "table (train one with solver epd_ms), or sample it with its own solver")
+    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
+    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict, builtin=builtin)
+    table = p.table
+    if table is None:
+        if float(p.sigmas[-1]) != 0:
+            raise EPDSamplingError("EPD-MS without a table needs a sigma list ending in 0")
+        table = ms_table(p.sigmas, builtin)
+    rows = ms_rows(table, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    evaluate = evaluate or PointEvaluator(model, extra_args or {}, max_batch=max_batch, sequential=sequential)
+    return integrate_ms(model, x, p.sigmas, rows, extra_args, callback, disable, evaluate=evaluate,
+                        to_zero=p.to_zero)
+
+
+def plan(params: EPDParams | None, sigmas, model_sampling=None, own_schedule=None, strict: bool = False,
+         builtin: str = "gradient_estimation") -> Plan:
+    """EPD-MS's part of plan.plan: a full denoise of the table's step count runs on its own (learned) sigmas
+    (plan.own_schedule), a positive list on its rows with its last sigma as the anchor, another list of its step
+    count row i for step i; any other list (and no table) as the untrained `builtin` (mode 'builtin', logged;
+    `strict`: an error)."""
+    sigma_max = sigma_max_of(model_sampling)
     to_zero = params is not None and float(sigmas[-1]) > 0  # a positive list: its last sigma is the anchor
+    own = None
     if params is not None and own_schedule is not False and not strict and len(sigmas) - 1 == params.num_steps:
-        own = table_schedule_for(params, sigmas)  # its own learned sigmas for a full denoise of its step count
+        own = own_schedule_for(params, sigmas, sigma_max)  # its own learned sigmas for a full denoise of its steps
         if own is not None:
             sigmas, to_zero = own, True
     steps = len(sigmas) - 1
@@ -233,12 +256,8 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
                   "untrained %s instead", steps, params.describe(), builtin)
         params = None
     if params is None:
-        if float(sigmas[-1]) != 0:
-            raise EPDSamplingError("EPD-MS without a table needs a sigma list ending in 0")
-        params = ms_table(sigmas, builtin)
-    rows = ms_rows(params, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-    evaluate = evaluate or PointEvaluator(model, extra_args or {}, max_batch=max_batch, sequential=sequential)
-    return integrate_ms(model, x, sigmas, rows, extra_args, callback, disable, evaluate=evaluate, to_zero=to_zero)
+        return Plan(torch.as_tensor(sigmas), None, "builtin", False)
+    return Plan(torch.as_tensor(sigmas), params, "exact" if own is not None else "by_index", to_zero, own is not None)
 
 
 # ---- its registry entry's table and training (solvers.SOLVERS["epd_ms"]) ----------------------------------------

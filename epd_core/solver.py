@@ -4,9 +4,9 @@
 The step and the loop are in `epd.py`; this module owns which sigmas and rows a table gets: its own sigmas
 for a model (`own_sigmas`; `sampler_sigmas`: the list EPD Sigmas outputs), a copy that records them when a
 caller's list is exactly those (`with_own_sigmas`, for schedules defined through the model), which rows a sigma
-list gets (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`), and how
-options reach the loop. At the end: the paper variants' table and training functions their registry entries
-(solvers.SOLVERS: epd, epd_plugin) refer to.
+list gets (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`: plan.py's rule),
+the paper variants' part of plan.plan (`plan`), and how options reach the loop. At the end: the paper variants'
+table and training functions their registry entries (solvers.SOLVERS: epd, epd_plugin) refer to.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from .epd import (EPDSamplingError, adams_bashforth, check_sigmas, epd_step, fin
                   positive_part, positive_steps)
 from .params import EPDParams, EPDParamsError, activate
 from .points import PointEvaluator
+from .plan import Plan, full_denoise, model_sampling_of, own_schedule, sigma_max_of, starting_at
 from .runtime import warn_once
-from .schedules import REBUILDABLE, sigmas_for, with_final_zero
+from .schedules import sigmas_for, with_final_zero
 
 __all__ = ["sample_epd", "sample_epd_plugin", "own_sigmas", "sampler_sigmas", "with_own_sigmas", "rows_for_sigmas",
-           "table_schedule_for", "integrate",
+           "table_schedule_for", "table_for_sigmas", "plan", "integrate",
            "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
 PLUGIN_ORDER = 3  # EPD-Plugin's predictor order unless a table or the caller gives one
 
@@ -38,8 +39,13 @@ def own_sigmas(params: EPDParams, model_sampling=None) -> torch.Tensor:
 def sampler_sigmas(params: EPDParams, model_sampling=None, append_zero: bool | None = None) -> torch.Tensor:
     """The sigma list a sampler is given for this table (EPD Sigmas' output): its `own_sigmas`, then 0 when
     `append_zero` (None: when its training list ended in 0). A variant that owns its last step (epd_ms) keeps
-    its anchor out of a list ending in 0: N steps, as a scheduler would give them."""
+    its anchor out of a list ending in 0: N steps, as a scheduler would give them. Given the model, a table that
+    samples on its own schedule starts at the model's sigma_max, as KSampler's full denoise does (plan.starting_at:
+    a learned schedule may start below it), so that this list gives KSampler's samples."""
     own = own_sigmas(params, model_sampling)
+    sigma_max = sigma_max_of(model_sampling)
+    if sigma_max is not None and params.schedule.get("override_sigmas") and full_denoise(sigma_max, own, sigma_max):
+        own = starting_at(params, own, sigma_max)
     if append_zero is None:
         append_zero = params.schedule.get("final_zero", True) or params.variant.own_last_step
     if not append_zero:
@@ -70,7 +76,13 @@ def with_own_sigmas(params: EPDParams, sigmas, model_sampling) -> EPDParams:
 
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
-    """The table rows to use for a sigma list, and how they were chosen:
+    """The table rows to use for a sigma list, and how they were chosen (`table_for_sigmas`)."""
+    table, mode = table_for_sigmas(params, sigmas)
+    return {k: v.to(device=device, dtype=dtype) for k, v in table.activated().items()}, mode
+
+
+def table_for_sigmas(params: EPDParams, sigmas) -> tuple[EPDParams, str]:
+    """The table whose rows run on a sigma list (one row per step to a positive sigma), and how it was chosen:
     'exact'    - the sigmas are the table's own training schedule;
     'by_index' - same number of steps, schedule unknown or different: row i for step i;
     'resampled'- different number of steps: logits interpolated at each step's normalised log-sigma midpoint
@@ -102,47 +114,13 @@ def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32)
                                              for k in range(th.shape[1])], axis=1)) for th in thetas]
     resampled = params.with_tensors([p.float() for p in picked],
                                     {k: v for k, v in params.metadata.items() if k not in ("schedule", "num_steps")})
-    rows = {k: v.to(device=device, dtype=dtype) for k, v in resampled.activated().items()}
-    return rows, mode
+    return resampled, mode
 
 
-def table_schedule_for(params: EPDParams, sigmas):
-    """The table's own sigma list replacing `sigmas`, or None to use `sigmas` as given.
-
-    Only for tables whose schedule says "override_sigmas": true (tables trained on a schedule that ComfyUI's
-    schedulers do not produce, e.g. the shipped demo tables: polynomial rho 7 ending at a last sigma well above
-    the model's sigma_min, so that the final Euler step's model call does useful work). Lists ending in 0 are
-    replaced, keeping their first sigma (the noise level of x) and their number of steps:
-      - full denoise, same step count: the table's training sigmas (rows 'exact');
-      - otherwise (other step count, or img2img starting lower): the table's schedule type (polynomial /
-        logsnr / time_uniform) rebuilt from the list's first sigma down to the table's last sigma.
-    Lists without a final 0, schedules that need the model (discrete, flowmatch) and starts below the table's
-    last sigma are used as given."""
-    spec = params.schedule or {}
-    table = params.schedule_sigmas
-    if not spec.get("override_sigmas") or table is None:
-        return None
-    sig = check_sigmas(sigmas)
-    n_pos = len(sig) - 1
-    if len(sig) < 3 or sig[-1] != 0:
-        return None
-    full_denoise = np.isclose(sig[0], float(table[0]), rtol=1e-3)
-    if params.to_zero and full_denoise:  # positive sigmas only: its last row steps to 0 (any step count:
-        ref = torch.as_tensor(sigmas)        # the table was picked for its model calls, see nodes/tables.py)
-        return table.to(dtype=ref.dtype, device=ref.device)
-    if n_pos == table.numel() and full_denoise:
-        own = table
-    elif spec.get("type") in REBUILDABLE and n_pos >= 2 and sig[0] > 2 * float(table[-1]):
-        rebuilt = {k: v for k, v in spec.items() if k != "sigmas"}
-        rebuilt.update(sigma_min=float(table[-1]), sigma_max=sig[0])
-        own = sigmas_for(rebuilt, n_pos - 1)
-    else:
-        return None
-    ref = torch.as_tensor(sigmas)
-    own = torch.cat([own, own.new_zeros(1)])
-    if np.allclose(own.numpy(), np.asarray(sig), rtol=1e-3, atol=0):
-        return None  # already the table's own list
-    return own.to(dtype=ref.dtype, device=ref.device)
+def table_schedule_for(params: EPDParams, sigmas, sigma_max: float | None = None):
+    """The table's own sigma list replacing `sigmas`, or None to use `sigmas` as given: plan.own_schedule (the
+    one rule every variant's plan follows; `sigma_max`: the model's, marking a full denoise)."""
+    return own_schedule(params, sigmas, sigma_max)
 
 
 def sample_epd(model, x, sigmas, params: EPDParams, extra_args=None, callback=None, disable=None, **opts):
@@ -164,7 +142,7 @@ def sample_epd_plugin(model, x, sigmas, params: EPDParams, extra_args=None, call
 
 
 def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, afs=None, max_batch=None,
-            sequential=False, strict=False, evaluate=None, own_schedule=None):
+            sequential=False, strict=False, evaluate=None, own_schedule=None, model_sampling=None):
     if not isinstance(params, EPDParams):
         raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
     v = params.variant
@@ -173,28 +151,54 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
                                f"(KSampler's {v.name}, or EPD Sampler with solver auto / {v.name})")
     if len(sigmas) < 2:
         return x
+    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
+    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict)
+    if p.own:
+        callback = _rescaled_progress(callback, len(sigmas) - 1, len(p.sigmas) - 1)
+    # rows in >= fp32 (0-dim sigma tensors do not take part in type promotion, so the rows set the precision)
+    rows = p.rows(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    extra_args = extra_args or {}
+    evaluate = evaluate or PointEvaluator(model, extra_args, max_batch=max_batch, sequential=sequential)
+    return integrate(model, x, p.sigmas, rows, extra_args, callback, disable, max_order=max_order,
+                     afs=params.afs if afs is None else bool(afs), evaluate=evaluate, to_zero=p.to_zero)
+
+
+def plan(params: EPDParams, sigmas, model_sampling=None, own_schedule=None, strict: bool = False) -> Plan:
+    """The paper variants' part of plan.plan: the table's own schedule where plan.own_schedule gives one, then its
+    rows for the list (`table_for_sigmas`: exact, by index, or resampled to the step count; logged, `strict`: an
+    error where not exact); a "to_zero" table's last row steps to 0 only on its own sigmas."""
+    sigma_max = sigma_max_of(model_sampling)
+    own = None
     if own_schedule is not False and not strict:
-        own = table_schedule_for(params, sigmas)
+        own = table_schedule_for(params, sigmas, sigma_max)
         if own is not None:
             warn_once((id(params), len(sigmas), "own"), "EPD: this table samples on its own schedule (%s); the "
-                       "scheduler's sigmas are replaced (%s)", params.describe(),
-                       ", ".join(f"{float(v):.4g}" for v in own))
-            callback = _rescaled_progress(callback, len(sigmas) - 1, len(own) - 1)
+                      "scheduler's sigmas are replaced (%s)", params.describe(),
+                      ", ".join(f"{float(v):.4g}" for v in own))
             sigmas = own
-    # rows in >= fp32 (0-dim sigma tensors do not take part in type promotion, so the rows set the precision)
-    rows, mode = rows_for_sigmas(params, sigmas, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    table, mode = table_for_sigmas(params, _as_own(params, sigmas) if own is not None else sigmas)
     if mode != "exact" and (params.schedule or mode == "resampled"):
         if strict:
             raise EPDSamplingError(f"the sigma list ({len(sigmas) - 1} steps) is not the schedule this table was "
                                    f"trained for ({params.describe()}); use EPD Sigmas for its exact schedule")
         warn_once((id(params), len(sigmas), mode), "EPD: sigmas differ from the table's training schedule; "
-                   "using rows %s (%s)", mode, params.describe())
-    extra_args = extra_args or {}
-    evaluate = evaluate or PointEvaluator(model, extra_args, max_batch=max_batch, sequential=sequential)
+                  "using rows %s (%s)", mode, params.describe())
     # a to_zero table's last row steps to sigma 0, but only on its own sigmas (which end at its anchor)
     to_zero = params.to_zero and mode == "exact" and float(sigmas[-1]) > 0
-    return integrate(model, x, sigmas, rows, extra_args, callback, disable, max_order=max_order,
-                     afs=params.afs if afs is None else bool(afs), evaluate=evaluate, to_zero=to_zero)
+    return Plan(torch.as_tensor(sigmas), table, mode, to_zero, own is not None)
+
+
+def _as_own(params: EPDParams, sigmas):
+    """`sigmas` with the table's own first sigma where the rest is its own schedule (plan.starting_at gave the list
+    the noise level x is at): its rows are the exact ones."""
+    table = params.schedule_sigmas
+    pos = sigmas[sigmas > 0]
+    if len(pos) < 2 or len(pos) > len(table) or float(pos[0]) == float(table[0]) or not torch.allclose(
+            pos[1:].double().cpu(), table[1:len(pos)].double(), rtol=1e-6, atol=0):
+        return sigmas
+    out = sigmas.clone()
+    out[0] = table[0]
+    return out
 
 
 def _rescaled_progress(callback, total: int, steps: int):

@@ -2,7 +2,8 @@
 references to functions of its own module (the paper's two: solver.py; epd_ms: multistep.py; dyweight:
 dyweight.py), so that no other code compares a solver's name:
     its table  - the tensors it stores, their activation into rows, what a table must satisfy, its untrained table;
-    sampling   - the front-end sample_<name>(model, x, sigmas, params, ...);
+    sampling   - its plan (which sigmas and rows a table gets on a list, plan.plan's part) and the front-end
+                 sample_<name>(model, x, sigmas, params, ...);
     training   - distill.py's rows, loop and trained table, DistillConfig's checks, the EPD Trainer's recipe, the
                  options the command line implies, and the recipe's loss, objective, gradient clip and lr scale.
 Every list of solvers (table validation, the trainers' options, the command line, the node dropdowns and tooltips,
@@ -37,6 +38,9 @@ class SolverVariant:
     # (sigmas, num_points, builtin, spread=, scale_dir=, scale_time=, afs=) -> the table a training run starts from
     untrained_table: Callable
     sample: Callable            # the front-end sample_<name>(model, x, sigmas, params, ...)
+    # (params, sigmas, model_sampling=, own_schedule=, strict=) -> plan.Plan: the sigmas, table rows and end-point
+    # mode a table (None: the variant's built-in) gets on a sigma list; plan.plan dispatches here
+    plan: Callable
     # ---- its training (distill.py, DistillConfig, the EPD Trainer)
     train_rows: Callable        # (leaves, scales) -> the differentiable rows the student runs
     # (model, x, sigmas, rows, extra_args, callback, disable=, max_order=, afs=, evaluate=, detach_steps=,
@@ -73,6 +77,7 @@ def _paper(name: str, title: str, description: str, order: int, sample, official
         name, title, description, order, calls_per_step=2, rl=True, own_last_step=False, parallel_points=True,
         tensors=TENSOR_NAMES, table_rows=solver.table_rows, check_table=solver.check_table,
         untrained_table=partial(solver.untrained_table, solver=name, max_order=order), sample=sample,
+        plan=solver.plan,
         train_rows=solver.table_rows, train_loop=solver.train_loop, trained_table=solver.trained_table,
         check_config=solver.check_config, trainer_fields=solver.trainer_fields,
         trainer_note="steps = table rows (KSampler then takes steps + 1 steps)", official=official)
@@ -88,7 +93,8 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
         "with the last 3 directions by learned coefficients on a learned schedule", 1, calls_per_step=1, rl=False,
         own_last_step=True, parallel_points=True, tensors=(*TENSOR_NAMES, HISTORY_TENSOR),
         table_rows=multistep.table_rows, check_table=multistep.check_table,
-        untrained_table=multistep.untrained_table, sample=multistep.sample_epd_ms, train_rows=multistep.table_rows,
+        untrained_table=multistep.untrained_table, sample=multistep.sample_epd_ms, plan=multistep.plan,
+        train_rows=multistep.table_rows,
         train_loop=multistep.train_loop, trained_table=multistep.trained_table, check_config=multistep.check_config,
         trainer_fields=multistep.trainer_fields,
         trainer_note="steps = KSampler steps = model calls on the chosen ComfyUI scheduler's list, K counts the "
@@ -101,7 +107,8 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
         "matrix, each evaluated at a learned time scale (arXiv 2603.11607)", 1, calls_per_step=1, rl=False,
         own_last_step=True, parallel_points=False, tensors=TENSOR_NAMES,
         table_rows=dyweight.table_rows, check_table=dyweight.check_table, untrained_table=dyweight.untrained_table,
-        sample=dyweight.sample_dyweight, train_rows=dyweight.train_rows, train_loop=dyweight.train_loop,
+        sample=dyweight.sample_dyweight, plan=dyweight.plan, train_rows=dyweight.train_rows,
+        train_loop=dyweight.train_loop,
         trained_table=dyweight.trained_table, check_config=dyweight.check_config,
         trainer_fields=dyweight.trainer_fields,
         trainer_note="steps = KSampler steps = model calls, K ignored; starts as euler, end to end with gradient "
