@@ -23,6 +23,7 @@ import torch
 from ..epd import EPDSamplingError, check_sigmas, integrate, positive_steps
 from ..fileio import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
 from ..params import EPDParams, EPDParamsError
+from ..plan import plan
 from ..runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
 from ..solvers import predictor_order, variant
 from ..trainer import cancel_message, check_same_settings, due, open_checkpoint, reduce_gradients
@@ -182,6 +183,9 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         raise RLError(f"the table has {base_table.num_steps} steps but the sigmas give {n_pos}; use the table's "
                       "own schedule")
     max_order = predictor_order(base_table.solver, base_table.max_order)
+    # the end-point mode the table gets on these sigmas (plan.plan: a "to_zero" table's last row steps to 0 only
+    # on its own sigmas), the rollouts' rows being the policy's
+    to_zero = plan(base_table, sig, own_schedule=False).to_zero
     extra_args_fn = extra_args_fn or _default_extra_args
 
     ckpt_path, ckpt = _prepare_checkpoint(cfg, base_table, rank)
@@ -202,7 +206,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
             raise RLCancelled(cancel_message("RL", it, ckpt_path, last_saved))
         sample, rows, logp_old, images, my_prompts = _rollouts(policy, model, sig, base_table, prompts, noise_fn,
                                                                extra_args_fn, it, P, G, rank, world, cfg.seed,
-                                                               max_order)
+                                                               max_order, to_zero)
         with torch.no_grad():
             rewards = torch.as_tensor(reward(images, my_prompts, tables=rows), dtype=torch.float64).cpu().reshape(-1)
         if not torch.isfinite(rewards).all():
@@ -233,7 +237,7 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
 
 
 def _rollouts(policy, model, sig, base_table, prompts, noise_fn, extra_args_fn, it, P, G, rank, world, seed,
-              max_order):
+              max_order, to_zero):
     """This rank's G trajectories for each of its prompts: (policy sample, rows, their log-probabilities, images
     (None for table-only rewards), the per-rollout prompts). Every rank draws ALL tables and noises (cheap) from
     the iteration's seed and keeps its groups: the same result for any world size."""
@@ -255,8 +259,7 @@ def _rollouts(policy, model, sig, base_table, prompts, noise_fn, extra_args_fn, 
         with torch.no_grad():
             try:  # every rollout has its own table: rows (B, steps, K), all K*B points in one model call
                 images = integrate(model, x0, sig.to(x0.device, acc), own_rows, extra, disable=True,
-                                   max_order=max_order, afs=base_table.afs,
-                                   to_zero=base_table.to_zero and float(sig[-1]) > 0)
+                                   max_order=max_order, afs=base_table.afs, to_zero=to_zero)
             except EPDSamplingError as e:
                 raise RLError(f"iteration {it}: {e}") from None
     return sample, rows, logp_old[sel], images, my_prompts
