@@ -80,7 +80,7 @@ def main(argv=None):
             def error(t, x, ref):
                 with torch.no_grad():
                     y = sample_epd_ms(lambda z, s, **kw: model(z, s, **extra_for(len(x)), **kw), x,
-                                      sampler_sigmas(t).to(x.dtype), t, disable=True)
+                                      sampler_sigmas(t, ms).to(x.dtype), t, disable=True)
                 return float(per_sample_rmse(y, ref).mean())
             for p in paths:
                 t = EPDParams.load(p)

@@ -488,7 +488,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
         for path in sorted((REPO / "pretrained_params").glob(pattern)):
             p = EPDParams.load(path)
             p.metadata["_file"] = path.name  # for --record (never saved: --record writes the file's own table)
-            out[p.solver].append((p, sampler_sigmas(p).to(dtype)))  # the list EPD Sigmas gives
+            out[p.solver].append((p, sampler_sigmas(p, ms).to(dtype)))  # EPD Sigmas: KSampler's samples (plan)
         return out
     from epd_core.distill import DistillConfig, distill
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
