@@ -4,11 +4,12 @@
     .venv/bin/python scripts/make_dyweight_tables.py --model mnist --nfe 3-10
 
 Per NFE the grid is the scheduler the benchmark chose for its best built-in on FIT noises
-(bench/results/quality_vs_nfe_<model>.json), with NFE steps ending in 0, and DyWeight's recipe (the registry's:
-end-to-end L2 to a Heun teacher, Adam with cosine decay, gradient clipping) trains from each of its untrained
-starts (euler, and ipndm with 3 directions). The untrained starts are candidates too: the candidate with the
-lowest error on the FIT noises (seed 101) ships as <out>/<prefix>_dyweight_nfe<N>.safetensors; the benchmark scores
-it on its held-out noises (bench/quality_vs_nfe.py --solvers dyweight).
+(bench/results/quality_vs_nfe_<model>.json), with NFE steps from sigma_max ending in 0 (where that scheduler gives
+no such list, the common scheduler on which the untrained ipndm start has the lowest FIT error), and DyWeight's
+recipe (the registry's: end-to-end L2 to a Heun teacher, Adam with cosine decay, gradient clipping) trains from each
+of its untrained starts (euler, and ipndm with 3 directions). The untrained starts are candidates too: the
+candidate with the lowest error on the FIT noises (seed 101) ships as <out>/<prefix>_dyweight_nfe<N>.safetensors;
+the benchmark scores it on its held-out noises (bench/quality_vs_nfe.py --solvers dyweight).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from epd_core.distill_config import DistillConfig  # noqa: E402
 from epd_core.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402
 from epd_core.problems import demo_problem  # noqa: E402
 from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+
+FALLBACK_SCHEDULERS = ("karras", "sgm_uniform", "normal", "exponential")
 
 
 def main(argv=None):
@@ -64,11 +67,20 @@ def main(argv=None):
     for nfe in nfe_list(args.nfe):
         row = results["nfe"][str(nfe)]["builtins"]
         best_name = min(row, key=lambda s: row[s]["fit"])
-        scheduler = row[best_name]["scheduler"]
-        sig = comfy_sigmas(ms, "euler", scheduler, nfe).double()
-        if len(sig) - 1 != nfe or float(sig[-1]) != 0.0:
-            print(f"NFE {nfe}: {scheduler} gives {len(sig) - 1} steps; skipped", flush=True)
+        # the best built-in's scheduler, else the common ones: a full denoise of NFE steps from sigma_max to 0 (some
+        # schedulers give another step count or start lower, e.g. ddim_uniform at 8 steps from 7.37), the one where
+        # the untrained ipndm start has the lowest FIT error
+        grids = []
+        for scheduler in dict.fromkeys([row[best_name]["scheduler"], *FALLBACK_SCHEDULERS]):
+            sig = comfy_sigmas(ms, "euler", scheduler, nfe).double()
+            if len(sig) - 1 == nfe and float(sig[-1]) == 0.0 and abs(float(sig[0]) / float(ms.sigma_max) - 1) < 1e-3:
+                grids.append((fit_error(dyweight_table(sig, start="ipndm", window=TRAIN_WINDOW), sig), scheduler, sig))
+            if grids and scheduler == row[best_name]["scheduler"]:
+                break  # the best built-in's own scheduler gives a full denoise: no need to look further
+        if not grids:
+            print(f"NFE {nfe}: no scheduler gives a full denoise of {nfe} steps; skipped", flush=True)
             continue
+        _, scheduler, sig = min(grids, key=lambda g: g[0])
         meta = dict(model_family=train.family, guidance_scale=cfg_scale)
         best = None
         for start in args.starts.split(","):
