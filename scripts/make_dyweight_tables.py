@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--num-batches", type=int, default=16)
     ap.add_argument("--fit-samples", type=int, default=32)
+    ap.add_argument("--teacher-steps", type=int, default=100, help="the Heun teacher's steps (more where the tables "
+                    "get close to its own error)")
     ap.add_argument("--starts", default=",".join(STARTS))
     ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
     args = ap.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv=None):
             t0 = time.time()
             cfg = DistillConfig(sigmas=sig.tolist(), solver="dyweight", builtin=start, num_points=1,
                                 iterations=args.iterations, lr=args.lr, batch=args.batch, num_batches=args.num_batches,
-                                teacher="heun", inserted_steps=3, teacher_steps=100, seed=0,
+                                teacher="heun", inserted_steps=3, teacher_steps=args.teacher_steps, seed=0,
                                 teacher_sigma_min=float(ms.sigma_min), schedule={"type": "explicit"}, **meta)
             table = distill(train.model, None, train.noise_fn(float(sig[0])), cfg, train.extra_args_fn)
             fit = fit_error(table, sig)
