@@ -79,7 +79,7 @@ def test_reward_runs_without_scikit_learn_and_scores_both_demo_sizes(mnist):
 @pytest.mark.skipif(not TABLES, reason="no shipped MNIST tables")
 def test_shipped_tables_cover_every_nfe_and_sample_good_digits(classifier):
     nfe = {(t.solver, t.metadata["latency_nfe"]) for t in map(EPDParams.load, TABLES)}
-    assert nfe == {(s, n) for s in ("epd", "epd_plugin", "epd_ms") for n in range(3, 11)}
+    assert nfe == {(s, n) for s in ("epd", "epd_plugin", "epd_ms", "dyweight") for n in range(3, 11)}
     table = EPDParams.load(REPO / "pretrained_params" / "demo_mnist_epd_nfe4.safetensors")
     den = DemoDenoiser(load_demo_model(DEMO_MODELS["mnist"]["weights"]), cfg=1.0)
     labels = torch.arange(40) % 10
