@@ -13,18 +13,19 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
+from make_ms_tables import nfe_list  # noqa: E402
+from quality_vs_nfe import TABLE_PREFIX  # noqa: E402
+
 from epd_core.cfg_guard import choose, measurements  # noqa: E402
 from epd_core.params import EPDParams  # noqa: E402
-
-PREFIX = {"mnist": "demo_mnist_", "demo": "demo_digits_"}
 
 
 def picks(model: str, solver: str, cfgs: list[float], nfes: list[int]) -> dict:
     out = {}
     for nfe in nfes:
-        found = [(p.stem, EPDParams.load(p))
-                 for p in sorted((REPO / "pretrained_params").glob(f"{PREFIX[model]}{solver}_*nfe{nfe}.safetensors"))]
+        pattern = f"{TABLE_PREFIX[model]}{solver}_*nfe{nfe}.safetensors"
+        found = [(p.stem, EPDParams.load(p)) for p in sorted((REPO / "pretrained_params").glob(pattern))]
         found = [(stem, t) for stem, t in found if t.metadata.get("latency_nfe") == nfe]
         tables, names = [t for _, t in found], {id(t): stem for stem, t in found}
         for cfg in cfgs:
@@ -40,13 +41,12 @@ def picks(model: str, solver: str, cfgs: list[float], nfes: list[int]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=tuple(PREFIX), default="mnist")
+    ap.add_argument("--model", choices=tuple(TABLE_PREFIX), default="mnist")
     ap.add_argument("--solver", default="epd_ms")
     ap.add_argument("--cfg", default="1,3,5,7.5")
     ap.add_argument("--nfe", default="3-10")
     args = ap.parse_args(argv)
-    lo, _, hi = args.nfe.partition("-")
-    nfes = list(range(int(lo), int(hi or lo) + 1))
+    nfes = nfe_list(args.nfe)
     cfgs = [float(c) for c in args.cfg.split(",")]
     out = picks(args.model, args.solver, cfgs, nfes)
     lines = [f"### {args.model}: {args.solver} as KSampler runs it (the CFG guard's pick; held-out ratio to the best "

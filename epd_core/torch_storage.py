@@ -13,7 +13,7 @@ The two layouts torch writes (torch/serialization.py):
   key, location, numel)) and `data/<key>` entries with each storage's raw bytes, stored uncompressed.
 
 The parse itself is pure Python + numpy (torch is imported only to hand tensors out), so the isolated importer's
-child refuses a hostile file before it pays torch's start-up (epd_core/import_official.py).
+child refuses a hostile file before it pays torch's start-up (epd_core/import_child.py).
 
 Every pickle runs through `_evaluate`: it builds only literals (None, bools, ints, floats, strings, bytes, lists,
 tuples, dicts with string keys), the allowed storage types, and - for state dicts - tensors through checked
@@ -95,10 +95,7 @@ def read_storage_array(data: bytes) -> Storage:
     """`read_storage` without torch: the storage as a numpy array and its dtype name."""
     if not isinstance(data, (bytes, bytearray)):
         raise TorchFileError("a tensor storage is not stored as bytes")
-    if bytes(data[:4]) == b"PK\x03\x04":
-        result, storages = _read_zip(io.BytesIO(data), STORAGE_LIMITS, len(data))
-    else:
-        result, storages = _read_legacy(bytes(data), STORAGE_LIMITS)
+    result, storages = _read(data, STORAGE_LIMITS)
     if not isinstance(result, _StorageRef):
         raise TorchFileError(f"a tensor storage's bytes hold a {_kind(result)}, not a storage")
     return storages[result.key]

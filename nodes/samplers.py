@@ -13,6 +13,7 @@ from epd_core import cfg_guard
 from epd_core.runtime import log_once
 from epd_core.epd import positive_steps
 from epd_core.params import MAX_STEPS
+from epd_core.plan import model_sampling_of
 from epd_core.solver import with_own_sigmas
 from epd_core.solvers import NAMES, variant
 
@@ -50,15 +51,6 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
 def patcher_of(model):
     """The ComfyUI ModelPatcher behind a sampler function's `model` (the CFG wrapper), or None."""
     return getattr(getattr(model, "inner_model", None), "model_patcher", None)
-
-
-def model_sampling_of(model):
-    """The ComfyUI model_sampling behind a sampler function's `model`, or None."""
-    patcher = patcher_of(model)
-    try:
-        return patcher.get_model_object("model_sampling") if patcher is not None else None
-    except (AttributeError, KeyError):
-        return None
 
 
 def guidance_of(model) -> float | None:

@@ -14,6 +14,7 @@ the benchmark scores it on its held-out noises (bench/quality_vs_nfe.py --solver
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,6 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=REPO / "pretrained_params")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import json
     results = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
     cfg_scale = CFG[args.model]
     model_eval, ms, noise, extra_for, _, k = problem(args.model, cfg_scale)
