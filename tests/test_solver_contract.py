@@ -17,6 +17,7 @@ from epd_core.params import EPDParams
 from epd_core.problems import demo_problem
 from epd_core.solver import sampler_sigmas
 from epd_core.solvers import NAMES, SOLVERS, variant
+from test_multistep import CountingModel
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, STEPS, K = 2, 4, 2  # samples, the EPD Trainer's `steps` input, points per row
@@ -52,16 +53,6 @@ def trained(digits):
     return tables
 
 
-class Counted:
-    """The model, recording the batch of every call."""
-    def __init__(self, model):
-        self.model, self.batches = model, []
-
-    def __call__(self, x, sigma, **extra):
-        self.batches.append(x.shape[0])
-        return self.model(x, sigma, **extra)
-
-
 def calls_for(v, table) -> int:
     """Model calls on a list ending in 0 of one step per row, or one more for the final Euler step of a variant
     whose rows end at a positive sigma."""
@@ -69,7 +60,7 @@ def calls_for(v, table) -> int:
 
 
 def sample_counted(problem, v, table, sigmas):
-    model = Counted(problem.model)
+    model = CountingModel(problem.model)
     g = torch.Generator().manual_seed(0)
     x = problem.noise_fn(float(sigmas[0]))(g, BATCH)
     with torch.no_grad():
