@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 import quality_vs_nfe as Q  # noqa: E402
 
-from epd_core.distill import distill  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.solver import sample_epd, sample_epd_plugin  # noqa: E402
-from epd_core.teachers import teacher_calls, teacher_states  # noqa: E402
+from epd_core.training.distill import distill  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.sampling.paper import sample_epd, sample_epd_plugin  # noqa: E402
+from epd_core.training.teachers import teacher_calls, teacher_states  # noqa: E402
 
 FIELD = [(s, c) for s in ("uni_pc_bh2", "uni_pc", "ipndm_v", "dpmpp_2m", "deis", "res_multistep")
          for c in ("karras", "normal", "exponential", "ays_sd1", "gits_1.20", "sgm_uniform")]
@@ -93,7 +93,7 @@ def main(argv=None):
 
     problem_noise = lambda g, n: (1 + smax ** 2) ** 0.5 * torch.randn(n, *x_test.shape[1:], generator=g)  # noqa: E731
     labels = lambda g, n: {"cond": torch.randint(0, 10, (n,), generator=g)}  # noqa: E731
-    from epd_core.problems import demo_problem  # the same network, with gradients for distillation
+    from epd_core.demo.problems import demo_problem  # the same network, with gradients for distillation
     grad_model = demo_problem(args.model, guidance_scale=cfg_scale).model
     rows = []
     chosen = [int(i) for i in args.levers.split(",")] if args.levers else range(len(LEVERS))

@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, per_sample_rmse, problem  # noqa: E402
 
-from epd_core.cfg_guard import span, trained_range, with_measurements  # noqa: E402
-from epd_core.multistep import sample_epd_ms  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.solver import sampler_sigmas  # noqa: E402
+from epd_core.sampling.cfg_guard import span, trained_range, with_measurements  # noqa: E402
+from epd_core.sampling.multistep import sample_epd_ms  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 

@@ -7,7 +7,7 @@ process has imported a real-size predictor once (imports and first-call allocati
   parser ms / +MB   the refusal inside the caller's process (import_official_bytes: what the parser costs)
   isolated s / +MB  the refusal through import_official_isolated (what the CLI and the Import node run): wall
                     time including the child's start-up (Python and numpy: the child parses before it imports
-                    torch, epd_core/import_child.py), and the caller's peak RSS growth
+                    torch, epd_core/tables/import_child.py), and the caller's peak RSS growth
 The numbers depend on the machine; the tests assert the refusals, the messages and a +50 MB bound, not timings.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def payloads() -> dict:
 
 
 def measure_one(title: str) -> dict:
-    from epd_core.import_official import EPDImportError, import_official_bytes, import_official_isolated
+    from epd_core.tables.import_official import EPDImportError, import_official_bytes, import_official_isolated
     from official_pickle import official_pickle
     data = payloads()[title]()
     import_official_bytes(official_pickle())  # warm-up: imports and first-call allocations

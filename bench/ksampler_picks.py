@@ -1,5 +1,5 @@
 """What KSampler's entry samples with at each CFG and NFE, from the measurements the shipped tables carry: the CFG
-guard's choice (epd_core/cfg_guard.py, the code KSampler runs) among a solver's tables of that NFE, and the
+guard's choice (epd_core/sampling/cfg_guard.py, the code KSampler runs) among a solver's tables of that NFE, and the
 held-out ratio recorded for it (its `measured_cfg` entry at that CFG; 1.00 where the guard falls back to the best
 built-in). For tables measured after a sweep on its noises (bench/cfg_transfer.py --record), without sampling again.
 
@@ -17,8 +17,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
 from make_ms_tables import nfe_list  # noqa: E402
 from quality_vs_nfe import TABLE_PREFIX  # noqa: E402
 
-from epd_core.cfg_guard import choose, measurements  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
+from epd_core.sampling.cfg_guard import choose, measurements  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
 
 
 def picks(model: str, solver: str, cfgs: list[float], nfes: list[int]) -> dict:

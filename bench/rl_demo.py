@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from quality_vs_nfe import DETERMINISTIC, Counted, builtin_sampler, comfy_sigmas, per_sample_rmse, problem  # noqa: E402
 
-from epd_core import demo_model  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.rl import DemoClassifierReward, RLConfig, rdpo  # noqa: E402
-from epd_core.solver import sample_epd  # noqa: E402
-from epd_core.train import vp_start_scale  # noqa: E402
+from epd_core.demo import models as demo_model  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.training.rl import DemoClassifierReward, RLConfig, rdpo  # noqa: E402
+from epd_core.sampling.paper import sample_epd  # noqa: E402
+from epd_core.training.cli import vp_start_scale  # noqa: E402
 
 START = REPO / "pretrained_params" / "demo_digits_epd_s4.safetensors"
 CFG, LR, GROUP = 2.0, 1e-3, 4

@@ -45,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 sys.path.insert(0, str(REPO))
 
-from epd_core.demo_model import DemoDenoiser, demo_sigmas, load_demo_model  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.solver import PointEvaluator, epd_step, sample_epd  # noqa: E402
+from epd_core.demo.models import DemoDenoiser, demo_sigmas, load_demo_model  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.sampling.paper import PointEvaluator, epd_step, sample_epd  # noqa: E402
 
 # SD1.5's UNet exactly as comfy/model_detection.py builds it (SD15 entry + supported_models.SD15.unet_extra_config)
 SD15_UNET = {
@@ -258,7 +258,7 @@ class TimedModel:
 
 
 def bench_overhead(demo, comfy_sampling, device, batch=4, steps=10, K=2, rounds=5, log=print):
-    from epd_core.demo_model import karras_sigmas
+    from epd_core.demo.models import karras_sigmas
     sigmas = karras_sigmas(steps, 0.0292, 14.6146).to(device)  # 10 steps, the last one to 0 (Euler)
     params = EPDParams.neutral(steps - 1, K)
     x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(device) * 14.6

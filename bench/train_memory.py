@@ -24,10 +24,10 @@ def measure(form: str, batch: int, steps: int, device: str) -> float:
     """MiB above the baseline for one loss + gradient in this process."""
     import torch
     sys.path.insert(0, str(REPO))
-    from epd_core import distill as D
-    from epd_core.params import EPDParams, activate
-    from epd_core.schedules import sigmas_for
-    from epd_core.problems import demo_problem
+    from epd_core.training import distill as D
+    from epd_core.tables.params import EPDParams, activate
+    from epd_core.sampling.schedules import sigmas_for
+    from epd_core.demo.problems import demo_problem
     problem = demo_problem("mnist", device=device)
     sig = torch.cat([sigmas_for({"type": "discrete", "rho": 1.0}, steps, problem.model_sampling).float(),
                      torch.zeros(1)]).to(device)

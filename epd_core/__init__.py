@@ -1,10 +1,10 @@
 """ComfyUI-EPD core: EPD-Solver / EPD-Plugin samplers, parameter tables, schedules and trainers.
 Pure torch + numpy + safetensors + einops; never imports ComfyUI. The names below load on first use, so a
-torch-free module (the importer's child, epd_core/import_child.py) starts without torch."""
+torch-free module (the importer's child, epd_core/tables/import_child.py) starts without torch."""
 __all__ = ["EPDParams", "EPDParamsError", "EPDSamplingError", "sample_epd", "sample_epd_plugin"]
 __version__ = "0.1.0"
-_HOME = {"EPDParams": "params", "EPDParamsError": "params", "EPDSamplingError": "solver", "sample_epd": "solver",
-         "sample_epd_plugin": "solver"}
+_HOME = {"EPDParams": "tables.params", "EPDParamsError": "tables.params", "EPDSamplingError": "sampling.epd",
+         "sample_epd": "sampling.paper", "sample_epd_plugin": "sampling.paper"}
 
 
 def __getattr__(name):

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .runtime import is_oom
+from epd_core.runtime import is_oom
 
 Sample = Callable[..., torch.Tensor]  # sample(model, x, sigmas) -> x at sigma 0
 # A built-in whose median time is up to 5 % above a table's still competes with it at equal time: two samplers of

@@ -19,11 +19,12 @@ import comfy.utils
 import torch
 from PIL import Image, ImageDraw
 
-from epd_core import cfg_guard, compare
-from epd_core.params import EPDParams, EPDParamsError
-from epd_core.solver import sampler_sigmas
-from epd_core.solvers import NAMES as SOLVER_NAMES
-from epd_core.solvers import variant
+from epd_core import compare
+from epd_core.sampling import cfg_guard
+from epd_core.tables.params import EPDParams, EPDParamsError
+from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.registry import NAMES as SOLVER_NAMES
+from epd_core.sampling.registry import variant
 
 from .compat import fix_empty_latent, io, send_progress_text, sequential_reasons, sigma_list_reader
 from .sockets import CATEGORY, EPDParamsType
@@ -122,8 +123,8 @@ def table_candidate(params: EPDParams, name: str, model_sampling, sequential: bo
 
 def pack_picks(model_patcher, which: str, nfes: list[int], cfg: float | None = None) -> list[tuple[str, EPDParams]]:
     """The tables KSampler would pick by itself for this model at each NFE and this CFG (nodes/tables.py
-    ksampler_tables, then epd_core.cfg_guard as KSampler chooses; where it would sample as a built-in there is no
-    table to add: the built-ins are compared anyway)."""
+    ksampler_tables, then epd_core.sampling.cfg_guard as KSampler chooses; where it would sample as a built-in there
+    is no table to add: the built-ins are compared anyway)."""
     if which == "none":
         return []
     family, found = model_family(model_patcher), {}

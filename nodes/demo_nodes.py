@@ -1,4 +1,4 @@
-"""ComfyUI nodes for the pack's embedded demo diffusion models (epd_core/demo_model.py): 28x28 MNIST digits
+"""ComfyUI nodes for the pack's embedded demo diffusion models (epd_core/demo/models.py): 28x28 MNIST digits
 (the default) and 8x8 digits, 1-channel "latents", SD1.5's discrete schedule. With them a complete workflow
 (loader -> class conditioning -> EmptyLatentImage 224x224 (64x64 for 8x8) -> KSampler / SamplerCustomAdvanced ->
 decode -> preview) runs on a CPU in seconds, with no checkpoint to download, which is what the example workflows
@@ -18,7 +18,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 from .compat import io
 
-from epd_core.demo_model import (DEMO_MODELS, LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
+from epd_core.demo.models import (DEMO_MODELS, LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
                                  label_context, load_demo_model)
 
 CATEGORY = "sampling/epd/demo"

@@ -1,7 +1,7 @@
 """Import EPD Predictor: converts an official EPD predictor (.pkl) or a published DyWeight table (.pkl snapshot,
 FLUX .pt checkpoint) into an EPD table (.safetensors) without running anything from the file
-(epd_core/import_official.py), saves it into models/epd_params/ and outputs it, so the Load EPD Params combo lists
-it from then on.
+(epd_core/tables/import_official.py), saves it into models/epd_params/ and outputs it, so the Load EPD Params combo
+lists it from then on.
 
 The predictor is a .pkl in models/epd_params/, an upload in input/ (pkl_path), or one of the authors' published
 files by name ("official: sd15-best"): downloaded once from their repository at a pinned commit, its size and
@@ -18,11 +18,11 @@ import comfy.model_management
 import folder_paths
 import torch
 
-from epd_core.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, DownloadCancelled, EPDImportError,
+from epd_core.tables.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, DownloadCancelled, EPDImportError,
                                       download_official, import_official_by_name, import_official_isolated,
                                       verify_official)
-from epd_core.fileio import WriteError, atomic_write_bytes
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.tables.fileio import WriteError, atomic_write_bytes
+from epd_core.tables.params import EPDParams, EPDParamsError
 
 from .compat import io
 from .sockets import CATEGORY, EPDParamsType
@@ -224,7 +224,7 @@ class EPDImportPredictor(io.ComfyNode):
                                      "permissions.") from None
             # errors name the file (not its folder), the problem and the fix. Converted in a child process with a
             # memory and time budget: should a crafted file get past the parser's budgets, it costs a refused
-            # import, never the server (epd_core/import_official.py, "defence in depth")
+            # import, never the server (epd_core/tables/import_official.py, "defence in depth")
             params = import_official_isolated(data, source=source.name, name=source.name)
         target = output_dir() / name
         if target.exists() and not overwrite and not _same_table(target, params):

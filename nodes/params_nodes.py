@@ -5,11 +5,11 @@ import logging
 
 import comfy.samplers
 
-from epd_core.params import EPDParams
+from epd_core.tables.params import EPDParams
 from epd_core.runtime import log_once
-from epd_core.solver import sampler_sigmas
-from epd_core.solvers import NAMES as SOLVER_NAMES
-from epd_core.solvers import SOLVERS, variant
+from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.registry import NAMES as SOLVER_NAMES
+from epd_core.sampling.registry import SOLVERS, variant
 
 from .compat import io
 from .privacy import private_errors

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from epd_core.compare import measured_text
-from epd_core.params import EPDParams
+from epd_core.tables.params import EPDParams
 
 BG, FG, GRID, ACCENT = (255, 255, 255), (30, 30, 30), (225, 225, 225), (31, 119, 180)
 MAX_DRAWN_STEPS, MAX_DRAWN_POINTS = 64, 16  # a table may have 4096 steps x 64 points: draw a bounded picture
@@ -140,7 +140,7 @@ def dyweight_picture(params: EPDParams, sigmas: torch.Tensor | None = None, widt
     """A DyWeight table: W as a lower-triangular grid of cells (red > 0 > blue, intensity |W_ij| up to 1.5, the value
     written in), per row the evaluation-time scale a_i, the row sum and the grid point t_i. At most
     MAX_DRAWN_STEPS rows and columns are drawn."""
-    from epd_core.dyweight import own_grid, taus
+    from epd_core.sampling.dyweight import own_grid, taus
     act = {k: v.detach().double() for k, v in params.activated().items()}
     total = params.num_steps
     n = min(total, MAX_DRAWN_STEPS)

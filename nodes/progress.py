@@ -9,8 +9,8 @@ from pathlib import Path
 
 import comfy.utils
 
-from epd_core.distill import DistillError, load_checkpoint
-from epd_core.rl import RLError
+from epd_core.training.distill import DistillError, load_checkpoint
+from epd_core.training.rl import RLError
 
 from .compat import send_progress_text
 from .plotting import line_chart
@@ -24,7 +24,7 @@ def losses_so_far(ckpt: Path) -> list[float]:
 
 
 def rewards_so_far(ckpt: Path) -> list[float]:
-    from epd_core.rl.rdpo import load_checkpoint as load_rl_checkpoint
+    from epd_core.training.rl.rdpo import load_checkpoint as load_rl_checkpoint
     try:
         return [h["reward"] for h in load_rl_checkpoint(ckpt)["history"]] if ckpt.exists() else []
     except RLError:

@@ -1,6 +1,6 @@
 """EPD Reward nodes: what the EPD Trainer's 'rl' mode maximises (docs/method.md, "RL fine-tuning").
 
-Each node outputs an EPD_REWARD: a reward from epd_core.rl.rewards plus, for rewards that score RGB images,
+Each node outputs an EPD_REWARD: a reward from epd_core.training.rl.rewards plus, for rewards that score RGB images,
 the VAE that turns the model's latents into pixels. Reward weights are only ever read from local files the
 user placed in ComfyUI's models/epd_rewards/ folder; a missing file is a clear error, never a download.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from epd_core.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward,
+from epd_core.training.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward,
                                  RewardUnavailableError)
 
 from .compat import io

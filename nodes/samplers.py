@@ -1,5 +1,5 @@
 """The ComfyUI-facing sampler functions: the KSampler dropdown entries (`epd`, `epd_plugin`, `epd_ms`: every
-variant of epd_core.solvers) and the function behind the EPD Sampler node. Both pick the execution path
+variant of epd_core.sampling.registry) and the function behind the EPD Sampler node. Both pick the execution path
 (batched / sequential) and delegate the math to epd_core."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import comfy.k_diffusion.sampling
 import comfy.samplers
 import torch
 
-from epd_core import cfg_guard
+from epd_core.sampling import cfg_guard
 from epd_core.runtime import log_once
-from epd_core.epd import positive_steps
-from epd_core.params import MAX_STEPS
-from epd_core.plan import model_sampling_of
-from epd_core.solver import with_own_sigmas
-from epd_core.solvers import NAMES, variant
+from epd_core.sampling.epd import positive_steps
+from epd_core.tables.params import MAX_STEPS
+from epd_core.sampling.plan import model_sampling_of
+from epd_core.sampling.paper import with_own_sigmas
+from epd_core.sampling.registry import NAMES, variant
 
 from .compat import few_step_hint, model_problem, send_progress_text, sequential_reasons
 from .tables import ksampler_tables, model_family, neutral_table
@@ -91,7 +91,8 @@ def run_builtin(builtin: dict, model, x, sigmas, extra_args=None, callback=None,
 
 def run_guarded(solver: str, tables: list, model, x, sigmas, extra_args=None, callback=None, disable=None,
                 node_id=None, what: str | None = None, **opts):
-    """Run `solver` with the table epd_core.cfg_guard chooses among `tables` ((table, name) pairs) at the model's
+    """Run `solver` with the table epd_core.sampling.cfg_guard chooses among `tables` ((table, name) pairs) at the
+    model's
     CFG, or exactly as the best built-in recorded there when no table beats it; says which in the log (`what`:
     '<solver> on <family> with <n> steps') and under the node `node_id`."""
     cfg = guidance_of(model)
@@ -111,7 +112,7 @@ def run_guarded(solver: str, tables: list, model, x, sigmas, extra_args=None, ca
 
 def _dropdown_sampler(solver: str):
     """KSampler entry: the tables for the connected model and step count (chosen at the model's CFG by
-    epd_core.cfg_guard), else the neutral one / the variant's untrained built-in."""
+    epd_core.sampling.cfg_guard), else the neutral one / the variant's untrained built-in."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts):
         steps = positive_steps(sigmas)
         calls = len(sigmas) - 1  # KSampler's step count: the latency NFE asked of "to_zero" tables

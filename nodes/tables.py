@@ -26,10 +26,10 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from epd_core.fileio import read_safetensors_header
-from epd_core.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
+from epd_core.tables.fileio import read_safetensors_header
+from epd_core.tables.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
-from epd_core.solvers import predictor_order, variant
+from epd_core.sampling.registry import predictor_order, variant
 
 from .compat import sampling_variant
 
@@ -244,7 +244,7 @@ def find_preset(family: str, solver: str, steps: int, calls: int | None = None) 
 def find_presets(family: str, solver: str, steps: int, calls: int | None = None) -> list[tuple[EPDParams, str, bool]]:
     """(table, shown name, is the pack's own) of every loadable table of the nearest size `find_preset` would
     consider, best first (e.g. the K = 1 and the K = 3 EPD-MS table of one NFE, or tables trained at several CFG
-    scales: epd_core.cfg_guard chooses among them at the user's CFG)."""
+    scales: epd_core.sampling.cfg_guard chooses among them at the user's CFG)."""
     candidates = []
     for path, shown, pretrained in preset_candidates():
         try:

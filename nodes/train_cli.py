@@ -35,10 +35,10 @@ def import_pack(comfy_path: str):
 
 
 def checkpoint_problem(args):
-    """A ComfyUI checkpoint as an epd_core.train Problem, conditioned on --prompt / --negative-prompt."""
+    """A ComfyUI checkpoint as an epd_core.training.cli Problem, conditioned on --prompt / --negative-prompt."""
     import torch
-    from epd_core.problems import Problem
-    from epd_core.train import TrainCLIError
+    from epd_core.demo.problems import Problem
+    from epd_core.training.cli import TrainCLIError
     comfy_path = args.comfyui or os.environ.get("COMFYUI_PATH")
     if not comfy_path or not (Path(comfy_path) / "comfy" / "sd.py").is_file():
         raise TrainCLIError("--checkpoint needs a ComfyUI install: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))  # epd_core; after ComfyUI's folder, so `nodes` stays ComfyUI's module
-    from epd_core.train import main as train_main
+    from epd_core.training.cli import main as train_main
     return train_main(argv, checkpoint_problem=checkpoint_problem)
 
 

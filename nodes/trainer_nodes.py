@@ -13,13 +13,13 @@ import comfy.utils
 import folder_paths
 import torch
 
-from epd_core.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError
-from epd_core.params import EPDParams
-from epd_core.rl import RewardUnavailableError, RLConfig, RLError
+from epd_core.training.distill import OBJECTIVES, TEACHERS, DistillConfig, DistillError
+from epd_core.tables.params import EPDParams
+from epd_core.training.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
-from epd_core.solver import sampler_sigmas
-from epd_core.solvers import NAMES as SOLVER_NAMES
-from epd_core.solvers import SOLVERS, variant
+from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.registry import NAMES as SOLVER_NAMES
+from epd_core.sampling.registry import SOLVERS, variant
 
 from .compare_nodes import MEASURE_MINUTES, record_measurement
 from .compat import fix_empty_latent, io, send_progress_text

@@ -3,8 +3,8 @@
 The training runs inside ComfyUI's own CFGGuider, as the built-in LoRA trainer does: the guider loads the
 model (load_models_gpu), applies patches and prepares the conditioning for the latent, then calls our
 Sampler's `sample()`, where the guider itself is the k-diffusion model `D(x, sigma)` with CFG. Gradients flow
-through it to the table's logits (epd_core.distill); RL only samples through it (epd_core.rl). The EPD Trainer
-node (trainer_nodes.py) and the command line for checkpoints (train_cli.py) both train through here.
+through it to the table's logits (epd_core.training.distill); RL only samples through it (epd_core.training.rl). The
+EPD Trainer node (trainer_nodes.py) and the command line for checkpoints (train_cli.py) both train through here.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from epd_core import schedules
-from epd_core.distill import DistillConfig, distill
-from epd_core.params import EPDParams
-from epd_core.rl import RLConfig, rdpo
+from epd_core.sampling import schedules
+from epd_core.training.distill import DistillConfig, distill
+from epd_core.tables.params import EPDParams
+from epd_core.training.rl import RLConfig, rdpo
 from epd_core.runtime import is_oom
 
 from .compat import few_step_hint, is_dynamic, model_problem, multigpu_problem, sequential_reasons, training_mode
@@ -164,7 +164,7 @@ def distill_with_comfy_model(model_patcher, positive, negative, cfg_scale: float
                              seed: int = 0, on_teacher=None) -> EPDParams:
     """Distill a table for a ComfyUI MODEL with CFG on (positive, negative). latent_shape (B, C, H, W) only sets
     the sample shape; noises come from `config.seed` and are scaled like KSampler's (noise_scaling).
-    on_teacher(batch, num_batches): just before the teacher solves a batch (epd_core.distill)."""
+    on_teacher(batch, num_batches): just before the teacher solves a batch (epd_core.training.distill)."""
     def train(ctx):
         def model(x, sigma, cfg=None, **_):
             if cfg is not None:  # config.cfg_range: this batch's CFG scale (the guider reads .cfg on every call)

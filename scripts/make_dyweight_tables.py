@@ -26,11 +26,11 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
 from make_ms_tables import CFG, PREFIX, nfe_list  # noqa: E402
 from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
 
-from epd_core.distill import distill  # noqa: E402
-from epd_core.distill_config import DistillConfig  # noqa: E402
-from epd_core.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402
-from epd_core.problems import demo_problem  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.training.distill import distill  # noqa: E402
+from epd_core.training.distill_config import DistillConfig  # noqa: E402
+from epd_core.sampling.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402
+from epd_core.demo.problems import demo_problem  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 
 FALLBACK_SCHEDULERS = ("karras", "sgm_uniform", "normal", "exponential")
 

@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import comfy_sigmas, ms_recipe, per_sample_rmse, problem, starting_builtin  # noqa: E402
 
-from epd_core.distill import distill  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.multistep import anchored, ms_table, sample_epd_ms  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.problems import demo_problem  # noqa: E402
+from epd_core.training.distill import distill  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.sampling.multistep import anchored, ms_table, sample_epd_ms  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.demo.problems import demo_problem  # noqa: E402
 
 PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
 CFG = {"mnist": 1.0, "demo": 2.0}

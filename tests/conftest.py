@@ -80,7 +80,7 @@ def float64_one_thread():
 @pytest.fixture(scope="module")
 def gmm32():
     """The exact 32-d Gaussian-mixture denoiser of the distillation tests."""
-    from epd_core.gmm import GaussianMixtureDenoiser
+    from epd_core.demo.gmm import GaussianMixtureDenoiser
     return GaussianMixtureDenoiser(dim=32, seed=0)
 
 
@@ -91,7 +91,7 @@ def comfy_ref(comfy_sampling):
     import comfy.sample
     import comfy.samplers
 
-    from epd_core.demo_model import DemoDenoiser, load_demo_model
+    from epd_core.demo.models import DemoDenoiser, load_demo_model
 
     class Settings:
         sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012}

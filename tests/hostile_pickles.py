@@ -181,7 +181,7 @@ def run_cli(path: Path, out: Path, timeout: float = 120) -> tuple[subprocess.Com
 
 def in_process(data: bytes) -> tuple[float, float]:
     """The importer's own time (s) for one refusal and how much this process's peak RSS grew (MB)."""
-    from epd_core.import_official import EPDImportError, import_official_bytes
+    from epd_core.tables.import_official import EPDImportError, import_official_bytes
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:

@@ -1,10 +1,10 @@
-"""Which table runs at the user's CFG scale (epd_core.cfg_guard): a table is used where it was measured to beat
+"""Which table runs at the user's CFG scale (epd_core.sampling.cfg_guard): a table is used where it was measured to beat
 the best built-in, and where it lost, the sampler runs exactly as that built-in instead of silently worse."""
 import torch
 
-from epd_core.cfg_guard import choose, expected_ratio
-from epd_core.multistep import ms_table
-from epd_core.params import EPDParams
+from epd_core.sampling.cfg_guard import choose, expected_ratio
+from epd_core.sampling.multistep import ms_table
+from epd_core.tables.params import EPDParams
 
 SIGMAS = [14.6, 5.0, 1.5, 0.4, 0.0]
 DPMPP = {"sampler": "dpmpp_2m", "scheduler": "sgm_uniform", "steps": 4}
@@ -67,9 +67,9 @@ def test_malformed_measurements_are_ignored_not_fatal():
 
 
 def test_a_table_trained_over_a_cfg_range_sees_one_scale_per_batch_and_records_the_range():
-    from epd_core.distill import DistillConfig, distill
-    from epd_core.multistep import anchored
-    from epd_core.problems import demo_problem
+    from epd_core.training.distill import DistillConfig, distill
+    from epd_core.sampling.multistep import anchored
+    from epd_core.demo.problems import demo_problem
     torch.set_num_threads(1)
     problem = demo_problem("digits")
     seen = []

@@ -20,10 +20,10 @@ import torch
 
 from comfyui_server import error_message
 from epd_core import compare
-from epd_core.gmm import GaussianMixtureDenoiser
-from epd_core.params import EPDParams
-from epd_core.schedules import polynomial, with_final_zero
-from epd_core.solvers import variant
+from epd_core.demo.gmm import GaussianMixtureDenoiser
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.schedules import polynomial, with_final_zero
+from epd_core.sampling.registry import variant
 
 REPO = Path(__file__).resolve().parents[1]
 # relative; the node prints 3 decimals (<= 0.09 % rounding at these ratios) and runs through ComfyUI's CFGGuider,
@@ -435,9 +435,9 @@ def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
 
 
 def test_a_table_that_is_exactly_the_best_builtin_has_ratio_one(pack, one_thread_torch):
-    """An untrained EPD-MS table on karras IS gradient_estimation on karras (epd_core/multistep.py): through the
-    node, both routes (table on its own schedule, built-in on KSampler's list) count 5 calls and give ratio 1."""
-    from epd_core.multistep import ms_table
+    """An untrained EPD-MS table on karras IS gradient_estimation on karras (epd_core/sampling/multistep.py): through
+    the node, both routes (table on its own schedule, built-in on KSampler's list) count 5 calls and give ratio 1."""
+    from epd_core.sampling.multistep import ms_table
     patcher = pack.demo_nodes.build_demo_model_patcher(which="digits")
     sigmas = pack.compare_nodes.scheduler_sigmas(patcher, "epd_demo_digits", "gradient_estimation", "karras", 5)
     table = ms_table(sigmas.double().tolist(), "gradient_estimation", model_family="epd_demo_digits")

@@ -1,4 +1,4 @@
-"""The embedded demo diffusion model (epd_core/demo_model.py) and its ComfyUI nodes (nodes/demo_nodes.py).
+"""The embedded demo diffusion model (epd_core/demo/models.py) and its ComfyUI nodes (nodes/demo_nodes.py).
 
 - the shipped weights load (and broken files fail clearly),
 - samples of the stand-alone DemoDenoiser look like the requested digits (a classifier fitted on the real
@@ -19,7 +19,7 @@ from conftest import default_dtype
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from epd_core.demo_model import (DEFAULT_WEIGHTS, NULL_LABEL, DemoDenoiser, DemoModelError,  # noqa: E402
+from epd_core.demo.models import (DEFAULT_WEIGHTS, NULL_LABEL, DemoDenoiser, DemoModelError,  # noqa: E402
                                  DemoUNet, demo_sigmas, karras_sigmas, label_context, load_demo_model,
                                  sample_heun, to_digit_pixels)
 

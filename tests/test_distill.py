@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-from epd_core import distill as D
-from epd_core.distill import DistillCancelled, DistillConfig, DistillError, distill
-from epd_core.gmm import cfg_model
-from epd_core.params import EPDParams, activate
-from epd_core.schedules import polynomial, with_final_zero
-from epd_core.solver import sample_epd
+from epd_core.training import distill as D
+from epd_core.training.distill import DistillCancelled, DistillConfig, DistillError, distill
+from epd_core.demo.gmm import cfg_model
+from epd_core.tables.params import EPDParams, activate
+from epd_core.sampling.schedules import polynomial, with_final_zero
+from epd_core.sampling.paper import sample_epd
 
 DIM = 32
 SMIN, SMAX = 0.002, 80.0

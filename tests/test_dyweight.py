@@ -1,4 +1,4 @@
-"""DyWeight, the fourth solver variant (epd_core/dyweight.py): an untrained table IS ComfyUI's euler / ipndm, a
+"""DyWeight, the fourth solver variant (epd_core/sampling/dyweight.py): an untrained table IS ComfyUI's euler / ipndm, a
 table samples exactly as plain transcriptions of the published FLUX and EDM loops, tables go through files and
 bad ones are refused."""
 import math
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core.dyweight import dyweight_table, flux_grid, flux_mu, from_weights, sample_dyweight, taus
-from epd_core.epd import EPDSamplingError
-from epd_core.params import EPDParams, EPDParamsError
-from epd_core.solvers import variant
+from epd_core.sampling.dyweight import dyweight_table, flux_grid, flux_mu, from_weights, sample_dyweight, taus
+from epd_core.sampling.epd import EPDSamplingError
+from epd_core.tables.params import EPDParams, EPDParamsError
+from epd_core.sampling.registry import variant
 from test_import_official import PACK_IN_A_PROCESS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def published_flux_schedule(steps, mu=0.63):
 
 @pytest.mark.parametrize("steps", [3, 7])
 def test_an_imported_flux_checkpoint_samples_as_the_published_loop(tmp_path, gmm32, float64_one_thread, steps):
-    from epd_core.import_official import import_official_bytes
+    from epd_core.tables.import_official import import_official_bytes
     W = banded(steps, 2, 10 + steps, around=0.9).float()
     a = 0.5 + torch.sigmoid(0.2 * torch.randn(steps, generator=torch.Generator().manual_seed(steps))).float()
     data = published_flux_checkpoint(tmp_path / "final-step.pt", W, a)
@@ -292,7 +292,7 @@ def _truncated_storage(data: bytes) -> bytes:
     ("not_dyweight", "not a DyWeight FLUX checkpoint"),
 ])
 def test_hostile_or_broken_flux_checkpoints_are_refused_with_the_problem_named(tmp_path, case, problem):
-    from epd_core.import_official import EPDImportError, import_official_bytes
+    from epd_core.tables.import_official import EPDImportError, import_official_bytes
     W, a = torch.tril(torch.ones(3, 3)) * 0.3, torch.ones(3)
     path = tmp_path / "final-step.pt"
     if case == "global":
@@ -317,7 +317,7 @@ def test_hostile_or_broken_flux_checkpoints_are_refused_with_the_problem_named(t
 
 
 def test_the_published_names_are_pinned_and_a_wrong_file_is_refused_before_reading(tmp_path):
-    from epd_core.import_official import (DYWEIGHT_COMMIT, OFFICIAL_FILES, EPDImportError, convert_command,
+    from epd_core.tables.import_official import (DYWEIGHT_COMMIT, OFFICIAL_FILES, EPDImportError, convert_command,
                                           import_official_by_name, official_url)
     names = [n for n in OFFICIAL_FILES if n.startswith("dyweight-")]
     assert names == ["dyweight-flux-nfe3", "dyweight-flux-nfe5", "dyweight-flux-nfe7", "dyweight-sd15-nfe8",
@@ -331,7 +331,7 @@ def test_the_published_names_are_pinned_and_a_wrong_file_is_refused_before_readi
 
 
 def test_the_command_line_converts_a_flux_checkpoint_in_its_isolated_child(tmp_path, capsys):
-    from epd_core.import_official import main
+    from epd_core.tables.import_official import main
     W = torch.tril(torch.ones(3, 3)) * 0.3
     src = tmp_path / "final-step.pt"
     published_flux_checkpoint(src, W, torch.ones(3))
@@ -421,7 +421,7 @@ def dyweight_snapshot(W, t_scale, afs, dataset="cifar10", schedule_type="polynom
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_an_imported_edm_snapshot_samples_as_the_published_edm_loop(comfy_sampling, gmm32, float64_one_thread, afs,
                                                                     protocol):
-    from epd_core.import_official import import_official_bytes
+    from epd_core.tables.import_official import import_official_bytes
     steps = 5
     W = banded(steps, 4, 20, around=1.0).float().double()  # entries outside the band: the mask removes them
     t_scale = (1 + 0.05 * torch.randn(steps - int(afs), generator=torch.Generator().manual_seed(5))).float()
@@ -439,7 +439,7 @@ def test_an_imported_edm_snapshot_samples_as_the_published_edm_loop(comfy_sampli
 
 
 def test_an_sd15_snapshot_keeps_the_models_sigma_range_and_its_cfg():
-    from epd_core.import_official import import_official_bytes
+    from epd_core.tables.import_official import import_official_bytes
     data, _ = dyweight_snapshot(torch.eye(4), torch.ones(4), False, dataset="ms_coco", schedule_type="discrete",
                                 window=2, extra_loss={"guidance_rate": 7.5})
     table = import_official_bytes(data, "network-snapshot-000005.pkl")
@@ -456,7 +456,7 @@ def test_an_sd15_snapshot_keeps_the_models_sigma_range_and_its_cfg():
     ("shape", "requires"),
 ])
 def test_hostile_or_broken_snapshots_are_refused_with_the_problem_named(case, problem):
-    from epd_core.import_official import EPDImportError, import_official_bytes
+    from epd_core.tables.import_official import EPDImportError, import_official_bytes
     W, t_scale, kw = torch.eye(3), torch.ones(3), {}
     if case == "global":
         kw["solver_stu"] = ("os", "system")
@@ -491,7 +491,7 @@ class Patched:
 
 
 def test_a_flux_table_samples_on_the_grid_of_the_models_mu_and_says_so(tmp_path, gmm32, float64_one_thread, caplog):
-    from epd_core.import_official import import_official_bytes
+    from epd_core.tables.import_official import import_official_bytes
     table = import_official_bytes(published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(4) * 0.9,
                                                             torch.ones(4)), "nfe4.pt")
     seen = []
@@ -508,7 +508,7 @@ def test_a_flux_table_samples_on_the_grid_of_the_models_mu_and_says_so(tmp_path,
 
 
 def test_epd_sigmas_gives_a_dyweight_tables_grid(comfy_sampling):
-    from epd_core.solver import sampler_sigmas
+    from epd_core.sampling.paper import sampler_sigmas
     grid = flux_grid(3, 0.63)
     assert torch.allclose(sampler_sigmas(from_weights(torch.eye(3), torch.ones(3), grid, norm="eval")), grid)
     edm = karras_list(comfy_sampling, 5)[:-1]  # 5 positive points: the list of a scheduler's 4 steps ending in 0
@@ -537,10 +537,10 @@ def test_distilling_a_dyweight_table_starts_at_euler_and_lowers_the_held_out_err
     """The 8x8 demo model at CFG 2 on karras' 4-step list: the run starts exactly at euler (its untrained table),
     trains only the band of TRAIN_WINDOW directions and the time scales, and ends below euler on noises it never
     saw."""
-    from epd_core.distill import distill
-    from epd_core.distill_config import DistillConfig
-    from epd_core.dyweight import TRAIN_WINDOW
-    from epd_core.problems import demo_problem
+    from epd_core.training.distill import distill
+    from epd_core.training.distill_config import DistillConfig
+    from epd_core.sampling.dyweight import TRAIN_WINDOW
+    from epd_core.demo.problems import demo_problem
     torch.manual_seed(0)
     train = demo_problem("digits", guidance_scale=2.0)
     sig = karras_list(comfy_sampling, 4, smin=float(train.sigma_min), smax=float(train.sigma_max))
@@ -570,7 +570,7 @@ def test_distilling_a_dyweight_table_starts_at_euler_and_lowers_the_held_out_err
 
 
 def test_dyweight_trains_end_to_end_only_and_says_so():
-    from epd_core.distill_config import DistillConfig, DistillError
+    from epd_core.training.distill_config import DistillConfig, DistillError
     cfg = DistillConfig(sigmas=[80.0, 10.0, 1.0, 0.0], solver="dyweight", num_points=1, objective="per_step")
     with pytest.raises(DistillError, match="dyweight trains with the end_to_end objective only.*'end_to_end'"):
         cfg.validate()
@@ -631,7 +631,7 @@ def test_the_import_node_converts_a_flux_checkpoint_from_the_models_folder(tmp_p
 def test_float32_latents_and_the_gradient_path(comfy_sampling, gmm32):
     """A float32 latent samples as ComfyUI's float32 euler (coefficients made in float64 on the host, no float64
     on the device); with W and a requiring grad (a trainer) the same result comes with finite gradients."""
-    from epd_core.dyweight import integrate_dyweight
+    from epd_core.sampling.dyweight import integrate_dyweight
     sigmas = karras_list(comfy_sampling, 5).float()
     x = noise(seed=9).float()
     model = lambda x, s, **kw: gmm32(x.double(), s.double(), **kw).float()  # noqa: E731
@@ -654,7 +654,7 @@ def test_by_name_download_fetches_the_pinned_path_and_converts(tmp_path, monkeyp
     through EPD_OFFICIAL_BASE_URL, the pin replaced by the generated file's), checks it, converts it in the child."""
     import hashlib
 
-    import epd_core.import_official as imp
+    import epd_core.tables.import_official as imp
     from test_official_tables import file_server
     data = published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(3) * 0.9, torch.ones(3))
     name = "dyweight-flux-nfe3"

@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epd_core.gmm import GaussianMixtureDenoiser
-from epd_core.params import EPDParams, EPDParamsError
-from epd_core.schedules import polynomial, with_final_zero
-from epd_core.solver import EPDSamplingError, PointEvaluator, sample_epd, sample_epd_plugin
+from epd_core.demo.gmm import GaussianMixtureDenoiser
+from epd_core.tables.params import EPDParams, EPDParamsError
+from epd_core.sampling.schedules import polynomial, with_final_zero
+from epd_core.sampling.paper import EPDSamplingError, PointEvaluator, sample_epd, sample_epd_plugin
 
 VALID = EPDParams.from_values(torch.full((5, 2), 0.5), torch.full((5, 2), 0.5), solver="epd",
                               schedule={"type": "polynomial", "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0,

@@ -19,13 +19,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import epd_core.import_official as imp
-from epd_core import predictor_pickle, schedules
-from epd_core.gmm import GaussianMixtureDenoiser
-from epd_core.import_official import EPDImportError, import_official, import_official_bytes
-from epd_core.params import EPDParams, EPDParamsError
-from epd_core.solver import sample_epd, sample_epd_plugin
-from epd_core.torch_storage import STORAGE_DTYPES, read_state_dict, read_storage
+import epd_core.tables.import_official as imp
+from epd_core.sampling import schedules
+from epd_core.tables import predictor_pickle
+from epd_core.demo.gmm import GaussianMixtureDenoiser
+from epd_core.tables.import_official import EPDImportError, import_official, import_official_bytes
+from epd_core.tables.params import EPDParams, EPDParamsError
+from epd_core.sampling.paper import sample_epd, sample_epd_plugin
+from epd_core.tables.torch_storage import STORAGE_DTYPES, read_state_dict, read_storage
 from official_pickle import (FakeCall, FakeGlobal, fixed_bytes_storage_reduce, official_pickle, predictor_state,
                              random_tables, sd15_attrs, zip_storage_reduce)
 
@@ -257,7 +258,8 @@ def _torch_saved(obj, zip_format):
     return buf.getvalue()
 
 
-# ---- our reader of torch's storage layouts (epd_core/torch_storage.py) against torch's own serialization -------
+# ---- our reader of torch's storage layouts (epd_core/tables/torch_storage.py) against torch's own serialization
+# -------
 def _values(dtype, n=37):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * 100

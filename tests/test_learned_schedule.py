@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import default_dtype
 
-from epd_core.distill import DistillConfig, DistillError, distill
-from epd_core.params import EPDParams
-from epd_core.schedules import polynomial, schedule_logits, sigmas_from_logits
-from epd_core.solver import EPDSamplingError, integrate, sample_epd, sample_epd_plugin
+from epd_core.training.distill import DistillConfig, DistillError, distill
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.schedules import polynomial, schedule_logits, sigmas_from_logits
+from epd_core.sampling.paper import EPDSamplingError, integrate, sample_epd, sample_epd_plugin
 
 DIM, SMIN, SMAX = 32, 0.002, 80.0
 
@@ -91,7 +91,7 @@ def test_learning_the_schedule_lowers_the_held_out_error(gmm, tables):
     fixed, learned = tables
     x = SMAX * torch.randn(128, DIM, generator=torch.Generator().manual_seed(4321), dtype=torch.float64)
     ref_sig = torch.cat([polynomial(400, SMIN, SMAX), torch.zeros(1)])
-    import epd_core.distill as D
+    import epd_core.training.distill as D
     ref = D.teacher_states(gmm, x, ref_sig, "heun", 0)[-1]
 
     def err(t):
@@ -124,8 +124,8 @@ def test_demo_model_training_sees_how_the_network_moves_with_its_time_input():
     """The demo models' training wrapper rounds the timestep exactly like ComfyUI in the forward pass, but lets
     the gradient through the fractional index (straight-through): a learned sigma gets the network's part."""
 
-    from epd_core.demo_model import DemoDenoiser
-    from epd_core.problems import demo_problem
+    from epd_core.demo.models import DemoDenoiser
+    from epd_core.demo.problems import demo_problem
     with default_dtype(torch.float32):
         grad_model = demo_problem("digits", guidance_scale=1.0).model
         plain = DemoDenoiser(grad_model.net)

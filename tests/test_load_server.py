@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from comfyui_server import ComfyServer, error_message
-from epd_core.demo_model import DEFAULT_WEIGHTS
+from epd_core.demo.models import DEFAULT_WEIGHTS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason=f"demo weights missing: {DEFAULT_WEIGHTS}")]

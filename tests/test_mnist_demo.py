@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from comfyui_server import error_message
-from epd_core.demo_model import DEMO_MODELS, DemoDenoiser, load_demo_model
-from epd_core.digit_classifier import feature_statistics, frechet_distance, load_classifier
-from epd_core.params import EPDParams
-from epd_core.schedules import polynomial, with_final_zero
-from epd_core.solver import sample_epd
-from epd_core.solvers import variant
+from epd_core.demo.models import DEMO_MODELS, DemoDenoiser, load_demo_model
+from epd_core.demo.classifier import feature_statistics, frechet_distance, load_classifier
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.schedules import polynomial, with_final_zero
+from epd_core.sampling.paper import sample_epd
+from epd_core.sampling.registry import variant
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = sorted((REPO / "pretrained_params").glob("demo_mnist_*.safetensors"))
@@ -65,11 +65,11 @@ def test_real_digits_are_closer_to_real_digits_than_noise_is(classifier, mnist):
 def test_reward_runs_without_scikit_learn_and_scores_both_demo_sizes(mnist):
     """The RL demo reward is shipped weights only: it works in a ComfyUI that has no scikit-learn."""
     code = ("import sys; sys.modules['sklearn'] = None\n"
-            "import torch\nfrom epd_core.rl import DemoClassifierReward\nr = DemoClassifierReward()\n"
+            "import torch\nfrom epd_core.training.rl import DemoClassifierReward\nr = DemoClassifierReward()\n"
             "print(r(torch.zeros(2, 1, 28, 28), [1, 2]).shape, r(torch.zeros(2, 1, 8, 8), [1, 2]).shape)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "torch.Size([2]) torch.Size([2])" in out.stdout, out.stderr
-    from epd_core.rl import DemoClassifierReward
+    from epd_core.training.rl import DemoClassifierReward
     x, y = mnist
     right = DemoClassifierReward()(x[:200], y[:200].tolist())
     wrong = DemoClassifierReward()(x[:200], ((y[:200] + 1) % 10).tolist())

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from epd_core.distill import DistillCancelled, DistillConfig, distill
-from epd_core.epd import EPDSamplingError
-from epd_core.multistep import BUILTINS, ms_table, sample_epd_ms
-from epd_core.params import TENSOR_NAMES, EPDParams, EPDParamsError
-from epd_core.solver import sample_epd
-from epd_core.solvers import NAMES, SOLVERS, variant
+from epd_core.training.distill import DistillCancelled, DistillConfig, distill
+from epd_core.sampling.epd import EPDSamplingError
+from epd_core.sampling.multistep import BUILTINS, ms_table, sample_epd_ms
+from epd_core.tables.params import TENSOR_NAMES, EPDParams, EPDParamsError
+from epd_core.sampling.paper import sample_epd
+from epd_core.sampling.registry import NAMES, SOLVERS, variant
 
 
 def karras_list(k, steps, smin=0.002, smax=80.0):
@@ -166,8 +166,8 @@ def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(co
     """The anchor below the teacher's end sigma (ComfyUI's lists end at sigma_min; the anchor sits at half of it)
     is not where the ODE ends: the target is D(x(sigma_min)), as the benchmark's reference and every built-in
     end, not D(x(anchor)). The loss is the batch's mean squared error, or the mean of per-sample RMSEs."""
-    from epd_core.distill import make_batch
-    from epd_core.teachers import teacher_states
+    from epd_core.training.distill import make_batch
+    from epd_core.training.teachers import teacher_states
     sigmas = karras_list(comfy_sampling, 4, smin=0.5)
     positive = sigmas[:-1].tolist() + [float(sigmas[-2]) / 2]
     cfg = DistillConfig(sigmas=positive, solver="epd_ms", to_zero=True, objective="end_to_end", lr=1e-12,
@@ -190,7 +190,7 @@ def test_the_teacher_target_of_a_step_to_zero_ends_at_the_models_lowest_sigma(co
 @pytest.mark.parametrize("solver,flag,expected", [("epd_ms", [], "rmse"), ("epd", [], "mse"),
                                                   ("epd_ms", ["--loss", "mse"], "mse")])
 def test_the_command_line_trains_with_the_solvers_own_loss_unless_told(tmp_path, solver, flag, expected):
-    from epd_core.train import main
+    from epd_core.training.cli import main
     out = tmp_path / "table.safetensors"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -55,7 +55,7 @@ def conds(pack):
 
 
 def distill_small(pack, patcher, **kw):
-    from epd_core.distill import DistillConfig
+    from epd_core.training.distill import DistillConfig
     sigmas, spec = pack.training.training_sigmas(patcher, "epd_discrete", 2)
     config = DistillConfig(sigmas=sigmas, schedule=spec, num_points=2, inserted_steps=1, iterations=3, batch=2,
                            num_batches=2, lr=0.05, seed=1)

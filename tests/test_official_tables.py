@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import epd_core.import_official as imp
+import epd_core.tables.import_official as imp
 from comfyui_server import COMFYUI, REPO, ComfyServer, error_message, free_port
-from epd_core.import_official import EPDImportError, OfficialFile, import_official_bytes
-from epd_core.params import EPDParams
+from epd_core.tables.import_official import EPDImportError, OfficialFile, import_official_bytes
+from epd_core.tables.params import EPDParams
 from official_pickle import official_pickle, old_branch_pickle, random_tables, sd15_attrs
 
 REAL_BASE = "https://raw.githubusercontent.com/BeierZhu/EPD/88a91f0914069afd700bfee1b590c7b61ceae240"
@@ -274,7 +274,7 @@ HASH_PATCH_NODE = """# test only: the fixtures' SHA-256 become the expected ones
 import sys
 if {repo!r} not in sys.path:
     sys.path.append({repo!r})
-import epd_core.import_official as imp
+import epd_core.tables.import_official as imp
 for name, entry in {entries!r}.items():
     imp.OFFICIAL_FILES[name] = imp.OfficialFile(name, *entry)
 NODE_CLASS_MAPPINGS = {{}}

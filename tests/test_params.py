@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.tables.params import EPDParams, EPDParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_disk_full_during_save_leaves_earlier_file_intact(tmp_path):
     code = f"""
 import resource, signal, sys
 sys.path.insert(0, {str(REPO)!r})
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.tables.params import EPDParams, EPDParamsError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 try:

@@ -1,5 +1,5 @@
-"""epd_core.plan: the one decision of which sigmas and rows a table gets on a sigma list. Every shipped table gives
-the same samples through KSampler's path (its scheduler's list at the table's step count, the model carrying its
+"""epd_core.sampling.plan: the one decision of which sigmas and rows a table gets on a sigma list. Every shipped table
+gives the same samples through KSampler's path (its scheduler's list at the table's step count, the model carrying its
 noise schedule) as through the benchmark's (bench/quality_vs_nfe.py: EPD Sigmas' list, solver.sampler_sigmas, on a
 bare model)."""
 import math
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core.params import EPDParams
-from epd_core.plan import plan
-from epd_core.solver import sampler_sigmas, with_own_sigmas
-from epd_core.solvers import variant
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.plan import plan
+from epd_core.sampling.paper import sampler_sigmas, with_own_sigmas
+from epd_core.sampling.registry import variant
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = REPO / "pretrained_params"
@@ -49,7 +49,7 @@ def ksampler_steps(table: EPDParams) -> int:
 
 @pytest.fixture(scope="module")
 def models(comfy_ref):
-    from epd_core.demo_model import DEMO_MODELS, DemoDenoiser, load_demo_model
+    from epd_core.demo.models import DEMO_MODELS, DemoDenoiser, load_demo_model
     return {"digits": comfy_ref["denoiser"],
             "mnist": DemoDenoiser(load_demo_model(DEMO_MODELS["mnist"]["weights"]), cfg=2.0)}
 
@@ -83,7 +83,7 @@ def test_every_shipped_table_samples_the_same_through_ksampler_as_through_the_be
 def test_a_learned_schedule_below_sigma_max_runs_from_the_lists_first_sigma(comfy_ref):
     """The MNIST EPD-MS NFE 7 table's schedule starts at 14.44, KSampler's full denoise at sigma_max 14.61: its own
     sigmas run, the first one replaced by the list's (RMSE 0.028 against 0.035-0.072 on KSampler's lists, see
-    epd_core/plan.py); a list starting lower (img2img) keeps row i for step i."""
+    epd_core/sampling/plan.py); a list starting lower (img2img) keeps row i for step i."""
     table = EPDParams.load(TABLES / "demo_mnist_epd_ms_nfe7.safetensors")
     ms = comfy_ref["ms"]
     own = table.schedule_sigmas

@@ -8,9 +8,9 @@
 import pytest
 import torch
 
-from epd_core.demo_model import DemoDenoiser, karras_sigmas, load_demo_model
-from epd_core.params import EPDParams
-from epd_core.solver import PointEvaluator, epd_step, sample_epd, sample_epd_plugin
+from epd_core.demo.models import DemoDenoiser, karras_sigmas, load_demo_model
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.paper import PointEvaluator, epd_step, sample_epd, sample_epd_plugin
 
 B = 8
 COND = torch.arange(B) % 10

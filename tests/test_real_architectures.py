@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_server import ComfyServer, error_message
-from epd_core.params import EPDParams
+from epd_core.tables.params import EPDParams
 from official_pickle import official_pickle, random_tables, sd15_attrs
 from real_checkpoints import ensure_checkpoint
 
@@ -330,8 +330,7 @@ def sd15_discrete_sigmas(comfy_sampling, n: int) -> torch.Tensor:
     """The n sigmas of the 'discrete' schedule (rho 1) through SD1.5's own sigma table, computed in-process."""
     import comfy.model_sampling
 
-    from epd_core import schedules
-
+    from epd_core.sampling import schedules
     class Settings:
         sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012}
 

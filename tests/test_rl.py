@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from epd_core.params import EPDParams
-from epd_core.rl import (DemoClassifierReward, LocalModelReward, ResidualDirichletPolicy, RewardUnavailableError,
+from epd_core.tables.params import EPDParams
+from epd_core.training.rl import (DemoClassifierReward, LocalModelReward, ResidualDirichletPolicy,
+                                  RewardUnavailableError,
                          RLCancelled, RLConfig, RLError, TableDistanceReward, rdpo, rloo_advantages)
-from epd_core.rl.rdpo import ppo_loss
+from epd_core.training.rl.rdpo import ppo_loss
 
 torch.set_num_threads(1)
 
@@ -30,7 +31,7 @@ def test_cold_start_mean_is_the_table(k, scale_dir):
     for name in ("positions", "weights", "dir_scales", "time_scales"):
         assert torch.allclose(getattr(m, name), getattr(t, name), atol=1e-6, rtol=0), name
     assert m.metadata["model_family"] == "gmm" and m.metadata["solver"] == "epd"
-    assert m.metadata["provenance"]["trainer"] == "epd_core.rl.rdpo"
+    assert m.metadata["provenance"]["trainer"] == "epd_core.training.rl.rdpo"
     assert m.metadata["provenance"]["base_provenance"] == {"trainer": "test"}
 
 
@@ -95,8 +96,8 @@ def test_rloo_advantages_hand_example():
 def test_one_table_per_sample_in_the_same_loop():
     """RL rollouts give every sample its own table: rows (B, steps, K) through the same integrate. Equal tables
     reproduce the shared-table run; sample 0's result depends only on its own table."""
-    from epd_core.gmm import GaussianMixtureDenoiser
-    from epd_core.solver import integrate
+    from epd_core.demo.gmm import GaussianMixtureDenoiser
+    from epd_core.sampling.paper import integrate
     gmm = GaussianMixtureDenoiser(dim=8, num_components=4, seed=0)
     rows = {k: v.double() for k, v in make_table(3, 2, 0.05).activated().items()}
     other = {k: v.double() for k, v in make_table(3, 2, 0.05, seed=9).activated().items()}
@@ -174,7 +175,7 @@ def test_demo_classifier_reward_scores_real_digits():
 
 
 def test_cli_toy_errors(tmp_path, capsys):
-    from epd_core.train import main
+    from epd_core.training.cli import main
     assert main(["rl", "--model", "demo", "--init", str(tmp_path / "missing.safetensors"),
                  "--out", str(tmp_path / "o.safetensors"), "--iterations", "1"]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
@@ -185,10 +186,11 @@ def test_demo_model_rl_raises_held_out_reward():
     """Short seeded RDPO run on the embedded digits model (4 steps, K=2, CFG 2) with the classifier reward:
     the held-out reward of the exported table beats the distilled cold start, and the images stay close to a
     100-step Heun reference (no collapse)."""
-    from epd_core import demo_model, schedules
-    from epd_core.distill import DistillConfig, distill
-    from epd_core.solver import sample_epd
-    from epd_core.problems import vp_start_scale
+    from epd_core.demo import models as demo_model
+    from epd_core.sampling import schedules
+    from epd_core.training.distill import DistillConfig, distill
+    from epd_core.sampling.paper import sample_epd
+    from epd_core.demo.problems import vp_start_scale
 
     net = demo_model.load_demo_model()
     den = demo_model.DemoDenoiser(net, cfg=2.0)
@@ -226,23 +228,23 @@ def test_demo_model_rl_raises_held_out_reward():
 
 
 def test_cli_rl_distills_then_fine_tunes_and_resumes(tmp_path):
-    from epd_core.train import main
+    from epd_core.training.cli import main
     out = tmp_path / "rl.safetensors"
     common = ["rl", "--model", "demo", "--steps", "2", "-K", "2", "--distill-iterations", "2", "--prompts", "0,1",
               "--group-size", "2", "--lr", "1e-3", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"),
               "--quiet"]
     assert main(common + ["--iterations", "1"]) == 0
     t = EPDParams.load(out)
-    assert t.metadata["provenance"]["trainer"] == "epd_core.rl.rdpo" and t.num_steps == 2
+    assert t.metadata["provenance"]["trainer"] == "epd_core.training.rl.rdpo" and t.num_steps == 2
     assert main(common + ["--iterations", "2", "--resume"]) == 1  # iterations is a result field: refused clearly
 
 
 TORCHRUN_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from epd_core.train import init_distributed
-from epd_core.params import EPDParams
-from epd_core.rl import RLConfig, TableDistanceReward, rdpo
+from epd_core.training.cli import init_distributed
+from epd_core.tables.params import EPDParams
+from epd_core.training.rl import RLConfig, TableDistanceReward, rdpo
 rank, world = init_distributed()
 n = 3
 base = EPDParams.from_values(torch.tensor([[0.2, 0.6]] * n), torch.tensor([[0.5, 0.5]] * n))

@@ -1,4 +1,4 @@
-"""Local-file reward adapters (epd_core.rl.rewards.LocalModelReward) on TINY random models built offline here:
+"""Local-file reward adapters (epd_core.training.rl.rewards.LocalModelReward) on TINY random models built offline here:
 a transformers CLIP (hidden 32, 1 layer, 32x32 images, projection 16) with a handwritten byte-level BPE tokenizer,
 a LAION-style aesthetic head on top of it, (if open_clip is installed) a tiny open_clip model for HPSv2, and a tiny
 ImageReward-shaped BLIP state dict (real key names) checked against a hand-written forward pass."""
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from epd_core.rl import rewards
-from epd_core.rl.rewards import LocalModelReward, RewardUnavailableError
+from epd_core.training.rl import rewards
+from epd_core.training.rl.rewards import LocalModelReward, RewardUnavailableError
 
 
 def _bytes_to_unicode():

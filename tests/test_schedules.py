@@ -4,9 +4,7 @@ import math
 import pytest
 import torch
 
-from epd_core import schedules
-
-
+from epd_core.sampling import schedules
 def test_polynomial_logsnr_time_uniform_endpoints_and_order():
     for s in (schedules.polynomial(10, 0.002, 80, 7), schedules.logsnr(10, 0.002, 80),
               schedules.time_uniform(10, 0.002, 80)):

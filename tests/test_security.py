@@ -19,9 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import epd_core.import_official as imp
-from epd_core.import_official import EPDImportError, import_official_bytes, import_official_isolated
-from epd_core.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
+import epd_core.tables.import_official as imp
+from epd_core.tables.import_official import EPDImportError, import_official_bytes, import_official_isolated
+from epd_core.tables.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
 import hostile_pickles
 from official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
 
@@ -350,7 +350,7 @@ def test_hostile_storages_through_the_cli_are_refused_and_write_nothing(tmp_path
 def test_no_file_byte_reaches_torch_load_or_pickle_loads_anywhere_in_the_pack():
     """Parsed, not grepped (docstrings and the command a user runs on a file they trust may name them): the pack
     calls no torch.load / pickle.load(s) / torch.serialization loader and defines no Unpickler: every pickle is
-    run by our own bounded evaluator (epd_core/torch_storage.py)."""
+    run by our own bounded evaluator (epd_core/tables/torch_storage.py)."""
     import ast
     offenders, unpicklers = [], []
     for path in sorted((REPO / "epd_core").rglob("*.py")) + sorted((REPO / "nodes").rglob("*.py")):
@@ -403,12 +403,12 @@ def test_the_isolated_converters_budgets_turn_a_timeout_or_a_crash_into_a_refusa
 @pytest.mark.parametrize("payload", ["deep_tuple_key", "storage_deep_tuple_zip"])
 def test_the_isolated_child_refuses_a_hostile_file_before_it_imports_torch(payload):
     """A refusal costs the child's Python start-up, not torch's (~2 s): the parse is torch-free
-    (epd_core/predictor_pickle.py and torch_storage.py), and torch is imported only for a file that passed."""
+    (epd_core/tables/predictor_pickle.py and torch_storage.py), and torch is imported only for a file that passed."""
     data = (hostile_pickles.deep_tuple_key() if payload == "deep_tuple_key"
             else hostile_pickles.storage_call(hostile_pickles.STORAGE_ATTACKS["deep tuple key (zip data.pkl)"][0]()))
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from epd_core.import_child import main\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from epd_core.tables.import_child import main\n"
               "code = main(['bad.pkl', 'bad.pkl', str(512 << 20)])\n"
-              "print('EXIT', code, 'torch' in sys.modules, 'epd_core.params' in sys.modules, file=sys.stderr)\n")
+              "print('EXIT', code, 'torch' in sys.modules, 'epd_core.tables.params' in sys.modules, file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(REPO)], input=data, capture_output=True, timeout=300)
     stderr = proc.stderr.decode()
     assert proc.returncode == 0 and proc.stdout == b"", stderr[-2000:]
@@ -418,7 +418,8 @@ def test_the_isolated_child_refuses_a_hostile_file_before_it_imports_torch(paylo
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RLIMIT_AS is set from /proc (Linux)")
 def test_the_isolated_converters_address_space_limit_holds():
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from epd_core.import_child import limit_address_space\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from epd_core.tables.import_child import limit_address_space\n"
               "assert limit_address_space(64 << 20)\n"
               "try:\n    bytearray(512 << 20)\nexcept MemoryError:\n    print('REFUSED')\n")
     proc = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, timeout=300)
@@ -428,7 +429,7 @@ def test_the_isolated_converters_address_space_limit_holds():
 
 @pytest.mark.parametrize("title", STORAGE_ATTACKS)
 def test_hostile_reward_weight_files_are_refused_without_torch_load(tmp_path, title):
-    from epd_core.rl.rewards import RewardUnavailableError, _load_state_dict
+    from epd_core.training.rl.rewards import RewardUnavailableError, _load_state_dict
     build, words = hostile_pickles.STORAGE_ATTACKS[title]
     path = tmp_path / "head.pt"
     path.write_bytes(build())
@@ -478,14 +479,14 @@ def _zip_storage(numel: int, entry: bytes, compression=None) -> bytes:
     (_zip_storage(4, bytes(16), compression=8), "is compressed"),  # zipfile.ZIP_DEFLATED
 ])
 def test_storage_layout_errors_are_refused_with_the_problem_named(data, words):
-    from epd_core.torch_storage import TorchFileError, read_storage
+    from epd_core.tables.torch_storage import TorchFileError, read_storage
     with pytest.raises(TorchFileError) as err:
         read_storage(data)
     assert words in str(err.value), str(err.value)
 
 
 def test_the_hand_made_storages_are_valid_when_consistent():
-    from epd_core.torch_storage import read_storage
+    from epd_core.tables.torch_storage import read_storage
     values = torch.arange(4, dtype=torch.float32)
     raw = values.numpy().tobytes()
     assert torch.equal(read_storage(_legacy(4, 4, raw)), values)
@@ -514,7 +515,7 @@ def test_fuzzed_torch_files_fail_cleanly(base, cut, edits):
     """Truncated or byte-edited storages and state dicts in both layouts: a result or a TorchFileError, nothing
     else (no other exception type, no crash)."""
     import tempfile
-    from epd_core.torch_storage import TorchFileError, read_state_dict, read_storage
+    from epd_core.tables.torch_storage import TorchFileError, read_state_dict, read_storage
     data = bytearray(FUZZ_BASES[base])
     for pos, value in edits:
         data[pos % len(data)] = value

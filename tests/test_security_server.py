@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 
 import hostile_pickles
 from comfyui_server import COMFYUI, REPO, error_message
-from epd_core.params import EPDParams
+from epd_core.tables.params import EPDParams
 from official_pickle import official_pickle, random_tables, sd15_attrs
 
 pytestmark = pytest.mark.server

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from comfyui_server import error_message
-from epd_core.multistep import sample_epd_ms
-from epd_core.params import EPDParams
+from epd_core.sampling.multistep import sample_epd_ms
+from epd_core.tables.params import EPDParams
 from test_server_sampling import (BATCH, DIGIT, base_graph, batches, chosen_table,
                                   ksampler, read_latent, save_latent)
 
@@ -87,7 +87,7 @@ def test_trainer_trains_an_epd_ms_table_that_epd_sampler_uses(comfy_server):
 def test_ksampler_epd_ms_at_a_cfg_where_its_table_lost_samples_exactly_as_the_recorded_builtin(comfy_server):
     """A table carries what was measured at other CFG scales (bench/quality_vs_nfe.py --record): where it lost to
     the best built-in, KSampler's epd_ms samples as that built-in, and says so; where it won, the table runs."""
-    from epd_core.multistep import ms_table
+    from epd_core.sampling.multistep import ms_table
     steps, seed, folder = 13, 8, comfy_server.base / "models" / "epd_params"
     sigmas = comfy_server_sigmas(steps)
     measured = [{"cfg": 2.0, "fit_ratio": 0.8, "ratio": 0.8, "best_builtin": {"sampler": "ipndm", "scheduler":

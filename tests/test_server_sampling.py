@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_server import PromptRejected, error_message
-from epd_core.params import EPDParams
-from epd_core.solvers import variant
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.registry import variant
 
 pytestmark = pytest.mark.server
 BATCH, DIGIT, CFG = 2, 3, 2.0
@@ -62,7 +62,7 @@ def chosen_table(server, solver, steps):
     assert m, f"no table choice logged for {solver} / {steps} steps:\n{server.log_tail()}"
     family, source = m[-1]
     if source.startswith("neutral table"):
-        from epd_core.params import EPDParams as P
+        from epd_core.tables.params import EPDParams as P
         return family, P.from_values(torch.full((steps, 1), 0.5), torch.ones(steps, 1), solver=solver,
                                      max_order=3 if solver == "epd_plugin" else 1)
     for folder in (server.base / "models" / "epd_params", server.repo / "pretrained_params"):

@@ -1,5 +1,5 @@
-"""What every registered solver variant does (epd_core/solvers.py), each through the same code: an untrained table on
-a sigma list, sampling it with a counted model (its registered calls per step), a save / load round trip, two
+"""What every registered solver variant does (epd_core/sampling/registry.py), each through the same code: an untrained
+table on a sigma list, sampling it with a counted model (its registered calls per step), a save / load round trip, two
 iterations of distillation with the EPD Trainer's recipe giving a table of the same variant, and in a real ComfyUI
 server KSampler's entry, EPD Sampler and EPD Compare with that table. And what lets a new variant be its module plus
 one registry entry: no other code compares a solver's name, and epd_core's module-level imports have no cycle."""
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core.demo_model import karras_sigmas
-from epd_core.distill import DistillConfig, distill
-from epd_core.params import EPDParams
-from epd_core.problems import demo_problem
-from epd_core.solver import sampler_sigmas
-from epd_core.solvers import NAMES, SOLVERS, variant
+from epd_core.demo.models import karras_sigmas
+from epd_core.training.distill import DistillConfig, distill
+from epd_core.tables.params import EPDParams
+from epd_core.demo.problems import demo_problem
+from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.registry import NAMES, SOLVERS, variant
 from test_multistep import CountingModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,10 +148,11 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_epd_core_module_level_imports_have_no_cycle():
     graph = import_graph()
-    # the registry imports the variant modules and the table format; params.py reaches it only at call time
-    variants = {"epd_core.params", "epd_core.solver", "epd_core.multistep", "epd_core.dyweight"}
-    assert variants <= graph["epd_core.solvers"]
-    assert "epd_core.solvers" not in graph["epd_core.params"]
+    # the registry imports the variant modules and the table format; tables/params.py reaches it only at call time
+    variants = {"epd_core.tables.params", "epd_core.sampling.paper", "epd_core.sampling.multistep",
+                "epd_core.sampling.dyweight"}
+    assert variants <= graph["epd_core.sampling.registry"]
+    assert "epd_core.sampling.registry" not in graph["epd_core.tables.params"]
     done, path = set(), []
 
     def visit(module):
@@ -170,7 +171,7 @@ def test_epd_core_module_level_imports_have_no_cycle():
 
 def test_no_code_outside_a_variants_module_and_the_registry_compares_a_solver_name():
     """`solver == "epd_ms"`, `name in ("epd", ...)` and the like only where a variant checks its own tables."""
-    own = {REPO / "epd_core" / "solvers.py"} | {REPO / (v.sample.__module__.replace(".", "/") + ".py")
+    own = {REPO / "epd_core" / "sampling" / "registry.py"} | {REPO / (v.sample.__module__.replace(".", "/") + ".py")
                                                  for v in SOLVERS.values()}
     found = []
     for path in sorted((REPO / "epd_core").rglob("*.py")) + sorted((REPO / "nodes").rglob("*.py")):

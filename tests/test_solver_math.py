@@ -3,10 +3,10 @@ import pytest
 import torch
 from conftest import default_dtype
 
-from epd_core.gmm import GaussianMixtureDenoiser, cfg_model
-from epd_core.params import EPDParams
-from epd_core.schedules import polynomial, with_final_zero
-from epd_core.solver import PointEvaluator, epd_step, integrate, sample_epd, sample_epd_plugin
+from epd_core.demo.gmm import GaussianMixtureDenoiser, cfg_model
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.schedules import polynomial, with_final_zero
+from epd_core.sampling.paper import PointEvaluator, epd_step, integrate, sample_epd, sample_epd_plugin
 
 
 
@@ -133,7 +133,7 @@ def test_table_with_override_sigmas_samples_on_its_own_schedule():
     """A table whose schedule says override_sigmas replaces a scheduler's full-denoise list by its training
     sigmas (same step count), rebuilds its polynomial schedule for other counts / img2img starts, and leaves
     everything alone without the flag or with own_schedule=False."""
-    from epd_core.solver import table_schedule_for
+    from epd_core.sampling.paper import table_schedule_for
     gmm = GaussianMixtureDenoiser(dim=16)
     own = polynomial(4, 0.3, 80.0)
     params = EPDParams.from_values(torch.full((3, 2), 0.5), torch.full((3, 2), 0.5),

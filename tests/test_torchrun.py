@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from epd_core.distill import load_checkpoint
-from epd_core.params import EPDParams
+from epd_core.training.distill import load_checkpoint
+from epd_core.tables.params import EPDParams
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["distill", "--model", "gmm", "--gmm-dim", "16", "--steps", "3", "--iterations", "30", "--batch", "8",

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core import distill as D
-from epd_core.gmm import GaussianMixtureDenoiser
-from epd_core.params import EPDParams, atomic_write_bytes
+from epd_core.training import distill as D
+from epd_core.demo.gmm import GaussianMixtureDenoiser
+from epd_core.tables.params import EPDParams, atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -175,7 +175,7 @@ NS_WRITER = """
 import json, os, sys, time
 from pathlib import Path
 import torch
-from epd_core.params import EPDParams, EPDParamsError
+from epd_core.tables.params import EPDParams, EPDParamsError
 target, who, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 table = EPDParams.from_values(torch.full((3, 2), 0.1 * who), torch.full((3, 2), 0.5))
 Path(f"{target}.ready{who}").touch()
@@ -267,7 +267,7 @@ def run(cmd, expect=0, timeout=180):
 def main_in_process(args, capsys=None) -> tuple[int, str]:
     """The CLI's main() in this process (saves a ~3 s interpreter start where no kill is needed); one thread
     like the subprocesses, so float64 results are bit-identical to theirs."""
-    from epd_core.train import main
+    from epd_core.training.cli import main
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -373,7 +373,7 @@ def test_read_only_folders_are_refused_before_training_and_a_failed_save_loses_n
         assert "Traceback" not in ck_err + err and not (tmp_path / "ck").exists()
         refused = time.time() - started
         # the atomic writer itself, failing at the final rename/open: clear message, earlier file intact
-        save = [*prefix, sys.executable, "-c", "import sys; from epd_core.params import EPDParams; "
+        save = [*prefix, sys.executable, "-c", "import sys; from epd_core.tables.params import EPDParams; "
                 f"EPDParams.neutral(3, 2).save({str(out_dir / 'x.safetensors')!r})"]
         proc = subprocess.run(save, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
         msg = proc.stderr.strip().splitlines()[-1]

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from comfyui_server import ComfyServer, error_message
-from epd_core.demo_model import DEFAULT_WEIGHTS
-from epd_core.distill import load_checkpoint
-from epd_core.params import EPDParams
+from epd_core.demo.models import DEFAULT_WEIGHTS
+from epd_core.training.distill import load_checkpoint
+from epd_core.tables.params import EPDParams
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason=f"demo weights missing: {DEFAULT_WEIGHTS}")]

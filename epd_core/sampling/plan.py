@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .epd import check_sigmas
-from .params import EPDParams
-from .runtime import warn_once
-from .schedules import REBUILDABLE, sigmas_for
+from epd_core.sampling.epd import check_sigmas
+from epd_core.tables.params import EPDParams
+from epd_core.runtime import warn_once
+from epd_core.sampling.schedules import REBUILDABLE, sigmas_for
 
 FULL_DENOISE_RTOL = 1e-3  # a list "starts at" a sigma within this relative tolerance (ComfyUI's float32 lists)
 
@@ -53,7 +53,7 @@ def plan(params: EPDParams | None, sigmas, model_sampling=None, solver: str | No
     full denoise; a ComfyUI sampler's `model` carries it, see `model_sampling_of`). `solver`: the variant when
     `params` is None (its built-in). `own_schedule` False: never the table's own sigmas; `strict`: an error where
     the rows would not be the table's exact ones."""
-    from .solvers import variant  # the registry imports the variant modules, which import this one
+    from epd_core.sampling.registry import variant  # the registry imports the variant modules, which import this one
     v = params.variant if params is not None else variant(solver)
     return v.plan(params, sigmas, model_sampling=model_sampling, own_schedule=own_schedule, strict=strict)
 

@@ -31,7 +31,7 @@ class Problem:
 def gmm_problem(dim: int = 64, components: int = 8, seed: int = 0, guidance_scale: float | None = None,
                 device="cpu") -> Problem:
     """The analytic Gaussian mixture (exact denoiser); with a guidance scale, class-conditional with CFG."""
-    from .gmm import GaussianMixtureDenoiser, cfg_model
+    from epd_core.demo.gmm import GaussianMixtureDenoiser, cfg_model
     gmm = GaussianMixtureDenoiser(dim=dim, num_components=components, seed=seed)
     model, extra_fn = gmm, None
     if guidance_scale is not None:  # class-conditional with CFG: labels drawn with the noise
@@ -44,7 +44,7 @@ def gmm_problem(dim: int = 64, components: int = 8, seed: int = 0, guidance_scal
 def demo_problem(model: str = "digits", weights=None, device="cpu", guidance_scale: float | None = None) -> Problem:
     """An embedded demo model with gradients for training: 'mnist' (28x28) or 'digits' / 'demo' (8x8), random
     class labels as conditioning, noise scaled like ComfyUI's."""
-    from . import demo_model
+    from epd_core.demo import models as demo_model
     which = demo_model.DEMO_MODELS["mnist" if model == "mnist" else "digits"]
     net = demo_model.load_demo_model(weights or which["weights"], device=device)
     size = which["size"]

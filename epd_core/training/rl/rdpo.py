@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ..epd import EPDSamplingError, check_sigmas, integrate, positive_steps
-from ..fileio import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
-from ..params import EPDParams, EPDParamsError
-from ..plan import plan
-from ..runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
-from ..solvers import predictor_order, variant
-from ..trainer import cancel_message, check_same_settings, due, open_checkpoint, reduce_gradients
-from .policy import ResidualDirichletPolicy
+from epd_core.sampling.epd import EPDSamplingError, check_sigmas, integrate, positive_steps
+from epd_core.tables.fileio import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
+from epd_core.tables.params import EPDParams, EPDParamsError
+from epd_core.sampling.plan import plan
+from epd_core.runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
+from epd_core.sampling.registry import predictor_order, variant
+from epd_core.training.loop import cancel_message, check_same_settings, due, open_checkpoint, reduce_gradients
+from epd_core.training.rl.policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
 CHECKPOINT_FORMAT = "epd-rdpo-checkpoint-v1"

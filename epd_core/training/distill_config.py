@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .epd import EPDSamplingError, check_sigmas, positive_steps
-from .params import SCHEDULE_TYPES
-from .solvers import NAMES as SOLVER_NAMES
-from .solvers import predictor_order, variant
-from .teachers import TEACHERS
+from epd_core.sampling.epd import EPDSamplingError, check_sigmas, positive_steps
+from epd_core.tables.params import SCHEDULE_TYPES
+from epd_core.sampling.registry import NAMES as SOLVER_NAMES
+from epd_core.sampling.registry import predictor_order, variant
+from epd_core.training.teachers import TEACHERS
 
 OBJECTIVES = ("per_step", "end_to_end", "per_step+end_to_end")
 LOSSES = ("mse", "rmse")  # mean squared error over the batch; mean over samples of each one's RMSE

@@ -13,7 +13,7 @@ The two layouts torch writes (torch/serialization.py):
   key, location, numel)) and `data/<key>` entries with each storage's raw bytes, stored uncompressed.
 
 The parse itself is pure Python + numpy (torch is imported only to hand tensors out), so the isolated importer's
-child refuses a hostile file before it pays torch's start-up (epd_core/import_child.py).
+child refuses a hostile file before it pays torch's start-up (epd_core/tables/import_child.py).
 
 Every pickle runs through `_evaluate`: it builds only literals (None, bools, ints, floats, strings, bytes, lists,
 tuples, dicts with string keys), the allowed storage types, and - for state dicts - tensors through checked

@@ -1,6 +1,6 @@
-"""DyWeight's published tables (Westlake-AGI-Lab/DyWeight) as dyweight EPDParams tables (epd_core/dyweight.py).
+"""DyWeight's published tables (Westlake-AGI-Lab/DyWeight) as dyweight EPDParams tables (epd_core/sampling/dyweight.py).
 FLUX (dyweight_flux/checkpoints/dyweight_nfe*.pt) is read without torch.load: torch's zip layout parsed by the
-pack's bounded reader (epd_core/torch_storage.py) under budgets sized for a 3 kB file. The EDM / SD snapshots
+pack's bounded reader (epd_core/tables/torch_storage.py) under budgets sized for a 3 kB file. The EDM / SD snapshots
 (exps/*/network-snapshot-*.pkl) go through import_official's restricted evaluator, which hands `edm_table` the
 predictor's tensors and the plain hyperparameters.
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .dyweight import flux_grid, flux_mu, from_weights
-from .params import MAX_POINTS, EPDParams, EPDParamsError
-from .schedules import sigmas_for
-from .predictor_pickle import _FIX_NOT_FLUX, FLUX_LIMITS
-from .torch_storage import TorchFileError, read_bytes
+from epd_core.sampling.dyweight import flux_grid, flux_mu, from_weights
+from epd_core.tables.params import MAX_POINTS, EPDParams, EPDParamsError
+from epd_core.sampling.schedules import sigmas_for
+from epd_core.tables.predictor_pickle import _FIX_NOT_FLUX, FLUX_LIMITS
+from epd_core.tables.torch_storage import TorchFileError, read_bytes
 
 FLUX_TRAINED_SIZE = (512, 512)
 FLUX_GUIDANCE = 3.5
@@ -31,7 +31,7 @@ _KNOWN = (*_REQUIRED, "dyweight_meta", "dyweight_params")
 IMPORTER_VERSION = 1
 _EDM_SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete")
 _LATENT_DATASETS = ("ms_coco", "lsun_bedroom_ldm")  # latent models: their sigma range is the model's
-# dataset_name -> model_family (the names KSampler matches tables by, epd_core/params.py FAMILY_NAME)
+# dataset_name -> model_family (the names KSampler matches tables by, epd_core/tables/params.py FAMILY_NAME)
 _FAMILIES = {"ms_coco": "sd15", "cifar10": "cifar10", "ffhq": "ffhq", "afhqv2": "afhqv2",
              "imagenet64": "imagenet64", "lsun_bedroom_ldm": "lsun_bedroom_ldm"}
 

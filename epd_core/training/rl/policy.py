@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..params import EPDParams
+from epd_core.tables.params import EPDParams
 
 SEGMENT_FLOOR = 1e-6    # smallest target gap / sampled component (keeps log-probs finite)
 BOUND_MARGIN = 0.999    # exported scales stay strictly inside (1 - bound, 1 + bound)
@@ -222,7 +222,7 @@ class ResidualDirichletPolicy(nn.Module):
         rows = self.mean_rows()
         meta = copy.deepcopy(self.table.metadata)
         old = meta.get("provenance") or {}
-        prov = {"trainer": "epd_core.rl.rdpo", "method": "RDPO", "kappa": self.kappa, "base_provenance": old,
+        prov = {"trainer": "epd_core.training.rl.rdpo", "method": "RDPO", "kappa": self.kappa, "base_provenance": old,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         prov.update(provenance or {})
         meta["provenance"] = prov

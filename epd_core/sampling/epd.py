@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from tqdm.auto import trange
 
-from .points import PointEvaluator
+from epd_core.sampling.points import PointEvaluator
 
 # Adams-Bashforth coefficients for equal steps, newest direction first (docs/method.md).
 AB_COEFFS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}

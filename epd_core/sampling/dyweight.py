@@ -25,11 +25,11 @@ import math
 
 import torch
 
-from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
-from .params import MAX_MS_COEFFICIENT, EPDParams
-from .plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
-from .runtime import warn_once
-from .schedules import sigmas_for
+from epd_core.sampling.epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
+from epd_core.tables.params import MAX_MS_COEFFICIENT, EPDParams
+from epd_core.sampling.plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
+from epd_core.runtime import warn_once
+from epd_core.sampling.schedules import sigmas_for
 
 ANCHOR_RATIO = 0.5  # the unused last sigma a "to_zero" table records after its last positive grid point
 STARTS = ("euler", "ipndm")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .epd import adams_bashforth
+from epd_core.sampling.epd import adams_bashforth
 
 TEACHERS = ("heun", "dpm2", "dpmpp", "ipndm", "euler")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .params import EPDParams
+from epd_core.tables.params import EPDParams
 
 MAX_ENTRIES = 64  # measured_cfg entries read from one table (a file may be crafted: stay cheap)
 MAX_EXTRAPOLATION = 1.5  # CFG units beyond its measured span a table's nearest measurement still speaks for

@@ -27,19 +27,20 @@ from pathlib import Path
 
 import torch
 
-from .distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, DistillConfig, DistillError
-from .epd import EPDSamplingError, positive_steps
-from .fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
+from epd_core.training.distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, DistillConfig, DistillError
+from epd_core.sampling.epd import EPDSamplingError, positive_steps
+from epd_core.tables.fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
                      write_checkpoint)
-from .params import EPDParams
-from .points import PointEvaluator
-from .runtime import any_rank, batch_seed, rank_and_world
-from .schedules import schedule_logits, sigmas_from_logits
-from .solvers import variant
-from .teachers import TEACHERS, refine_sigmas, teacher_grid, teacher_states
-from .trainer import cancel_message, check_same_settings, due, kept, open_checkpoint, reduce_gradients
+from epd_core.tables.params import EPDParams
+from epd_core.sampling.points import PointEvaluator
+from epd_core.runtime import any_rank, batch_seed, rank_and_world
+from epd_core.sampling.schedules import schedule_logits, sigmas_from_logits
+from epd_core.sampling.registry import variant
+from epd_core.training.teachers import TEACHERS, refine_sigmas, teacher_grid, teacher_states
+from epd_core.training.loop import cancel_message, check_same_settings, due, kept, open_checkpoint, reduce_gradients
 
-# the run's settings and the teachers, re-exported: `from epd_core.distill import DistillConfig, teacher_states`
+# the run's settings and the teachers, re-exported: `from epd_core.training.distill import DistillConfig,
+# teacher_states`
 __all__ = ["distill", "DistillConfig", "DistillError", "DistillCancelled", "OBJECTIVES", "TEACHERS",
            "teacher_states", "teacher_grid", "refine_sigmas", "per_step_losses", "end_to_end_loss",
            "save_checkpoint", "load_checkpoint", "make_batch", "initial_logits", "learned_sigmas"]
@@ -402,7 +403,7 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
         schedule.update(type="explicit", learned=True, floor=cfg.schedule_floor)
     if cfg.to_zero:
         schedule["to_zero"] = True
-    provenance = {"trainer": "epd_core.distill", "teacher": cfg.teacher, "M": cfg.inserted_steps,
+    provenance = {"trainer": "epd_core.training.distill", "teacher": cfg.teacher, "M": cfg.inserted_steps,
                   "teacher_steps": cfg.teacher_steps, "teacher_sigma_min": cfg.teacher_sigma_min,
                   "objective": cfg.objective, "loss": cfg.loss, "iterations": cfg.iterations, "lr": cfg.lr,
                   "batch": cfg.batch, "num_batches": cfg.num_batches, "seed": cfg.seed, "world_size": world,
@@ -412,6 +413,6 @@ def _result_table(theta, scales, cfg: DistillConfig, losses, steps, world) -> EP
             "guidance_scale": cfg.guidance_scale, "model_family": cfg.model_family, "provenance": provenance,
             "num_points": cfg.num_points,  # to_zero: no final call
             "latency_nfe": cfg.calls_per_step * steps - int(cfg.afs) + int(cfg.sigmas[-1] == 0)}
-    if cfg.cfg_range is not None:  # what epd_core.cfg_guard reads as the scales the table was trained on
+    if cfg.cfg_range is not None:  # what epd_core.sampling.cfg_guard reads as the scales the table was trained on
         meta["cfg_range"] = [float(v) for v in cfg.cfg_range]
     return variant(cfg.solver).trained_table(theta, scales, cfg, meta)

@@ -1,7 +1,7 @@
-"""The isolated importer's child process (epd_core/import_official.py `import_official_isolated`): predictor bytes
-on stdin, the table's safetensors bytes on stdout, a refusal as one marked JSON line on stderr.
+"""The isolated importer's child process (epd_core/tables/import_official.py `import_official_isolated`): predictor
+bytes on stdin, the table's safetensors bytes on stdout, a refusal as one marked JSON line on stderr.
 
-It reads the file twice under the same address-space budget: first without torch (epd_core/predictor_pickle.py,
+It reads the file twice under the same address-space budget: first without torch (epd_core/tables/predictor_pickle.py,
 pure Python + numpy), so a hostile file is refused in milliseconds instead of after torch's ~2 s start-up; then,
 for a file that passed, with torch to build the table (the same parse again, then the conversion)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main(argv) -> int:
     source, name, memory = argv[0], argv[1], int(argv[2])
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the table's bytes
-    from .predictor_pickle import MAX_PKL_BYTES, Refusal, failer, parse
+    from epd_core.tables.predictor_pickle import MAX_PKL_BYTES, Refusal, failer, parse
     data = sys.stdin.buffer.read(MAX_PKL_BYTES + 1)
     try:
         limit_address_space(memory)
@@ -27,7 +27,7 @@ def main(argv) -> int:
         import torch
         torch.set_num_threads(1)  # no thread pool (each thread reserves address space)
         limit_address_space(memory)
-        from .import_official import import_official_bytes
+        from epd_core.tables.import_official import import_official_bytes
         payload = import_official_bytes(data, source=source, name=name).to_bytes()
     except Refusal as e:  # EPDImportError is one
         sys.stderr.write("\n" + MARK + json.dumps(str(e)) + "\n")

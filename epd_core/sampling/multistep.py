@@ -26,12 +26,13 @@ import math
 
 import torch
 
-from .epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, final_euler_step, positive_part, run_steps
-from .params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
-from .points import PointEvaluator
-from .runtime import warn_once
-from .plan import Plan, model_sampling_of, sigma_max_of
-from .plan import own_schedule as own_schedule_for
+from epd_core.sampling.epd import (AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, final_euler_step,
+                                   positive_part, run_steps)
+from epd_core.tables.params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
+from epd_core.sampling.points import PointEvaluator
+from epd_core.runtime import warn_once
+from epd_core.sampling.plan import Plan, model_sampling_of, sigma_max_of
+from epd_core.sampling.plan import own_schedule as own_schedule_for
 
 HISTORY = 3                # past directions a row combines
 HISTORY_WIDTHS = (HISTORY, 2 * HISTORY)  # theta_h: g, then u (tables written before u existed: g only)

@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from .fileio import check_checkpoint_folder
-from .runtime import mean_over_ranks, sum_over_ranks
+from epd_core.tables.fileio import check_checkpoint_folder
+from epd_core.runtime import mean_over_ranks, sum_over_ranks
 
 
 def open_checkpoint(path: Path | None, resume: bool | None, error: type[Exception], load: Callable[[Path], dict],

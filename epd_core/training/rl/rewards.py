@@ -51,7 +51,7 @@ class Reward:
 
 # ------------------------------------------------------------------------------------------------ demo digits
 
-_DIGITS_CLASSIFIER = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
+_DIGITS_CLASSIFIER = Path(__file__).resolve().parents[2] / "demo" / "assets" / "digits_classifier.safetensors"
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +65,7 @@ def _digits_logistic_regression():
 
 @functools.lru_cache(maxsize=1)
 def _mnist_classifier():
-    from ..digit_classifier import load_classifier
+    from epd_core.demo.classifier import load_classifier
     return load_classifier()
 
 
@@ -257,10 +257,10 @@ CONVERT_TO_SAFETENSORS = ("python -c \"import sys, torch; from safetensors.torch
 
 def _load_state_dict(kind, file):
     """Tensors only: safetensors, or torch's .pt/.pth/.bin layouts read by our own bounded parser
-    (epd_core/torch_storage.py: an exact allow-list of what a saved state dict holds, every budget checked before
+    (epd_core/tables/torch_storage.py: an exact allow-list of what a saved state dict holds, every budget checked before
     anything is built). No byte of the file reaches torch.load or pickle: their unpicklers have no depth, size or
     time limit, so a crafted .pt could crash or freeze the server even with weights_only=True."""
-    from ..torch_storage import TorchFileError, read_state_dict
+    from epd_core.tables.torch_storage import TorchFileError, read_state_dict
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -1,11 +1,11 @@
 """Read an EPD / DyWeight predictor pickle into inert values, safely and without torch (the conversion into a table
-is epd_core/import_official.py's). Pure Python + numpy, so the importer's isolated child refuses a hostile file
+is epd_core/tables/import_official.py's). Pure Python + numpy, so the importer's isolated child refuses a hostile file
 before it pays torch's start-up.
 
 1. `_prescan` runs the opcode stream on abstract values (pickletools.genops), building nothing: the file must be
    one complete pickle with no persistent ids, sane memo indices, only the allowed globals, and within explicit
    budgets (PICKLE_MAX_*).
-2. Our own pickle evaluator (epd_core/torch_storage.py `evaluate`, with `_Hooks`) builds the values, resolving
+2. Our own pickle evaluator (epd_core/tables/torch_storage.py `evaluate`, with `_Hooks`) builds the values, resolving
    only the few names such a file uses, each to an inert stand-in defined here; storages are read by the same
    evaluator in torch's legacy and zip layouts, tensors become numpy arrays (`_Array.tensor` hands torch one).
 """
@@ -18,7 +18,8 @@ import pickletools
 
 import numpy as np
 
-from .torch_storage import Hooks, Limits, Storage, TorchFileError, check_bytes, evaluate, read_storage_array
+from epd_core.tables.torch_storage import (Hooks, Limits, Storage, TorchFileError, check_bytes, evaluate,
+                                           read_storage_array)
 
 # What a predictor pickle may make the unpickler build, checked by an opcode walk before anything is built
 # (_prescan). A published predictor is 3-7 kB: a few hundred opcodes, a dozen levels deep, four 10 x 2 tables.
@@ -71,7 +72,7 @@ def is_torch_zip(data: bytes) -> bool:
 def parse(data: bytes, fail):
     """The values an official EPD / DyWeight predictor pickle holds, built from inert stand-ins (tensors as numpy
     arrays), or `fail(problem, fix)`. A zip (DyWeight's FLUX .pt) is checked by torch_storage and returned as
-    None: its reading into tensors is epd_core/import_dyweight.py's."""
+    None: its reading into tensors is epd_core/tables/import_dyweight.py's."""
     if len(data) > MAX_PKL_BYTES:
         fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
     if is_torch_zip(data):
@@ -175,7 +176,8 @@ def _reconstruct_persistent_obj(meta):
 
 
 def _load_from_bytes(data):
-    """A storage saved by torch (legacy or zip layout), read by our own bounded parser (epd_core/torch_storage.py):
+    """A storage saved by torch (legacy or zip layout), read by our own bounded parser
+    (epd_core/tables/torch_storage.py):
     no byte of the file reaches torch.load or pickle.loads."""
     if not isinstance(data, bytes):
         raise _Bad("a tensor storage is not stored as bytes")
@@ -302,7 +304,8 @@ def _check_global(module: str, name: str):
 
 
 class _Hooks(Hooks):
-    """What the outer pickle's globals, calls and BUILDs become in our evaluator (epd_core/torch_storage.py, which
+    """What the outer pickle's globals, calls and BUILDs become in our evaluator (epd_core/tables/torch_storage.py,
+    which
     replaces pickle's unpickler: no byte of the file reaches pickle.load / pickle.loads)."""
     passthrough = (_Bad,)
 

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from .runtime import free_cache, is_oom
+from epd_core.runtime import free_cache, is_oom
 
 log = logging.getLogger("epd")
 
