@@ -33,11 +33,11 @@ from epd_core.tables.fileio import (adam_state_tensors, load_adam_state, read_ch
                      write_checkpoint)
 from epd_core.tables.params import EPDParams
 from epd_core.sampling.points import PointEvaluator
-from epd_core.runtime import any_rank, batch_seed, rank_and_world
+from epd_core.runtime import batch_seed, rank_and_world
 from epd_core.sampling.schedules import schedule_logits, sigmas_from_logits
 from epd_core.sampling.registry import variant
 from epd_core.training.teachers import TEACHERS, refine_sigmas, teacher_grid, teacher_states
-from epd_core.training.loop import cancel_message, check_same_settings, due, kept, open_checkpoint, reduce_gradients
+from epd_core.training.loop import TrainingRun, check_same_settings, open_checkpoint, reduce_gradients
 
 # the run's settings and the teachers, re-exported: `from epd_core.training.distill import DistillConfig,
 # teacher_states`
@@ -244,11 +244,11 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
     _check_model_gradient(model, x_probe, sig[0], extra_probe)
     teacher_cache: dict[int, tuple] = {}
     poll = _poller(should_stop) if world == 1 else None
-    last_saved = start if ckpt is not None else None
+    run = TrainingRun("distillation", cfg.iterations, ckpt_path, cfg.checkpoint_interval, DistillCancelled, start,
+                      ckpt is not None, rank, world)
 
-    for it in range(start, cfg.iterations):
-        if should_stop is not None and any_rank(bool(should_stop()), world):
-            raise DistillCancelled(cancel_message("distillation", it, ckpt_path, last_saved))
+    def step(it: int) -> float:
+        nonlocal optimizer
         name, s0, s1 = _stage_at(cfg, it)
         if it == s0 and s0 > 0:
             optimizer = _adam(theta, cfg)  # fresh moments for the end-to-end fine-tuning stage
@@ -265,26 +265,20 @@ def distill(model, sigmas=None, noise_fn=None, config: DistillConfig | None = No
             if anchor_below_end:  # keep one state per student sigma: the anchor's (never a target) repeats
                 states = states[:-1] + [states[-2], states[-1]]
             teacher_cache[j] = (x0, extra, states)
-        batch = teacher_cache[j]
 
         try:
-            loss_value = _loss_and_gradients(name, model, batch, sig, theta, scales, cfg, feature_fn, world)
+            loss_value = _loss_and_gradients(name, model, teacher_cache[j], sig, theta, scales, cfg, feature_fn,
+                                             world)
         except EPDSamplingError as e:
-            raise DistillError(f"iteration {it}: {e} {kept(ckpt_path, last_saved)}") from None
+            raise DistillError(f"iteration {it}: {e} {run.kept()}") from None
         if not math.isfinite(loss_value) or not all(torch.isfinite(t.grad).all() for t in theta):
             raise DistillError(f"the loss became {loss_value} at iteration {it} (training diverged). Lower the "
-                               f"learning rate (now {cfg.lr}) or check the model and its precision. "
-                               f"{kept(ckpt_path, last_saved)}")
+                               f"learning rate (now {cfg.lr}) or check the model and its precision. {run.kept()}")
         optimizer.step()
-        losses.append(loss_value)
+        return loss_value
 
-        done = it + 1
-        if ckpt_path is not None and due(done, cfg.checkpoint_interval, cfg.iterations, rank):
-            save_checkpoint(ckpt_path, theta, optimizer, done, losses, cfg, scales)
-            last_saved = done
-        if progress is not None:
-            progress(done, loss_value)
-
+    run.iterate(step, lambda done: save_checkpoint(ckpt_path, theta, optimizer, done, losses, cfg, scales), losses,
+                progress, should_stop)
     if history is not None:
         history[:] = losses
     if cfg.learn_schedule:  # the learned schedule becomes the table's own

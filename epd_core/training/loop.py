@@ -1,16 +1,56 @@
-"""Helpers distillation (distill.py) and RDPO (rl/rdpo.py) both call around their updates: the one resume rule for
-a checkpoint path, the settings check before resuming, the gradient all-reduce over torchrun ranks, when rank 0
-saves, and the Cancel message. Each trainer still runs its own loop (iteration, checkpoint, progress) around
-them."""
+"""The trainer loop distillation (distill.py) and RDPO (rl/rdpo.py) both run, `TrainingRun.iterate`: Cancel on any
+rank before an iteration, the trainer's step, the loss / statistics history, rank 0's checkpoint every `interval`
+iterations and at the end, progress. Around it the pieces both share: the one resume rule for a checkpoint path,
+the settings check before resuming, the gradient all-reduce over torchrun ranks and what a stopped run leaves."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from epd_core.runtime import any_rank, mean_over_ranks, sum_over_ranks
 from epd_core.tables.fileio import check_checkpoint_folder
-from epd_core.runtime import mean_over_ranks, sum_over_ranks
+
+
+@dataclass
+class TrainingRun:
+    """One run's bookkeeping: `iterate(step, save, history)` runs iterations `start` .. `iterations` - 1."""
+    what: str                          # "distillation", "RL": what a Cancel message says was cancelled
+    iterations: int
+    checkpoint: Path | None            # None: no checkpoints
+    interval: int                      # rank 0 saves every `interval` iterations and at the end
+    cancelled: type[Exception]         # raised on Cancel
+    start: int = 0                     # the resumed checkpoint's iteration
+    resumed: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        self.last_saved = self.start if self.resumed else None
+
+    def iterate(self, step: Callable[[int], object], save: Callable[[int], None], history: list,
+                progress: Callable | None = None, should_stop: Callable[[], bool] | None = None) -> list:
+        """step(it) -> the iteration's record (a loss, a dict of statistics), appended to `history`;
+        save(done) writes the checkpoint after `done` iterations; progress(done, record); should_stop() before
+        every iteration, on every rank (any rank's True stops all: `cancelled`, nothing new written)."""
+        for it in range(self.start, self.iterations):
+            if should_stop is not None and any_rank(bool(should_stop()), self.world):
+                raise self.cancelled(cancel_message(self.what, it, self.checkpoint, self.last_saved))
+            record = step(it)
+            history.append(record)
+            done = it + 1
+            if self.checkpoint is not None and due(done, self.interval, self.iterations, self.rank):
+                save(done)
+                self.last_saved = done
+            if progress is not None:
+                progress(done, record)
+        return history
+
+    def kept(self) -> str:
+        """What a run stopped by an error leaves behind, for its message."""
+        return kept(self.checkpoint, self.last_saved)
 
 
 def open_checkpoint(path: Path | None, resume: bool | None, error: type[Exception], load: Callable[[Path], dict],

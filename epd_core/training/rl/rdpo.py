@@ -24,9 +24,9 @@ from epd_core.sampling.epd import EPDSamplingError, check_sigmas, integrate, pos
 from epd_core.tables.fileio import adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint
 from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.sampling.plan import plan
-from epd_core.runtime import any_rank, batch_seed, rank_and_world, sum_over_ranks
+from epd_core.runtime import batch_seed, rank_and_world, sum_over_ranks
 from epd_core.sampling.registry import predictor_order, variant
-from epd_core.training.loop import cancel_message, check_same_settings, due, open_checkpoint, reduce_gradients
+from epd_core.training.loop import TrainingRun, check_same_settings, open_checkpoint, reduce_gradients
 from epd_core.training.rl.policy import ResidualDirichletPolicy
 
 log = logging.getLogger("epd")
@@ -198,12 +198,11 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         load_adam_state(optimizer, ckpt["tensors"], params)
         start, hist = ckpt["iteration"], list(ckpt["history"])
         log.info("EPD RL: resuming %s at iteration %d/%d", ckpt_path, start, cfg.iterations)
-    last_saved = start if ckpt is not None else None
-
+    run = TrainingRun("RL", cfg.iterations, ckpt_path, cfg.checkpoint_interval, RLCancelled, start, ckpt is not None,
+                      rank, world)
     G, P = cfg.group_size, n_iter
-    for it in range(start, cfg.iterations):
-        if should_stop is not None and any_rank(bool(should_stop()), world):
-            raise RLCancelled(cancel_message("RL", it, ckpt_path, last_saved))
+
+    def step(it: int) -> dict:
         sample, rows, logp_old, images, my_prompts = _rollouts(policy, model, sig, base_table, prompts, noise_fn,
                                                                extra_args_fn, it, P, G, rank, world, cfg.seed,
                                                                max_order, to_zero)
@@ -217,15 +216,11 @@ def rdpo(model, sigmas, base_table: EPDParams, reward, prompts, noise_fn=None, c
         with torch.no_grad():
             entropy = float(policy.entropy())
             kl = float(policy.kl_to_reference())
-        stats = {"iteration": it + 1, "reward": r_mean, "reward_std": r_std, "entropy": entropy,
-                 "grad_norm": grad_norm, "loss": loss_v, "kl": kl, "clip_frac": clip_frac}
-        hist.append(stats)
-        done = it + 1
-        if ckpt_path is not None and due(done, cfg.checkpoint_interval, cfg.iterations, rank):
-            save_checkpoint(ckpt_path, policy, optimizer, done, hist, cfg, base_table)
-            last_saved = done
-        if progress is not None:
-            progress(done, stats)
+        return {"iteration": it + 1, "reward": r_mean, "reward_std": r_std, "entropy": entropy,
+                "grad_norm": grad_norm, "loss": loss_v, "kl": kl, "clip_frac": clip_frac}
+
+    run.iterate(step, lambda done: save_checkpoint(ckpt_path, policy, optimizer, done, hist, cfg, base_table), hist,
+                progress, should_stop)
     if history is not None:
         history[:] = hist
     prov = {"reward": getattr(reward, "name", type(reward).__name__), "iterations": cfg.iterations,
