@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from epd_core import compare
 from epd_core.sampling import cfg_guard
 from epd_core.tables.params import EPDParams, EPDParamsError
-from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.plan import sampler_sigmas
 from epd_core.sampling.registry import NAMES as SOLVER_NAMES
 from epd_core.sampling.registry import variant
 

@@ -7,7 +7,7 @@ import comfy.samplers
 
 from epd_core.tables.params import EPDParams
 from epd_core.runtime import log_once
-from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.plan import sampler_sigmas
 from epd_core.sampling.registry import NAMES as SOLVER_NAMES
 from epd_core.sampling.registry import SOLVERS, variant
 

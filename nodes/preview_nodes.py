@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from epd_core.sampling.paper import own_sigmas
+from epd_core.sampling.plan import own_sigmas
 from .compat import io, ui
 from .sockets import EPDParamsType
 from .plotting import table_picture, to_image_tensor

@@ -14,11 +14,10 @@ from epd_core.runtime import log_once
 from epd_core.sampling.epd import positive_steps
 from epd_core.tables.params import MAX_STEPS
 from epd_core.sampling.plan import model_sampling_of
-from epd_core.sampling.paper import with_own_sigmas
 from epd_core.sampling.registry import NAMES, variant
 
 from .compat import few_step_hint, model_problem, send_progress_text, sequential_reasons
-from .tables import ksampler_tables, model_family, neutral_table
+from .tables import ksampler_tables, model_family
 
 SAMPLER_NAMES = NAMES
 
@@ -41,8 +40,6 @@ def run_epd(solver: str, model, x, sigmas, params, extra_args=None, callback=Non
     points = params.num_points if params is not None and variant(solver).parallel_points else 1
     log_once((solver, path), logging.INFO, f"EPD: {solver} runs the {points} points of each step {path}"
              + ("" if sequential else " in one model call"))
-    if params is not None:  # exact rows for a table whose schedule is defined through the model, from any node
-        params = with_own_sigmas(params, sigmas, model_sampling_of(model))
     sample = variant(solver).sample_fn()
     return sample(model, x, sigmas, params, extra_args=extra_args, callback=callback, disable=disable,
                   sequential=sequential, **opts)
@@ -129,7 +126,9 @@ def _dropdown_sampler(solver: str):
         if untrained:
             params, source = None, f"no {solver} table of {calls} steps for this model: exactly {untrained}"
         else:
-            params, source = neutral_table(solver, steps), "neutral table (no trained table for this model)"
+            params = variant(solver).untrained_table(sigmas, num_points=1, provenance={
+                "source": "neutral fallback (no trained table for this model)"})  # dpm_2 (epd), or iPNDM-predicted
+            source = "neutral table (no trained table for this model)"
         log_once((solver, family, steps, source), logging.INFO,
                  f"EPD: {solver} on {family} with {steps} steps uses {source}")
         return run_epd(solver, model, x, sigmas, params, extra_args, callback, disable, **opts)

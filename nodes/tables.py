@@ -24,12 +24,11 @@ import re
 from pathlib import Path
 
 import folder_paths
-import torch
 
 from epd_core.tables.fileio import read_safetensors_header
 from epd_core.tables.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
-from epd_core.sampling.registry import predictor_order, variant
+from epd_core.sampling.registry import variant
 
 from .compat import sampling_variant
 
@@ -294,14 +293,6 @@ def _skip(path, shown: str, problem: str) -> None:
     except OSError:
         mtime = None
     log_once(("skip", str(path), mtime), logging.WARNING, f"EPD: KSampler skips the table {shown}: {problem}")
-
-
-def neutral_table(solver: str, steps: int) -> EPDParams:
-    """Used when no table exists for the model: one point at the geometric midpoint, i.e. exactly ComfyUI's
-    dpm_2 (EPD) or an iPNDM-predicted midpoint (EPD-Plugin). Honest, never worse than that baseline."""
-    return EPDParams.from_values(torch.full((max(steps, 1), 1), 0.5), torch.ones(max(steps, 1), 1), solver=solver,
-                                 max_order=predictor_order(solver, None),
-                                 provenance={"source": "neutral fallback (no trained table for this model)"})
 
 
 # ---- tables a node writes -------------------------------------------------------------------------------

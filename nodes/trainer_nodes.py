@@ -17,7 +17,7 @@ from epd_core.training.distill import OBJECTIVES, TEACHERS, DistillConfig, Disti
 from epd_core.tables.params import EPDParams
 from epd_core.training.rl import RewardUnavailableError, RLConfig, RLError
 from epd_core.runtime import is_oom
-from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.plan import sampler_sigmas
 from epd_core.sampling.registry import NAMES as SOLVER_NAMES
 from epd_core.sampling.registry import SOLVERS, variant
 
@@ -62,7 +62,8 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
     cfg_range = cfg_range_of(cfg, cfg_max)
     sigma_min = float(model.get_model_object("model_sampling").sigma_min)
     own = v.trainer_fields(lambda rows: training_sigmas(model, schedule, rows), steps=steps, num_points=num_points,
-                           cfg_scale=sum(cfg_range) / 2 if cfg_range else cfg, lr=learning_rate, sigma_min=sigma_min)
+                           cfg_scale=sum(cfg_range) / 2 if cfg_range else cfg, lr=learning_rate * v.lr_scale,
+                           sigma_min=sigma_min)
     shared = dict(
         solver=solver, teacher=teacher, inserted_steps=inserted_steps, objective=objective, iterations=iterations,
         lr=learning_rate * v.lr_scale, batch=batch, seed=seed, checkpoint_path=str(ckpt),

@@ -10,7 +10,7 @@ import torch
 
 from epd_core.tables.params import EPDParams
 from epd_core.sampling.plan import plan
-from epd_core.sampling.paper import sampler_sigmas, with_own_sigmas
+from epd_core.sampling.plan import sampler_sigmas, with_own_sigmas
 from epd_core.sampling.registry import variant
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,6 +12,8 @@ import logging
 import pytest
 import torch
 
+from epd_core.params import EPDParams
+
 import test_newest_comfyui as newest
 from test_newest_comfyui import conds, demo_patcher, distill_small, run_epd_sampler
 
@@ -191,7 +193,7 @@ def test_noise_scale_goes_through_comfyuis_noise_scaling(pack, tables, one_threa
     guider = comfy.samplers.CFGGuider(one)
     guider.set_conds(pos, neg)
     guider.set_cfg(2.0)
-    table = pack.samplers.neutral_table("epd", 4)
+    table = EPDParams.from_values(torch.full((4, 1), 0.5), torch.ones(4, 1))  # one midpoint: dpm_2
     sampler = comfy.samplers.KSAMPLER(lambda model, x, sigmas, extra_args=None, callback=None, disable=None:
                                       pack.samplers.run_epd("epd", model, x, sigmas, table, extra_args, callback,
                                                             disable))

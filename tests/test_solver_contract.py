@@ -15,7 +15,7 @@ from epd_core.demo.models import karras_sigmas
 from epd_core.training.distill import DistillConfig, distill
 from epd_core.tables.params import EPDParams
 from epd_core.demo.problems import demo_problem
-from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.plan import sampler_sigmas
 from epd_core.sampling.registry import NAMES, SOLVERS, variant
 from test_multistep import CountingModel
 
@@ -44,10 +44,10 @@ def trained(digits):
     tables = {}
     for v in SOLVERS.values():
         fields = v.trainer_fields(lambda rows: karras_list(digits, rows), steps=STEPS, num_points=K, cfg_scale=2.0,
-                                  lr=0.1, sigma_min=digits.sigma_min)
-        cfg = DistillConfig(solver=v.name, lr=0.1 * v.lr_scale, iterations=2, batch=BATCH, num_batches=1,
-                            teacher_steps=20, inserted_steps=1, teacher_sigma_min=digits.sigma_min,
-                            model_family=digits.family, **fields)
+                                  lr=0.1 * v.lr_scale, sigma_min=digits.sigma_min)
+        run = dict(solver=v.name, lr=0.1 * v.lr_scale, iterations=2, batch=BATCH, num_batches=1, teacher_steps=20,
+                   inserted_steps=1, teacher_sigma_min=digits.sigma_min, model_family=digits.family)
+        cfg = DistillConfig(**{**run, **fields})  # as the EPD Trainer: the variant's own fields win
         tables[v.name] = distill(digits.model, None, digits.noise_fn(cfg.sigmas[0]), cfg,
                                  extra_args_fn=digits.extra_args_fn)
     return tables
@@ -191,7 +191,7 @@ def test_no_code_outside_a_variants_module_and_the_registry_compares_a_solver_na
 def test_ksampler_epd_sampler_and_epd_compare_run_every_variant(comfy_server, comfy_ref, trained):
     """Each variant's trained table, listed for KSampler: KSampler's entry picks it, EPD Sampler (with EPD Sigmas)
     runs it, both as epd_core samples them with the registered calls per step, and EPD Compare scores it."""
-    from comfyui_server import error_message
+    from bench.comfyui_server import error_message
     from test_server_sampling import base_graph, batches, ksampler, read_latent, reference, save_latent
     folder = comfy_server.base / "models" / "epd_params"
     seed, graph, steps = 7, base_graph("contract"), {}

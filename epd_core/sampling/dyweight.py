@@ -28,6 +28,7 @@ import torch
 from epd_core.sampling.epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
 from epd_core.tables.params import MAX_MS_COEFFICIENT, EPDParams
 from epd_core.sampling.plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
+from epd_core.sampling.plan import plan as table_plan
 from epd_core.runtime import warn_once
 from epd_core.sampling.schedules import sigmas_for
 
@@ -234,7 +235,8 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
         raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); DyWeight needs a dyweight "
                                "table (python -m epd_core.import_official), or sample it with its own solver")
     ms = model_sampling if model_sampling is not None else model_sampling_of(model)
-    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict, model=model)
+    p = table_plan(params, sigmas, model_sampling=ms, solver="dyweight", own_schedule=own_schedule, strict=strict,
+                   model=model)
     steps = len(p.sigmas) - 1
     if p.table is None:
         W, a = torch.eye(steps, dtype=torch.float64), torch.ones(steps, dtype=torch.float64)

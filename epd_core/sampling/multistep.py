@@ -33,6 +33,7 @@ from epd_core.sampling.points import PointEvaluator
 from epd_core.runtime import warn_once
 from epd_core.sampling.plan import Plan, model_sampling_of, sigma_max_of
 from epd_core.sampling.plan import own_schedule as own_schedule_for
+from epd_core.sampling.plan import plan as table_plan
 
 HISTORY = 3                # past directions a row combines
 HISTORY_WIDTHS = (HISTORY, 2 * HISTORY)  # theta_h: g, then u (tables written before u existed: g only)
@@ -223,7 +224,8 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
         raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); EPD-MS needs an epd_ms "
                                "table (train one with solver epd_ms), or sample it with its own solver")
     ms = model_sampling if model_sampling is not None else model_sampling_of(model)
-    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict, builtin=builtin)
+    p = table_plan(params, sigmas, model_sampling=ms, solver="epd_ms", own_schedule=own_schedule, strict=strict,
+                   builtin=builtin)
     table = p.table
     if table is None:
         if float(p.sigmas[-1]) != 0:
@@ -315,16 +317,24 @@ def check_config(cfg, need) -> None:
          "Use to_zero=True (positive sigmas, the last one anchoring the step to 0) and afs=False.")
 
 
+def recipe(positive, sigma_min: float, lr: float) -> dict:
+    """EPD-MS's training recipe over DistillConfig's defaults, on `positive` (a list's positive sigmas, the last one
+    the anchor): the last row steps to 0, end to end, the schedule learned with the table at twice its learning
+    rate and down to a floor of at most 0.005 and half the anchor, the teacher stopping at the model's sigma_min.
+    The shipped tables (scripts/make_ms_tables.py), the EPD Trainer and `python -m epd_core.train distill --solver
+    epd_ms` all train with it; the run's size, teacher and starting built-in are the caller's."""
+    return dict(sigmas=list(positive), to_zero=True, objective="end_to_end", learn_schedule=True,
+                schedule_floor=min(0.005, positive[-1] / 2), lr=lr, schedule_lr=2 * lr, teacher_sigma_min=sigma_min)
+
+
 def trainer_fields(scheduler_list, steps: int, num_points: int, cfg_scale: float, lr: float,
                    sigma_min: float) -> dict:
     """The EPD Trainer's run: `steps` model calls on the scheduler's list (KSampler's `steps`), its positive sigmas
-    plus the last step's anchor, learned end to end with the schedule from the coefficients of the built-in that is
-    strongest at the CFG it trains for (starting_builtin)."""
+    plus the last step's anchor, trained with `recipe` from the coefficients of the built-in that is strongest at
+    the CFG it trains for (starting_builtin)."""
     sigmas, spec = scheduler_list(steps - 1)
-    positive = anchored(sigmas)
-    return dict(sigmas=positive, schedule=spec, num_points=num_points, builtin=starting_builtin(cfg_scale),
-                to_zero=True, learn_schedule=True, schedule_floor=min(positive[-1], sigma_min) * 0.25,
-                objective="end_to_end", schedule_lr=lr * 0.2)
+    return dict(recipe(anchored(sigmas), sigma_min, lr), schedule=spec, num_points=num_points,
+                builtin=starting_builtin(cfg_scale))
 
 
 def starting_builtin(cfg: float) -> str:

@@ -1,12 +1,11 @@
 """EPD-Solver and EPD-Plugin as ComfyUI / k-diffusion samplers: `sample_epd(model, x, sigmas, params)`
-(EPD-MS, this pack's one-call variant: `sample_epd_ms`, in multistep.py; every variant: solvers.SOLVERS).
+(EPD-MS, this pack's one-call variant: `sample_epd_ms`, in multistep.py; DyWeight: dyweight.py; every variant:
+registry.SOLVERS).
 
-The step and the loop are in `epd.py`; this module owns which sigmas and rows a table gets: its own sigmas
-for a model (`own_sigmas`; `sampler_sigmas`: the list EPD Sigmas outputs), a copy that records them when a
-caller's list is exactly those (`with_own_sigmas`, for schedules defined through the model), which rows a sigma
-list gets (`rows_for_sigmas`), whether a table samples on its own schedule (`table_schedule_for`: plan.py's rule),
-the paper variants' part of plan.plan (`plan`), and how options reach the loop. At the end: the paper variants'
-table and training functions their registry entries (solvers.SOLVERS: epd, epd_plugin) refer to.
+The step and the loop are in `epd.py`, a table's own sigmas and the one decision of which sigmas and rows it gets
+in `plan.py`; this module holds the paper variants' part of that decision (`plan`: which rows a sigma list gets,
+`rows_for_sigmas`; whether a table samples on its own schedule, `table_schedule_for`), how options reach the loop,
+and at the end the paper variants' table and training functions their registry entries (epd, epd_plugin) refer to.
 """
 from __future__ import annotations
 
@@ -16,64 +15,17 @@ import torch
 from epd_core.sampling.epd import (EPDSamplingError, adams_bashforth, check_sigmas, epd_step, final_euler_step,
                                    integrate,
                   positive_part, positive_steps)
-from epd_core.tables.params import EPDParams, EPDParamsError, activate
+from epd_core.tables.params import EPDParams, activate
 from epd_core.sampling.points import PointEvaluator
-from epd_core.sampling.plan import Plan, full_denoise, model_sampling_of, own_schedule, sigma_max_of, starting_at
+from epd_core.sampling.plan import Plan, model_sampling_of, own_schedule, sigma_max_of
+from epd_core.sampling.plan import plan as table_plan
+from epd_core.sampling.plan import sampler_sigmas  # noqa: F401 - TEMP until bench imports it from plan
 from epd_core.runtime import warn_once
-from epd_core.sampling.schedules import sigmas_for, with_final_zero
 
-__all__ = ["sample_epd", "sample_epd_plugin", "own_sigmas", "sampler_sigmas", "with_own_sigmas", "rows_for_sigmas",
+__all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas",
            "table_schedule_for", "table_for_sigmas", "plan", "integrate",
            "epd_step", "adams_bashforth", "check_sigmas", "PointEvaluator", "EPDSamplingError"]
 PLUGIN_ORDER = 3  # EPD-Plugin's predictor order unless a table or the caller gives one
-
-
-def own_sigmas(params: EPDParams, model_sampling=None) -> torch.Tensor:
-    """The N+1 positive sigmas a table was trained on, rebuilt for a model (its ComfyUI `model_sampling`, needed
-    by discrete and flowmatch schedules and by imported tables whose range comes from the model)."""
-    if params.schedule.get("type") is None and params.schedule_sigmas is None:
-        raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
-                             "of EPD Sigmas, or re-train the table")
-    return sigmas_for(params.schedule, params.num_steps, model_sampling)
-
-
-def sampler_sigmas(params: EPDParams, model_sampling=None, append_zero: bool | None = None) -> torch.Tensor:
-    """The sigma list a sampler is given for this table (EPD Sigmas' output): its `own_sigmas`, then 0 when
-    `append_zero` (None: when its training list ended in 0). A variant that owns its last step (epd_ms) keeps
-    its anchor out of a list ending in 0: N steps, as a scheduler would give them. Given the model, a table that
-    samples on its own schedule starts at the model's sigma_max, as KSampler's full denoise does (plan.starting_at:
-    a learned schedule may start below it), so that this list gives KSampler's samples."""
-    own = own_sigmas(params, model_sampling)
-    sigma_max = sigma_max_of(model_sampling)
-    if sigma_max is not None and params.schedule.get("override_sigmas") and full_denoise(sigma_max, own, sigma_max):
-        own = starting_at(params, own, sigma_max)
-    if append_zero is None:
-        append_zero = params.schedule.get("final_zero", True) or params.variant.own_last_step
-    if not append_zero:
-        return own
-    if params.variant.own_last_step:
-        own = own[:-1]
-    return with_final_zero(own)
-
-
-def with_own_sigmas(params: EPDParams, sigmas, model_sampling) -> EPDParams:
-    """A table that records a schedule type but no sigmas (discrete / flowmatch through the model; an imported
-    polynomial table's range comes from the model too), given `sigmas` that are exactly its `own_sigmas` for this
-    model: a copy with those sigmas written in, so its rows are 'exact' (the same whether the list came from EPD
-    Sigmas, a scheduler or KSampler). Otherwise the table itself."""
-    if params.schedule_sigmas is not None or params.schedule.get("type") is None or model_sampling is None:
-        return params
-    try:
-        own = own_sigmas(params, model_sampling).double()
-    except (EPDParamsError, ValueError, AttributeError, RuntimeError):
-        return params
-    pos = torch.as_tensor(sigmas).detach().double().cpu()
-    pos = pos[pos > 0]
-    if pos.shape != own.shape or not torch.allclose(pos, own, rtol=1e-4, atol=0):
-        return params
-    table = params.clone()
-    table.metadata["schedule"] = dict(table.schedule, sigmas=own.tolist())
-    return table
 
 
 def rows_for_sigmas(params: EPDParams, sigmas, device=None, dtype=torch.float32) -> tuple[dict, str]:
@@ -153,7 +105,7 @@ def _sample(model, x, sigmas, params, extra_args, callback, disable, max_order, 
     if len(sigmas) < 2:
         return x
     ms = model_sampling if model_sampling is not None else model_sampling_of(model)
-    p = plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict)
+    p = table_plan(params, sigmas, model_sampling=ms, own_schedule=own_schedule, strict=strict)
     if p.own:
         callback = _rescaled_progress(callback, len(sigmas) - 1, len(p.sigmas) - 1)
     # rows in >= fp32 (0-dim sigma tensors do not take part in type promotion, so the rows set the precision)

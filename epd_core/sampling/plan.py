@@ -1,9 +1,10 @@
 """Which sigmas and rows a table gets on a sigma list: ONE decision, `plan(params, sigmas, ...)`, that KSampler's
-entries, EPD Sampler, EPD Sigmas (`table_sigmas`), EPD Compare, both RL entry points and the benchmark reach, each
-variant's part of it being its registry entry's `plan` (solver.plan for epd / epd_plugin, multistep.plan,
+entries, EPD Sampler, EPD Compare, both RL entry points and the benchmark reach (the variants' samplers call it),
+each variant's part of it being its registry entry's `plan` (paper.plan for epd / epd_plugin, multistep.plan,
 dyweight.plan), which returns a `Plan`: the sigmas the loop runs, the table whose rows run (None: the variant's
 untrained built-in on those sigmas), how they were chosen and the end-point mode (`to_zero`: the last row steps to 0
-from the list's last positive sigma, its anchor).
+from the list's last positive sigma, its anchor). A table's own list is `sampler_sigmas` (EPD Sigmas' output, what
+`plan` takes without a list).
 
 The shared rule (`own_schedule`): a table whose schedule says "override_sigmas" runs on its own sigmas when the list
 is a full denoise of it (`full_denoise`): the list starts at the table's first sigma, at the model's sigma_max (the
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 
 from epd_core.sampling.epd import check_sigmas
-from epd_core.tables.params import EPDParams
+from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.runtime import warn_once
-from epd_core.sampling.schedules import REBUILDABLE, sigmas_for
+from epd_core.sampling.schedules import REBUILDABLE, sigmas_for, with_final_zero
 
 FULL_DENOISE_RTOL = 1e-3  # a list "starts at" a sigma within this relative tolerance (ComfyUI's float32 lists)
 
@@ -46,16 +47,24 @@ class Plan:
         return {k: v.to(device=device, dtype=dtype) for k, v in self.table.activated().items()}
 
 
-def plan(params: EPDParams | None, sigmas, model_sampling=None, solver: str | None = None, own_schedule=None,
-         strict: bool = False) -> Plan:
+def plan(params: EPDParams | None, sigmas=None, model_sampling=None, solver: str | None = None, own_schedule=None,
+         strict: bool = False, **options) -> Plan:
     """The sigmas, rows and end-point mode `params` gets on `sigmas` (a ComfyUI list ending in 0, or positive
     sigmas whose last one anchors the step to 0). `model_sampling`: the model's noise schedule (its sigma_max marks a
     full denoise; a ComfyUI sampler's `model` carries it, see `model_sampling_of`). `solver`: the variant when
-    `params` is None (its built-in). `own_schedule` False: never the table's own sigmas; `strict`: an error where
-    the rows would not be the table's exact ones."""
+    `params` is None (its built-in). No `sigmas`: the table's own list (`sampler_sigmas`). `own_schedule` False:
+    never the table's own sigmas; `strict`: an error where the rows would not be the table's exact ones; `options`:
+    what the variant's own part takes (epd_ms: `builtin`; dyweight: `model`)."""
     from epd_core.sampling.registry import variant  # the registry imports the variant modules, which import this one
-    v = params.variant if params is not None else variant(solver)
-    return v.plan(params, sigmas, model_sampling=model_sampling, own_schedule=own_schedule, strict=strict)
+    if params is None:
+        return variant(solver).plan(None, sigmas, model_sampling=model_sampling, own_schedule=own_schedule,
+                                    strict=strict, **options)
+    if sigmas is None:  # the table's own list, as EPD Sigmas gives it
+        sigmas = sampler_sigmas(params, model_sampling)
+    # a table whose schedule is defined through the model: its rows are exact on its own list from any node
+    params = with_own_sigmas(params, sigmas, model_sampling)
+    return params.variant.plan(params, sigmas, model_sampling=model_sampling, own_schedule=own_schedule,
+                               strict=strict, **options)
 
 
 def sigma_max_of(model_sampling) -> float | None:
@@ -147,3 +156,51 @@ def own_schedule(params: EPDParams, sigmas, sigma_max: float | None = None):
     if np.allclose(own.numpy(), np.asarray(sig), rtol=1e-3, atol=0):
         return None  # already the table's own list
     return own.to(dtype=ref.dtype, device=ref.device)
+
+
+def own_sigmas(params: EPDParams, model_sampling=None) -> torch.Tensor:
+    """The N+1 positive sigmas a table was trained on, rebuilt for a model (its ComfyUI `model_sampling`, needed
+    by discrete and flowmatch schedules and by imported tables whose range comes from the model)."""
+    if params.schedule.get("type") is None and params.schedule_sigmas is None:
+        raise EPDParamsError(f"the table ({params.describe()}) records no schedule; use a scheduler node instead "
+                             "of EPD Sigmas, or re-train the table")
+    return sigmas_for(params.schedule, params.num_steps, model_sampling)
+
+
+def sampler_sigmas(params: EPDParams, model_sampling=None, append_zero: bool | None = None) -> torch.Tensor:
+    """The sigma list a sampler is given for this table (EPD Sigmas' output): its `own_sigmas`, then 0 when
+    `append_zero` (None: when its training list ended in 0). A variant that owns its last step (epd_ms) keeps
+    its anchor out of a list ending in 0: N steps, as a scheduler would give them. Given the model, a table that
+    samples on its own schedule starts at the model's sigma_max, as KSampler's full denoise does (plan.starting_at:
+    a learned schedule may start below it), so that this list gives KSampler's samples."""
+    own = own_sigmas(params, model_sampling)
+    sigma_max = sigma_max_of(model_sampling)
+    if sigma_max is not None and params.schedule.get("override_sigmas") and full_denoise(sigma_max, own, sigma_max):
+        own = starting_at(params, own, sigma_max)
+    if append_zero is None:
+        append_zero = params.schedule.get("final_zero", True) or params.variant.own_last_step
+    if not append_zero:
+        return own
+    if params.variant.own_last_step:
+        own = own[:-1]
+    return with_final_zero(own)
+
+
+def with_own_sigmas(params: EPDParams, sigmas, model_sampling) -> EPDParams:
+    """A table that records a schedule type but no sigmas (discrete / flowmatch through the model; an imported
+    polynomial table's range comes from the model too), given `sigmas` that are exactly its `own_sigmas` for this
+    model: a copy with those sigmas written in, so its rows are 'exact' (the same whether the list came from EPD
+    Sigmas, a scheduler or KSampler). Otherwise the table itself."""
+    if params.schedule_sigmas is not None or params.schedule.get("type") is None or model_sampling is None:
+        return params
+    try:
+        own = own_sigmas(params, model_sampling).double()
+    except (EPDParamsError, ValueError, AttributeError, RuntimeError):
+        return params
+    pos = torch.as_tensor(sigmas).detach().double().cpu()
+    pos = pos[pos > 0]
+    if pos.shape != own.shape or not torch.allclose(pos, own, rtol=1e-4, atol=0):
+        return params
+    table = params.clone()
+    table.metadata["schedule"] = dict(table.schedule, sigmas=own.tolist())
+    return table

@@ -52,6 +52,9 @@ class SolverVariant:
     # the EPD Trainer's recipe: (scheduler_list, steps=, num_points=, cfg_scale=, lr=, sigma_min=) -> DistillConfig
     # fields, scheduler_list(n) giving a ComfyUI scheduler's n + 1 positive sigmas and a final 0 with their spec
     trainer_fields: Callable
+    # (positive sigmas, sigma_min, lr) -> the DistillConfig fields its recipe sets, which the EPD Trainer (through
+    # trainer_fields), the command line (for options left at their defaults) and the table-making scripts share
+    recipe: Callable | None = None
     trainer_note: str = ""      # the EPD Trainer's tooltip: what its inputs mean for this variant
     official: str | None = None  # the student sampler the authors' predictor files name it by (import_official)
     from_scheduler: bool = False  # the EPD Trainer starts it from a ComfyUI scheduler's list, never an EPD schedule
@@ -97,7 +100,7 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
         untrained_table=multistep.untrained_table, sample=multistep.sample_epd_ms, plan=multistep.plan,
         train_rows=multistep.table_rows,
         train_loop=multistep.train_loop, trained_table=multistep.trained_table, check_config=multistep.check_config,
-        trainer_fields=multistep.trainer_fields,
+        trainer_fields=multistep.trainer_fields, recipe=multistep.recipe,
         trainer_note="steps = KSampler steps = model calls on the chosen ComfyUI scheduler's list, K counts the "
                      "current point; starts as the built-in strongest at the CFG and learns its coefficients with "
                      "the schedule",

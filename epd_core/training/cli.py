@@ -28,7 +28,7 @@ from epd_core.training.distill import OBJECTIVES, TEACHERS, DistillConfig, Disti
 from epd_core.tables.fileio import folder_problem
 from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.demo.problems import Problem, vp_start_scale  # noqa: F401 - re-exported for existing imports
-from epd_core.sampling.paper import sampler_sigmas
+from epd_core.sampling.plan import sampler_sigmas
 from epd_core.sampling.registry import NAMES as SOLVER_NAMES, SOLVERS, variant
 
 CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetensors' so table lists skip it
@@ -282,9 +282,17 @@ def config_from_args(args, sigmas, spec, problem) -> DistillConfig:
     ckpt = None
     if args.checkpoint_dir:
         ckpt = str(Path(args.checkpoint_dir) / (Path(args.out).name.removesuffix(".safetensors") + CHECKPOINT_SUFFIX))
-    return DistillConfig(sigmas=sigmas, schedule=spec, checkpoint_path=ckpt, resume=bool(args.resume),
-                         guidance_scale=args.guidance_scale, model_family=problem.family, cfg_range=args.cfg_range,
-                         **values)
+    cfg = DistillConfig(sigmas=sigmas, schedule=spec, checkpoint_path=ckpt, resume=bool(args.resume),
+                        guidance_scale=args.guidance_scale, model_family=problem.family, cfg_range=args.cfg_range,
+                        **values)
+    recipe = variant(cfg.solver).recipe
+    if recipe is None:
+        return cfg
+    # the variant's recipe (the EPD Trainer's and the shipped tables'), for what the options left at the defaults
+    default = DistillConfig()
+    fields = recipe([s for s in cfg.sigmas if s > 0], cfg.teacher_sigma_min, cfg.lr)
+    return dataclasses.replace(cfg, **{k: v for k, v in fields.items()
+                                       if k != "sigmas" and getattr(cfg, k) == getattr(default, k)})
 
 
 def _cfg_range(text: str) -> list[float]:
