@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
-import quality_vs_nfe as Q  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench import quality_vs_nfe as Q  # noqa: E402
 
 from epd_core.training.distill import distill  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402

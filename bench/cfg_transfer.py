@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
-from quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, per_sample_rmse, problem  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench.quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, problem  # noqa: E402
 
+from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.sampling.cfg_guard import span, trained_range, with_measurements  # noqa: E402
 from epd_core.sampling.multistep import sample_epd_ms  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402

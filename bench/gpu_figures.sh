@@ -11,7 +11,7 @@
 # Needs, besides the tracked files: .whl/ (wheels of what the machine lacks, from `pip download`: torchsde and
 # trampoline; torchvision 0.26.0 if the machine has none) and ComfyUI's code in .comfyui/ (comfy/, comfy_api/, comfy_execution/,
 # folder_paths.py, node_helpers.py, protocol.py; or set COMFYUI_PATH). The random SD1.5 checkpoint is built in
-# memory there (tests/real_checkpoints.py), not carried.
+# memory there (bench/real_checkpoints.py), not carried.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # wheels of what the machine lacks (.whl/, see above), installed outside the system site-packages

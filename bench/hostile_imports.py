@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
 
 
 def payloads() -> dict:
-    import hostile_pickles as h
+    from bench import hostile_pickles as h
     out = {f"[21] {title}": build for title, build in h.ATTACKS.items()}
     out.update({f"[29] {title}": (lambda b=build: h.storage_call(b()))
                 for title, (build, _) in h.STORAGE_ATTACKS.items()})
@@ -34,7 +33,7 @@ def payloads() -> dict:
 
 def measure_one(title: str) -> dict:
     from epd_core.tables.import_official import EPDImportError, import_official_bytes, import_official_isolated
-    from official_pickle import official_pickle
+    from bench.official_pickle import official_pickle
     data = payloads()[title]()
     import_official_bytes(official_pickle())  # warm-up: imports and first-call allocations
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
-from make_ms_tables import nfe_list  # noqa: E402
-from quality_vs_nfe import TABLE_PREFIX  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench, scripts and epd_core
+from bench.quality_vs_nfe import TABLE_PREFIX  # noqa: E402
+from scripts.make_ms_tables import nfe_list  # noqa: E402
 
 from epd_core.sampling.cfg_guard import choose, measurements  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402

@@ -31,9 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from conftest import import_comfy_sampling  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench.comfy_runtime import import_comfy_sampling  # noqa: E402
 
+from epd_core.compare import Counted, per_sample_rmse  # noqa: E402  (the EPD Compare node's measuring code)
 from epd_core.sampling import cfg_guard as guard  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
@@ -49,16 +50,6 @@ NODE_SCHEDULERS = ["ays_sd1", "gits_0.80", "gits_1.00", "gits_1.20", "gits_1.40"
 TABLE_PREFIX = {"demo": "demo_digits_", "mnist": "demo_mnist_"}
 # the solvers whose shipped tables carry measured_cfg (--record) and run through KSampler's CFG guard
 GUARDED = ("epd_ms", "dyweight")
-
-
-class Counted:
-    """Counts model calls (one call = one NFE, CFG included) and forwards them."""
-    def __init__(self, model, extra=None):
-        self.model, self.extra, self.calls = model, extra or {}, 0
-
-    def __call__(self, x, sigma, **kw):
-        self.calls += 1
-        return self.model(x, sigma, **{**self.extra, **kw})
 
 
 def problem(name: str, cfg: float):
@@ -119,10 +110,6 @@ def comfy_sigmas(ms, sampler, scheduler, steps):
         def get_model_object(self, _):
             return ms
     return comfy.samplers.KSampler(Stub(), steps, "cpu", sampler, scheduler).sigmas.to(torch.float64)
-
-
-def per_sample_rmse(a, ref):
-    return ((a - ref) ** 2).flatten(1).mean(1).sqrt()
 
 
 class FrechetMetric:
@@ -195,7 +182,7 @@ def run(args):
         m = Counted(model, extra_for(len(x)))
         with torch.no_grad():
             out = fn(m, x)
-        e = per_sample_rmse(out.to(ref.dtype), ref)
+        e = per_sample_rmse(out, ref)  # (in ref's dtype)
         wrong = float((mode_of(out) != mode_of(ref)).float().mean()) if mode_of else float("nan")
         return m.calls, e, wrong
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
-from quality_vs_nfe import per_sample_rmse, problem  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench.quality_vs_nfe import problem  # noqa: E402
 
+from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-from quality_vs_nfe import DETERMINISTIC, Counted, builtin_sampler, comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench.quality_vs_nfe import DETERMINISTIC, builtin_sampler, comfy_sigmas, problem  # noqa: E402
 
+from epd_core.compare import Counted, per_sample_rmse  # noqa: E402
 from epd_core.demo import models as demo_model  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.training.rl import DemoClassifierReward, RLConfig, rdpo  # noqa: E402

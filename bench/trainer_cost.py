@@ -3,7 +3,7 @@
     .venv/bin/python bench/trainer_cost.py [--device cpu|cuda] [--size 64|512] [--dtype fp32|fp16|bf16]
                                            [--iterations 2] [--batch 8] [--out DIR]
 
-The model is a random-weight SD1.5 checkpoint (UNet 860M + CLIP-L + VAE, tests/real_checkpoints.py) built in
+The model is a random-weight SD1.5 checkpoint (UNet 860M + CLIP-L + VAE, bench/real_checkpoints.py) built in
 memory and loaded by ComfyUI's own checkpoint loader: no download and no file. The distillation is the node's
 own (nodes.training.distill_with_comfy_model, inside ComfyUI's CFGGuider) with the EPD Trainer's default
 settings (steps 10, K 2, epd, epd_discrete, heun teacher, M 3, batch 8, CFG 7.5, per_step+end_to_end) unless
@@ -37,7 +37,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
-sys.path.insert(0, str(REPO / "tests"))  # real_checkpoints: the random SD1.5 builder
 DTYPE_FLAGS = {"fp32": "fp32_unet", "fp16": "fp16_unet", "bf16": "bf16_unet"}
 
 
@@ -93,7 +92,9 @@ def run(opts) -> dict:
     mm = set_up_comfy(opts.device, opts.dtype)
     from ComfyUI_EPD.nodes.trainer_nodes import _distill_config
     from ComfyUI_EPD.nodes.training import distill_with_comfy_model
-    from real_checkpoints import load_in_process
+    if str(REPO) not in sys.path:  # bench.real_checkpoints; after ComfyUI's folder: its nodes.py, not the pack's nodes/
+        sys.path.append(str(REPO))
+    from bench.real_checkpoints import load_in_process
 
     def log(*a):
         print(*a, file=sys.stderr, flush=True)

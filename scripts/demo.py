@@ -14,8 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench"), str(REPO)]
-from comfyui_server import ComfyServer, error_message  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
+from bench.comfyui_server import ComfyServer, error_message  # noqa: E402
 
 WORKFLOW = REPO / "workflows" / "api" / "epd_demo_side_by_side.json"
 
@@ -107,7 +107,7 @@ def main():
     print(f"workflow done in {time.time() - t0:.0f}s: {sum(len(f) for _, f in images)} images")
     grid = side_by_side(args.out, images)
     if not args.skip_bench:
-        import quality_vs_nfe
+        from bench import quality_vs_nfe
         print("quick quality-vs-NFE benchmark (full one: bench/quality_vs_nfe.py)...")
         # quick: the samplers that were best at some NFE in the full run, three schedulers (AlignYourSteps
         # included), a 200-step reference, no Frechet distance (bench/quality_vs_nfe.py --model mnist has it)

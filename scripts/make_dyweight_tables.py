@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "scripts")]
-from make_ms_tables import CFG, PREFIX, nfe_list  # noqa: E402
-from quality_vs_nfe import comfy_sigmas, per_sample_rmse, problem  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench, scripts and epd_core
+from bench.quality_vs_nfe import comfy_sigmas, problem  # noqa: E402
+from scripts.make_ms_tables import CFG, PREFIX, nfe_list  # noqa: E402
 
+from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.training.distill import distill  # noqa: E402
 from epd_core.training.distill_config import DistillConfig  # noqa: E402
 from epd_core.sampling.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402

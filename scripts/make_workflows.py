@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]
-from workflow_format import api_to_ui, validate_api  # noqa: E402
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and scripts
+from scripts.workflow_format import api_to_ui, validate_api  # noqa: E402
 
 # The demo compares samplers at equal latency NFE (sequential model calls per image) on the MNIST model. For the
 # shipped MNIST tables KSampler's steps ARE the model calls per image (their last row steps to 0 itself).
@@ -232,7 +232,7 @@ WORKFLOWS = {
 
 
 def main():
-    from comfyui_server import ComfyServer
+    from bench.comfyui_server import ComfyServer
     out_api, out_ui = REPO / "workflows" / "api", REPO / "workflows"
     out_api.mkdir(parents=True, exist_ok=True)
     with ComfyServer(Path(tempfile.mkdtemp()), with_test_nodes=False) as server:

@@ -1,8 +1,8 @@
 """Shared fixtures. ComfyUI's own code (for reference samplers and the real server) comes from
-COMFYUI_PATH or the runtime that scripts/setup_runtime.sh installs into .comfyui/."""
+COMFYUI_PATH or the runtime that scripts/setup_runtime.sh installs into .comfyui/ (bench/comfy_runtime.py); the
+helpers the benchmarks and scripts share with the tests are in bench/ (`from bench.comfyui_server import ...`)."""
 import contextlib
 import importlib
-import os
 import sys
 import types
 from pathlib import Path
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from bench.comfy_runtime import import_comfy_sampling  # noqa: E402  (tests import it from here too)
 
 
 @contextlib.contextmanager
@@ -25,16 +25,6 @@ def default_dtype(dtype):
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-def import_comfy_sampling():
-    """ComfyUI's k-diffusion samplers, imported in-process (CPU only) for reference comparisons."""
-    if str(COMFYUI) not in sys.path:
-        sys.path.append(str(COMFYUI))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
-    from comfy.k_diffusion import sampling
-    return sampling
 
 
 PACK_PACKAGE = "comfyui_epd_under_test"  # the pack is a package when ComfyUI loads it
@@ -61,7 +51,7 @@ def comfy_sampling():
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """One real ComfyUI server (main.py --cpu) with this pack and the test-only nodes, shared by the session."""
-    from comfyui_server import ComfyServer
+    from bench.comfyui_server import ComfyServer
     server = ComfyServer(tmp_path_factory.mktemp("comfy_base")).start()
     yield server
     server.stop()

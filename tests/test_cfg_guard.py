@@ -91,10 +91,9 @@ def test_a_table_trained_over_a_cfg_range_sees_one_scale_per_batch_and_records_t
 def test_the_fallback_samples_on_the_very_sigmas_the_benchmark_measured_the_builtin_on():
     """nodes/samplers.builtin_sigmas (what KSampler's fallback runs on) against the benchmark's comfy_sigmas, for
     KSampler schedulers, the discard-penultimate samplers and the AlignYourSteps / GITS scheduler nodes."""
-    import sys
-    from conftest import REPO, import_pack_nodes
-    sys.path.insert(0, str(REPO / "bench"))
-    from quality_vs_nfe import comfy_sigmas, problem
+    from conftest import import_pack_nodes
+
+    from bench.quality_vs_nfe import comfy_sigmas, problem
     samplers = import_pack_nodes("samplers")["samplers"]
     _, ms, *_ = problem("demo", 2.0)
     for sampler, scheduler in (("uni_pc", "normal"), ("dpmpp_2m", "ays_sd1"), ("ipndm", "gits_1.20"),

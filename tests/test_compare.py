@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_server import error_message
+from bench.comfyui_server import error_message
 from epd_core import compare
 from epd_core.demo.gmm import GaussianMixtureDenoiser
 from epd_core.tables.params import EPDParams
@@ -201,8 +201,7 @@ SETTING = dict(samplers="euler,dpmpp_2m,ipndm,gradient_estimation", schedulers="
 def bench_ratios(tmp_path) -> dict[int, float]:
     """bench/quality_vs_nfe.py's numbers on the same noises: its own run(), with the node's single digit as the
     class label of every sample (the benchmark cycles through 0-9; the node has one positive conditioning)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import quality_vs_nfe as bench
+    from bench import quality_vs_nfe as bench
     s = SETTING
     original = bench.problem
 
@@ -393,7 +392,7 @@ def test_preview_picture_states_the_measurement(pack):
 @pytest.mark.server
 @pytest.mark.slow
 def test_compare_on_the_real_sd15_architecture_with_a_vae_grid(tmp_path):
-    """The node end to end on a full-size random-weight SD1.5 (tests/real_checkpoints.py) at 64x64: CLIP
+    """The node end to end on a full-size random-weight SD1.5 (bench/real_checkpoints.py) at 64x64: CLIP
     conditioning with CFG, the pack's pick among the operator's listed tables, the VAE grid."""
     import numpy as np
     from PIL import Image

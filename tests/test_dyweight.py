@@ -347,7 +347,7 @@ def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_
     """KSampler `dyweight` on the 8x8 demo model: with no table for its step count it is exactly euler (and says
     so); a listed dyweight table of the demo family (here ipndm's rows on KSampler's karras list) is picked and
     sampled on its grid, one model call per step: exactly ipndm."""
-    from comfyui_server import error_message
+    from bench.comfyui_server import error_message
     from test_server_sampling import BATCH, base_graph, batches, ksampler, read_latent, save_latent
     folder = comfy_server.base / "models" / "epd_params"
     table_steps, plain_steps, seed = 10, 12, 11  # 10: more columns than an EPD table may have points; 12: no
@@ -384,12 +384,12 @@ def test_ksampler_dyweight_in_a_real_server_is_euler_without_a_table_and_uses_a_
 def dyweight_snapshot(W, t_scale, afs, dataset="cifar10", schedule_type="polynomial", window=3, protocol=4,
                       solver_stu=("solvers", "dyweight_sampler"), extra_loss=None, mask=None):
     """A file with the structure of DyWeight's exps/*/network-snapshot-*.pkl: {'predictor': <persistent
-    DyWeight_predictor>, 'loss_fn': <persistent DyWeight_loss>} (tests/official_pickle.py writes the persistence
+    DyWeight_predictor>, 'loss_fn': <persistent DyWeight_loss>} (bench/official_pickle.py writes the persistence
     hook and the solver functions as bare globals; tensors as torch pickles them)."""
     import collections
     import io
 
-    from official_pickle import PERSISTENCE_HOOK, FakeCall, FakeGlobal, OfficialPickler, persistent_model
+    from bench.official_pickle import PERSISTENCE_HOOK, FakeCall, FakeGlobal, OfficialPickler, persistent_model
     k = W.shape[0]
     if mask is None:
         mask = torch.tril(torch.ones(k, k)) * torch.triu(torch.ones(k, k), diagonal=-(window - 1))

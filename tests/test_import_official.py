@@ -1,6 +1,6 @@
 """The importer for the EPD authors' official predictor files (.pkl): exact conversion, metadata, sampling
 equivalence, and refusal of anything that is not a plain official file, without running any of it.
-All pickles are built here (tests/official_pickle.py); no third-party file is involved."""
+All pickles are built here (with bench/official_pickle.py); no third-party file is involved."""
 import collections
 import hashlib
 import io
@@ -27,7 +27,7 @@ from epd_core.tables.import_official import EPDImportError, import_official, imp
 from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.sampling.paper import sample_epd, sample_epd_plugin
 from epd_core.tables.torch_storage import STORAGE_DTYPES, read_state_dict, read_storage
-from official_pickle import (FakeCall, FakeGlobal, fixed_bytes_storage_reduce, official_pickle, predictor_state,
+from bench.official_pickle import (FakeCall, FakeGlobal, fixed_bytes_storage_reduce, official_pickle, predictor_state,
                              random_tables, sd15_attrs, zip_storage_reduce)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from comfyui_server import ComfyServer, error_message
+from bench.comfyui_server import ComfyServer, error_message
 from epd_core.demo.models import DEFAULT_WEIGHTS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,

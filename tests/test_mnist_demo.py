@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_server import error_message
+from bench.comfyui_server import error_message
 from epd_core.demo.models import DEMO_MODELS, DemoDenoiser, load_demo_model
 from epd_core.demo.classifier import feature_statistics, frechet_distance, load_classifier
 from epd_core.tables.params import EPDParams

@@ -323,7 +323,7 @@ NODE_CLASS_MAPPINGS = {}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from comfyui_server import ComfyServer
+    from bench.comfyui_server import ComfyServer
     base = tmp_path_factory.mktemp("newest_base")
     rival = base / "custom_nodes" / "rival_sampler_pack"
     rival.mkdir(parents=True)
@@ -355,7 +355,7 @@ def ksampler_graph(sampler, select=False):
 
 @pytest.mark.server
 def test_epd_stays_selectable_when_another_pack_replaces_the_lists(server):
-    from comfyui_server import error_message
+    from bench.comfyui_server import error_message
     for select in (False, True):
         for sampler in ("epd", "epd_plugin"):
             entry = server.run(ksampler_graph(sampler, select))
@@ -369,7 +369,7 @@ def test_epd_stays_selectable_when_another_pack_replaces_the_lists(server):
 def progress_texts(server, prompt, timeout=300):
     """Queue `prompt`; the trainer node's progress-text lines from the websocket (binary TEXT frames)."""
     import websocket
-    from comfyui_server import error_message
+    from bench.comfyui_server import error_message
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=timeout)
     texts = []
     try:

@@ -3,7 +3,7 @@ download the authors' published predictor, check its size and SHA-256 before any
 it; offline, the error gives the URL to fetch by hand and the command that converts the fetched file.
 
 The real files cannot be downloaded here, so a local HTTP server on 127.0.0.1 serves official-style fixture
-pickles (tests/official_pickle.py) under the authors' paths, and each test makes its fixture's SHA-256 the
+pickles (bench/official_pickle.py) under the authors' paths, and each test makes its fixture's SHA-256 the
 expected one for a name (in this process by monkeypatching OFFICIAL_FILES; in the ComfyUI server through a
 tiny custom node written into its base folder). The base URL reaches the server through EPD_OFFICIAL_BASE_URL."""
 import contextlib
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import epd_core.tables.import_official as imp
-from comfyui_server import COMFYUI, REPO, ComfyServer, error_message, free_port
+from bench.comfyui_server import COMFYUI, REPO, ComfyServer, error_message, free_port
 from epd_core.tables.import_official import EPDImportError, OfficialFile, import_official_bytes
 from epd_core.tables.params import EPDParams
-from official_pickle import official_pickle, old_branch_pickle, random_tables, sd15_attrs
+from bench.official_pickle import official_pickle, old_branch_pickle, random_tables, sd15_attrs
 
 REAL_BASE = "https://raw.githubusercontent.com/BeierZhu/EPD/88a91f0914069afd700bfee1b590c7b61ceae240"
 SD15_TABLES = random_tables(seed=21)

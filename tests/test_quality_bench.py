@@ -1,13 +1,8 @@
 """bench/quality_vs_nfe.py on the analytic mixture, small: it trains EPD-MS per NFE from the best built-in it
 reproduces, picks the table on the fit noises, and scores it on held-out noises beside that built-in."""
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import quality_vs_nfe  # noqa: E402
+from bench import quality_vs_nfe
 
 
 def test_the_mixture_benchmark_trains_and_scores_epd_ms(tmp_path, comfy_sampling):

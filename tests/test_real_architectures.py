@@ -1,5 +1,5 @@
 """The pack on the real SD1.5 (and, once, SDXL) architectures inside a real ComfyUI server (main.py --cpu):
-CheckpointLoaderSimple on a full-size random-weight checkpoint (tests/real_checkpoints.py: UNet + CLIP + VAE
+CheckpointLoaderSimple on a full-size random-weight checkpoint (bench/real_checkpoints.py: UNet + CLIP + VAE
 exactly as ComfyUI saves them, seeded, built once and cached), CLIPTextEncode, VAE encode / decode, and
 
   * KSampler `epd` / `epd_plugin` with CFG > 1 and batch 2, with a K=3 table the operator listed for the
@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfyui_server import ComfyServer, error_message
+from bench.comfyui_server import ComfyServer, error_message
 from epd_core.tables.params import EPDParams
-from official_pickle import official_pickle, random_tables, sd15_attrs
-from real_checkpoints import ensure_checkpoint
+from bench.official_pickle import official_pickle, random_tables, sd15_attrs
+from bench.real_checkpoints import ensure_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 B, K, CFG, STEPS = 2, 3, 4.0, 4  # KSampler steps 4 with karras = 3 steps to a positive sigma + a final Euler step
@@ -369,7 +369,7 @@ def test_sdxl_ksampler_tiles_adm_y_with_the_k_points(tmp_path):
 
 def test_real_checkpoint_layout_is_what_comfyui_detects():
     """The cached file is recognised by ComfyUI's own model detection as SD1.5 with no key left over."""
-    from real_checkpoints import checkpoint_layout, checkpoint_path, import_comfy
+    from bench.real_checkpoints import checkpoint_layout, checkpoint_path, import_comfy
     comfy = import_comfy()
     path = ensure_checkpoint("sd15")
     from safetensors import safe_open

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import epd_core.tables.import_official as imp
 from epd_core.tables.import_official import EPDImportError, import_official_bytes, import_official_isolated
 from epd_core.tables.params import MAX_METADATA_DEPTH, EPDParams, EPDParamsError
-import hostile_pickles
-from official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
+from bench import hostile_pickles
+from bench.official_pickle import FakeGlobal, official_pickle, random_tables, sd15_attrs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ class _OrderedDictWithGet(dict):
 
 
 def test_build_setting_get_on_the_ordered_dict_stand_in_is_refused(tmp_path):
-    from official_pickle import OfficialPickler, persistent_model, predictor_state
+    from bench.official_pickle import OfficialPickler, persistent_model, predictor_state
     state = predictor_state(random_tables(), sd15_attrs())
     state["_parameters"] = _OrderedDictWithGet(state["_parameters"])
     buf = io.BytesIO()

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save as st_save
 
-import hostile_pickles
-from comfyui_server import COMFYUI, REPO, error_message
+from bench import hostile_pickles
+from bench.comfyui_server import COMFYUI, REPO, error_message
 from epd_core.tables.params import EPDParams
-from official_pickle import official_pickle, random_tables, sd15_attrs
+from bench.official_pickle import official_pickle, random_tables, sd15_attrs
 
 pytestmark = pytest.mark.server
 PRETRAINED = REPO / "pretrained_params"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from comfyui_server import error_message
+from bench.comfyui_server import error_message
 from epd_core.sampling.multistep import sample_epd_ms
 from epd_core.tables.params import EPDParams
 from test_server_sampling import (BATCH, DIGIT, base_graph, batches, chosen_table,

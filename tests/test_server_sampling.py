@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_server import PromptRejected, error_message
+from bench.comfyui_server import PromptRejected, error_message
 from epd_core.tables.params import EPDParams
 from epd_core.sampling.registry import variant
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import speed
 
-import speed  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def positive(v):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from comfyui_server import ComfyServer, error_message
+from bench.comfyui_server import ComfyServer, error_message
 from epd_core.demo.models import DEFAULT_WEIGHTS
 from epd_core.training.distill import load_checkpoint
 from epd_core.tables.params import EPDParams
@@ -177,7 +177,7 @@ def test_rl_mode_equals_the_cli_and_its_table_samples(server, tmp_path):
     import os
     import subprocess
     import sys
-    from comfyui_server import REPO
+    from bench.comfyui_server import REPO
     t0 = time.time()
     entry, messages, _ = run_collecting(server, rl_graph("srv_rl"))
     assert entry["status"]["status_str"] == "success", error_message(entry) + server.log_tail()
@@ -272,7 +272,7 @@ def test_rl_without_init_distills_first_and_resumes_after_cancel(server):
 def test_shipped_trainer_workflows_train_and_sample(server, name):
     """What a user gets by loading the shipped trainer workflow and pressing Queue: a table file, its loss or
     reward curve, its preview picture, and digits sampled with it in the same graph."""
-    from comfyui_server import REPO
+    from bench.comfyui_server import REPO
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     t0 = time.time()
     entry = server.run(api, timeout=1200)  # training, then the held-out report within its measure_minutes

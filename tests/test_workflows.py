@@ -2,14 +2,13 @@
 valid for the node definitions the real server reports, and the demo workflows run to images."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts.workflow_format import ui_to_api, validate_api
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from workflow_format import ui_to_api, validate_api  # noqa: E402
 
 pytestmark = pytest.mark.server
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
@@ -41,7 +40,7 @@ def test_template_route_lists_and_serves_the_workflows(comfy_server):
 
 
 def test_the_files_are_what_make_workflows_writes():
-    import make_workflows
+    from scripts import make_workflows
     for name, build in make_workflows.WORKFLOWS.items():
         assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == build(), name
 
@@ -78,7 +77,7 @@ def test_demo_workflows_run_and_write_images(comfy_server, name, tmp_path):
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images and all(comfy_server.output_path(i).stat().st_size > 100 for i in images)
     if name == "epd_demo_side_by_side":  # scripts/demo.py's picture: a labelled row per Save Image node
-        import demo
+        from scripts import demo
         from PIL import Image
         saved = demo.saved_images(api, entry, comfy_server, tmp_path)
         assert [title for title, _ in saved] == [n["_meta"]["title"] for n in api.values()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", REPO / ".comfyui"))
-TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
+TEST_NODES = REPO / "tests" / "comfy_test_nodes"  # the test-only node pack (with_test_nodes)
 
 
 def free_port() -> int:

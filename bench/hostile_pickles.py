@@ -3,7 +3,7 @@ importer's opcode walk, crashes, freezes or exhausts the process that unpickles 
 the bytes inside a valid `torch.storage._load_from_bytes` call (the storage of a published predictor), which
 torch.load(weights_only=True) crashed, froze or bloated on; bench/hostile_imports.py measures every refusal.
 
-    python tests/hostile_pickles.py     measures each refusal through the CLI: seconds and peak memory (RSS)
+    python bench/hostile_pickles.py     measures each refusal through the CLI: seconds and peak memory (RSS)
                                         against a real-size predictor's import in the same way
 """
 from __future__ import annotations
@@ -193,8 +193,7 @@ def in_process(data: bytes) -> tuple[float, float]:
 
 def main() -> int:
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
-    from official_pickle import official_pickle
+    from bench.official_pickle import official_pickle
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         good = tmp / "real_size.pkl"
