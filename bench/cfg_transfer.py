@@ -28,7 +28,7 @@ from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.sampling.cfg_guard import span, trained_range, with_measurements  # noqa: E402
 from epd_core.sampling.multistep import sample_epd_ms  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
-from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
+from epd_core.sampling.plan import sampler_sigmas  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 

@@ -38,7 +38,7 @@ from epd_core.compare import Counted, per_sample_rmse  # noqa: E402  (the EPD Co
 from epd_core.sampling import cfg_guard as guard  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
+from epd_core.sampling.plan import sampler_sigmas  # noqa: E402
 from epd_core.sampling.registry import variant  # noqa: E402
 
 DETERMINISTIC = ["euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "deis", "ipndm", "ipndm_v", "uni_pc",
@@ -425,15 +425,14 @@ def starting_builtin(row: dict) -> tuple[str, str, int]:
 
 def ms_recipe(positive, builtin: str, num_points: int, sigma_min: float, **change):
     """The shipped EPD-MS tables' training run (scripts/make_ms_tables.py; bench/ms_attribution.py changes one
-    field at a time): end to end with a learned schedule, from `builtin`'s coefficients on `positive` (the list's
-    positive sigmas + the anchor)."""
+    field at a time): EPD-MS's one recipe (epd_core.sampling.multistep.recipe, the EPD Trainer's too) at lr 0.01,
+    from `builtin`'s coefficients on `positive` (the list's positive sigmas + the anchor), with the run's size."""
+    from epd_core.sampling.multistep import recipe
     from epd_core.training.distill import DistillConfig
-    opts = dict(objective="end_to_end", learn_schedule=True, schedule_floor=min(0.005, positive[-1] / 2), lr=0.01,
-                schedule_lr=0.02, iterations=300, batch=8, num_batches=16, teacher="heun", inserted_steps=3,
-                teacher_steps=100, seed=0)
-    opts.update(change)
-    return DistillConfig(sigmas=list(positive), solver="epd_ms", builtin=builtin, num_points=num_points, to_zero=True,
-                         teacher_sigma_min=sigma_min, **opts)
+    fields = dict(recipe(positive, sigma_min, change.pop("lr", 0.01)), solver="epd_ms", builtin=builtin,
+                  num_points=num_points, iterations=300, batch=8, num_batches=16, teacher="heun", inserted_steps=3,
+                  teacher_steps=100, seed=0)
+    return DistillConfig(**{**fields, **change})
 
 
 def ms_tables_mixture(model, ms, dtype, builtin_rows, train_noise, fit_noise, fit_ref, points=(1, 2, 3)):

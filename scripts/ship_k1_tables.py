@@ -22,7 +22,7 @@ from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.sampling.multistep import ms_table, sample_epd_ms  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
-from epd_core.sampling.paper import sampler_sigmas  # noqa: E402
+from epd_core.sampling.plan import sampler_sigmas  # noqa: E402
 
 PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
 CFG = {"mnist": 1.0, "demo": 2.0}

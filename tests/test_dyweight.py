@@ -508,7 +508,7 @@ def test_a_flux_table_samples_on_the_grid_of_the_models_mu_and_says_so(tmp_path,
 
 
 def test_epd_sigmas_gives_a_dyweight_tables_grid(comfy_sampling):
-    from epd_core.sampling.paper import sampler_sigmas
+    from epd_core.sampling.plan import sampler_sigmas
     grid = flux_grid(3, 0.63)
     assert torch.allclose(sampler_sigmas(from_weights(torch.eye(3), torch.ones(3), grid, norm="eval")), grid)
     edm = karras_list(comfy_sampling, 5)[:-1]  # 5 positive points: the list of a scheduler's 4 steps ending in 0

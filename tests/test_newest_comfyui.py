@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from epd_core.params import EPDParams
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -181,7 +183,7 @@ def run_epd_sampler(pack, patcher, seed=5):
     guider = comfy.samplers.CFGGuider(patcher)
     guider.set_conds(pos, neg)
     guider.set_cfg(2.0)
-    table = pack.samplers.neutral_table("epd", 4)  # (the dropdown entry would also look for shipped tables)
+    table = EPDParams.from_values(torch.full((4, 1), 0.5), torch.ones(4, 1))  # one midpoint: dpm_2
 
     def epd(model, x, sigmas, extra_args=None, callback=None, disable=None):
         return pack.samplers.run_epd("epd", model, x, sigmas, table, extra_args, callback, disable)

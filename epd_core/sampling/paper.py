@@ -19,7 +19,6 @@ from epd_core.tables.params import EPDParams, activate
 from epd_core.sampling.points import PointEvaluator
 from epd_core.sampling.plan import Plan, model_sampling_of, own_schedule, sigma_max_of
 from epd_core.sampling.plan import plan as table_plan
-from epd_core.sampling.plan import sampler_sigmas  # noqa: F401 - TEMP until bench imports it from plan
 from epd_core.runtime import warn_once
 
 __all__ = ["sample_epd", "sample_epd_plugin", "rows_for_sigmas",

@@ -37,9 +37,8 @@ CHECKPOINT_SUFFIX = ".distill-checkpoint"  # safetensors inside; not '.safetenso
 _SPECIAL = {"sigmas", "schedule", "checkpoint_path", "resume", "guidance_scale", "model_family", "cfg_range"}
 _HELP = {
     "num_points": "K, parallel points per step (1-3 in the paper)",
-    "solver": "epd, epd_plugin (Adams-Bashforth predictor), epd_ms (one call per step; implies --to-zero, "
-              "the last positive sigma anchoring the step to 0; try --lr 0.01 --learn-schedule) or dyweight "
-              "(one call per step, end to end with gradient clipping; try --lr 0.01)",
+    "solver": "the solver variant: " + "; ".join(f"{v.name} ({v.title}: {v.description})" for v in SOLVERS.values())
+              + ". A variant's training recipe (the EPD Trainer's) sets the options left at their defaults",
     "builtin": "epd_ms / dyweight: the ComfyUI sampler its untrained table reproduces, where training starts",
     "grad_clip": "gradient-norm clip (0: none)",
     "max_order": "EPD-Plugin predictor order 1..4",
