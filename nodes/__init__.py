@@ -1,5 +1,5 @@
-"""ComfyUI adapter (V3 schema). Importing this package registers every solver of the registry (`epd`,
-`epd_plugin`, `epd_ms`, `dyweight`) in the KSampler dropdowns and the epd_params model folder; `comfy_entrypoint`
+"""ComfyUI adapter (V3 schema). Importing this package registers every solver of the registry
+(epd_core/sampling/registry.py) in the KSampler dropdowns and the epd_params model folder; `comfy_entrypoint`
 returns the extension with all nodes."""
 from __future__ import annotations
 

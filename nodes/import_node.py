@@ -22,6 +22,7 @@ from epd_core.tables.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, Down
                                       download_official, import_official_by_name, import_official_isolated,
                                       verify_official)
 from epd_core.tables.fileio import WriteError, atomic_write_bytes
+from epd_core.tables.formats import SOURCE_SUFFIXES
 from epd_core.tables.params import EPDParams, EPDParamsError
 
 from .compat import io
@@ -30,7 +31,6 @@ from .privacy import private_errors
 from .tables import FOLDER, output_dir, save_table, table_stem
 
 _NO_FILE = "(no .pkl in models/epd_params)"  # keeps the combo valid when the folder has no .pkl yet
-SOURCE_SUFFIXES = (".pkl", ".pt")  # .pt: DyWeight's FLUX checkpoints (torch zip, read by the bounded parser)
 OFFICIAL_PREFIX = "official: "  # combo entries for the authors' published files, downloaded on first use
 OFFICIAL_CACHE = "official"     # subfolder of models/epd_params/ holding the downloaded copies
 log = logging.getLogger("epd")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from epd_core.compare import measured_text
+from epd_core.sampling.picture import MatrixPicture, PointsPicture
 from epd_core.tables.params import EPDParams
 
 BG, FG, GRID, ACCENT = (255, 255, 255), (30, 30, 30), (225, 225, 225), (31, 119, 180)
@@ -67,18 +68,20 @@ def line_chart(series: dict[str, list[float]], title: str, xlabel: str = "iterat
 
 
 def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: int = 900) -> Image.Image:
-    """Per step i, the K points between sigma_i and sigma_{i+1} on a log-sigma axis: a dot at t_k whose area
-    is the weight w_k and whose colour is the direction scale c_k (blue < 1 < red), labelled r / w / c / a.
-    At most MAX_DRAWN_STEPS steps (the first ones) and MAX_DRAWN_POINTS points per step are drawn; a line says
-    what was left out, so the picture's size is bounded whatever the table."""
-    act = {k: v.detach().double() for k, v in params.activated().items()}
-    if "W" in act:  # rows of weights over past directions (dyweight), not points
-        return dyweight_picture(params, sigmas, width)
-    history = act.get("g")
-    if history is not None:  # EPD-MS: point 0 is the current point (r = 0); w are free coefficients; no c, a
-        act = {"r": torch.cat([torch.zeros_like(act["w"][:, :1]), act["r"]], 1), "w": act["w"],
-               "c": torch.ones_like(act["w"]), "a": torch.ones_like(act["w"])}
-    total_n, total_k = params.num_steps, params.num_points
+    """The table as its variant describes it (registry entry's `picture`): K points per step on a log-sigma axis
+    (points_picture) or a lower-triangular grid of weights (matrix_picture). At most MAX_DRAWN_STEPS steps and
+    MAX_DRAWN_POINTS points per step are drawn; a line says what was left out, so the picture's size is bounded
+    whatever the table."""
+    pic = params.variant.picture(params, sigmas)
+    if isinstance(pic, MatrixPicture):
+        return matrix_picture(params, pic, width)
+    return points_picture(params, pic, sigmas, width)
+
+
+def points_picture(params: EPDParams, pic: PointsPicture, sigmas=None, width: int = 900) -> Image.Image:
+    """Per step i, the K points between sigma_i and sigma_{i+1} on a log-sigma axis: a dot at t_k sized and
+    coloured as the variant says, its labels beside, and the table's held-out measurement above."""
+    total_n, total_k = pic.r.shape
     n, k = min(total_n, MAX_DRAWN_STEPS), min(total_k, MAX_DRAWN_POINTS)
     if sigmas is None:
         sigmas = params.schedule_sigmas
@@ -93,12 +96,8 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     row_h, top, left, right = 46, 60 + 20 * len(said), 90, width - 290
     img = Image.new("RGB", (width, top + row_h * n + 30 + (20 if (n, k) != (total_n, total_k) else 0)), BG)
     d = ImageDraw.Draw(img)
-    d.text((10, 8), f"EPD table: {params.describe()}", fill=FG, font=_font(15))
-    caption = ("dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; colour = "
-               "direction scale c (blue < 1 < red)") if history is None else (
-        "EPD-MS: the current point (r = 0) and look-ahead points t_k in one call; dot area ~ |coefficient w|; "
-        "g: coefficients of the last 3 directions")
-    d.text((10, 30), caption, fill=(90, 90, 90), font=_font(12))
+    d.text((10, 8), f"{pic.heading} table: {params.describe()}", fill=FG, font=_font(15))
+    d.text((10, 30), pic.caption, fill=(90, 90, 90), font=_font(12))
     for i, line in enumerate(said):  # the EPD Trainer's held-out comparison with the best built-in
         d.text((10, 50 + 20 * i), line, fill=(214, 39, 40) if "NOT" in measured else (44, 120, 44), font=_font(12))
     if sigmas is not None:
@@ -116,18 +115,14 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
         d.line([(x0, y), (x1, y)], fill=(150, 150, 150), width=2)
         for xe in (x0, x1):
             d.line([(xe, y - 6), (xe, y + 6)], fill=FG, width=1)
-        labels = []
         for j in range(k):
-            r, w, c, a = (float(act[name][i, j]) for name in "rwca")
-            x = x0 + (x1 - x0) * r  # log t_k is r of the way from log t_cur to log t_next
-            rad = 3 + 9 * math.sqrt(min(abs(w) / 2, 1.0) if history is not None else max(w, 0.0))
-            t = max(-1.0, min(1.0, (c - 1) / max(params.scale_dir, 1e-9))) if params.scale_dir else 0.0
-            end = (220, 60, 50) if t > 0 else (50, 90, 220)  # diverging: grey at c = 1
+            x = x0 + (x1 - x0) * float(pic.r[i, j])  # log t_k is r of the way from log t_cur to log t_next
+            rad = 3 + 9 * float(pic.size[i, j])
+            t = float(pic.colour[i, j]) if pic.colour is not None else 0.0
+            end = (220, 60, 50) if t > 0 else (50, 90, 220)  # diverging: grey at 0
             col = tuple(int(160 + (e - 160) * abs(t)) for e in end)
             d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=col, outline=FG)
-            labels.append(f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}" if history is None else f"r{r:.2f} w{w:+.3f}")
-        if history is not None:  # EPD-MS: the coefficients of the last three directions
-            labels.append("g " + " ".join(f"{float(v):+.3f}" for v in history[i]))
+        labels = pic.labels[i]
         d.text((right + 15, y - 7 * min(len(labels), 3)), "\n".join(labels[:3]) + ("\n..." if len(labels) > 3 else ""),
                fill=FG, font=_font(11))
     if (n, k) != (total_n, total_k):
@@ -136,38 +131,29 @@ def table_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: 
     return img
 
 
-def dyweight_picture(params: EPDParams, sigmas: torch.Tensor | None = None, width: int = 900) -> Image.Image:
-    """A DyWeight table: W as a lower-triangular grid of cells (red > 0 > blue, intensity |W_ij| up to 1.5, the value
-    written in), per row the evaluation-time scale a_i, the row sum and the grid point t_i. At most
-    MAX_DRAWN_STEPS rows and columns are drawn."""
-    from epd_core.sampling.dyweight import own_grid, taus
-    act = {k: v.detach().double() for k, v in params.activated().items()}
-    total = params.num_steps
+def matrix_picture(params: EPDParams, pic: MatrixPicture, width: int = 900) -> Image.Image:
+    """Per step i a row of cells, the weights of the directions d_0 .. d_i (red > 0 > blue, the value written in
+    where the cells are large enough), the variant's text beside the row."""
+    total = pic.matrix.shape[0]
     n = min(total, MAX_DRAWN_STEPS)
-    grid = [float(s) for s in sigmas] if sigmas is not None else own_grid(params)
-    tau = taus(act["W"], grid).tolist() if grid is not None and len(grid) == total + 1 else None
     cell = max(16, min(56, (width - 420) // max(n, 1)))
     top, left = 60, 10
     img = Image.new("RGB", (width, top + cell * n + 40 + (20 if n < total else 0)), BG)
     d = ImageDraw.Draw(img)
-    d.text((10, 8), f"DyWeight table: {params.describe()}", fill=FG, font=_font(15))
-    d.text((10, 30), "row i: the weights W_ij of the directions d_j (red > 0 > blue); a: evaluation-time scale; "
-                     "tau: the time x_i is at", fill=(90, 90, 90), font=_font(12))
+    d.text((10, 8), f"{pic.heading} table: {params.describe()}", fill=FG, font=_font(15))
+    d.text((10, 30), pic.caption, fill=(90, 90, 90), font=_font(12))
     for i in range(n):
         y = top + cell * i
         for j in range(min(i + 1, n)):
-            v = float(act["W"][i, j])
-            t = max(-1.0, min(1.0, v / 1.5))
+            v = float(pic.matrix[i, j])
+            t = max(-1.0, min(1.0, v / pic.full_colour))
             end = (220, 60, 50) if t > 0 else (50, 90, 220)
             col = tuple(int(255 + (e - 255) * abs(t)) for e in end)
             x = left + cell * j
             d.rectangle([x, y, x + cell - 2, y + cell - 2], fill=col, outline=GRID)
             if cell >= 40:
                 d.text((x + 3, y + cell // 2 - 7), f"{v:.2f}", fill=FG, font=_font(11))
-        text = f"a {float(act['a'][i]):.3f}  sum {float(act['W'][i].sum()):.3f}"
-        if grid is not None and i < len(grid):
-            text += f"  t {grid[i]:.4g}" + (f"  tau {tau[i]:.4g}" if tau is not None else "")
-        d.text((left + cell * n + 15, y + cell // 2 - 7), text, fill=FG, font=_font(12))
+        d.text((left + cell * n + 15, y + cell // 2 - 7), pic.labels[i], fill=FG, font=_font(12))
     if n < total:
         d.text((10, top + cell * n + 20), f"showing the first {n} of {total} steps", fill=(90, 90, 90),
                font=_font(12))

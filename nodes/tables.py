@@ -1,5 +1,4 @@
-"""Where parameter tables live in ComfyUI, and which one the KSampler solver entries (`epd`, `epd_plugin`,
-`epd_ms`, `dyweight`) use.
+"""Where parameter tables live in ComfyUI, and which one the KSampler entries of the registry's solvers use.
 
 Files: `models/epd_params/` (the user's, first so new files land there) and the pack's `pretrained_params/`,
 both under the one folder name "epd_params" so a single Load EPD Params combo lists them.
@@ -26,6 +25,7 @@ from pathlib import Path
 import folder_paths
 
 from epd_core.tables.fileio import read_safetensors_header
+from epd_core.tables.formats import SOURCE_SUFFIXES
 from epd_core.tables.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
 from epd_core.sampling.registry import variant
@@ -35,8 +35,8 @@ from .compat import sampling_variant
 PACK_DIR = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PACK_DIR / "pretrained_params"
 FOLDER = "epd_params"
-# .pkl / .pt (DyWeight's FLUX checkpoints) only for Import EPD Predictor, which never unpickles them either
-EXTENSIONS = {".safetensors", ".pkl", ".pt"}
+# the published formats' files (.pkl, .pt) only for Import EPD Predictor, which never unpickles them either
+EXTENSIONS = {".safetensors", *SOURCE_SUFFIXES}
 PRESET_LIST = "ksampler_presets.txt"   # the operator's allow-list of user tables KSampler may pick by itself
 PRESET_MAX_POINTS, PRESET_MAX_STEPS = 8, 200  # what the EPD Trainer can produce; more only through EPD Sampler
 

@@ -317,13 +317,14 @@ def test_hostile_or_broken_flux_checkpoints_are_refused_with_the_problem_named(t
 
 
 def test_the_published_names_are_pinned_and_a_wrong_file_is_refused_before_reading(tmp_path):
-    from epd_core.tables.import_official import (DYWEIGHT_COMMIT, OFFICIAL_FILES, EPDImportError, convert_command,
-                                          import_official_by_name, official_url)
+    from epd_core.tables.dyweight_format import COMMIT
+    from epd_core.tables.import_official import (OFFICIAL_FILES, EPDImportError, convert_command,
+                                                 import_official_by_name, official_url)
     names = [n for n in OFFICIAL_FILES if n.startswith("dyweight-")]
     assert names == ["dyweight-flux-nfe3", "dyweight-flux-nfe5", "dyweight-flux-nfe7", "dyweight-sd15-nfe8",
                      "dyweight-sd15-nfe12", "dyweight-sd15-nfe16", "dyweight-sd15-nfe20"]
     assert official_url("dyweight-flux-nfe3", None).endswith(
-        f"Westlake-AGI-Lab/DyWeight/{DYWEIGHT_COMMIT}/dyweight_flux/checkpoints/dyweight_nfe3.pt")
+        f"Westlake-AGI-Lab/DyWeight/{COMMIT}/dyweight_flux/checkpoints/dyweight_nfe3.pt")
     assert convert_command("dyweight-flux-nfe5").endswith("dyweight-flux-nfe5.pt OUT.safetensors")
     data = published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(3), torch.ones(3))
     with pytest.raises(EPDImportError, match="not the published 'dyweight-flux-nfe3'"):
@@ -655,6 +656,7 @@ def test_by_name_download_fetches_the_pinned_path_and_converts(tmp_path, monkeyp
     import hashlib
 
     import epd_core.tables.import_official as imp
+    from epd_core.tables import dyweight_format
     from test_official_tables import file_server
     data = published_flux_checkpoint(tmp_path / "final-step.pt", torch.eye(3) * 0.9, torch.ones(3))
     name = "dyweight-flux-nfe3"
@@ -667,4 +669,4 @@ def test_by_name_download_fetches_the_pinned_path_and_converts(tmp_path, monkeyp
         assert server.requests == ["/dyweight_flux/checkpoints/dyweight_nfe3.pt"]
     prov = EPDParams.load(out).metadata["provenance"]
     assert prov["official_name"] == name and prov["official_url"] == (
-        f"{imp.DYWEIGHT_BASE_URL}/dyweight_flux/checkpoints/dyweight_nfe3.pt")
+        f"{dyweight_format.BASE_URL}/dyweight_flux/checkpoints/dyweight_nfe3.pt")

@@ -28,6 +28,7 @@ import torch
 from epd_core.sampling.epd import AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, run_steps
 from epd_core.tables.params import MAX_MS_COEFFICIENT, EPDParams
 from epd_core.sampling.plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
+from epd_core.sampling.picture import MatrixPicture
 from epd_core.sampling.plan import plan as table_plan
 from epd_core.runtime import warn_once
 from epd_core.sampling.schedules import sigmas_for
@@ -357,3 +358,20 @@ def trainer_fields(scheduler_list, steps: int, **_recipe) -> dict:
     K = 1."""
     sigmas, spec = scheduler_list(steps - 1)
     return {"sigmas": sigmas, "schedule": spec, "num_points": 1}
+
+
+def picture(params: EPDParams, sigmas=None) -> MatrixPicture:
+    """W as a lower-triangular grid (|W_ij| = 1.5 at full colour), per row the evaluation-time scale a_i, the row
+    sum, the grid point t_i and the time tau_i x_i is at."""
+    act = {k: v.detach().double() for k, v in params.activated().items()}
+    total = params.num_steps
+    grid = [float(s) for s in sigmas] if sigmas is not None else own_grid(params)
+    tau = taus(act["W"], grid).tolist() if grid is not None and len(grid) == total + 1 else None
+    labels = []
+    for i in range(total):
+        text = f"a {float(act['a'][i]):.3f}  sum {float(act['W'][i].sum()):.3f}"
+        if grid is not None and i < len(grid):
+            text += f"  t {grid[i]:.4g}" + (f"  tau {tau[i]:.4g}" if tau is not None else "")
+        labels.append(text)
+    return MatrixPicture("DyWeight", "row i: the weights W_ij of the directions d_j (red > 0 > blue); a: "
+                         "evaluation-time scale; tau: the time x_i is at", act["W"], 1.5, labels)

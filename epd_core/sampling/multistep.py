@@ -29,6 +29,7 @@ import torch
 from epd_core.sampling.epd import (AB_COEFFS, EPDSamplingError, check_finite, check_sigmas, final_euler_step,
                                    positive_part, run_steps)
 from epd_core.tables.params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
+from epd_core.sampling.picture import PointsPicture
 from epd_core.sampling.points import PointEvaluator
 from epd_core.runtime import warn_once
 from epd_core.sampling.plan import Plan, model_sampling_of, sigma_max_of
@@ -342,3 +343,15 @@ def starting_builtin(cfg: float) -> str:
     there on both demo models (docs/results.md, "Across CFG"; at CFG 6 gradient_estimation is nearly twice as
     wrong as dpmpp_2m on MNIST at 4 steps)."""
     return "dpmpp_2m" if cfg >= 4.0 else "gradient_estimation"
+
+
+def picture(params: EPDParams, sigmas=None) -> PointsPicture:
+    """Per step the current point (r = 0) and the look-ahead points, dot area ~ |coefficient w|, and the
+    coefficients g of the last 3 directions."""
+    act = {k: v.detach().double() for k, v in params.activated().items()}
+    r = torch.cat([torch.zeros_like(act["w"][:, :1]), act["r"]], 1)
+    labels = [[f"r{ri:.2f} w{wi:+.3f}" for ri, wi in zip(r[i].tolist(), act["w"][i].tolist())]
+              + ["g " + " ".join(f"{float(v):+.3f}" for v in act["g"][i])] for i in range(params.num_steps)]
+    return PointsPicture("EPD", "EPD-MS: the current point (r = 0) and look-ahead points t_k in one call; dot area ~ "
+                         "|coefficient w|; g: coefficients of the last 3 directions", r,
+                         (act["w"].abs() / 2).clamp(max=1).sqrt(), None, labels)

@@ -52,6 +52,7 @@ class SolverVariant:
     # the EPD Trainer's recipe: (scheduler_list, steps=, num_points=, cfg_scale=, lr=, sigma_min=) -> DistillConfig
     # fields, scheduler_list(n) giving a ComfyUI scheduler's n + 1 positive sigmas and a final 0 with their spec
     trainer_fields: Callable
+    picture: Callable           # (params, sigmas) -> its table as a picture.PointsPicture / MatrixPicture (Preview)
     # (positive sigmas, sigma_min, lr) -> the DistillConfig fields its recipe sets, which the EPD Trainer (through
     # trainer_fields), the command line (for options left at their defaults) and the table-making scripts share
     recipe: Callable | None = None
@@ -81,7 +82,7 @@ def _paper(name: str, title: str, description: str, order: int, sample, official
         name, title, description, order, calls_per_step=2, rl=True, own_last_step=False, parallel_points=True,
         tensors=TENSOR_NAMES, table_rows=paper.table_rows, check_table=paper.check_table,
         untrained_table=partial(paper.untrained_table, solver=name, max_order=order), sample=sample,
-        plan=paper.plan,
+        plan=paper.plan, picture=paper.picture,
         train_rows=paper.table_rows, train_loop=paper.train_loop, trained_table=paper.trained_table,
         check_config=paper.check_config, trainer_fields=paper.trainer_fields,
         trainer_note="steps = table rows (KSampler then takes steps + 1 steps)", official=official)
@@ -100,7 +101,7 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
         untrained_table=multistep.untrained_table, sample=multistep.sample_epd_ms, plan=multistep.plan,
         train_rows=multistep.table_rows,
         train_loop=multistep.train_loop, trained_table=multistep.trained_table, check_config=multistep.check_config,
-        trainer_fields=multistep.trainer_fields, recipe=multistep.recipe,
+        trainer_fields=multistep.trainer_fields, recipe=multistep.recipe, picture=multistep.picture,
         trainer_note="steps = KSampler steps = model calls on the chosen ComfyUI scheduler's list, K counts the "
                      "current point; starts as the built-in strongest at the CFG and learns its coefficients with "
                      "the schedule",
@@ -114,7 +115,7 @@ SOLVERS: dict[str, SolverVariant] = {v.name: v for v in (
         sample=dyweight.sample_dyweight, plan=dyweight.plan, train_rows=dyweight.train_rows,
         train_loop=dyweight.train_loop,
         trained_table=dyweight.trained_table, check_config=dyweight.check_config,
-        trainer_fields=dyweight.trainer_fields,
+        trainer_fields=dyweight.trainer_fields, picture=dyweight.picture,
         trainer_note="steps = KSampler steps = model calls, K ignored; starts as euler, end to end with gradient "
                      "clipping",
         lr_scale=0.1, untrained="euler",

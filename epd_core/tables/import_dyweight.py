@@ -1,8 +1,9 @@
 """DyWeight's published tables (Westlake-AGI-Lab/DyWeight) as dyweight EPDParams tables (epd_core/sampling/dyweight.py).
 FLUX (dyweight_flux/checkpoints/dyweight_nfe*.pt) is read without torch.load: torch's zip layout parsed by the
 pack's bounded reader (epd_core/tables/torch_storage.py) under budgets sized for a 3 kB file. The EDM / SD snapshots
-(exps/*/network-snapshot-*.pkl) go through import_official's restricted evaluator, which hands `edm_table` the
-predictor's tensors and the plain hyperparameters.
+(exps/*/network-snapshot-*.pkl) are read by the bounded pickle reader (predictor_pickle.py); `import_snapshot` hands
+`edm_table` the predictor's tensors and the plain hyperparameters. The files by name, their pickles' allowed names and
+the zip budget: dyweight_format.py.
 
 What the file holds (their train_flux.py `materialize_dyweight`): `window_size`, `dyweight_weights_raw` W (K, K)
 lower triangular, `dyweight_t_scales` a (K,) already through 0.5 + sigmoid, and in the published files also
@@ -21,7 +22,8 @@ import torch
 from epd_core.sampling.dyweight import flux_grid, flux_mu, from_weights
 from epd_core.tables.params import MAX_POINTS, EPDParams, EPDParamsError
 from epd_core.sampling.schedules import sigmas_for
-from epd_core.tables.predictor_pickle import _FIX_NOT_FLUX, FLUX_LIMITS
+from epd_core.tables.dyweight_format import FIX_ZIP, ZIP_LIMITS
+from epd_core.tables.predictor_pickle import _Array, _Budget, _FunctionName, _plain, _Record, _TooBig
 from epd_core.tables.torch_storage import TorchFileError, read_bytes
 
 FLUX_TRAINED_SIZE = (512, 512)
@@ -39,9 +41,9 @@ _FAMILIES = {"ms_coco": "sd15", "cifar10": "cifar10", "ffhq": "ffhq", "afhqv2": 
 def import_flux_pt(data: bytes, name: str, fail) -> EPDParams:
     """The dyweight table of a DyWeight FLUX checkpoint's bytes; `fail(problem, fix)` raises the importer's error."""
     try:
-        top = read_bytes(data, FLUX_LIMITS)
+        top = read_bytes(data, ZIP_LIMITS)
     except TorchFileError as e:
-        fail(f"refused: {e}", _FIX_NOT_FLUX)
+        fail(f"refused: {e}", FIX_ZIP)
     if not isinstance(top, dict) or not all(k in top for k in _REQUIRED):
         fail("this is a zip archive (a torch.save checkpoint) but not a DyWeight FLUX checkpoint (expected a dict with "
              f"{', '.join(_REQUIRED)})", "Pass a published dyweight_nfe*.pt file, or an EPD/DyWeight .pkl predictor.")
@@ -156,3 +158,42 @@ def _shape(v) -> str:
     if isinstance(v, torch.Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
     return type(v).__name__
+
+
+def import_snapshot(top: dict, data: bytes, name: str, fail) -> EPDParams:
+    """A DyWeight EDM / SD snapshot: {'predictor': <persistent DyWeight_predictor>, 'loss_fn': <persistent
+    DyWeight_loss>}, the numbers in the predictor (hybrid_weights, t_scale, the band mask), schedule in the loss."""
+    def state_of(key: str, class_name: str) -> dict:
+        record = top.get(key)
+        meta = record.meta if isinstance(record, _Record) else None
+        if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("class_name") == class_name
+                and isinstance(meta.get("state"), dict)):
+            fail(f"not a DyWeight snapshot: its '{key}' entry is not a persistent {class_name}",
+                 "Pass a network-snapshot-*.pkl from DyWeight's exps/ folder.")
+        return meta["state"]
+    pred, loss = state_of("predictor", "DyWeight_predictor"), state_of("loss_fn", "DyWeight_loss")
+
+    def tensor(group: str, key: str, required: bool = True):
+        holder = pred.get(group)
+        arr = holder.get(key) if isinstance(holder, dict) else None
+        if arr is None and not required:
+            return None
+        if not isinstance(arr, _Array) or not arr.tensor.is_floating_point():
+            fail(f"the predictor's {group}['{key}'] is missing or not a float tensor", "Download the file again.")
+        return arr.tensor.double()
+    budget = _Budget()
+    try:
+        plain = {k: _plain(v, budget, k) for k, v in (
+            ("num_steps", pred.get("num_steps")), ("afs", pred.get("afs")),
+            ("guidance_rate", pred.get("guidance_rate")), ("max_history_steps", pred.get("max_history_steps")),
+            ("schedule_type", loss.get("schedule_type")), ("schedule_rho", loss.get("schedule_rho")),
+            ("sigma_min", loss.get("sigma_min")), ("sigma_max", loss.get("sigma_max")),
+            ("dataset_name", loss.get("dataset_name")), ("teacher_steps", loss.get("teacher_steps")))}
+    except _TooBig as e:
+        fail(str(e), "A DyWeight snapshot records a few small hyperparameters; this file is crafted.")
+    teacher = loss.get("solver_tea")
+    plain["teacher"] = teacher.name if isinstance(teacher, _FunctionName) else None
+    if not (isinstance(loss.get("solver_stu"), _FunctionName) and loss["solver_stu"].name == "dyweight_sampler"):
+        fail("the snapshot's student sampler is not dyweight_sampler", "Pass a DyWeight snapshot.")
+    return edm_table(tensor("_parameters", "hybrid_weights"), tensor("_buffers", "mask"),
+                     tensor("_parameters", "t_scale", required=False), plain, data, name, fail)

@@ -45,11 +45,10 @@ from typing import NamedTuple
 import torch
 
 from epd_core.tables.import_child import MARK, OUT_OF_MEMORY
-from epd_core.tables.import_dyweight import edm_table, import_flux_pt
+from epd_core.tables.formats import FORMATS
 from epd_core.tables.params import MAX_POINTS, MAX_STEPS, SCHEDULE_TYPES, EPDParams, EPDParamsError
-from epd_core.tables.predictor_pickle import (_FIX_BUDGET, MAX_PKL_BYTES, Refusal, _Array, _FunctionName, _Record,
-                                              _first_line,
-                               failer, parse)
+from epd_core.tables.predictor_pickle import (_FIX_BUDGET, _MAX_EXACT_INT, MAX_PKL_BYTES, Refusal, _Array, _Budget,
+                                              _first_line, _plain, _Record, _TooBig, failer, parse)
 from epd_core.sampling.registry import SOLVERS, variant
 
 IMPORTER_VERSION = 1
@@ -59,12 +58,7 @@ _TABLES = {"theta_r": "r_params", "theta_w": "weight_s", "theta_c": "scale_dir_p
 _SOLVERS = {v.official: v.name for v in SOLVERS.values() if v.official}  # official sampler_stu -> our solver
 _OFFICIAL_SCHEDULES = ("discrete", "polynomial", "logsnr", "time_uniform", "flowmatch")
 _SCHEDULE_NUMBERS = ("sigma_min", "sigma_max", "shift", "mu")  # copied when the file records them
-# What the provenance copy of untrusted attributes may hold in all (values and characters): a real file's
-# provenance is a few dozen values. Shared references can make a 4 kB pickle describe a graph of 10^10 nodes, so
-# the copy counts every value it visits and refuses the file as soon as the budget is spent.
-PROVENANCE_MAX_VALUES, PROVENANCE_MAX_CHARS, PROVENANCE_MAX_DEPTH = 2000, 20000, 4
 _NAME = re.compile(r"[a-z0-9_-]{1,64}")  # dataset / backend names that become a table's model_family
-_MAX_EXACT_INT = 2 ** 53  # larger integers are no plausible hyperparameter (and overflow float())
 
 
 class EPDImportError(EPDParamsError, Refusal):
@@ -94,9 +88,6 @@ OFFICIAL_REPO = "BeierZhu/EPD"
 OFFICIAL_BRANCH = "EPD-Solver++"
 OFFICIAL_COMMIT = "88a91f0914069afd700bfee1b590c7b61ceae240"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}"
-DYWEIGHT_REPO = "Westlake-AGI-Lab/DyWeight"  # no license file: its numbers are never shipped, only fetched by name
-DYWEIGHT_COMMIT = "620534e32eab5235077a4a0545b8d59b7076fcec"
-DYWEIGHT_BASE_URL = f"https://raw.githubusercontent.com/{DYWEIGHT_REPO}/{DYWEIGHT_COMMIT}"
 BASE_URL_ENV = "EPD_OFFICIAL_BASE_URL"  # e.g. a mirror; tests point it at a local server
 DOWNLOAD_TIMEOUT = 30.0                 # seconds for the whole download (connecting included)
 MAX_DOWNLOAD_BYTES = 1024 * 1024        # the published files are ~7 kB
@@ -113,20 +104,8 @@ OFFICIAL_FILES: dict[str, OfficialFile] = {f.name: f for f in (
     OfficialFile("sd3-512-best", 7319, "fd088ef6d9b6c4156c5abe20b303bb626329edcbf00e655c749c2a33a28f0344"),
     OfficialFile("sd3-512-distilled", 7319, "c315cb5a1f8548228d08a8e8be4f2c4da6e9b95fd71bc50e5bfbcec1f9033527"),
     OfficialFile("sd3-512-start", 7166, "9f53994ff9428690792650c64c96009d4c1c668652d16dd6fa26658f4d78caab"),
-    # DyWeight (epd_core/sampling/dyweight.py): FLUX.1-dev at NFE 3 / 5 / 7 (.pt, epd_core/tables/import_dyweight.py)
-    # and SD1.5
-    # (MS-COCO, CFG 7.5) at 8 / 12 / 16 / 20 evaluations (.pkl), from their repository at DYWEIGHT_COMMIT
-    *(OfficialFile(f"dyweight-flux-nfe{n}", size, sha, f"dyweight_flux/checkpoints/dyweight_nfe{n}.pt",
-                   DYWEIGHT_BASE_URL) for n, size, sha in (
-        (3, 2662, "abf1bf591dce72b4316d0ff2c52e36afd7dca39e3a426b8ece38e78a17e83a78"),
-        (5, 2918, "3aae083cfc9229b2abe703b43b8e6e565c3a2d6e58e1020aeccaedbecce71e5a"),
-        (7, 3430, "436b83e51aa020e5194e7d1305702597029b4539118cd54f9409da7fcb30543a"))),
-    *(OfficialFile(f"dyweight-sd15-nfe{n}", size, sha, f"exps/{run}-mscoco-nfe{n}/network-snapshot-000005.pkl",
-                   DYWEIGHT_BASE_URL) for n, run, size, sha in (
-        (8, "00036", 15599, "c594beace26d9bd6f4a1f2b9be298a1be0648d65da2ddf271258ea917521dd18"),
-        (12, "00037", 15774, "1efdb43fe17ee39ac83f996b27f8671782bc65812318c38fb91885aa52846fb0"),
-        (16, "00038", 16380, "095cb79b219ad7f272e2ccf5445083e802cb9d4b86424a6319af6f20d48f1d20"),
-        (20, "00039", 16300, "f9d04587c675de6b1ef2b313dfe24761f0ea886343caf2aca4f4bf6fff1a1788"))),
+    # the other formats' published files (formats.py), from their repositories at pinned commits
+    *(OfficialFile(*entry, base=fmt.BASE_URL) for fmt in FORMATS for entry in fmt.PUBLISHED),
 )}
 
 
@@ -356,8 +335,9 @@ def import_official_bytes(data: bytes, source: str = "<bytes>", name: str | None
     """Like import_official, for file contents already in memory; `source` names them in errors."""
     fail = _failer(source)
     top = parse(data, fail)  # epd_core/tables/predictor_pickle.py: inert values, or refused
-    if top is None:  # torch.save's zip layout: only DyWeight's FLUX checkpoints are imported
-        return import_flux_pt(data, name or source, fail)
+    for fmt in FORMATS:  # another published format's file (formats.py; a torch zip is None)
+        if fmt.recognises(top):
+            return fmt.convert(top, data, name or source, fail)
     return _extract(top, data, name or source, fail)
 
 
@@ -368,8 +348,6 @@ def _failer(source: str):
 
 
 def _extract(top, data: bytes, name: str, fail) -> EPDParams:
-    if isinstance(top, dict) and "predictor" in top and "model" not in top:
-        return _extract_dyweight(top, data, name, fail)
     record = top.get("model") if isinstance(top, dict) else None
     if not isinstance(record, _Record):
         fail("not an official EPD predictor: expected a pickled dict whose 'model' entry was saved with "
@@ -454,45 +432,6 @@ def _extract(top, data: bytes, name: str, fail) -> EPDParams:
         fail(f"the converted table is invalid ({e})", "The file is inconsistent; download it again.")
 
 
-def _extract_dyweight(top: dict, data: bytes, name: str, fail) -> EPDParams:
-    """A DyWeight EDM / SD snapshot: {'predictor': <persistent DyWeight_predictor>, 'loss_fn': <persistent
-    DyWeight_loss>}, the numbers in the predictor (hybrid_weights, t_scale, the band mask), schedule in the loss."""
-    def state_of(key: str, class_name: str) -> dict:
-        record = top.get(key)
-        meta = record.meta if isinstance(record, _Record) else None
-        if not (isinstance(meta, dict) and meta.get("type") == "class" and meta.get("class_name") == class_name
-                and isinstance(meta.get("state"), dict)):
-            fail(f"not a DyWeight snapshot: its '{key}' entry is not a persistent {class_name}",
-                 "Pass a network-snapshot-*.pkl from DyWeight's exps/ folder.")
-        return meta["state"]
-    pred, loss = state_of("predictor", "DyWeight_predictor"), state_of("loss_fn", "DyWeight_loss")
-
-    def tensor(group: str, key: str, required: bool = True):
-        holder = pred.get(group)
-        arr = holder.get(key) if isinstance(holder, dict) else None
-        if arr is None and not required:
-            return None
-        if not isinstance(arr, _Array) or not arr.tensor.is_floating_point():
-            fail(f"the predictor's {group}['{key}'] is missing or not a float tensor", "Download the file again.")
-        return arr.tensor.double()
-    budget = _Budget()
-    try:
-        plain = {k: _plain(v, budget, k) for k, v in (
-            ("num_steps", pred.get("num_steps")), ("afs", pred.get("afs")),
-            ("guidance_rate", pred.get("guidance_rate")), ("max_history_steps", pred.get("max_history_steps")),
-            ("schedule_type", loss.get("schedule_type")), ("schedule_rho", loss.get("schedule_rho")),
-            ("sigma_min", loss.get("sigma_min")), ("sigma_max", loss.get("sigma_max")),
-            ("dataset_name", loss.get("dataset_name")), ("teacher_steps", loss.get("teacher_steps")))}
-    except _TooBig as e:
-        fail(str(e), "A DyWeight snapshot records a few small hyperparameters; this file is crafted.")
-    teacher = loss.get("solver_tea")
-    plain["teacher"] = teacher.name if isinstance(teacher, _FunctionName) else None
-    if not (isinstance(loss.get("solver_stu"), _FunctionName) and loss["solver_stu"].name == "dyweight_sampler"):
-        fail("the snapshot's student sampler is not dyweight_sampler", "Pass a DyWeight snapshot.")
-    return edm_table(tensor("_parameters", "hybrid_weights"), tensor("_buffers", "mask"),
-                     tensor("_parameters", "t_scale", required=False), plain, data, name, fail)
-
-
 def _int(state: dict, key: str, fail) -> int:
     v = state.get(key)
     limit = MAX_STEPS + 1 if key == "num_steps" else MAX_POINTS
@@ -552,46 +491,6 @@ _PROVENANCE = (("teacher", "sampler_tea"), ("M", "M"), ("dataset_name", "dataset
                ("lower_order_final", "lower_order_final"), ("alpha", "alpha"))
 
 
-class _TooBig(Exception):
-    """The provenance copy ran out of budget."""
-
-
-class _Budget:
-    def __init__(self, values: int = PROVENANCE_MAX_VALUES, chars: int = PROVENANCE_MAX_CHARS):
-        self.values, self.chars = values, chars
-
-    def spend(self, attr: str, values: int = 1, chars: int = 0) -> None:
-        self.values -= values
-        self.chars -= chars
-        if self.values < 0 or self.chars < 0:
-            raise _TooBig(f"refused: attribute '{attr}' (with the other recorded hyperparameters) holds more than "
-                          f"{PROVENANCE_MAX_VALUES} values or {PROVENANCE_MAX_CHARS} characters")
-
-
-def _plain(v, budget: _Budget, attr: str, depth: int = 0):
-    """JSON-safe copy of an untrusted value for the provenance: bounded depth and length per container, and a
-    global budget of values and characters shared by every call with the same `budget` (see _Budget)."""
-    budget.spend(attr)
-    if v is None or type(v) is bool or (type(v) is float and math.isfinite(v)):
-        return v
-    if type(v) is int:
-        return v if abs(v) <= _MAX_EXACT_INT else "<int too large>"
-    if type(v) is float:
-        return str(v)
-    if type(v) is str:
-        budget.spend(attr, 0, min(len(v), 200))
-        return v[:200]
-    if depth < PROVENANCE_MAX_DEPTH and type(v) in (list, tuple):
-        return [_plain(x, budget, attr, depth + 1) for x in v[:64]]
-    if depth < PROVENANCE_MAX_DEPTH and type(v) is dict and all(type(k) is str for k in v):
-        out = {}
-        for k, x in list(v.items())[:64]:
-            budget.spend(attr, 0, min(len(k), 100))
-            out[k[:100]] = _plain(x, budget, attr, depth + 1)
-        return out
-    return f"<{type(v).__name__.strip('_')}>"
-
-
 def _brief(v) -> str:
     """A short, safe rendering of an untrusted value for an error message (no recursion into containers)."""
     if v is None or type(v) in (bool, float) or (type(v) is int and abs(v) <= _MAX_EXACT_INT):
@@ -605,15 +504,16 @@ def _brief(v) -> str:
 
 # ---- command line -----------------------------------------------------------------------------------------
 def format_table(params: EPDParams) -> str:
-    """The activated table, one line per step: r, w, c, a for each point (dyweight: its row of W and a)."""
-    act = params.activated()
-    if "W" in act:  # a weight matrix over past directions (dyweight), not K points
-        return "\n".join(["step       a  W row"] + [f"{i:4d}{float(act['a'][i]):8.4f}  " + " ".join(
-            f"{float(v):8.4f}" for v in act["W"][i, :i + 1]) for i in range(params.num_steps)])
-    points = range(params.num_points)
-    lines = ["step" + "  ".join("".join(f"{n + str(j):>8}" for n in "rwca") for j in points)]
-    for i in range(params.num_steps):
-        lines.append(f"{i:4d}" + "  ".join("".join(f"{float(act[n][i, j]):8.4f}" for n in "rwca") for j in points))
+    """The activated table as its variant pictures it (registry entry's `picture`), one line per step: the
+    points' r, w, c, a (or what the variant shows), or a row of its weight matrix."""
+    pic = params.variant.picture(params)
+    lines = [f"{pic.heading} table: {params.describe()}"]
+    if hasattr(pic, "matrix"):  # a lower-triangular weight matrix over past directions, not K points
+        lines.append("step  W row  |  " + pic.caption)
+        lines += [f"{i:4d}  " + " ".join(f"{float(v):8.4f}" for v in pic.matrix[i, :i + 1]) + f"  |  {pic.labels[i]}"
+                  for i in range(pic.matrix.shape[0])]
+    else:
+        lines += [f"{i:4d}  " + "  ".join(labels) for i, labels in enumerate(pic.labels)]
     return "\n".join(lines)
 
 

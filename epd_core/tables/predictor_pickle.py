@@ -1,6 +1,7 @@
-"""Read an EPD / DyWeight predictor pickle into inert values, safely and without torch (the conversion into a table
-is epd_core/tables/import_official.py's). Pure Python + numpy, so the importer's isolated child refuses a hostile file
-before it pays torch's start-up.
+"""Read an EPD predictor pickle (or another published format's, formats.py) into inert values, safely and without
+torch (the conversion into a table is epd_core/tables/import_official.py's). Pure Python + numpy, so the importer's
+isolated child refuses a hostile file before it pays torch's start-up. `_plain` copies untrusted attributes for a
+table's provenance within a budget.
 
 1. `_prescan` runs the opcode stream on abstract values (pickletools.genops), building nothing: the file must be
    one complete pickle with no persistent ids, sane memo indices, only the allowed globals, and within explicit
@@ -18,6 +19,7 @@ import pickletools
 
 import numpy as np
 
+from epd_core.tables.formats import FORMATS
 from epd_core.tables.torch_storage import (Hooks, Limits, Storage, TorchFileError, check_bytes, evaluate,
                                            read_storage_array)
 
@@ -38,14 +40,6 @@ PICKLE_MAX_CALLS = {                # calls (REDUCE / NEWOBJ) of each allowed gl
     "torch.nn.modules.activation.Sigmoid": 16, "torch.nn.modules.activation.Softmax": 16,
 }
 _MAX_TENSOR_ELEMENTS = 4096 * 64  # params.MAX_STEPS * MAX_POINTS (written out: this module never imports torch)
-# the sampler functions DyWeight's solvers.py defines: a snapshot's loss object names its student and teacher
-DYWEIGHT_FUNCTIONS = ("dyweight_sampler", "heun_sampler", "euler_sampler", "ipndm_sampler", "dpm_sampler",
-                      "dpmpp_sampler", "unipc_sampler")
-# a DyWeight FLUX checkpoint (torch's zip layout, ~3 kB): its data.pkl has ~150 opcodes, 6 storages, 6 tensors,
-# dicts of 5 entries, nesting 4
-FLUX_LIMITS = Limits(opcodes=4000, depth=8, items=64, storages=16, tensors=16, pickle_bytes=64 * 1024)
-_FIX_NOT_FLUX = ("The file is not a DyWeight FLUX checkpoint (dyweight_nfe*.pt) or has been tampered with; nothing "
-                 "in it was run. Download it again.")
 _FIX_BUDGET = ("An official EPD predictor is a few kB with a few dozen objects; this file is crafted or not an EPD "
                "predictor. Nothing in it was built, run or written. Use the .pkl from the EPD authors' release "
                "(Import EPD Predictor's 'official:' choices fetch and verify it).")
@@ -70,16 +64,20 @@ def is_torch_zip(data: bytes) -> bool:
 
 
 def parse(data: bytes, fail):
-    """The values an official EPD / DyWeight predictor pickle holds, built from inert stand-ins (tensors as numpy
-    arrays), or `fail(problem, fix)`. A zip (DyWeight's FLUX .pt) is checked by torch_storage and returned as
-    None: its reading into tensors is epd_core/tables/import_dyweight.py's."""
+    """The values an official EPD predictor pickle (or another format's, formats.py) holds, built from inert
+    stand-ins (tensors as numpy arrays), or `fail(problem, fix)`. A zip (torch.save's layout, e.g. DyWeight's FLUX
+    .pt) is checked by torch_storage within its format's budget and returned as None: its format's converter reads
+    it."""
     if len(data) > MAX_PKL_BYTES:
         fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
-    if is_torch_zip(data):
+    if is_torch_zip(data):  # checked within the budget of the format that imports zips, read by its converter
+        zips = [f for f in FORMATS if getattr(f, "ZIP_LIMITS", None) is not None]
+        if not zips:
+            fail("this is a zip archive (a torch.save checkpoint), not a predictor pickle", _FIX_REFUSED)
         try:
-            check_bytes(data, FLUX_LIMITS)
+            check_bytes(data, zips[0].ZIP_LIMITS)
         except TorchFileError as e:
-            fail(f"refused: {e}", _FIX_NOT_FLUX)
+            fail(f"refused: {e}", zips[0].FIX_ZIP)
         return None
     _check_magic(data, fail)
     _prescan(data, fail)
@@ -267,8 +265,8 @@ _ALLOWED = {
     # the official files use protocol 4, which needs neither.
     ("builtins", "set"): set, ("__builtin__", "set"): set,
     ("_codecs", "encode"): _StandIn(_latin1_encode),
-    # DyWeight's snapshots name their student and teacher sampler functions (Westlake-AGI-Lab/DyWeight solvers.py)
-    **{("solvers", n): _FunctionName(n) for n in DYWEIGHT_FUNCTIONS},
+    # the training-code functions other formats' snapshots name (formats.py, e.g. DyWeight's student and teacher)
+    **{(f.PICKLE_MODULE, n): _FunctionName(n) for f in FORMATS for n in getattr(f, "PICKLE_FUNCTIONS", ())},
 }
 # Classes handed out (the placeholders above, set) are safe from BUILD: ours define __setstate__, which pickle
 # then calls unbound and which fails; built-in types refuse new attributes.
@@ -277,7 +275,7 @@ _ALLOWED = {
 # The authors' older branch (EPD-Solver, for EDM pixel-space models such as CIFAR-10) pickles its training
 # snapshot with the loss object, whose attributes name the training code's solver functions (e.g.
 # solvers.epd_sampler). Such a file is recognised by that global and refused with a message saying what it is.
-_OLD_BRANCH_MODULES = ("solvers", "solvers_amed")  # after DyWeight's own names (_ALLOWED)
+_OLD_BRANCH_MODULES = ("solvers", "solvers_amed")  # after the formats' own names (_ALLOWED)
 _FIX_OLD_BRANCH = ("Nothing in it was run. The EPD-Solver++ predictors for Stable Diffusion 1.5, SD3 and Flux import "
                    "directly, e.g. python -m epd_core.import_official --official sd15-best OUT.safetensors; for "
                    "other models, train a table with the EPD Trainer node or python -m epd_core.train.")
@@ -624,3 +622,51 @@ def _literal_ints(v: _Val):
     if not all(x.kind == "int" for x in items):
         return None
     return tuple(x.value for x in items)
+
+
+# ---- provenance: a bounded copy of untrusted attributes -----------------------------------------------------
+# What the provenance copy of untrusted attributes may hold in all (values and characters): a real file's
+# provenance is a few dozen values. Shared references can make a 4 kB pickle describe a graph of 10^10 nodes, so
+# the copy counts every value it visits and refuses the file as soon as the budget is spent.
+PROVENANCE_MAX_VALUES, PROVENANCE_MAX_CHARS, PROVENANCE_MAX_DEPTH = 2000, 20000, 4
+_MAX_EXACT_INT = 2 ** 53  # larger integers are no plausible hyperparameter (and overflow float())
+
+
+class _TooBig(Exception):
+    """The provenance copy ran out of budget."""
+
+
+class _Budget:
+    def __init__(self, values: int = PROVENANCE_MAX_VALUES, chars: int = PROVENANCE_MAX_CHARS):
+        self.values, self.chars = values, chars
+
+    def spend(self, attr: str, values: int = 1, chars: int = 0) -> None:
+        self.values -= values
+        self.chars -= chars
+        if self.values < 0 or self.chars < 0:
+            raise _TooBig(f"refused: attribute '{attr}' (with the other recorded hyperparameters) holds more than "
+                          f"{PROVENANCE_MAX_VALUES} values or {PROVENANCE_MAX_CHARS} characters")
+
+
+def _plain(v, budget: _Budget, attr: str, depth: int = 0):
+    """JSON-safe copy of an untrusted value for the provenance: bounded depth and length per container, and a
+    global budget of values and characters shared by every call with the same `budget` (see _Budget)."""
+    budget.spend(attr)
+    if v is None or type(v) is bool or (type(v) is float and math.isfinite(v)):
+        return v
+    if type(v) is int:
+        return v if abs(v) <= _MAX_EXACT_INT else "<int too large>"
+    if type(v) is float:
+        return str(v)
+    if type(v) is str:
+        budget.spend(attr, 0, min(len(v), 200))
+        return v[:200]
+    if depth < PROVENANCE_MAX_DEPTH and type(v) in (list, tuple):
+        return [_plain(x, budget, attr, depth + 1) for x in v[:64]]
+    if depth < PROVENANCE_MAX_DEPTH and type(v) is dict and all(type(k) is str for k in v):
+        out = {}
+        for k, x in list(v.items())[:64]:
+            budget.spend(attr, 0, min(len(k), 100))
+            out[k[:100]] = _plain(x, budget, attr, depth + 1)
+        return out
+    return f"<{type(v).__name__.strip('_')}>"
