@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import epd_core.tables.import_official as imp
+from epd_core.tables.formats import FORMATS
 from bench.comfyui_server import COMFYUI, REPO, ComfyServer, error_message, free_port
 from epd_core.tables.import_official import EPDImportError, OfficialFile, import_official_bytes
 from epd_core.tables.params import EPDParams
@@ -128,11 +129,11 @@ def closed_port_url() -> str:
 # ---- names, paths, URLs -------------------------------------------------------------------------------
 def test_names_paths_and_urls_follow_the_authors_repository(monkeypatch):
     monkeypatch.delenv(imp.BASE_URL_ENV, raising=False)
+    others = [entry[0] for fmt in FORMATS for entry in fmt.PUBLISHED]  # other formats' files: their own tests
     assert list(imp.OFFICIAL_FILES) == [
         "flux-best", "flux-start", "sd15-best", "sd15-distilled", "sd15-start", "sd3-1024-best",
-        "sd3-1024-distilled", "sd3-1024-start", "sd3-512-best", "sd3-512-distilled", "sd3-512-start",
-        *(f"dyweight-flux-nfe{n}" for n in (3, 5, 7)), *(f"dyweight-sd15-nfe{n}" for n in (8, 12, 16, 20))]
-    epd = [f for f in imp.OFFICIAL_FILES.values() if not f.name.startswith("dyweight-")]  # tests/test_dyweight.py
+        "sd3-1024-distilled", "sd3-1024-start", "sd3-512-best", "sd3-512-distilled", "sd3-512-start", *others]
+    epd = [f for f in imp.OFFICIAL_FILES.values() if f.name not in others]
     assert all(7000 < f.size < 8000 and len(f.sha256) == 64 for f in epd)
     assert imp.official_file("sd15-best").sha256 == "2e14a48e6b28944091b49d7cb3f0aa009bafad8668888fa584b09da5205ba227"
     # the layout of the authors' README (exps/<family>/<name>.pkl; flux files seen in the repository itself)
