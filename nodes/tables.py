@@ -28,6 +28,7 @@ from epd_core.tables.fileio import read_safetensors_header
 from epd_core.tables.formats import SOURCE_SUFFIXES
 from epd_core.tables.params import MAX_FILE_BYTES, EPDParams, EPDParamsError
 from epd_core.runtime import log_once
+from epd_core.sampling.plan import size_on
 from epd_core.sampling.registry import variant
 
 from .compat import sampling_variant
@@ -220,15 +221,9 @@ def preset_candidates() -> list[tuple[Path, str, bool]]:
 
 
 def _rank(meta: dict, steps: int, pretrained: bool, name: str, calls: int | None = None) -> tuple:
-    """Sort key among matching tables: the closest size first, the operator's before the pack's, then by name.
-    Size is the step count, except for tables whose last row steps to sigma 0 (schedule "to_zero", with their
-    own learned sigmas): KSampler's steps mean their latency NFE (model calls per image) instead."""
-    if calls is not None and meta["schedule"].get("to_zero") is True:
-        # derived from the rows, never the header's "latency_nfe": N rows to zero cost N times the solver's calls
-        # per step (epd: 2N), one less with AFS
-        per_step = variant(meta["solver"]).calls_per_step
-        return (abs(per_step * meta["num_steps"] - int(meta.get("afs") is True) - calls), pretrained, name)
-    return (abs(meta["num_steps"] - steps), pretrained, name)
+    """Sort key among matching tables: the closest size (plan.size_on: rows, or model calls for a table whose last
+    row steps to 0) first, the operator's before the pack's, then by name."""
+    return (size_on(meta, steps, calls), pretrained, name)
 
 
 def find_preset(family: str, solver: str, steps: int, calls: int | None = None) -> tuple[EPDParams, str] | None:

@@ -67,6 +67,18 @@ def plan(params: EPDParams | None, sigmas=None, model_sampling=None, solver: str
                                strict=strict, **options)
 
 
+def size_on(metadata: dict, steps: int, calls: int | None = None) -> int:
+    """How far a table (its header metadata) is from a KSampler run of `steps` steps to a positive sigma and `calls`
+    steps in all: its rows against `steps`, except for a table whose last row steps to 0 (schedule "to_zero"),
+    which `plan` runs on its own sigmas on any full denoise, so KSampler's steps mean its model calls (N rows cost N
+    times its variant's calls per step, one less with AFS; never the header's "latency_nfe")."""
+    if calls is not None and metadata["schedule"].get("to_zero") is True:
+        from epd_core.sampling.registry import variant  # the registry imports the variant modules
+        per_step = variant(metadata["solver"]).calls_per_step
+        return abs(per_step * metadata["num_steps"] - int(metadata.get("afs") is True) - calls)
+    return abs(metadata["num_steps"] - steps)
+
+
 def sigma_max_of(model_sampling) -> float | None:
     value = getattr(model_sampling, "sigma_max", None)
     try:
