@@ -29,7 +29,7 @@ from epd_core.sampling.epd import AB_COEFFS, EPDSamplingError, check_finite, che
 from epd_core.tables.params import MAX_MS_COEFFICIENT, EPDParams
 from epd_core.sampling.plan import Plan, full_denoise, model_sampling_of, sigma_max_of, starting_at
 from epd_core.sampling.picture import MatrixPicture
-from epd_core.sampling.plan import plan as table_plan
+from epd_core.sampling.plan import sampler_plan
 from epd_core.runtime import warn_once
 from epd_core.sampling.schedules import sigmas_for
 
@@ -230,14 +230,8 @@ def sample_dyweight(model, x, sigmas, params: EPDParams | None = None, extra_arg
     `model_sampling`: the model's noise schedule where `model` does not carry it."""
     if len(sigmas) < 2:
         return x
-    if params is not None and not isinstance(params, EPDParams):
-        raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
-    if params is not None and params.solver != "dyweight":
-        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); DyWeight needs a dyweight "
-                               "table (python -m epd_core.import_official), or sample it with its own solver")
-    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
-    p = table_plan(params, sigmas, model_sampling=ms, solver="dyweight", own_schedule=own_schedule, strict=strict,
-                   model=model)
+    p = sampler_plan("dyweight", model, sigmas, params, model_sampling, "python -m epd_core.import_official",
+                     own_schedule=own_schedule, strict=strict, model=model)
     steps = len(p.sigmas) - 1
     if p.table is None:
         W, a = torch.eye(steps, dtype=torch.float64), torch.ones(steps, dtype=torch.float64)

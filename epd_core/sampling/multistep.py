@@ -32,9 +32,9 @@ from epd_core.tables.params import HISTORY_TENSOR, MAX_MS_COEFFICIENT, EPDParams
 from epd_core.sampling.picture import PointsPicture
 from epd_core.sampling.points import PointEvaluator
 from epd_core.runtime import warn_once
-from epd_core.sampling.plan import Plan, model_sampling_of, sigma_max_of
+from epd_core.sampling.plan import Plan, sigma_max_of
 from epd_core.sampling.plan import own_schedule as own_schedule_for
-from epd_core.sampling.plan import plan as table_plan
+from epd_core.sampling.plan import sampler_plan
 
 HISTORY = 3                # past directions a row combines
 HISTORY_WIDTHS = (HISTORY, 2 * HISTORY)  # theta_h: g, then u (tables written before u existed: g only)
@@ -219,14 +219,8 @@ def sample_epd_ms(model, x, sigmas, params: EPDParams | None = None, extra_args=
     the model's noise schedule where `model` does not carry it (marks a full denoise by its sigma_max)."""
     if len(sigmas) < 2:
         return x
-    if params is not None and not isinstance(params, EPDParams):
-        raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
-    if params is not None and params.solver != "epd_ms":
-        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); EPD-MS needs an epd_ms "
-                               "table (train one with solver epd_ms), or sample it with its own solver")
-    ms = model_sampling if model_sampling is not None else model_sampling_of(model)
-    p = table_plan(params, sigmas, model_sampling=ms, solver="epd_ms", own_schedule=own_schedule, strict=strict,
-                   builtin=builtin)
+    p = sampler_plan("epd_ms", model, sigmas, params, model_sampling, "train one with solver epd_ms",
+                     own_schedule=own_schedule, strict=strict, builtin=builtin)
     table = p.table
     if table is None:
         if float(p.sigmas[-1]) != 0:

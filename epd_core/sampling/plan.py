@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from epd_core.sampling.epd import check_sigmas
+from epd_core.sampling.epd import EPDSamplingError, check_sigmas
 from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.runtime import warn_once
 from epd_core.sampling.schedules import REBUILDABLE, sigmas_for, with_final_zero
@@ -65,6 +65,20 @@ def plan(params: EPDParams | None, sigmas=None, model_sampling=None, solver: str
     params = with_own_sigmas(params, sigmas, model_sampling)
     return params.variant.plan(params, sigmas, model_sampling=model_sampling, own_schedule=own_schedule,
                                strict=strict, **options)
+
+
+def sampler_plan(solver: str, sampler_model, sigmas, params: EPDParams | None, model_sampling=None, how: str = "",
+                 **options) -> Plan:
+    """`plan` for a variant's sampler: `params` must be None or a table of `solver` (else an error that says `how`
+    to get one), the model's noise schedule is the one `sampler_model` (the sampler's `model`) carries unless
+    `model_sampling` is given."""
+    if params is not None and not isinstance(params, EPDParams):
+        raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
+    if params is not None and params.solver != solver:
+        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); {solver} needs an {solver} "
+                               f"table ({how}), or sample it with its own solver")
+    ms = model_sampling if model_sampling is not None else model_sampling_of(sampler_model)
+    return plan(params, sigmas, ms, solver=solver, **options)
 
 
 def size_on(metadata: dict, steps: int, calls: int | None = None) -> int:
