@@ -378,9 +378,7 @@ def _hpsv2_scorer(path, device):
     except Exception as e:  # noqa: BLE001
         raise RewardUnavailableError(f"open_clip cannot build {HPSV2_ARCH} ({type(e).__name__}: {e})") from None
     own = skeleton.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
-              if sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = _key_mismatch(own, sd)
     if missing or unexpected or shapes:
         raise RewardUnavailableError(
             f"{file} does not match open_clip's {HPSV2_ARCH} (HPS_v2.1_compressed.pt expected), found before "
@@ -475,11 +473,16 @@ def _strict_load(module, sd, what, file):
     module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
-def _state_problems(module, sd, what, file):
-    own = module.state_dict()
+def _key_mismatch(own: dict, sd: dict) -> tuple[list, list, list]:
+    """`sd`'s keys missing from a module's own state dict `own`, its unexpected keys, and shape mismatches."""
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
               if sd[k].shape != own[k].shape]
+    return missing, unexpected, shapes
+
+
+def _state_problems(module, sd, what, file):
+    missing, unexpected, shapes = _key_mismatch(module.state_dict(), sd)
     if missing or unexpected or shapes:
         raise RewardUnavailableError(
             f"{file} does not match ImageReward's {what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
