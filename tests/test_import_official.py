@@ -10,7 +10,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -463,7 +462,6 @@ def test_fuzzed_files_fail_cleanly(edits, cut, insert):
     if cut is not None:
         del data[cut:]
     FUZZ_CASES.append(bytes(data))
-    start = time.monotonic()
     with time_limit(20):
         try:
             params = import_official_bytes(bytes(data), source="fuzz.pkl")
@@ -472,7 +470,6 @@ def test_fuzzed_files_fail_cleanly(edits, cut, insert):
         else:
             params.validate()
             assert params.tensors()[0].shape == (2, 2)
-    assert time.monotonic() - start < 20
 
 
 def test_fuzz_ran_enough_cases():

@@ -5,7 +5,6 @@ ImageReward-shaped BLIP state dict (real key names) checked against a hand-writt
 import importlib.util
 import json
 import resource
-import time
 
 import pytest
 import torch
@@ -449,11 +448,9 @@ def test_hpsv2_checks_keys_and_shapes_before_building_vit_h_14(tmp_path):
     pytest.importorskip("open_clip")
     torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "small.pt")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.monotonic()
     with pytest.raises(RewardUnavailableError, match=r"small\.pt does not match open_clip's ViT-H-14 .*found before "
                                                      r"building it: 685 missing keys"):
         LocalModelReward("hpsv2", tmp_path / "small.pt")
-    assert time.monotonic() - start < 20
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 500  # MB; was ~4 GB
 
 

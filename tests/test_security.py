@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,24 +36,19 @@ def shared_list_bomb(width: int, depth: int):
     return inner
 
 
-def timed_import(data: bytes, limit_s: float = 2.0):
-    start = time.monotonic()
-    try:
-        return import_official_bytes(data, source="bomb.pkl")
-    finally:
-        assert time.monotonic() - start < limit_s, "the importer must refuse or finish in milliseconds"
 
 
 # ---- item 1: memory bomb in the predictor importer ---------------------------------------------------------
 @pytest.mark.parametrize("depth", [3, 6])
-def test_shared_reference_bomb_in_M_is_refused_in_milliseconds(tmp_path, depth):
+def test_shared_reference_bomb_in_M_is_refused_within_the_provenance_budget(tmp_path, depth):
     data = official_pickle(attrs=sd15_attrs(M=shared_list_bomb(64, depth)))
     assert len(data) < 8000  # a small file ...
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(EPDImportError) as err:
-        timed_import(data)  # ... that the old plain-data copy expanded to 64**depth nodes (depth 6: MemoryError)
+    with pytest.raises(EPDImportError) as err:  # ... that the old plain-data copy expanded to 64**depth nodes
+        import_official_bytes(data, source="bomb.pkl")  # (depth 6: MemoryError)
     msg = str(err.value)
     assert msg.startswith("bomb.pkl: refused") and "'M'" in msg and "nothing was written" in msg
+    assert "holds more than 2000 values" in msg  # the copy stopped at its budget of visited values
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # kB: no big allocation
 
 
@@ -63,12 +57,10 @@ def test_bomb_through_the_cli_writes_nothing(tmp_path):
     src = tmp_path / "bomb.pkl"
     src.write_bytes(official_pickle(attrs=sd15_attrs(backend_config={"a": shared_list_bomb(64, 6)})))
     out = tmp_path / "out.safetensors"
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "epd_core.import_official", str(src), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "refused" in proc.stderr and "'backend_config'" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
-    assert time.monotonic() - start < 60
 
 
 def test_provenance_keeps_only_the_listed_fields_and_stays_small(tmp_path):
@@ -162,7 +154,7 @@ def test_metadata_depth_limit_is_enforced_on_construction_and_save(tmp_path):
 def test_multi_megabyte_dataset_name_is_refused_at_import(tmp_path):
     data = official_pickle(attrs=sd15_attrs(backend=None, dataset_name="a" * 900_000))  # under the 1 MB file budget
     with pytest.raises(EPDImportError) as err:  # was: imported, then the saved file could not be loaded
-        timed_import(data)
+        import_official_bytes(data, source="bomb.pkl")
     msg = str(err.value)
     assert "'dataset_name'" in msg and "plain name" in msg and len(msg) < 600
 
@@ -181,14 +173,13 @@ def test_model_family_plain_names_still_work(tmp_path):
 
 
 # ---- issue 21, item 1: the opcode walk bounds what unpickling builds ----------------------------------------
-def refused_fast(data: bytes, *words, limit_s: float = 1.0, max_growth_mb: float = 20):
-    """The importer refuses `data` within `limit_s` seconds and `max_growth_mb` MB of peak memory; returns the
-    message, which must name the file and the budget."""
+def refused_within_budget(data: bytes, *words, max_growth_mb: float = 20):
+    """The importer refuses `data` naming the budget it ran out of (so the work it did is that budget's, whatever
+    the machine's speed) and within `max_growth_mb` MB of peak memory; returns the message, which must name the
+    file and the budget."""
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.monotonic()
     with pytest.raises(EPDImportError) as err:
         import_official_bytes(data, source="hostile.pkl")
-    assert time.monotonic() - start < limit_s
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < max_growth_mb
     msg = str(err.value)
     assert msg.startswith("hostile.pkl: refused") and "budget" in msg and "Nothing in it was" in msg, msg
@@ -209,29 +200,31 @@ def test_deep_tuple_key_is_refused_by_the_cli_instead_of_crashing_it(tmp_path, b
 
 def test_colliding_integer_keys_are_refused_before_hashing():
     # 3000 keys (under the opcode budget) are refused by the key rule; 40,000 took 16 s in one C call before
-    refused_fast(hostile_pickles.colliding_int_keys(3000), "uses an int as a dict key",
+    refused_within_budget(hostile_pickles.colliding_int_keys(3000), "uses an int as a dict key",
                  "dict keys are strings of at most 128 characters")
-    refused_fast(hostile_pickles.colliding_int_keys(40_000), "10000 opcodes")
+    refused_within_budget(hostile_pickles.colliding_int_keys(40_000), "10000 opcodes")
 
 
 def test_a_megabyte_of_empty_sets_is_refused_with_near_baseline_memory():
-    refused_fast(hostile_pickles.empty_sets(1_000_000), "more than 10000 opcodes")  # was +246 MB
+    refused_within_budget(hostile_pickles.empty_sets(1_000_000), "more than 10000 opcodes")  # was +246 MB
 
 
 def test_memo_reused_stride_zero_views_are_refused_before_any_is_built():
     # 50 calls: was +100 MB (2 MiB per call from 6 bytes of file); a single one already claims 2 MiB
-    refused_fast(hostile_pickles.stride_zero_views(50), "1048576 bytes of tensor data", "shape (4096, 64)")
-    refused_fast(hostile_pickles.stride_zero_views(20, shape=(8, 8)), "_rebuild_tensor_v2 (REDUCE) more than 16")
+    refused_within_budget(hostile_pickles.stride_zero_views(50), "1048576 bytes of tensor data", "shape (4096, 64)")
+    refused_within_budget(hostile_pickles.stride_zero_views(20, shape=(8, 8)),
+                          "_rebuild_tensor_v2 (REDUCE) more than 16")
 
 
 def test_a_view_larger_than_its_storage_is_refused_not_materialised():
-    msg = refused_fast(hostile_pickles.stride_zero_views(1, shape=(64, 64)), "claims 4096 elements from a "
+    msg = refused_within_budget(hostile_pickles.stride_zero_views(1, shape=(64, 64)), "claims 4096 elements from a "
                        "storage of 1", "a view never holds more elements than its storage")
     assert "file corrupt" not in msg  # was: cloned into a 4096-element tensor (larger shapes: 'file corrupt')
 
 
 def test_memo_reused_codecs_encode_is_refused():
-    refused_fast(hostile_pickles.codecs_encode_copies(200), "_codecs.encode")  # was 20 MB of copies, 1 MB -> 3 GB
+    # was 20 MB of copies, 1 MB -> 3 GB
+    refused_within_budget(hostile_pickles.codecs_encode_copies(200), "_codecs.encode")
 
 
 @pytest.mark.parametrize("data,words", [

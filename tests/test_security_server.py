@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -91,13 +90,11 @@ def params_dir(server):
 
 
 # ---- item 1: the memory bomb through the Import node ------------------------------------------------------
-def test_pkl_memory_bomb_uploaded_to_input_is_refused_fast_and_server_keeps_serving(comfy_server):
+def test_pkl_memory_bomb_uploaded_to_input_is_refused_and_server_keeps_serving(comfy_server):
     (comfy_server.base / "input" / "bomb.pkl").write_bytes(
         official_pickle(attrs=sd15_attrs(M=shared_list_bomb(64, 6))))
     before = sorted(p.name for p in params_dir(comfy_server).iterdir())
-    start = time.monotonic()
     msg = run_error(comfy_server, import_graph(pkl_path="bomb.pkl", output_name="bomb"))
-    assert time.monotonic() - start < 30  # was: the process grew to its memory limit
     assert "EPDImportError" in msg and "bomb.pkl" in msg and "refused" in msg and "'M'" in msg, msg
     assert_private(comfy_server, msg)
     assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before  # nothing written
@@ -111,19 +108,15 @@ def test_pkl_memory_bomb_uploaded_to_input_is_refused_fast_and_server_keeps_serv
     ("sets.pkl", hostile_pickles.empty_sets, "10000 opcodes"),                       # was: +246 MB
     ("views.pkl", hostile_pickles.stride_zero_views, "bytes of tensor data"),        # was: +600 MB, saved a table
 ])
-def test_hostile_pickles_are_refused_fast_and_the_server_keeps_serving(comfy_server, name, build, words):
+def test_hostile_pickles_are_refused_within_budget_and_the_server_keeps_serving(comfy_server, name, build, words):
     (comfy_server.base / "input" / name).write_bytes(build())
     before = sorted(p.name for p in params_dir(comfy_server).iterdir())
-    start = time.monotonic()
     msg = run_error(comfy_server, import_graph(pkl_path=name, output_name="hostile"))
-    assert time.monotonic() - start < 10, msg
     assert "EPDImportError" in msg and f"{name}: refused" in msg and words in msg and "budget" in msg, msg
     assert_private(comfy_server, msg)
     assert sorted(p.name for p in params_dir(comfy_server).iterdir()) == before
     assert comfy_server.proc.poll() is None
-    stats_start = time.monotonic()
     comfy_server.get("/system_stats")
-    assert time.monotonic() - stats_start < 2
     still_serving(comfy_server)
 
 
@@ -357,9 +350,7 @@ def test_small_config_with_huge_sizes_is_refused_before_allocating(comfy_server)
                                 "num_attention_heads": 32, "image_size": 224, "patch_size": 14}}
     (folder / "config.json").write_text(json.dumps(config))  # about 1 kB
     (folder / "model.safetensors").write_bytes(st_save({"x": torch.zeros(4)}))
-    start = time.monotonic()
     msg = run_error(comfy_server, reward_graph("clip", "clip_bomb"))
-    assert time.monotonic() - start < 60  # was: ~3 GB allocated before the weights were found not to fit
     assert "describes a model of" in msg and "refusing to build it" in msg, msg
     assert_private(comfy_server, msg)
     still_serving(comfy_server)
@@ -370,10 +361,8 @@ def test_preview_of_a_4096_step_table_is_bounded(comfy_server):
     folder = params_dir(comfy_server)
     EPDParams.neutral(4096, num_points=64).save(folder / "sec_4096.safetensors")
     try:
-        start = time.monotonic()
         entry = run_ok(comfy_server, {"p": {"class_type": "LoadEPDParams", "inputs": {"name": "sec_4096.safetensors"}},
                                       "v": {"class_type": "PreviewEPDParams", "inputs": {"params": ["p", 0]}}})
-        assert time.monotonic() - start < 15  # was 21 s and an attempt to allocate 1.9 GiB
         img = entry["outputs"]["v"]["images"][0]
         with Image.open(comfy_server.base / img["type"] / img.get("subfolder", "") / img["filename"]) as im:
             assert im.height < 64 * 46 + 200
@@ -394,9 +383,7 @@ def test_teacher_pool_too_large_for_memory_is_refused_before_training(comfy_serv
     g["empty"]["inputs"].update(width=8192, height=8192)
     g["trainer"]["inputs"].update(mode="distill", steps=200, batch=256, name="sec_pool", reward=None)
     del g["trainer"]["inputs"]["reward"]
-    start = time.monotonic()
     msg = run_error(comfy_server, g)
-    assert time.monotonic() - start < 60
     assert "teacher pool" in msg and "GiB" in msg and "Lower batch or steps" in msg, msg
     assert not (params_dir(comfy_server) / "checkpoints" / "sec_pool").exists()
     still_serving(comfy_server)
@@ -416,9 +403,7 @@ def rl_prompts_graph(prompts):
 
 def test_rl_prompt_lines_are_capped_before_encoding(comfy_server):
     for prompts in ("1\n" * 100_000, "1\n" * 1025, "1 " * 300_000):  # was: +423 MB for 100,000 lines, 2M killed
-        start = time.monotonic()
         msg = run_error(comfy_server, rl_prompts_graph(prompts))
-        assert time.monotonic() - start < 30, msg
         assert "at most 1024 prompts" in msg and "EPD RL Settings" in msg, msg
     msg = run_error(comfy_server, rl_prompts_graph("1\nseven\n" * 500))
     assert "got 500 other line(s), e.g. 'seven'" in msg and len(msg) < 1500, msg  # was: the whole list echoed
@@ -439,9 +424,7 @@ def test_trainer_refuses_to_replace_an_existing_table(comfy_server):
     EPDParams.neutral(3, model_family="epd_demo_digits").save(target)
     before = target.read_bytes()
     try:
-        start = time.monotonic()
         msg = run_error(comfy_server, distill_graph("sec_exists"))  # was: trained, then silently replaced it
-        assert time.monotonic() - start < 30
         assert "'sec_exists.safetensors' already exists in models/epd_params/; nothing was trained" in msg, msg
         assert target.read_bytes() == before
         assert not (params_dir(comfy_server) / "checkpoints" / "sec_exists").exists()
