@@ -1,6 +1,6 @@
 """epd_core.sampling.plan: the one decision of which sigmas and rows a table gets on a sigma list. Every shipped table
 gives the same samples through KSampler's path (its scheduler's list at the table's step count, the model carrying its
-noise schedule) as through the benchmark's (bench/quality_vs_nfe.py: EPD Sigmas' list, solver.sampler_sigmas, on a
+noise schedule) as through the benchmark's (bench/quality_vs_nfe.py: EPD Sigmas' list, plan.sampler_sigmas, on a
 bare model)."""
 import math
 from pathlib import Path

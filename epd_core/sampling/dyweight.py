@@ -17,7 +17,7 @@ A table (EPDParams, solver "dyweight") stores W as theta_w (N, N), a on theta_a'
 schedule's sigmas: N + 1 positive sigmas, or (schedule "to_zero") the first N grid points and an unused anchor,
 the grid then ending in 0. W = I, a = 1 is ComfyUI's euler on any sigma list; the Adams-Bashforth rows of
 `dyweight_table(start="ipndm", window=w)` are ComfyUI's ipndm with max_order w. The functions at the end are what
-its registry entry (solvers.SOLVERS["dyweight"]) refers to.
+its registry entry (registry.SOLVERS["dyweight"]) refers to.
 """
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ def plan(params: EPDParams | None, sigmas, model_sampling=None, own_schedule=Non
     return Plan(torch.as_tensor(grid), params, mode, False, mode == "exact")
 
 
-# ---- its registry entry's table and training (solvers.SOLVERS["dyweight"]) --------------------------------------
+# ---- its registry entry's table and training (registry.SOLVERS["dyweight"]) --------------------------------------
 def table_rows(tensors, scales=None, fix_last_dir_scale: bool = False) -> dict:
     """W (N, N) and the evaluation-time scales a (N,), as they are."""
     return {"W": tensors[1], "a": torch.diagonal(tensors[3])}

@@ -18,7 +18,7 @@ training starts from the strongest built-in at the user's CFG.
 The last row steps to sigma 0 (t_end = 0): its t_next, the table's last (positive) sigma, only anchors the
 look-ahead points. A sigma list that ends in 0 gets the anchor ANCHOR_RATIO * its last positive sigma.
 A table stores (g, u) as theta_h of shape (steps, 2 * HISTORY); tables written before u existed have (steps, HISTORY)
-and u = 0. The functions at the end are what its registry entry (solvers.SOLVERS["epd_ms"]) refers to.
+and u = 0. The functions at the end are what its registry entry (registry.SOLVERS["epd_ms"]) refers to.
 """
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def plan(params: EPDParams | None, sigmas, model_sampling=None, own_schedule=Non
     return Plan(torch.as_tensor(sigmas), params, "exact" if own is not None else "by_index", to_zero, own is not None)
 
 
-# ---- its registry entry's table and training (solvers.SOLVERS["epd_ms"]) ----------------------------------------
+# ---- its registry entry's table and training (registry.SOLVERS["epd_ms"]) ----------------------------------------
 def table_rows(tensors, scales=None, fix_last_dir_scale: bool = False) -> dict:
     """Logits -> rows: r (N, K-1) look-ahead positions (column 0 of theta_r, the current point at r = 0, carries
     nothing), w (N, K), g (N, 3) of the past directions and u (N, 3) of the past denoised outputs as they are (free

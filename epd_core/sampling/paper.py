@@ -166,7 +166,7 @@ def _rescaled_progress(callback, total: int, steps: int):
     return rescaled
 
 
-# ---- the paper's variants: their table and training (solvers.SOLVERS["epd"], ["epd_plugin"]) ----------------------
+# ---- the paper's variants: their table and training (registry.SOLVERS["epd"], ["epd_plugin"]) ----------------------
 def table_rows(tensors, scales, fix_last_dir_scale: bool = False) -> dict:
     """r, w, c, a (N, K): the logits activated within the scale bounds (params.activate). Differentiable."""
     return activate(*tensors, *scales, fix_last_dir_scale)

@@ -36,7 +36,7 @@ class Plan:
     sigmas: torch.Tensor                # the list the variant's loop runs
     table: EPDParams | None             # the table whose rows run (resampled to the list's steps where needed);
     #                                     None: the variant's untrained built-in on `sigmas` (epd_ms, dyweight)
-    mode: str                           # 'exact' | 'by_index' | 'resampled' | 'builtin' (see solver.rows_for_sigmas)
+    mode: str                           # 'exact' | 'by_index' | 'resampled' | 'builtin' (see paper.rows_for_sigmas)
     to_zero: bool                       # the last row steps to 0 from the list's last positive sigma (its anchor)
     own: bool = False                   # the table's own schedule replaced the given list
 

@@ -1,15 +1,19 @@
 """The solver variants this pack knows, one entry each: a variant's facts and its behaviour, the latter as direct
-references to functions of its own module (the paper's two: solver.py; epd_ms: multistep.py; dyweight:
+references to functions of its own module (the paper's two: paper.py; epd_ms: multistep.py; dyweight:
 dyweight.py), so that no other code compares a solver's name:
-    its table  - the tensors it stores, their activation into rows, what a table must satisfy, its untrained table;
-    sampling   - its plan (which sigmas and rows a table gets on a list, plan.plan's part) and the front-end
+    its table  - the tensors it stores, their activation into rows, what a table must satisfy, its untrained table,
+                 its picture (picture.py);
+    sampling   - its part of plan.plan (which sigmas and rows a table gets on a list) and the front-end
                  sample_<name>(model, x, sigmas, params, ...);
-    training   - distill.py's rows, loop and trained table, DistillConfig's checks, the EPD Trainer's recipe, the
-                 options the command line implies, and the recipe's loss, objective, gradient clip and lr scale.
+    training   - distillation's rows, loop and trained table, DistillConfig's checks, the EPD Trainer's fields, the
+                 recipe the command line and the table-making scripts share, the options the command line implies,
+                 and the recipe's loss, objective, gradient clip and lr scale.
 Every list of solvers (table validation, the trainers' options, the command line, the node dropdowns and tooltips,
-KSampler's sampler names) is read from here too. A new variant is its module and one entry.
-This module imports the variant modules; they and params.py never import it at module level (params.py reaches it
-when it validates or activates a table), so the package's module-level imports have no cycle.
+KSampler's sampler names) is read from here too. A new variant is its module and one entry (an import and a
+SolverVariant below); where its tables are published in another format, that format is an entry of
+epd_core/tables/formats.py.
+This module imports the variant modules; they and tables/params.py never import it at module level (params.py reaches
+it when it validates or activates a table), so the package's module-level imports have no cycle.
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ class SolverVariant:
 
 
 def _paper(name: str, title: str, description: str, order: int, sample, official: str) -> SolverVariant:
-    """EPD-Solver and EPD-Plugin: the paper's step and table (solver.py), told apart by the predictor's order."""
+    """EPD-Solver and EPD-Plugin: the paper's step and table (paper.py), told apart by the predictor's order."""
     return SolverVariant(
         name, title, description, order, calls_per_step=2, rl=True, own_last_step=False, parallel_points=True,
         tensors=TENSOR_NAMES, table_rows=paper.table_rows, check_table=paper.check_table,

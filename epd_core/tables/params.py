@@ -47,8 +47,8 @@ FAMILY_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # model_family: what KSample
 
 
 def _registry():
-    """The solver registry (solvers.py), imported when first needed: it imports the variant modules, which import
-    this one, so a module-level import would close a cycle."""
+    """The solver registry (sampling/registry.py), imported when first needed: it imports the variant modules,
+    which import this one, so a module-level import would close a cycle."""
     from epd_core.sampling import registry as solvers
     return solvers
 

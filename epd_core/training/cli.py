@@ -231,7 +231,7 @@ def run_rl(args) -> EPDParams:
     problem = demo_problem(args)
     if args.init:
         table = EPDParams.load(args.init)
-        try:  # RL rolls out on the table's own list (solver.sampler_sigmas, the same as the node's)
+        try:  # RL rolls out on the table's own list (plan.sampler_sigmas, the same as the node's)
             sigmas = sampler_sigmas(table, problem.model_sampling).double().tolist()
         except (EPDParamsError, ValueError) as e:
             raise TrainCLIError(f"{args.init}: RL needs the table's own schedule: {e}") from e

@@ -4,7 +4,7 @@
               its states at the student's sigmas are cached.
     student:  the table's differentiable rows (the variant's train_rows: EPD / EPD-Plugin r, w, c, a; EPD-MS r, w
               and the history coefficients; DyWeight W (a band) and a), run by its train_loop; each variant's
-              start table, rows, loop and result are its registry entry's (solvers.SOLVERS).
+              start table, rows, loop and result are its registry entry's (sampling/registry.py).
     per_step:   sum_i |x_{i+1}(row i; x_i detached) - T_{i+1}|^2   (the paper: each step from the student's
                 own previous state; gradients reach only row i)
     end_to_end: |x_final(all rows) - T_final|^2                     (through the whole student trajectory)

@@ -89,7 +89,7 @@ class DistillConfig:
     checkpoint_interval: int = 50
     resume: bool | str = False                     # True: continue the checkpoint (must exist); 'auto': if present
     # metadata only: the table asks samplers to replace a scheduler's sigmas by its own schedule
-    # (solver.table_schedule_for) - for student schedules no ComfyUI scheduler produces
+    # (paper.table_schedule_for) - for student schedules no ComfyUI scheduler produces
     override_sigmas: bool = False
     guidance_scale: float | None = None            # metadata only (the CFG the model was built with)
     # [lo, hi]: every noise batch gets its own CFG scale drawn uniformly from it, passed to the model as the extra
