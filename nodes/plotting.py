@@ -122,7 +122,7 @@ def points_picture(params: EPDParams, pic: PointsPicture, sigmas=None, width: in
             end = (220, 60, 50) if t > 0 else (50, 90, 220)  # diverging: grey at 0
             col = tuple(int(160 + (e - 160) * abs(t)) for e in end)
             d.ellipse([x - rad, y - rad, x + rad, y + rad], fill=col, outline=FG)
-        labels = pic.labels[i]
+        labels = pic.labels(i)
         d.text((right + 15, y - 7 * min(len(labels), 3)), "\n".join(labels[:3]) + ("\n..." if len(labels) > 3 else ""),
                fill=FG, font=_font(11))
     if (n, k) != (total_n, total_k):
@@ -153,7 +153,7 @@ def matrix_picture(params: EPDParams, pic: MatrixPicture, width: int = 900) -> I
             d.rectangle([x, y, x + cell - 2, y + cell - 2], fill=col, outline=GRID)
             if cell >= 40:
                 d.text((x + 3, y + cell // 2 - 7), f"{v:.2f}", fill=FG, font=_font(11))
-        d.text((left + cell * n + 15, y + cell // 2 - 7), pic.labels[i], fill=FG, font=_font(12))
+        d.text((left + cell * n + 15, y + cell // 2 - 7), pic.labels(i), fill=FG, font=_font(12))
     if n < total:
         d.text((10, top + cell * n + 20), f"showing the first {n} of {total} steps", fill=(90, 90, 90),
                font=_font(12))

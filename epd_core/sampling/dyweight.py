@@ -361,11 +361,11 @@ def picture(params: EPDParams, sigmas=None) -> MatrixPicture:
     total = params.num_steps
     grid = [float(s) for s in sigmas] if sigmas is not None else own_grid(params)
     tau = taus(act["W"], grid).tolist() if grid is not None and len(grid) == total + 1 else None
-    labels = []
-    for i in range(total):
+
+    def labels(i: int) -> str:
         text = f"a {float(act['a'][i]):.3f}  sum {float(act['W'][i].sum()):.3f}"
         if grid is not None and i < len(grid):
             text += f"  t {grid[i]:.4g}" + (f"  tau {tau[i]:.4g}" if tau is not None else "")
-        labels.append(text)
+        return text
     return MatrixPicture("DyWeight", "row i: the weights W_ij of the directions d_j (red > 0 > blue); a: "
                          "evaluation-time scale; tau: the time x_i is at", act["W"], 1.5, labels)

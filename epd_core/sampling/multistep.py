@@ -344,8 +344,10 @@ def picture(params: EPDParams, sigmas=None) -> PointsPicture:
     coefficients g of the last 3 directions."""
     act = {k: v.detach().double() for k, v in params.activated().items()}
     r = torch.cat([torch.zeros_like(act["w"][:, :1]), act["r"]], 1)
-    labels = [[f"r{ri:.2f} w{wi:+.3f}" for ri, wi in zip(r[i].tolist(), act["w"][i].tolist())]
-              + ["g " + " ".join(f"{float(v):+.3f}" for v in act["g"][i])] for i in range(params.num_steps)]
+
+    def labels(i: int) -> list[str]:
+        return ([f"r{ri:.2f} w{wi:+.3f}" for ri, wi in zip(r[i].tolist(), act["w"][i].tolist())]
+                + ["g " + " ".join(f"{float(v):+.3f}" for v in act["g"][i])])
     return PointsPicture("EPD", "EPD-MS: the current point (r = 0) and look-ahead points t_k in one call; dot area ~ "
                          "|coefficient w|; g: coefficients of the last 3 directions", r,
                          (act["w"].abs() / 2).clamp(max=1).sqrt(), None, labels)

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from epd_core.sampling.epd import (EPDSamplingError, adams_bashforth, check_sigmas, epd_step, final_euler_step,
-                                   integrate,
-                  positive_part, positive_steps)
+                                   integrate, positive_part, positive_steps)
 from epd_core.tables.params import EPDParams, activate
 from epd_core.sampling.picture import PointsPicture
 from epd_core.sampling.points import PointEvaluator
@@ -209,8 +208,9 @@ def picture(params: EPDParams, sigmas=None) -> PointsPicture:
     """Per step the K points t_k = t_next^r * t_cur^(1-r): dot area ~ weight w, colour = direction scale c."""
     act = {k: v.detach().double() for k, v in params.activated().items()}
     colour = ((act["c"] - 1) / params.scale_dir).clamp(-1, 1) if params.scale_dir else None
-    labels = [[f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}" for r, w, c, a in zip(*(act[k][i].tolist() for k in "rwca"))]
-              for i in range(params.num_steps)]
+
+    def labels(i: int) -> list[str]:
+        return [f"r{r:.2f} w{w:.2f} c{c:.3f} a{a:.3f}" for r, w, c, a in zip(*(act[k][i].tolist() for k in "rwca"))]
     return PointsPicture("EPD", "dot: point t_k = t_next^r * t_cur^(1-r) on a log-sigma axis; dot area ~ weight w; "
                          "colour = direction scale c (blue < 1 < red)", act["r"], act["w"].clamp(min=0).sqrt(),
                          colour, labels)

@@ -4,6 +4,7 @@ registry entry describes its table in one of two forms, so the drawing code neve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,7 +17,8 @@ class PointsPicture:
     r: torch.Tensor                     # (N, K): how far a point lies from log sigma_i to log sigma_{i+1}
     size: torch.Tensor                  # (N, K) in [0, 1]: the dot's size
     colour: torch.Tensor | None         # (N, K) in [-1, 1]: blue < 0 < red; None: grey
-    labels: list[list[str]]             # per step, the text beside it (one line per point, then any extra)
+    labels: Callable[[int], list[str]]  # step i -> the text beside it (a line per point, then any extra);
+    #                                     a function: a 4096-step table formats only the steps drawn
 
 
 @dataclass
@@ -26,4 +28,4 @@ class MatrixPicture:
     caption: str
     matrix: torch.Tensor                # (N, N), lower-triangular
     full_colour: float                  # |value| drawn at full colour (red > 0 > blue)
-    labels: list[str]                   # per step, the text beside its row
+    labels: Callable[[int], str]        # step i -> the text beside its row

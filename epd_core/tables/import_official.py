@@ -510,10 +510,10 @@ def format_table(params: EPDParams) -> str:
     lines = [f"{pic.heading} table: {params.describe()}"]
     if hasattr(pic, "matrix"):  # a lower-triangular weight matrix over past directions, not K points
         lines.append("step  W row  |  " + pic.caption)
-        lines += [f"{i:4d}  " + " ".join(f"{float(v):8.4f}" for v in pic.matrix[i, :i + 1]) + f"  |  {pic.labels[i]}"
+        lines += [f"{i:4d}  " + " ".join(f"{float(v):8.4f}" for v in pic.matrix[i, :i + 1]) + f"  |  {pic.labels(i)}"
                   for i in range(pic.matrix.shape[0])]
     else:
-        lines += [f"{i:4d}  " + "  ".join(labels) for i, labels in enumerate(pic.labels)]
+        lines += [f"{i:4d}  " + "  ".join(pic.labels(i)) for i in range(pic.r.shape[0])]
     return "\n".join(lines)
 
 
