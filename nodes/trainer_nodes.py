@@ -61,12 +61,12 @@ def _distill_config(model, steps, num_points, solver, schedule, teacher, inserte
                          f"beta), not {schedule!r}; pick one in 'schedule'")
     cfg_range = cfg_range_of(cfg, cfg_max)
     sigma_min = float(model.get_model_object("model_sampling").sigma_min)
+    lr = learning_rate * v.lr_scale
     own = v.trainer_fields(lambda rows: training_sigmas(model, schedule, rows), steps=steps, num_points=num_points,
-                           cfg_scale=sum(cfg_range) / 2 if cfg_range else cfg, lr=learning_rate * v.lr_scale,
-                           sigma_min=sigma_min)
+                           cfg_scale=sum(cfg_range) / 2 if cfg_range else cfg, lr=lr, sigma_min=sigma_min)
     shared = dict(
         solver=solver, teacher=teacher, inserted_steps=inserted_steps, objective=objective, iterations=iterations,
-        lr=learning_rate * v.lr_scale, batch=batch, seed=seed, checkpoint_path=str(ckpt),
+        lr=lr, batch=batch, seed=seed, checkpoint_path=str(ckpt),
         checkpoint_interval=max(1, min(50, iterations // 10)), resume="auto", guidance_scale=cfg,
         model_family=model_family(model), cfg_range=cfg_range,
         teacher_sigma_min=sigma_min,  # not below what the model knows

@@ -75,8 +75,10 @@ def sampler_plan(solver: str, sampler_model, sigmas, params: EPDParams | None, m
     if params is not None and not isinstance(params, EPDParams):
         raise EPDSamplingError(f"params must be an EPDParams table, got {type(params).__name__}")
     if params is not None and params.solver != solver:
-        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); {solver} needs an {solver} "
-                               f"table ({how}), or sample it with its own solver")
+        from epd_core.sampling.registry import variant  # the registry imports the variant modules
+        article = "an" if solver[0] in "aeiou" else "a"
+        raise EPDSamplingError(f"this is an {params.solver} table ({params.describe()}); {variant(solver).title} "
+                               f"needs {article} {solver} table ({how}), or sample it with its own solver")
     ms = model_sampling if model_sampling is not None else model_sampling_of(sampler_model)
     return plan(params, sigmas, ms, solver=solver, **options)
 
