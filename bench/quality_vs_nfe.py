@@ -324,8 +324,7 @@ def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> No
     """The tables of one solver and NFE, each scored (entry["<solver>_tables"]), and the path KSampler takes at
     this CFG (entry[solver]): epd_core.sampling.cfg_guard.choose over the tables with this run's FIT ratios recorded
     at this CFG, as --record writes them into the shipped tables. Where it falls back, the path IS the best built-in
-    (its
-    held-out error: ratio 1)."""
+    (its held-out error: ratio 1)."""
     if not entry["builtins"]:
         return
     name, best = best_builtin_of(entry["builtins"])

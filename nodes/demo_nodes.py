@@ -19,7 +19,7 @@ import comfy.supported_models_base
 from .compat import io
 
 from epd_core.demo.models import (DEMO_MODELS, LINEAR_END, LINEAR_START, NULL_LABEL, NUM_CLASSES, NUM_TIMESTEPS,
-                                 label_context, load_demo_model)
+                                  label_context, load_demo_model)
 
 CATEGORY = "sampling/epd/demo"
 

@@ -19,8 +19,8 @@ import folder_paths
 import torch
 
 from epd_core.tables.import_official import (MAX_PKL_BYTES, OFFICIAL_FILES, DownloadCancelled, EPDImportError,
-                                      download_official, import_official_by_name, import_official_isolated,
-                                      verify_official)
+                                             download_official, import_official_by_name, import_official_isolated,
+                                             verify_official)
 from epd_core.tables.fileio import WriteError, atomic_write_bytes
 from epd_core.tables.formats import SOURCE_SUFFIXES
 from epd_core.tables.params import EPDParams, EPDParamsError

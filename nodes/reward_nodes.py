@@ -15,7 +15,7 @@ import folder_paths
 import torch
 
 from epd_core.training.rl.rewards import (LOCAL_KINDS, REWARD_FOLDER, DemoClassifierReward, LocalModelReward, Reward,
-                                 RewardUnavailableError)
+                                          RewardUnavailableError)
 
 from .compat import io
 from .sockets import EPDRewardType

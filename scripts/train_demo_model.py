@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from epd_core.demo.models import (DEMO_MODELS, NULL_LABEL, DemoDenoiser, DemoUNet,  # noqa: E402
-                                 demo_alphas_cumprod, karras_sigmas, label_context, sample_heun,
-                                 save_demo_model, to_digit_pixels)
+                                  demo_alphas_cumprod, karras_sigmas, label_context, sample_heun,
+                                  save_demo_model, to_digit_pixels)
 from epd_core.demo.classifier import DEFAULT_WEIGHTS as CLASSIFIER_WEIGHTS  # noqa: E402
 from epd_core.demo.classifier import DigitClassifier, save_classifier  # noqa: E402
 

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from epd_core.demo.models import (DEFAULT_WEIGHTS, NULL_LABEL, DemoDenoiser, DemoModelError,  # noqa: E402
-                                 DemoUNet, demo_sigmas, karras_sigmas, label_context, load_demo_model,
-                                 sample_heun, to_digit_pixels)
+                                  DemoUNet, demo_sigmas, karras_sigmas, label_context, load_demo_model,
+                                  sample_heun, to_digit_pixels)
 
 
 

@@ -27,7 +27,7 @@ from epd_core.tables.params import EPDParams, EPDParamsError
 from epd_core.sampling.paper import sample_epd, sample_epd_plugin
 from epd_core.tables.torch_storage import STORAGE_DTYPES, read_state_dict, read_storage
 from bench.official_pickle import (FakeCall, FakeGlobal, fixed_bytes_storage_reduce, official_pickle, predictor_state,
-                             random_tables, sd15_attrs, zip_storage_reduce)
+                                   random_tables, sd15_attrs, zip_storage_reduce)
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")  # official order = theta_r, w, c, a

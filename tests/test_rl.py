@@ -6,8 +6,8 @@ import torch
 
 from epd_core.tables.params import EPDParams
 from epd_core.training.rl import (DemoClassifierReward, LocalModelReward, ResidualDirichletPolicy,
-                                  RewardUnavailableError,
-                         RLCancelled, RLConfig, RLError, TableDistanceReward, rdpo, rloo_advantages)
+                                  RewardUnavailableError, RLCancelled, RLConfig, RLError, TableDistanceReward, rdpo,
+                                  rloo_advantages)
 from epd_core.training.rl.rdpo import ppo_loss
 
 torch.set_num_threads(1)

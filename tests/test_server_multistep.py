@@ -9,8 +9,7 @@ import torch
 from bench.comfyui_server import error_message
 from epd_core.sampling.multistep import sample_epd_ms
 from epd_core.tables.params import EPDParams
-from test_server_sampling import (BATCH, DIGIT, base_graph, batches, chosen_table,
-                                  ksampler, read_latent, save_latent)
+from test_server_sampling import (BATCH, DIGIT, base_graph, batches, chosen_table, ksampler, read_latent, save_latent)
 
 pytestmark = pytest.mark.server
 

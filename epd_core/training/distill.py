@@ -29,8 +29,7 @@ import torch
 
 from epd_core.training.distill_config import OBJECTIVES, RESULT_FIELDS, DistillCancelled, DistillConfig, DistillError
 from epd_core.sampling.epd import EPDSamplingError, positive_steps
-from epd_core.tables.fileio import (adam_state_tensors, load_adam_state, read_checkpoint,
-                     write_checkpoint)
+from epd_core.tables.fileio import (adam_state_tensors, load_adam_state, read_checkpoint, write_checkpoint)
 from epd_core.tables.params import EPDParams
 from epd_core.sampling.points import PointEvaluator
 from epd_core.runtime import batch_seed, rank_and_world
