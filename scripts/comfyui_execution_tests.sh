@@ -20,10 +20,12 @@ TREE="$WORK/ComfyUI"
 LOG="$WORK/execution.log"
 rm -rf "$WORK"
 mkdir -p "$WORK"
-# the tree without run-time state (a user's models, outputs, database); then the pack as a custom node
+# the tree without run-time state (a user's models, outputs, database) nor the random test checkpoints cached in
+# it (several GiB that tar would write out in full); then the pack as a custom node
 mkdir -p "$TREE"
 tar -C "$COMFY" --exclude=./user --exclude=./output --exclude=./temp --exclude=./input --exclude='__pycache__' \
-    --exclude=./tests/inference/samples --exclude=./custom_nodes/ComfyUI-EPD -cf - . | tar -C "$TREE" -xf -
+    --exclude=./tests/inference/samples --exclude=./custom_nodes/ComfyUI-EPD \
+    --exclude=./epd-test-models -cf - . | tar -C "$TREE" -xf -
 ln -sfn "$PACK" "$TREE/custom_nodes/ComfyUI-EPD"
 PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 cd "$TREE"

@@ -31,6 +31,8 @@ def test_a_subset_passes_with_the_pack_imported(tmp_path):
     assert "3 passed" in log and "the pack was imported by all 1 server starts" in log, log[-4000:]
     link = tmp_path / "work" / "ComfyUI" / "custom_nodes" / "ComfyUI-EPD"
     assert link.resolve() == REPO  # installed as a custom node of the copy; the ComfyUI tree itself is untouched
+    # the random test checkpoints cached in the tree (GiB each, sparse on disk) stay out of the copy
+    assert not (tmp_path / "work" / "ComfyUI" / "epd-test-models").exists()
 
 
 def test_a_pack_that_fails_to_import_fails_the_run(tmp_path):

@@ -16,6 +16,7 @@ turns that test off). A 64x64 image (an 8x8 latent) keeps an SD1.5 UNet call aro
 servers run with one thread; EPD_REAL_THREADS=n changes that)."""
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -402,3 +403,19 @@ def test_command_line_trains_a_comfyui_checkpoint(tmp_path):
     assert (table.num_steps, table.num_points, table.metadata["model_family"]) == (2, 2, "sd15")
     assert table.schedule["type"] == "discrete" and len(table.schedule["sigmas"]) == 3
     assert all(torch.isfinite(t).all() for t in table.tensors())
+
+
+def test_a_checkpoint_short_of_disk_evicts_the_other_cached_checkpoints_oldest_first(tmp_path):
+    """The cache never fills a small CI disk: another architecture's file goes before a build is refused."""
+    from bench.real_checkpoints import make_room
+    target = tmp_path / "epd-random-sdxl-fp16-v2.safetensors"
+    older, newer = tmp_path / "epd-random-sd15-fp16-v0.safetensors", tmp_path / "epd-random-sd15-fp16-v1.safetensors"
+    for i, p in enumerate((older, newer, target)):
+        p.write_bytes(os.urandom(64 * 2 ** 20))  # real bytes, not holes
+        os.utime(p, (1000 + i, 1000 + i))
+    keep = tmp_path / "not-a-cache-file.safetensors"
+    keep.write_bytes(b"x")
+    make_room(target, shutil.disk_usage(tmp_path).free + 32 * 2 ** 20)  # one file's room short
+    assert not older.exists() and newer.exists() and target.exists() and keep.exists()
+    make_room(target, 0)  # enough room: nothing goes
+    assert newer.exists()
