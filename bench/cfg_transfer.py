@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
-from bench.quality_vs_nfe import TABLE_PREFIX, best_builtin_of, measured_entry, problem  # noqa: E402
+from bench.quality_vs_nfe import (TABLE_PREFIX, best_builtin_of, best_val_errors, measured_entry,  # noqa: E402
+                                  problem)
 
-from epd_core.compare import per_sample_rmse  # noqa: E402
+from epd_core.compare import per_sample_rmse, ratio_se  # noqa: E402
 from epd_core.sampling.cfg_guard import span, trained_range, with_measurements  # noqa: E402
 from epd_core.sampling.multistep import sample_epd_ms  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
@@ -78,16 +79,19 @@ def main(argv=None):
             ref_val = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s404_n{run['val_samples']}"
                                     f"_{run['ref_steps']}.safetensors"))["x"] if args.record else None
 
-            def error(t, x, ref):
+            def errors(t, x, ref):
                 with torch.no_grad():
                     y = sample_epd_ms(lambda z, s, **kw: model(z, s, **extra_for(len(x)), **kw), x,
                                       sampler_sigmas(t, ms).to(x.dtype), t, disable=True)
-                return float(per_sample_rmse(y, ref).mean())
+                return per_sample_rmse(y, ref)
+            base = best_val_errors(k, ms, model, extra_for, name, best_row, x_val, ref_val) if args.record else None
             for p in paths:
                 t = EPDParams.load(p)
-                scores[p].append(error(t, x, ref) / best)
+                scores[p].append(float(errors(t, x, ref).mean()) / best)
                 if args.record:
-                    row = {"fit_ratio": error(t, x_val, ref_val) / best_row["val"], "ratio": scores[p][-1]}
+                    e_val = errors(t, x_val, ref_val)
+                    row = {"fit_ratio": float(e_val.mean()) / best_row["val"], "fit_ratio_se": ratio_se(e_val, base),
+                           "ratio": scores[p][-1]}
                     entries[p].append(measured_entry(argparse.Namespace(cfg=cfg, model=args.model, **{
                         k: run[k] for k in ("fit_samples", "val_samples", "samples", "ref_steps")}), name, best_row,
                         row))

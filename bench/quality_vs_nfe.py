@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
 from bench.comfy_runtime import import_comfy_sampling  # noqa: E402
 
-from epd_core.compare import Counted, per_sample_rmse  # noqa: E402  (the EPD Compare node's measuring code)
+from epd_core.compare import Counted, per_sample_rmse, ratio_se  # noqa: E402  (the EPD Compare node's measuring code)
 from epd_core.sampling import cfg_guard as guard  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
@@ -195,7 +195,7 @@ def run(args):
     samplers = args.samplers.split(",") if args.samplers else DETERMINISTIC
     reused = json.loads(Path(args.reuse_builtins).read_text()) if args.reuse_builtins else None
     if reused is not None:
-        for key in ("samples", "fit_samples", "cfg", "ref_steps") + (("val_samples",) if args.val_samples else ()):
+        for key in ("samples", "fit_samples", "cfg", "ref_steps"):  # (other validation noises: measured below)
             if reused.get(key) != getattr(args, key):
                 raise SystemExit(f"--reuse-builtins: {key} is {reused.get(key)} there, {getattr(args, key)} here")
     # best (scheduler, steps) per sampler and NFE, chosen on the fit noises
@@ -224,6 +224,13 @@ def run(args):
     for nfe in nfes:
         if reused is not None:
             row = reused["nfe"].get(str(nfe), {}).get("builtins", {})
+            if x_val is not None and row and reused.get("val_samples") != args.val_samples:
+                # other validation noises than the reused run's: the guard's denominator, the best built-in's
+                # error on them, is measured here (the others' "val" would be on the old noises: dropped)
+                name, best_row = best_builtin_of(row)
+                for r in row.values():
+                    r.pop("val", None)
+                best_row["val"] = float(builtin_errors(k, ms, model, extra_for, name, best_row, x_val, ref_val).mean())
         else:
             row = {}
             for sampler in samplers:
@@ -252,6 +259,7 @@ def run(args):
     print(f"built-ins done ({time.time() - t0:.0f}s)", flush=True)
 
     scored = scored_solvers(args)
+    val_errors = {}  # id(row) -> a table's per-noise errors on the validation noises (for its ratio's standard error)
     results["solvers"] = sorted(scored & set(TABLE_SOLVERS))  # what --record may write into (the others: copied)
     for nfe_key, old in (reused["nfe"].items() if reused else ()):  # the rows of the solvers not scored here
         for solver in set(TABLE_SOLVERS) - scored:
@@ -275,8 +283,9 @@ def run(args):
             _, e_fit, _ = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_fit, ref_fit)
             row["fit"] = float(e_fit.mean())
             if x_val is not None:
-                row["val"] = float(evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_val,
-                                            ref_val)[1].mean())
+                val_errors[id(row)] = evaluate(lambda m, x: fn_sample(m, x, sig, params, disable=True), x_val,
+                                               ref_val)[1]
+                row["val"] = float(val_errors[id(row)].mean())
             entry.setdefault(f"{solver}_tables", []).append((params, row))
     for nfe, entry in results["nfe"].items():
         for solver in scored & set(TABLE_SOLVERS):  # (a solver not scored keeps the rows copied above)
@@ -284,7 +293,12 @@ def run(args):
             if not scored_tables:
                 continue
             if solver in GUARDED:
-                guarded(args, entry, solver, scored_tables, frechet if fd else None, variant(solver).sample_fn())
+                se = None
+                name, best = best_builtin_of(entry["builtins"]) if entry["builtins"] else (None, {})
+                if x_val is not None and "val" in best:
+                    base = best_val_errors(k, ms, model, extra_for, name, best, x_val, ref_val)
+                    se = {id(row): ratio_se(val_errors[id(row)], base) for _, row in scored_tables}
+                guarded(args, entry, solver, scored_tables, frechet if fd else None, variant(solver).sample_fn(), se)
                 continue
             params, row = scored_tables[0]  # the others: one shipped table per NFE, used as trained
             entry[solver], entry[f"{solver}_tables"] = row, [row]
@@ -314,17 +328,35 @@ def paper_baseline(k, ms, nfe, dtype, evaluate, x_fit, ref_fit, x_test, ref_test
     return {"name": f"{sampler} ({sched})", "fit": fit, "mean": float(e.mean())}
 
 
+def builtin_errors(k, ms, model, extra_for, name: str, row: dict, x, ref) -> torch.Tensor:
+    """Per-noise errors of a benchmark row's built-in (its sampler `name`, the row's scheduler and steps) on x."""
+    sig = comfy_sigmas(ms, name, row["scheduler"], row["steps"]).to(x.dtype)
+    with torch.no_grad():
+        return per_sample_rmse(builtin_sampler(k, name)(Counted(model, extra_for(len(x))), x, sig), ref)
+
+
+def best_val_errors(k, ms, model, extra_for, name: str, best: dict, x_val, ref_val) -> torch.Tensor:
+    """The best built-in's per-noise errors on the validation noises, for the standard error of a table's ratio to
+    it. Its mean is the row's "val", which may come from --reuse-builtins: recomputed here, and checked to be the
+    same measurement."""
+    e = builtin_errors(k, ms, model, extra_for, name, best, x_val, ref_val)
+    if abs(float(e.mean()) - best["val"]) > 1e-4 * best["val"]:
+        raise SystemExit(f"{name} ({best['scheduler']}, {best['steps']} steps) gives {float(e.mean()):.6g} on the "
+                         f"validation noises, its row says {best['val']:.6g}: not the same measurement")
+    return e
+
+
 def best_builtin_of(row: dict) -> tuple[str, dict]:
     """The built-in with the lowest FIT error in a row of built-ins (one NFE)."""
     name = min(row, key=lambda s: row[s]["fit"])
     return name, row[name]
 
 
-def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> None:
+def guarded(args, entry: dict, solver: str, scored: list, frechet, sample, se: dict | None = None) -> None:
     """The tables of one solver and NFE, each scored (entry["<solver>_tables"]), and the path KSampler takes at
-    this CFG (entry[solver]): epd_core.sampling.cfg_guard.choose over the tables with this run's FIT ratios recorded
-    at this CFG, as --record writes them into the shipped tables. Where it falls back, the path IS the best built-in
-    (its held-out error: ratio 1)."""
+    this CFG (entry[solver]): epd_core.sampling.cfg_guard.choose over the tables with this run's FIT ratios (and
+    their standard errors `se`, by id of the row) recorded at this CFG, as --record writes them into the shipped
+    tables. Where it falls back, the path IS the best built-in (its held-out error: ratio 1)."""
     if not entry["builtins"]:
         return
     name, best = best_builtin_of(entry["builtins"])
@@ -332,6 +364,8 @@ def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> No
     on = "val" if "val" in best else "fit"  # the validation noises when there are (see run)
     for params, row in scored:
         row["fit_ratio"], row["ratio"] = row[on] / best[on], row["mean"] / best["mean"]
+        if se is not None:
+            row["fit_ratio_se"] = se[id(row)]
         measured = measured_entry(args, name, best, row)
         params.metadata["measured_cfg"] = guard.with_measurements(params, [measured])
         tables.append(params)
@@ -351,7 +385,8 @@ def guarded(args, entry: dict, solver: str, scored: list, frechet, sample) -> No
 
 def measured_entry(args, name: str, best: dict, row: dict) -> dict:
     """A table's `measured_cfg` entry at this run's CFG (epd_core/sampling/cfg_guard.py reads it)."""
-    return {"cfg": args.cfg, "fit_ratio": round(row["fit_ratio"], 4), "ratio": round(row["ratio"], 4),
+    se = {"fit_ratio_se": round(row["fit_ratio_se"], 4)} if "fit_ratio_se" in row else {}
+    return {"cfg": args.cfg, "fit_ratio": round(row["fit_ratio"], 4), **se, "ratio": round(row["ratio"], 4),
             "fit_samples": args.fit_samples, "val_samples": getattr(args, "val_samples", 0), "samples": args.samples,
             "ref_steps": args.ref_steps,
             "best_builtin": {"sampler": name, "scheduler": best["scheduler"], "steps": best["steps"]},

@@ -76,6 +76,17 @@ def per_sample_rmse(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ((a.to(ref.dtype) - ref) ** 2).flatten(1).mean(1).sqrt()
 
 
+def ratio_se(errors: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Standard error of mean(errors) / mean(baseline), both measured on the same noises (paired; delta method):
+    how far the ratio could move on another draw of as many noises."""
+    n = len(errors)
+    if n < 2 or len(baseline) != n:
+        raise ValueError(f"ratio_se needs two paired error lists of >= 2 noises, got {n} and {len(baseline)}")
+    a, b = errors.double(), baseline.double()
+    r = a.mean() / b.mean()
+    return float((a - r * b).std() / (n ** 0.5 * b.mean()))
+
+
 def probe_calls(cand: Candidate, shape=(1, 1, 4, 4)) -> int | None:
     """Model calls per image of a candidate, counted on a stand-in model (denoised = 0) and a tiny tensor: the
     deterministic samplers' call count depends on the sigmas, not on what the model returns; sets cand.evals (the

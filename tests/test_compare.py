@@ -178,6 +178,22 @@ def test_planned_calls_is_what_compare_spends(mixture, float64_one_thread):
     assert len(calls) == compare.planned_calls(ref, builtins, [], [3, 5], 1, 1, repeats=2)
 
 
+def test_the_standard_error_of_a_ratio_is_how_much_it_moves_between_draws_of_noises():
+    """ratio_se(errors, baseline) on 32 paired noises predicts the spread of mean(errors) / mean(baseline) over
+    other draws of 32 (what the CFG guard's 2-SE margin relies on)."""
+    from epd_core.compare import ratio_se
+    g = torch.Generator().manual_seed(0)
+    baseline = (1 + 0.4 * torch.randn(200_000, generator=g)).abs()
+    errors = 0.9 * baseline * (1 + 0.3 * torch.randn(200_000, generator=g)).abs()  # paired: same noise, same hardness
+    draws = torch.randint(0, 200_000, (4000, 32), generator=g)
+    ratios = errors[draws].mean(1) / baseline[draws].mean(1)
+    predicted = torch.tensor([ratio_se(errors[d], baseline[d]) for d in draws[:400]])
+    assert abs(predicted.mean() / ratios.std() - 1) < 0.15
+    assert ratio_se(2 * baseline[:32], baseline[:32]) < 1e-12  # an exact multiple: no spread at all
+    with pytest.raises(ValueError, match="paired"):
+        ratio_se(errors[:32], baseline[:31])
+
+
 def test_the_measuring_module_imports_no_comfyui():
     import subprocess
     code = "import sys, epd_core.compare; sys.exit(any(m.split('.')[0] in ('comfy', 'comfy_extras', 'folder_paths') " \

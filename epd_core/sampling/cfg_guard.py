@@ -3,11 +3,13 @@
 A table is trained at one CFG scale (or a range: metadata `cfg_range`, else `guidance_scale`), and its gain over
 ComfyUI's built-ins holds near it: a table trained at CFG 1 can be twice as wrong as dpmpp_2m at CFG 6. So a table
 carries what was measured at other scales, `measured_cfg`: one entry per CFG scale with the ratio of its error to
-the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the same ratio on held-out noises
-(`ratio`, what is reported) and that best built-in ({"sampler", "scheduler", "steps"}).
+the best built-in's on FIT noises (`fit_ratio`, what the choice below uses) and its standard error over those noises
+(`fit_ratio_se`, optional), the same ratio on held-out noises (`ratio`, what is reported) and that best built-in
+({"sampler", "scheduler", "steps"}).
 
 `choose(tables, cfg)` picks, among the tables for one model family and step count:
-  1. the tables expected to beat the best built-in at `cfg` (expected ratio < 1), preferring one call per step
+  1. the tables expected to beat the best built-in at `cfg` (expected ratio + Z standard errors < 1: a ratio of
+     0.95 measured on 32 noises may be 1.08 on others), preferring one call per step
      (K = 1: the same compute as a built-in; the K-point tables only when no K = 1 table exists), then the lowest
      expected ratio;
   2. none: the best built-in recorded at the measured CFG nearest `cfg`, sampled exactly as that sampler - also
@@ -16,7 +18,7 @@ the best built-in's on FIT noises (`fit_ratio`, what the choice below uses), the
      `tables` among equals), said to be unmeasured there.
 The expected ratio at `cfg` is the worse of the two measured entries around it (outside the measured span the
 nearest one, up to MAX_EXTRAPOLATION away), so a table is never trusted between two scales where one of them
-showed it losing, nor far from where it was measured.
+showed it losing, nor far from where it was measured; the same for its upper bound, ratio + Z standard errors.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from epd_core.tables.params import EPDParams
 
 MAX_ENTRIES = 64  # measured_cfg entries read from one table (a file may be crafted: stay cheap)
 MAX_EXTRAPOLATION = 1.5  # CFG units beyond its measured span a table's nearest measurement still speaks for
+Z = 2.0  # standard errors a measured ratio must stay below 1 by (one-sided, ~98 %: a win that is not noise)
 
 
 @dataclass
@@ -54,7 +57,8 @@ def measurements(params: EPDParams) -> list[dict]:
     for e in entries[:MAX_ENTRIES]:
         b = e.get("best_builtin") if isinstance(e, dict) else None
         if (isinstance(e, dict) and _is_number(e.get("cfg")) and _is_number(e.get("fit_ratio"))
-                and isinstance(b, dict) and isinstance(b.get("sampler"), str) and isinstance(b.get("scheduler"), str)):
+                and isinstance(b, dict) and isinstance(b.get("sampler"), str) and isinstance(b.get("scheduler"), str)
+                and (e.get("fit_ratio_se") is None or _is_number(e["fit_ratio_se"]) and e["fit_ratio_se"] >= 0)):
             good.append(e)
     return sorted(good, key=lambda e: float(e["cfg"]))
 
@@ -71,10 +75,13 @@ def around(entries: list[dict], cfg: float) -> list[dict]:
     return picked[:1] if len(picked) == 2 and picked[0] is picked[1] else picked
 
 
-def expected_ratio(params: EPDParams, cfg: float) -> float | None:
-    """The worse fit ratio of the measured entries around `cfg`, or None when the table was measured nowhere."""
+def expected_ratio(params: EPDParams, cfg: float, upper: bool = False) -> float | None:
+    """The worse fit ratio of the measured entries around `cfg` (`upper`: of ratio + Z standard errors; an entry
+    without one counts as exact), or None when the table was measured nowhere."""
     near = around(measurements(params), cfg)
-    return max(float(e["fit_ratio"]) for e in near) if near else None
+    if not near:
+        return None
+    return max(float(e["fit_ratio"]) + (Z * float(e.get("fit_ratio_se") or 0.0) if upper else 0.0) for e in near)
 
 
 def nearest_builtin(tables: list[EPDParams], cfg: float, anywhere: bool = False) -> tuple[dict, float] | None:
@@ -94,8 +101,8 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     if cfg is None or not math.isfinite(cfg):
         table = min(tables, key=lambda t: t.num_points)  # one call per step first, else the caller's order
         return Choice(table, None, f"CFG unknown here: {_label(table)} as trained")
-    rated = [(expected_ratio(t, cfg), t) for t in tables]
-    winners = [(r, t) for r, t in rated if r is not None and r < 1.0]
+    rated = [(expected_ratio(t, cfg), expected_ratio(t, cfg, upper=True), t) for t in tables]
+    winners = [(r, t) for r, hi, t in rated if hi is not None and hi < 1.0]
     if winners:
         k1 = [(r, t) for r, t in winners if t.num_points == 1] or winners
         r, table = min(k1, key=lambda rt: (rt[1].num_points, rt[0]))
@@ -105,9 +112,10 @@ def choose(tables: list[EPDParams], cfg: float | None) -> Choice:
     fallback = nearest_builtin(tables, cfg)
     if fallback is not None:
         b, at = fallback
-        best = min((r for r, _ in rated if r is not None), default=math.inf)
+        best, hi = min(((r, h) for r, h, _ in rated if r is not None), default=(math.inf, math.inf))
+        bound = f", up to {hi:.2f} within {Z:g} standard errors" if hi > best and best < 1.0 else ""
         return Choice(None, b, f"no table beats the best built-in at CFG {cfg:g} (best table: {best:.2f} of its "
-                      f"error, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
+                      f"error{bound}, measured at CFG {at:g}); sampling exactly as {b['sampler']} ({b['scheduler']})")
     fallback = nearest_builtin(tables, cfg, anywhere=True)
     if fallback is not None:  # measured, but far from this CFG: their gain there is unknown
         b, at = fallback
