@@ -3,7 +3,10 @@ guard's choice (epd_core/sampling/cfg_guard.py, the code KSampler runs) among a 
 held-out ratio recorded for it (its `measured_cfg` entry at that CFG; 1.00 where the guard falls back to the best
 built-in). For tables measured after a sweep on its noises (bench/cfg_transfer.py --record), without sampling again.
 
-    .venv/bin/python bench/ksampler_picks.py --model mnist --cfg 1,3,5,7.5
+    .venv/bin/python bench/ksampler_picks.py --model mnist
+
+The CFG scales default to the model's sweep (bench/results/cfg/quality_vs_nfe_<model>_cfg.json); with others
+(or other NFEs) the report goes to ksampler_picks_<model>_<solver>_cfg<list>_nfe<list>.*, never over the sweep's.
 """
 from __future__ import annotations
 
@@ -43,11 +46,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=tuple(TABLE_PREFIX), default="mnist")
     ap.add_argument("--solver", default="epd_ms")
-    ap.add_argument("--cfg", default="1,3,5,7.5")
+    ap.add_argument("--cfg", default="", help="comma list (default: the model's sweep)")
     ap.add_argument("--nfe", default="3-10")
     args = ap.parse_args(argv)
     nfes = nfe_list(args.nfe)
-    cfgs = [float(c) for c in args.cfg.split(",")]
+    sweep = REPO / "bench" / "results" / "cfg" / f"quality_vs_nfe_{args.model}_cfg.json"
+    swept = json.loads(sweep.read_text())["cfgs"]
+    cfgs = [float(c) for c in args.cfg.split(",")] if args.cfg else swept
     out = picks(args.model, args.solver, cfgs, nfes)
     lines = [f"### {args.model}: {args.solver} as KSampler runs it (the CFG guard's pick; held-out ratio to the best "
              "built-in recorded in the table, 1.00 = the fallback; — = not measured there: "
@@ -59,7 +64,10 @@ def main(argv=None):
     lines += ["", "Picks: " + "; ".join(f"{k}: {v['table'] or 'built-in'}" for k, v in out.items())]
     text = "\n".join(lines)
     print(text)
-    stem = REPO / "bench" / "results" / "cfg" / f"ksampler_picks_{args.model}_{args.solver}"
+    name = f"ksampler_picks_{args.model}_{args.solver}"
+    if cfgs != swept or nfes != nfe_list("3-10"):  # a subset or another range: beside the sweep's report
+        name += f"_cfg{','.join(f'{c:g}' for c in cfgs)}_nfe{args.nfe}"
+    stem = REPO / "bench" / "results" / "cfg" / name
     stem.with_suffix(".md").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
 
