@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import epd_core.tables.import_official as imp
@@ -504,6 +504,8 @@ FUZZ_BASES = _fuzz_bases()
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(base=st.sampled_from(sorted(FUZZ_BASES)), cut=st.one_of(st.none(), st.integers(0, 2000)),
        edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=4))
+@example(base=("storage", True), cut=None, edits=[(1163, 1)])   # a zip entry flagged encrypted (found by this test)
+@example(base=("storage", True), cut=None, edits=[(1163, 32)])  # flagged "compressed patched data"
 def test_fuzzed_torch_files_fail_cleanly(base, cut, edits):
     """Truncated or byte-edited storages and state dicts in both layouts: a result or a TorchFileError, nothing
     else (no other exception type, no crash)."""

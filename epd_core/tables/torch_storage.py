@@ -72,6 +72,7 @@ STATE_DICT_LIMITS = Limits(opcodes=500_000, depth=32, items=25_000, storages=10_
                            pickle_bytes=64 << 20)
 MAX_NDIM = 8
 MAX_ZIP_ENTRIES = 200_000
+ZIP_REFUSED_FLAGS = 0x01 | 0x20 | 0x40  # encrypted, compressed patched data, strong encryption (APPNOTE 4.4.4)
 
 
 class Storage(NamedTuple):
@@ -197,12 +198,15 @@ def _read_zip(f, limits: Limits, size: int):
         if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size or i.file_size > size:
             raise TorchFileError(f"zip entry '{i.filename[:100]}' is compressed or claims {i.file_size} bytes in a "
                                  f"file of {size} (torch stores its entries uncompressed)")
+        if i.flag_bits & ZIP_REFUSED_FLAGS:
+            raise TorchFileError(f"zip entry '{i.filename[:100]}' is encrypted or patched (flag bits "
+                                 f"{i.flag_bits:#06x}; torch writes plain entries)")
         by_name[i.filename] = i
 
     def read(info) -> bytes:
         try:
             return archive.read(info)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
             raise TorchFileError(f"zip entry '{info.filename[:100]}' is corrupt ({_first_line(e)})") from None
 
     order = by_name.get(prefix + "byteorder")
