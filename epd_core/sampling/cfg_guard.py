@@ -3,7 +3,8 @@
 A table is trained at one CFG scale (or a range: metadata `cfg_range`, else `guidance_scale`), and its gain over
 ComfyUI's built-ins holds near it: a table trained at CFG 1 can be twice as wrong as dpmpp_2m at CFG 6. So a table
 carries what was measured at other scales, `measured_cfg`: one entry per CFG scale with the ratio of its error to
-the best built-in's on FIT noises (`fit_ratio`, what the choice below uses) and its standard error over those noises
+the best built-in's on noises apart from the held-out ones (`fit_ratio`, what the choice below uses: the benchmark's
+validation noises, on which neither the table nor the built-in was chosen) and its standard error over those noises
 (`fit_ratio_se`, optional), the same ratio on held-out noises (`ratio`, what is reported) and that best built-in
 ({"sampler", "scheduler", "steps"}).
 
