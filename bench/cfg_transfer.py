@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
 from bench.quality_vs_nfe import (TABLE_PREFIX, best_builtin_of, best_val_errors, measured_entry,  # noqa: E402
-                                  problem)
+                                  problem, reference)
 
 from epd_core.compare import per_sample_rmse, ratio_se  # noqa: E402
 from epd_core.sampling.cfg_guard import span, trained_range, with_measurements  # noqa: E402
@@ -64,10 +63,9 @@ def main(argv=None):
         entries = {p: [] for p in paths}
         for cfg in cfgs:
             run = sweep_run(args.model, cfg)
-            model, ms, noise, extra_for, _, k = problem(args.model, cfg)
-            x = noise(202, run["samples"])
-            ref = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s202_n{run['samples']}"
-                                f"_{run['ref_steps']}.safetensors"))["x"]
+            parts = problem(args.model, cfg)
+            model, ms, noise, extra_for, _, k = parts
+            x, ref = reference(parts, args.model, cfg, 202, run["samples"], run["ref_steps"])
             b = run["nfe"].get(str(nfe), {}).get("builtins")
             if not b:  # the sweep did not run this NFE at this CFG (MNIST: NFE 4, 6, 8 at CFG 3 and 7.5)
                 for p in paths:
@@ -75,9 +73,8 @@ def main(argv=None):
                 continue
             name, best_row = best_builtin_of(b)
             best = best_row["mean"]
-            x_val = noise(404, run["val_samples"]) if args.record else None
-            ref_val = load_file(str(RESULTS / ".cache" / f"ref_{args.model}_cfg{cfg:g}_s404_n{run['val_samples']}"
-                                    f"_{run['ref_steps']}.safetensors"))["x"] if args.record else None
+            x_val, ref_val = reference(parts, args.model, cfg, 404, run["val_samples"], run["ref_steps"]) \
+                if args.record else (None, None)
 
             def errors(t, x, ref):
                 with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench, scripts and epd_core
-from bench.quality_vs_nfe import comfy_sigmas, ms_recipe, problem, starting_builtin  # noqa: E402
+from bench.quality_vs_nfe import comfy_sigmas, ms_recipe, problem, reference, starting_builtin  # noqa: E402
 from scripts.make_ms_tables import CFG, PREFIX  # noqa: E402
 
 from epd_core.compare import per_sample_rmse  # noqa: E402
@@ -36,7 +36,6 @@ from epd_core.training.distill import distill  # noqa: E402
 from epd_core.sampling.multistep import anchored, sample_epd_ms  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.runtime import batch_seed  # noqa: E402
-from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.sampling.registry import variant  # noqa: E402
 from epd_core.demo.problems import demo_problem  # noqa: E402
 
@@ -61,15 +60,12 @@ def main(argv=None):
     sweep = "" if args.cfg is None or args.cfg == CFG[args.model] else tag  # the sweep's run at the model's own CFG
     bench = json.loads((REPO / "bench" / "results" / (f"cfg/quality_vs_nfe_{args.model}{sweep}.json" if tag else
                                                       f"quality_vs_nfe_{args.model}.json")).read_text())
-    model, ms, noise, extra_for, _, k = problem(args.model, scale)
+    parts = problem(args.model, scale)
+    model, ms, noise, extra_for, _, k = parts
     train = demo_problem(args.model, guidance_scale=scale)
-    x_test = noise(202, bench["samples"])
-    labels = extra_for(len(x_test))
-    ref_sig = with_final_zero(polynomial(bench["ref_steps"], float(ms.sigma_min), float(ms.sigma_max))).double()
     t0 = time.time()
-    with torch.no_grad():
-        ref = k.sample_heun(lambda x, s, **kw: model(x, s, **labels, **kw), x_test, ref_sig.to(x_test.dtype),
-                            disable=True)
+    x_test, ref = reference(parts, args.model, scale, 202, bench["samples"], bench["ref_steps"])
+    labels = extra_for(len(x_test))
     print(f"reference done ({time.time() - t0:.0f}s)", flush=True)
 
     def score(fn) -> float:

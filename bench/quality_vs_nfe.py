@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,6 +134,29 @@ class FrechetMetric:
         return frechet_distance(self.stats(self.features(images)), self.real if against is None else against)
 
 
+CACHE = REPO / "bench" / "results" / ".cache"
+
+
+def reference(parts, model_name: str, cfg: float, seed: int, n: int, ref_steps: int):
+    """(noises, reference solutions) of a benchmark problem (`parts`: what problem(model_name, cfg) returns): the
+    n noises of `seed` solved with `ref_steps` Heun steps on EDM's rho-7 schedule. Cached on disk in bench/results/
+    .cache (deterministic, and the most expensive part of a run): the benchmark, the table-making scripts and the
+    attribution share one reference per (model, CFG, seed, n, steps)."""
+    model, ms, noise, extra_for, _, k = parts
+    x = noise(seed, n)
+    cache = CACHE / f"ref_{model_name}_cfg{cfg:g}_s{seed}_n{n}_{ref_steps}.safetensors"
+    if cache.is_file():
+        return x, load_file(str(cache))["x"]
+    sig = with_final_zero(polynomial(ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(x.dtype)
+    with torch.no_grad():
+        out = k.sample_heun(Counted(model, extra_for(n)), x, sig, disable=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # runs side by side may build the same one
+    save_file({"x": out.contiguous()}, str(tmp))
+    os.replace(tmp, cache)
+    return x, out
+
+
 def scored_solvers(args) -> set[str]:
     """--solvers (callers that build their own Namespace without it: all three)."""
     return set(getattr(args, "solvers", ",".join(TABLE_SOLVERS)).split(","))
@@ -141,26 +165,16 @@ def scored_solvers(args) -> set[str]:
 def run(args):
     torch.set_num_threads(args.threads)
     model, ms, noise, extra_for, mode_of, k = problem(args.model, args.cfg)
-    x_fit, x_test = noise(101, args.fit_samples), noise(202, args.samples)
-    dtype = x_fit.dtype
-    ref_sig = with_final_zero(polynomial(args.ref_steps, float(ms.sigma_min), float(ms.sigma_max))).to(dtype)
     t0 = time.time()
-    def reference(x, seed):  # cached on disk: deterministic, and the most expensive part of a run
-        cache = REPO / "bench" / "results" / ".cache" / f"ref_{args.model}_cfg{args.cfg:g}_s{seed}_n{len(x)}" \
-            f"_{args.ref_steps}.safetensors"
-        if cache.is_file():
-            return load_file(str(cache))["x"]
-        with torch.no_grad():
-            out = k.sample_heun(Counted(model, extra_for(len(x))), x, ref_sig, disable=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x": out.contiguous()}, str(cache))
-        return out
-    ref_fit, ref_test = reference(x_fit, 101), reference(x_test, 202)
+    parts = (model, ms, noise, extra_for, mode_of, k)
+    x_fit, ref_fit = reference(parts, args.model, args.cfg, 101, args.fit_samples, args.ref_steps)
+    x_test, ref_test = reference(parts, args.model, args.cfg, 202, args.samples, args.ref_steps)
+    dtype = x_fit.dtype
     # validation noises: the CFG guard's ratios. On the fit noises the best of ~60 built-in configurations is
     # chosen, so its error there is optimistic and a table's ratio there pessimistic; a second set is unbiased.
-    x_val = noise(404, args.val_samples) if args.val_samples else None
-    if x_val is not None:
-        ref_val = reference(x_val, 404)
+    x_val = ref_val = None
+    if args.val_samples:
+        x_val, ref_val = reference(parts, args.model, args.cfg, 404, args.val_samples, args.ref_steps)
     print(f"reference done in {time.time() - t0:.0f}s", flush=True)
     nfes = list(range(args.min_nfe, args.max_nfe + 1))
     import comfy.samplers

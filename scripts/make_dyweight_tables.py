@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench, scripts and epd_core
-from bench.quality_vs_nfe import comfy_sigmas, problem  # noqa: E402
+from bench.quality_vs_nfe import comfy_sigmas, problem, reference  # noqa: E402
 from scripts.make_ms_tables import CFG, PREFIX, nfe_list  # noqa: E402
 
 from epd_core.compare import per_sample_rmse  # noqa: E402
@@ -31,7 +31,6 @@ from epd_core.training.distill import distill  # noqa: E402
 from epd_core.training.distill_config import DistillConfig  # noqa: E402
 from epd_core.sampling.dyweight import STARTS, TRAIN_WINDOW, dyweight_table, sample_dyweight  # noqa: E402
 from epd_core.demo.problems import demo_problem  # noqa: E402
-from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 
 FALLBACK_SCHEDULERS = ("karras", "sgm_uniform", "normal", "exponential")
 
@@ -53,16 +52,14 @@ def main(argv=None):
     torch.set_num_threads(1)
     results = json.loads((REPO / "bench" / "results" / f"quality_vs_nfe_{args.model}.json").read_text())
     cfg_scale = CFG[args.model]
-    model_eval, ms, noise, extra_for, _, k = problem(args.model, cfg_scale)
+    parts = problem(args.model, cfg_scale)
+    model_eval, ms, noise, extra_for, _, k = parts
     train = demo_problem(args.model, guidance_scale=cfg_scale)
-    x_fit = noise(101, args.fit_samples)
+    x_fit, ref_fit = reference(parts, args.model, cfg_scale, 101, args.fit_samples, 500)
     extra = extra_for(len(x_fit))
 
     def m_fit(x, s, **kw):
         return model_eval(x, s, **extra, **kw)
-    ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).to(x_fit.dtype)
-    with torch.no_grad():
-        ref_fit = k.sample_heun(m_fit, x_fit, ref_sig, disable=True)
 
     def fit_error(table, sig) -> float:
         with torch.no_grad():

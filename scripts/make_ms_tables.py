@@ -34,13 +34,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the repository root, for bench and epd_core
-from bench.quality_vs_nfe import comfy_sigmas, ms_recipe, problem, starting_builtin  # noqa: E402
+from bench.quality_vs_nfe import comfy_sigmas, ms_recipe, problem, reference, starting_builtin  # noqa: E402
 
 from epd_core.compare import per_sample_rmse  # noqa: E402
 from epd_core.training.distill import distill  # noqa: E402
 from epd_core.tables.params import EPDParams  # noqa: E402
 from epd_core.sampling.multistep import anchored, ms_table, sample_epd_ms  # noqa: E402
-from epd_core.sampling.schedules import polynomial, with_final_zero  # noqa: E402
 from epd_core.demo.problems import demo_problem  # noqa: E402
 
 PREFIX = {"mnist": "demo_mnist", "demo": "demo_digits"}
@@ -100,14 +99,13 @@ def main(argv=None):
     train = demo_problem(args.model, guidance_scale=train_cfg)
     fits = []  # (model, fit noises, reference) per fit CFG: the benchmark's fit noises (its test noises: seed 202)
     for c in fit_cfgs:
-        model_eval, ms, noise, extra_for, _, k = problem(args.model, c)
-        x_fit = noise(101, args.fit_samples)
-        ref_sig = with_final_zero(polynomial(500, float(ms.sigma_min), float(ms.sigma_max))).double()
+        parts = problem(args.model, c)
+        model_eval, ms, noise, extra_for, _, k = parts
+        x_fit, ref_fit = reference(parts, args.model, c, 101, args.fit_samples, 500)
 
         def m_fit(x, s, model_eval=model_eval, extra_for=extra_for, n=len(x_fit), **kw):
             return model_eval(x, s, **extra_for(n), **kw)
-        with torch.no_grad():
-            fits.append((m_fit, x_fit, k.sample_heun(m_fit, x_fit, ref_sig.to(x_fit.dtype), disable=True)))
+        fits.append((m_fit, x_fit, ref_fit))
     cand_dir = REPO / "bench" / "results" / "ms_candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
