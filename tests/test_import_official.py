@@ -546,3 +546,28 @@ def test_import_node_converts_into_the_models_folder(tmp_path):
     assert "/etc/passwd" in outside and "not an existing .pkl" in outside
     assert "not a plain file name" in escape and not (tmp_path / "escape.safetensors").exists()
     assert not (tmp_path / "pwned").exists() and not (models / "x.safetensors").exists()
+
+
+def test_a_torch_zip_passes_when_any_zip_format_s_budget_holds_it(monkeypatch):
+    """formats.py may list several formats that read torch zips: a zip is checked against each one's budget (and
+    refused with the first one's problem when none holds it), not only the first's."""
+    import types
+
+    from epd_core.tables import dyweight_format
+    from epd_core.tables.torch_storage import Limits
+    buf = io.BytesIO()
+    torch.save({f"t{i}": torch.zeros(2) for i in range(20)}, buf)  # 20 storages: over DyWeight's budget of 16
+    data = buf.getvalue()
+
+    def parse(formats):
+        monkeypatch.setattr(predictor_pickle, "FORMATS", formats)
+        problems = []
+        try:
+            return predictor_pickle.parse(data, lambda problem, fix: problems.append((problem, fix)) or 1 / 0)
+        except ZeroDivisionError:
+            return problems[0]
+    problem, fix = parse((dyweight_format,))
+    assert "more than 16 storage(s)" in problem and fix == dyweight_format.FIX_ZIP
+    roomy = types.SimpleNamespace(ZIP_LIMITS=Limits(opcodes=4000, depth=8, items=64, storages=32, tensors=32,
+                                                    pickle_bytes=64 * 1024), FIX_ZIP="another format's fix")
+    assert parse((dyweight_format, roomy)) is None  # held by the second format's budget: its converter reads it

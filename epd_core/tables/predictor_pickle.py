@@ -70,15 +70,19 @@ def parse(data: bytes, fail):
     it."""
     if len(data) > MAX_PKL_BYTES:
         fail(f"{len(data)} bytes is far too large for an EPD predictor", "Check that this is the right file.")
-    if is_torch_zip(data):  # checked within the budget of the format that imports zips, read by its converter
+    if is_torch_zip(data):  # checked within the budget of a format that imports zips, read by its converter
         zips = [f for f in FORMATS if getattr(f, "ZIP_LIMITS", None) is not None]
         if not zips:
             fail("this is a zip archive (a torch.save checkpoint), not a predictor pickle", _FIX_REFUSED)
-        try:
-            check_bytes(data, zips[0].ZIP_LIMITS)
-        except TorchFileError as e:
-            fail(f"refused: {e}", zips[0].FIX_ZIP)
-        return None
+        refusals = []
+        for fmt in zips:  # the first format whose budget it passes; its converter then recognises it or not
+            try:
+                check_bytes(data, fmt.ZIP_LIMITS)
+                return None
+            except TorchFileError as e:
+                refusals.append((e, fmt))
+        e, fmt = refusals[0]
+        fail(f"refused: {e}", fmt.FIX_ZIP if len(zips) == 1 else " / ".join(f.FIX_ZIP for f in zips))
     _check_magic(data, fail)
     _prescan(data, fail)
     try:
