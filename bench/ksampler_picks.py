@@ -65,7 +65,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     name = f"ksampler_picks_{args.model}_{args.solver}"
-    if cfgs != swept or nfes != nfe_list("3-10"):  # a subset or another range: beside the sweep's report
+    if cfgs != swept or args.nfe != ap.get_default("nfe"):  # a subset or another range: beside the sweep's report
         name += f"_cfg{','.join(f'{c:g}' for c in cfgs)}_nfe{args.nfe}"
     stem = REPO / "bench" / "results" / "cfg" / name
     stem.with_suffix(".md").write_text(text + "\n")

@@ -235,6 +235,7 @@ def run(args):
                "ref_steps": args.ref_steps, "fd_samples": args.fd_samples if fd else 0,
                "fd_ref_steps": args.fd_ref_steps if fd else 0, "schedulers": schedulers, "nfe": {},
                "builtins_from": args.reuse_builtins}
+    builtin_val = {}  # (nfe, sampler) -> a built-in's per-noise errors on the validation noises (each measured once)
     for nfe in nfes:
         if reused is not None:
             row = reused["nfe"].get(str(nfe), {}).get("builtins", {})
@@ -244,7 +245,9 @@ def run(args):
                 name, best_row = best_builtin_of(row)
                 for r in row.values():
                     r.pop("val", None)
-                best_row["val"] = float(builtin_errors(k, ms, model, extra_for, name, best_row, x_val, ref_val).mean())
+                e_val = builtin_val[(nfe, name)] = builtin_errors(k, ms, model, extra_for, name, best_row, x_val,
+                                                                  ref_val)
+                best_row["val"] = float(e_val.mean())
         else:
             row = {}
             for sampler in samplers:
@@ -257,7 +260,8 @@ def run(args):
                 row[sampler] = {"scheduler": sched, "steps": steps, "fit": fit, "mean": float(e.mean()),
                                 "median": float(e.median()), "wrong_mode": wrong}
                 if x_val is not None:
-                    row[sampler]["val"] = float(evaluate(lambda m, x: fn(m, x, sig), x_val, ref_val)[1].mean())
+                    e_val = builtin_val[(nfe, sampler)] = evaluate(lambda m, x: fn(m, x, sig), x_val, ref_val)[1]
+                    row[sampler]["val"] = float(e_val.mean())
         entry = results["nfe"][nfe] = {"builtins": row}
         old = reused["nfe"].get(str(nfe), {}) if reused else {}
         entry["paper_baseline"] = old["paper_baseline"] if "paper_baseline" in old else \
@@ -310,7 +314,9 @@ def run(args):
                 se = None
                 name, best = best_builtin_of(entry["builtins"]) if entry["builtins"] else (None, {})
                 if x_val is not None and "val" in best:
-                    base = best_val_errors(k, ms, model, extra_for, name, best, x_val, ref_val)
+                    if (nfe, name) not in builtin_val:  # a reused row on the same noises: measured again, checked
+                        builtin_val[(nfe, name)] = best_val_errors(k, ms, model, extra_for, name, best, x_val, ref_val)
+                    base = builtin_val[(nfe, name)]
                     se = {id(row): ratio_se(val_errors[id(row)], base) for _, row in scored_tables}
                 guarded(args, entry, solver, scored_tables, frechet if fd else None, variant(solver).sample_fn(), se)
                 continue

@@ -185,8 +185,9 @@ def write_sparse(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, st
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     need = sum(t.numel() * t.element_size() for _, t in chunks) + len(head)
-    free = make_room(path, need * 1.05 + 2 ** 28)
-    if free < need * 1.05 + 2 ** 28:
+    want = need * 1.05 + 2 ** 28
+    free = make_room(path, want)
+    if free < want:
         raise RuntimeError(f"{path.parent} has {free / 2 ** 30:.1f} GiB free; the random checkpoint needs "
                            f"{need / 2 ** 30:.1f} GiB: free some disk, or set EPD_TEST_MODEL_CACHE to a folder "
                            "with room")
